@@ -1,0 +1,19 @@
+//! Generates the gRPC code for `proto/crabbox/v1` with a protoc the build itself supplies
+//! (`protoc-bin-vendored`), so no system protoc is needed.
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    let protos = ["proto/crabbox/v1/crabbox.proto"];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    // The protoc binary comes from a crate; tonic-prost-build's builder has no setter for it,
+    // prost-build's Config does.
+    let mut config = prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("crabbox_descriptor.bin"))
+        .compile_with_config(config, &protos, &["proto"])?;
+    Ok(())
+}

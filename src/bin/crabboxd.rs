@@ -1,0 +1,63 @@
+//! `crabboxd`: the per-user lease daemon. Parses arguments, binds the socket, and runs
+//! the library's daemon until SIGTERM or SIGINT.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use crabbox::daemon::{self, DaemonConfig};
+
+/// The crabbox lease daemon (normally started by `crabbox`).
+#[derive(Debug, Parser)]
+#[command(name = "crabboxd", version, about)]
+struct Args {
+    /// The Unix socket [default: $CRABBOX_SOCKET, $XDG_RUNTIME_DIR/crabbox/crabboxd.sock, /tmp/crabbox-<uid>/crabboxd.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The state dir [default: $CRABBOX_STATE_DIR, $XDG_STATE_HOME/crabbox, ~/.local/state/crabbox].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Also serve gRPC on this TCP address (no authentication: use loopback).
+    #[arg(long, value_name = "ADDR")]
+    tcp: Option<SocketAddr>,
+    /// How often expired leases are looked for.
+    #[arg(long, default_value = "5s", value_parser = crabbox::config::parse_duration)]
+    sweep_interval: std::time::Duration,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let socket = args.socket.unwrap_or_else(crabbox::config::socket_path);
+    let state_dir = args.state_dir.unwrap_or_else(crabbox::config::state_dir);
+    let mut config = DaemonConfig::new(socket.clone(), state_dir.clone());
+    config.tcp = args.tcp;
+    config.sweep_interval = args.sweep_interval;
+    let bound = match daemon::bind_unix(&socket) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("crabboxd: error: {e}");
+            std::process::exit(1);
+        }
+    };
+    let providers = daemon::default_providers(&state_dir)?;
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    if let Err(e) = daemon::run(config, providers, bound, shutdown).await {
+        eprintln!("crabboxd: error: {e}");
+        std::process::exit(1);
+    }
+    Ok(())
+}

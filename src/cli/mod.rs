@@ -1,0 +1,263 @@
+//! The `crabbox` command line: a gRPC client of `crabboxd` (started in the background when
+//! no daemon answers, unless `CRABBOX_NO_AUTOSTART=1`).
+//!
+//! - [`commands`]: one function per subcommand.
+//! - [`output`]: text and `--json` rendering.
+//! - [`client`]: connecting, autostart, and status -> exit code.
+
+pub mod client;
+pub mod commands;
+pub mod output;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit codes (SPEC "CLI"): the remote command's own, else these.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const INTERNAL: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const AUTH: i32 = 3;
+    pub const NOT_FOUND: i32 = 4;
+    pub const PROVISIONING: i32 = 5;
+    pub const SYNC: i32 = 6;
+    pub const SSH: i32 = 7;
+    /// Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
+    pub const INTERRUPTED: i32 = 130;
+}
+
+/// A CLI failure: what to print and the exit code.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: i32,
+    pub message: String,
+}
+
+impl CliError {
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
+        CliError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn usage(message: impl Into<String>) -> Self {
+        CliError::new(exit::USAGE, message)
+    }
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> Self {
+        let kind = crate::error::status_kind(&s);
+        let message = if s.code() == tonic::Code::Unavailable && s.message().contains("transport") {
+            format!("lost the connection to crabboxd: {}", s.message())
+        } else {
+            s.message().to_string()
+        };
+        CliError::new(kind.exit_code(), message)
+    }
+}
+
+impl From<crate::config::ConfigError> for CliError {
+    fn from(e: crate::config::ConfigError) -> Self {
+        CliError::usage(e.0)
+    }
+}
+
+/// Lease remote sandboxes for this repository and run commands in them.
+#[derive(Debug, Parser)]
+#[command(name = "crabbox", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Print one JSON document on stdout instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The daemon's socket [default: $CRABBOX_SOCKET, $XDG_RUNTIME_DIR/crabbox/crabboxd.sock,
+    /// /tmp/crabbox-<uid>/crabboxd.sock].
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Where sandboxes come from [default: config `provider`, else local].
+    #[arg(long, global = true, value_parser = crate::config::PROVIDERS)]
+    pub provider: Option<String>,
+    /// More progress detail.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// No progress messages, only results and errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// A machine class (not supported: sandboxes are sized by their provider's snapshot).
+    #[arg(long, global = true, hide = true)]
+    pub class: Option<String>,
+    /// A machine type (not supported: see --class).
+    #[arg(long = "type", global = true, hide = true)]
+    pub machine_type: Option<String>,
+    #[command(flatten)]
+    pub daytona: DaytonaFlags,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Daytona options (override config `daytona:` and `CRABBOX_DAYTONA_*`).
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "Daytona")]
+pub struct DaytonaFlags {
+    #[arg(long, global = true, value_name = "URL")]
+    pub daytona_api_url: Option<String>,
+    #[arg(long, global = true, value_name = "NAME")]
+    pub daytona_snapshot: Option<String>,
+    #[arg(long, global = true, value_name = "TARGET")]
+    pub daytona_target: Option<String>,
+    #[arg(long, global = true, value_name = "USER")]
+    pub daytona_user: Option<String>,
+    #[arg(long, global = true, value_name = "PATH")]
+    pub daytona_work_root: Option<String>,
+    #[arg(long, global = true, value_name = "HOST")]
+    pub daytona_ssh_gateway_host: Option<String>,
+    #[arg(long, global = true, value_name = "MIN")]
+    pub daytona_ssh_access_minutes: Option<u32>,
+}
+
+/// Options that shape a new lease.
+#[derive(Debug, Args, Default, Clone)]
+pub struct LeaseOpts {
+    /// The lease's slug (lowercase a-z, 0-9, '-'; at most 41).
+    #[arg(long)]
+    pub slug: Option<String>,
+    /// Hard lifetime (90s, 30m, 2h, 1h30m) [default: 90m].
+    #[arg(long, value_parser = crate::config::parse_duration)]
+    pub ttl: Option<std::time::Duration>,
+    /// Release after this long unused [default: 30m].
+    #[arg(long, value_parser = crate::config::parse_duration)]
+    pub idle_timeout: Option<std::time::Duration>,
+    /// A label for the sandbox (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Lease a sandbox for this repo and keep it warm.
+    Warmup {
+        #[command(flatten)]
+        lease: LeaseOpts,
+        /// Keep the lease (recorded on it; only `run` releases fresh leases at exit).
+        #[arg(long)]
+        keep: bool,
+        /// Take the repo's claim even from a lease claimed elsewhere.
+        #[arg(long)]
+        reclaim: bool,
+    },
+    /// Sync this checkout into the lease and run a command there.
+    Run(RunArgs),
+    /// Open a shell in the lease over SSH.
+    Ssh {
+        /// The lease (id, slug or sandbox name) [default: this repo's].
+        #[arg(long = "id", value_name = "LEASE")]
+        id: Option<String>,
+        /// Print the ssh command instead of running it.
+        #[arg(long)]
+        print: bool,
+        /// With --print, show the access token instead of redacting it.
+        #[arg(long)]
+        show_secret: bool,
+        /// Minutes the access lasts.
+        #[arg(long, value_name = "MIN")]
+        ttl: Option<u64>,
+    },
+    /// Release a lease: its sandbox is deleted.
+    #[command(alias = "release")]
+    Stop {
+        /// Id, slug or sandbox name.
+        lease: String,
+    },
+    /// Mark a lease used now, pushing back its idle expiry.
+    #[command(alias = "heartbeat")]
+    Touch { lease: String },
+    /// Show one lease.
+    Status {
+        lease: String,
+        /// Wait until the lease is ready, failed or released.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List the leases this daemon holds.
+    List {
+        /// Include released leases.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show which repository claims which lease.
+    Claims,
+    /// Check the daemon, the machine and the provider settings.
+    Doctor,
+    /// Start, stop or inspect crabboxd.
+    Daemon {
+        #[command(subcommand)]
+        action: DaemonAction,
+    },
+    /// Print a shell completion script.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The lease (id, slug or sandbox name) [default: this repo's, else a fresh one].
+    #[arg(long = "id", value_name = "LEASE")]
+    pub id: Option<String>,
+    /// Keep a lease this run creates (else it is released at exit).
+    #[arg(long)]
+    pub keep: bool,
+    /// Keep a lease this run creates when the command fails.
+    #[arg(long)]
+    pub keep_on_failure: bool,
+    /// Run without syncing the checkout.
+    #[arg(long, conflicts_with_all = ["sync_only", "full_resync"])]
+    pub no_sync: bool,
+    /// Sync, run nothing.
+    #[arg(long)]
+    pub sync_only: bool,
+    /// Send every file again.
+    #[arg(long)]
+    pub full_resync: bool,
+    /// Sync past the size limit (150,000 files or 20 GiB).
+    #[arg(long)]
+    pub force_sync_large: bool,
+    /// Pass an environment variable: NAME (its value here) or NAME=VALUE (repeatable).
+    #[arg(long = "env", value_name = "NAME")]
+    pub env: Vec<String>,
+    /// Run the words as one shell command line instead of quoting each.
+    #[arg(long)]
+    pub shell: bool,
+    /// Stop the command after this long (exit 124).
+    #[arg(long, value_parser = crate::config::parse_duration)]
+    pub timeout: Option<std::time::Duration>,
+    /// Use a lease claimed by another repo, taking its claim.
+    #[arg(long)]
+    pub reclaim: bool,
+    #[command(flatten)]
+    pub lease: LeaseOpts,
+    /// The command, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DaemonAction {
+    /// Start crabboxd in the background (no-op when running).
+    Start,
+    /// Stop crabboxd (SIGTERM; leases are kept in the store).
+    Stop,
+    /// Is crabboxd running? (exit 1 when not)
+    Status,
+}
+
+/// Runs the CLI; answers the process exit code.
+pub async fn main(cli: Cli) -> i32 {
+    match commands::dispatch(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("crabbox: error: {}", e.message);
+            e.code
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Rendering for people (text) and programs (`--json`: one JSON document on stdout).
+
+use serde_json::{Value, json};
+
+use crate::daemon::rpc::timestamp_ms;
+use crate::lease::rfc3339;
+use crate::pb;
+
+/// The lowercase state name of a wire lease.
+pub fn state_name(l: &pb::Lease) -> &'static str {
+    match pb::LeaseState::try_from(l.state).unwrap_or(pb::LeaseState::Unspecified) {
+        pb::LeaseState::Pending => "pending",
+        pb::LeaseState::Creating => "creating",
+        pb::LeaseState::Ready => "ready",
+        pb::LeaseState::Syncing => "syncing",
+        pb::LeaseState::Running => "running",
+        pb::LeaseState::Stopped => "stopped",
+        pb::LeaseState::Releasing => "releasing",
+        pb::LeaseState::Released => "released",
+        pb::LeaseState::Failed => "failed",
+        pb::LeaseState::Unspecified => "unknown",
+    }
+}
+
+fn opt(s: &str) -> Value {
+    if s.is_empty() {
+        Value::Null
+    } else {
+        Value::String(s.to_string())
+    }
+}
+
+/// SPEC's `--json` lease object (plus a few extra fields).
+pub fn lease_json(l: &pb::Lease) -> Value {
+    json!({
+        "id": l.id,
+        "slug": l.slug,
+        "provider": l.provider,
+        "state": state_name(l),
+        "sandbox_id": opt(&l.sandbox_id),
+        "sandbox_name": l.sandbox_name,
+        "repo_root": opt(&l.repo_root),
+        "created_at": rfc3339(timestamp_ms(l.created_at.as_ref())),
+        "expires_at": rfc3339(timestamp_ms(l.expires_at.as_ref())),
+        "last_touched_at": rfc3339(timestamp_ms(l.last_touched_at.as_ref())),
+        "keep": l.keep,
+        "labels": l.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "reason": opt(&l.reason),
+        "ttl_secs": l.ttl_secs,
+        "idle_timeout_secs": l.idle_timeout_secs,
+        "work_root": l.work_root,
+    })
+}
+
+/// Prints one JSON document.
+pub fn print_json(v: &Value) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("crabbox: error: encoding JSON: {e}"),
+    }
+}
+
+/// `leased <id> slug=<slug> provider=<p> sandbox=<sandbox id>`.
+pub fn leased_line(l: &pb::Lease) -> String {
+    let sandbox = if l.sandbox_id.is_empty() {
+        &l.sandbox_name
+    } else {
+        &l.sandbox_id
+    };
+    format!(
+        "leased {} slug={} provider={} sandbox={}",
+        l.id, l.slug, l.provider, sandbox
+    )
+}
+
+/// How long until `ms`, for people ("in 29m", "expired").
+pub fn until(ms: u64) -> String {
+    let now = crate::lease::now_ms();
+    if ms <= now {
+        return "expired".into();
+    }
+    let secs = (ms - now) / 1000;
+    format!("in {}", crate::lease::human_secs(secs.max(1)))
+}
+
+/// A table of leases.
+pub fn lease_table(leases: &[pb::Lease]) -> String {
+    let mut rows = vec![[
+        "ID".to_string(),
+        "SLUG".into(),
+        "PROVIDER".into(),
+        "STATE".into(),
+        "SANDBOX".into(),
+        "EXPIRES".into(),
+        "REPO".into(),
+    ]];
+    for l in leases {
+        let live = !matches!(state_name(l), "released");
+        rows.push([
+            l.id.clone(),
+            l.slug.clone(),
+            l.provider.clone(),
+            state_name(l).into(),
+            if l.sandbox_id.is_empty() {
+                l.sandbox_name.clone()
+            } else {
+                l.sandbox_id.clone()
+            },
+            if live {
+                until(timestamp_ms(l.expires_at.as_ref()))
+            } else {
+                "-".into()
+            },
+            if l.repo_root.is_empty() {
+                "-".into()
+            } else {
+                l.repo_root.clone()
+            },
+        ]);
+    }
+    table(&rows)
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i + 1 == N {
+                    c.clone()
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Several lines describing one lease.
+pub fn lease_details(l: &pb::Lease) -> String {
+    let mut s = format!(
+        "id:         {}\nslug:       {}\nprovider:   {}\nstate:      {}\n",
+        l.id,
+        l.slug,
+        l.provider,
+        state_name(l)
+    );
+    if !l.reason.is_empty() {
+        s.push_str(&format!("reason:     {}\n", l.reason));
+    }
+    s.push_str(&format!(
+        "sandbox:    {} ({})\nrepo:       {}\ncreated:    {}\nexpires:    {} ({})\nkeep:       {}\nwork root:  {}\n",
+        if l.sandbox_id.is_empty() { "-" } else { &l.sandbox_id },
+        l.sandbox_name,
+        if l.repo_root.is_empty() { "-" } else { &l.repo_root },
+        rfc3339(timestamp_ms(l.created_at.as_ref())),
+        rfc3339(timestamp_ms(l.expires_at.as_ref())),
+        until(timestamp_ms(l.expires_at.as_ref())),
+        l.keep,
+        l.work_root,
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align() {
+        let t = table(&[["a".to_string(), "bb".into()], ["ccc".into(), "d".into()]]);
+        assert_eq!(t, "a    bb\nccc  d\n");
+    }
+}

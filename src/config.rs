@@ -1,0 +1,298 @@
+//! Configuration and the places crabbox keeps things (SPEC "Places").
+//!
+//! Layers, lowest first: built-in defaults, `~/.config/crabbox/config.yaml`,
+//! `<repo>/crabbox.yaml`, `<repo>/.crabbox.yaml` (`CRABBOX_CONFIG` replaces that list with
+//! one file); then `CRABBOX_*` environment variables; then flags (applied by the CLI).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration problem; the message names the file or variable and what to write.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// `sync:` in config.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    #[serde(default)]
+    pub include: Vec<String>,
+}
+
+/// `daytona:` in config (camelCase, as SPEC writes it).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DaytonaConfig {
+    pub api_url: Option<String>,
+    pub snapshot: Option<String>,
+    pub target: Option<String>,
+    pub user: Option<String>,
+    pub work_root: Option<String>,
+    pub ssh_gateway_host: Option<String>,
+    pub ssh_access_minutes: Option<u32>,
+    /// Credentials in a config file are accepted, below the environment.
+    pub api_key: Option<String>,
+    pub jwt_token: Option<String>,
+    pub organization_id: Option<String>,
+}
+
+/// One config file, as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct FileConfig {
+    pub provider: Option<String>,
+    pub ttl: Option<String>,
+    #[serde(alias = "idleTimeout")]
+    pub idle_timeout: Option<String>,
+    pub keep: Option<bool>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub sync: SyncConfig,
+    #[serde(default)]
+    pub daytona: DaytonaConfig,
+    /// Images built on demand (Daytona); validated by the daytona provider.
+    pub environment: Option<serde_yaml_ng::Value>,
+}
+
+/// The resolved settings a CLI command works with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub provider: String,
+    pub ttl: Option<Duration>,
+    pub idle_timeout: Option<Duration>,
+    pub keep: bool,
+    pub labels: BTreeMap<String, String>,
+    pub sync: SyncConfig,
+    pub daytona: DaytonaConfig,
+    /// The files that were read, lowest first.
+    pub sources: Vec<PathBuf>,
+}
+
+/// The providers crabbox knows.
+pub const PROVIDERS: [&str; 2] = ["local", "daytona"];
+
+/// The daemon's socket: `$CRABBOX_SOCKET`, else `$XDG_RUNTIME_DIR/crabbox/crabboxd.sock`,
+/// else `/tmp/crabbox-<uid>/crabboxd.sock`.
+pub fn socket_path() -> PathBuf {
+    if let Some(p) = non_empty_env("CRABBOX_SOCKET") {
+        return PathBuf::from(p);
+    }
+    if let Some(dir) = non_empty_env("XDG_RUNTIME_DIR") {
+        return Path::new(&dir).join("crabbox").join("crabboxd.sock");
+    }
+    PathBuf::from(format!("/tmp/crabbox-{}", nix::unistd::getuid())).join("crabboxd.sock")
+}
+
+/// The state dir: `$CRABBOX_STATE_DIR`, else `$XDG_STATE_HOME/crabbox`, else
+/// `~/.local/state/crabbox`.
+pub fn state_dir() -> PathBuf {
+    if let Some(p) = non_empty_env("CRABBOX_STATE_DIR") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = non_empty_env("XDG_STATE_HOME") {
+        return Path::new(&p).join("crabbox");
+    }
+    home().join(".local/state/crabbox")
+}
+
+fn home() -> PathBuf {
+    non_empty_env("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+}
+
+fn non_empty_env(key: &str) -> Option<String> {
+    std::env::var(key).ok().filter(|v| !v.is_empty())
+}
+
+/// Parses `90s`, `30m`, `2h`, `1h30m`. Zero and garbage are refused with the forms that work.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim()).map_err(|_| {
+        format!("invalid duration {s:?}: use a number with a unit, like 90s, 30m, 2h or 1h30m")
+    })?;
+    if d.is_zero() {
+        return Err(format!(
+            "invalid duration {s:?}: it must be longer than zero"
+        ));
+    }
+    Ok(d)
+}
+
+/// The config files to read for a repo, lowest first, and whether each must exist.
+pub fn config_files(repo_root: Option<&Path>) -> Vec<(PathBuf, bool)> {
+    if let Some(one) = non_empty_env("CRABBOX_CONFIG") {
+        return vec![(PathBuf::from(one), true)];
+    }
+    let config_home = non_empty_env("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".config"));
+    let mut files = vec![(config_home.join("crabbox/config.yaml"), false)];
+    if let Some(root) = repo_root {
+        files.push((root.join("crabbox.yaml"), false));
+        files.push((root.join(".crabbox.yaml"), false));
+    }
+    files
+}
+
+/// Reads and merges the config files, then applies `CRABBOX_*` environment variables.
+pub fn load(repo_root: Option<&Path>) -> Result<Settings, ConfigError> {
+    let mut merged = serde_yaml_ng::Value::Mapping(Default::default());
+    let mut sources = Vec::new();
+    for (path, required) in config_files(repo_root) {
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => continue,
+            Err(e) => {
+                return Err(ConfigError(format!(
+                    "cannot read config {}: {e}{}",
+                    path.display(),
+                    if required {
+                        " (named by CRABBOX_CONFIG)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+        };
+        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).map_err(|e| {
+            ConfigError(format!("config {} is not valid YAML: {e}", path.display()))
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        // Check this file alone, so the error names it.
+        serde_yaml_ng::from_value::<FileConfig>(value.clone())
+            .map_err(|e| ConfigError(format!("config {}: {e}", path.display())))?;
+        merge(&mut merged, value);
+        sources.push(path);
+    }
+    let file: FileConfig =
+        serde_yaml_ng::from_value(merged).map_err(|e| ConfigError(format!("config: {e}")))?;
+    from_file(file, sources)
+}
+
+fn from_file(file: FileConfig, sources: Vec<PathBuf>) -> Result<Settings, ConfigError> {
+    let dur = |v: Option<String>, what: &str| -> Result<Option<Duration>, ConfigError> {
+        v.map(|s| parse_duration(&s).map_err(|e| ConfigError(format!("{what}: {e}"))))
+            .transpose()
+    };
+    let mut s = Settings {
+        provider: file.provider.unwrap_or_else(|| "local".into()),
+        ttl: dur(file.ttl, "config ttl")?,
+        idle_timeout: dur(file.idle_timeout, "config idle_timeout")?,
+        keep: file.keep.unwrap_or(false),
+        labels: file.labels,
+        sync: file.sync,
+        daytona: file.daytona,
+        sources,
+    };
+    if let Some(p) = non_empty_env("CRABBOX_PROVIDER") {
+        s.provider = p;
+    }
+    if let Some(v) = non_empty_env("CRABBOX_TTL") {
+        s.ttl = Some(parse_duration(&v).map_err(|e| ConfigError(format!("CRABBOX_TTL: {e}")))?);
+    }
+    if let Some(v) = non_empty_env("CRABBOX_IDLE_TIMEOUT") {
+        s.idle_timeout = Some(
+            parse_duration(&v).map_err(|e| ConfigError(format!("CRABBOX_IDLE_TIMEOUT: {e}")))?,
+        );
+    }
+    let d = &mut s.daytona;
+    for (key, slot) in [
+        ("CRABBOX_DAYTONA_API_URL", &mut d.api_url),
+        ("CRABBOX_DAYTONA_SNAPSHOT", &mut d.snapshot),
+        ("CRABBOX_DAYTONA_TARGET", &mut d.target),
+        ("CRABBOX_DAYTONA_USER", &mut d.user),
+        ("CRABBOX_DAYTONA_WORK_ROOT", &mut d.work_root),
+        ("CRABBOX_DAYTONA_SSH_GATEWAY_HOST", &mut d.ssh_gateway_host),
+    ] {
+        if let Some(v) = non_empty_env(key) {
+            *slot = Some(v);
+        }
+    }
+    if let Some(v) = non_empty_env("CRABBOX_DAYTONA_SSH_ACCESS_MINUTES") {
+        d.ssh_access_minutes = Some(v.parse().map_err(|_| {
+            ConfigError(format!(
+                "CRABBOX_DAYTONA_SSH_ACCESS_MINUTES: {v:?} is not a whole number of minutes"
+            ))
+        })?);
+    }
+    check_provider(&s.provider)?;
+    Ok(s)
+}
+
+/// Refuses a provider name crabbox does not know.
+pub fn check_provider(name: &str) -> Result<(), ConfigError> {
+    if PROVIDERS.contains(&name) {
+        Ok(())
+    } else {
+        Err(ConfigError(format!(
+            "unknown provider {name:?}: use one of {}",
+            PROVIDERS.join(", ")
+        )))
+    }
+}
+
+/// Deep-merges `over` into `base`: mappings merge key by key, everything else replaces.
+fn merge(base: &mut serde_yaml_ng::Value, over: serde_yaml_ng::Value) {
+    use serde_yaml_ng::Value;
+    match (base, over) {
+        (Value::Mapping(b), Value::Mapping(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        for bad in ["", "abc", "10", "0s", "-5m"] {
+            let e = parse_duration(bad).expect_err(bad);
+            assert!(e.contains("invalid duration"), "{e}");
+        }
+    }
+
+    #[test]
+    fn merge_is_deep() {
+        let mut a: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str("sync: {exclude: [a]}\ndaytona: {snapshot: s1, user: u}\n")
+                .expect("yaml");
+        let b: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str("daytona: {snapshot: s2}\nprovider: daytona\n").expect("yaml");
+        merge(&mut a, b);
+        let f: FileConfig = serde_yaml_ng::from_value(a).expect("config");
+        assert_eq!(f.daytona.snapshot.as_deref(), Some("s2"));
+        assert_eq!(f.daytona.user.as_deref(), Some("u"));
+        assert_eq!(f.sync.exclude, vec!["a"]);
+        assert_eq!(f.provider.as_deref(), Some("daytona"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str("provder: local\n").expect("yaml");
+        let e = serde_yaml_ng::from_value::<FileConfig>(v).expect_err("typo");
+        assert!(e.to_string().contains("provder"), "{e}");
+    }
+}

@@ -1,0 +1,193 @@
+//! The lease index: id -> handle of the live lease actor, readable from any task without a
+//! trip through the registry's mailbox. Names (slug, sandbox id/name, unique prefixes) are
+//! resolved here too, against the live leases and then the store.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use ractor::ActorRef;
+use tokio::sync::{Mutex, broadcast, watch};
+
+use crate::error::Error;
+use crate::lease::LeaseRecord;
+use crate::lease::actor::LeaseMsg;
+use crate::store::Store;
+
+/// A live lease as other tasks reach it.
+#[derive(Clone)]
+pub struct LeaseHandle {
+    pub actor: ActorRef<LeaseMsg>,
+    /// The lease as of its last change (the actor publishes every change here).
+    pub state: watch::Receiver<LeaseRecord>,
+    /// Held for the whole of a run: runs on one lease are serialized.
+    pub run_lock: Arc<Mutex<()>>,
+}
+
+impl LeaseHandle {
+    pub fn record(&self) -> LeaseRecord {
+        self.state.borrow().clone()
+    }
+}
+
+/// A lease change, for `Watch`.
+#[derive(Debug, Clone)]
+pub struct LeaseChange {
+    pub lease: LeaseRecord,
+    pub message: String,
+}
+
+/// What a name resolves to.
+pub enum Resolved {
+    /// A lease with a live actor.
+    Live(LeaseHandle),
+    /// A lease only the store knows (released).
+    Stored(Box<LeaseRecord>),
+}
+
+impl Resolved {
+    pub fn record(&self) -> LeaseRecord {
+        match self {
+            Resolved::Live(h) => h.record(),
+            Resolved::Stored(r) => (**r).clone(),
+        }
+    }
+}
+
+/// The index of live leases and the event feed.
+pub struct LeaseIndex {
+    by_id: DashMap<String, LeaseHandle>,
+    events: broadcast::Sender<LeaseChange>,
+}
+
+impl Default for LeaseIndex {
+    fn default() -> Self {
+        LeaseIndex {
+            by_id: DashMap::new(),
+            events: broadcast::channel(1024).0,
+        }
+    }
+}
+
+impl LeaseIndex {
+    pub fn insert(&self, id: String, handle: LeaseHandle) {
+        self.by_id.insert(id, handle);
+    }
+
+    pub fn remove(&self, id: &str) {
+        self.by_id.remove(id);
+    }
+
+    pub fn get(&self, id: &str) -> Option<LeaseHandle> {
+        self.by_id.get(id).map(|h| h.clone())
+    }
+
+    pub fn handles(&self) -> Vec<LeaseHandle> {
+        self.by_id.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Every lease with an actor, oldest first.
+    pub fn records(&self) -> Vec<LeaseRecord> {
+        let mut v: Vec<LeaseRecord> = self.by_id.iter().map(|e| e.value().record()).collect();
+        v.sort_by_key(|r| r.created_at_ms);
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    pub fn publish(&self, lease: LeaseRecord, message: impl Into<String>) {
+        // No subscriber is fine.
+        let _ = self.events.send(LeaseChange {
+            lease,
+            message: message.into(),
+        });
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<LeaseChange> {
+        self.events.subscribe()
+    }
+
+    /// Is `slug` the slug of a live lease?
+    pub fn slug_taken(&self, slug: &str) -> bool {
+        self.by_id.iter().any(|e| {
+            e.value().state.borrow().slug == slug && e.value().state.borrow().state.is_live()
+        })
+    }
+
+    /// The live lease claimed by `repo_root`, if any.
+    pub fn claimed_by(&self, repo_root: &str) -> Option<LeaseHandle> {
+        self.by_id
+            .iter()
+            .filter(|e| {
+                let r = e.value().state.borrow();
+                r.state.is_live() && r.repo_root.as_deref() == Some(repo_root)
+            })
+            .map(|e| e.value().clone())
+            .max_by_key(|h| h.state.borrow().created_at_ms)
+    }
+
+    /// Resolves a name: an id, slug, sandbox id or sandbox name, else a unique prefix of an
+    /// id or slug. Live leases are preferred over released ones with the same name.
+    pub fn resolve(&self, name: &str, store: &Store) -> Result<Resolved, Error> {
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(Error::InvalidArgument(
+                "no lease named: give an id, slug or sandbox name (see `crabbox list`)".into(),
+            ));
+        }
+        if let Some(h) = self.get(name) {
+            return Ok(Resolved::Live(h));
+        }
+        let live = self.records();
+        let stored: Vec<LeaseRecord> = store
+            .all_leases()?
+            .into_iter()
+            .filter(|r| self.get(&r.id).is_none())
+            .collect();
+        let exact = |r: &LeaseRecord| {
+            r.id == name
+                || r.slug == name
+                || r.sandbox_name == name
+                || r.sandbox_id.as_deref() == Some(name)
+        };
+        let prefix = |r: &LeaseRecord| r.id.starts_with(name) || r.slug.starts_with(name);
+        for matches in [&exact as &dyn Fn(&LeaseRecord) -> bool, &prefix] {
+            let live_hits: Vec<&LeaseRecord> = live.iter().filter(|r| matches(r)).collect();
+            match live_hits.as_slice() {
+                [one] => {
+                    if let Some(h) = self.get(&one.id) {
+                        return Ok(Resolved::Live(h));
+                    }
+                }
+                [] => {}
+                many => return Err(ambiguous(name, many)),
+            }
+            let stored_hits: Vec<&LeaseRecord> = stored.iter().filter(|r| matches(r)).collect();
+            match stored_hits.as_slice() {
+                [one] => return Ok(Resolved::Stored(Box::new((*one).clone()))),
+                [] => {}
+                many => return Err(ambiguous(name, many)),
+            }
+        }
+        Err(Error::NotFound(format!(
+            "no lease named {name:?}: see `crabbox list --all` for the leases this daemon knows"
+        )))
+    }
+}
+
+fn ambiguous(name: &str, hits: &[&LeaseRecord]) -> Error {
+    let list: Vec<String> = hits
+        .iter()
+        .map(|r| format!("{} ({}, {})", r.id, r.slug, r.state))
+        .collect();
+    Error::Ambiguous(format!(
+        "{name:?} matches {} leases: {}; name one by its id",
+        hits.len(),
+        list.join(", ")
+    ))
+}

@@ -1,0 +1,242 @@
+//! Leases: the persisted record, its expiry and labels, and the actor that owns each one.
+//!
+//! - [`phase`]: the lifecycle enum and its pure transition function.
+//! - [`actor`]: one `ractor` actor per lease; it alone changes its lease.
+//! - [`run`]: a run's sync + exec, driven outside the actor's mailbox.
+
+pub mod actor;
+pub mod phase;
+pub mod run;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+pub use phase::{IllegalTransition, LeaseEvent, LeaseState};
+
+/// Label keys the daemon sets on every sandbox; a user label with one of these keys is
+/// overridden.
+pub const RESERVED_LABELS: [&str; 15] = [
+    "crabbox",
+    "created_by",
+    "lease",
+    "slug",
+    "provider",
+    "owner",
+    "state",
+    "keep",
+    "created_at",
+    "last_touched_at",
+    "idle_timeout_secs",
+    "ttl_secs",
+    "expires_at",
+    "lease_name",
+    "work_root",
+];
+
+/// One lease as the store keeps it and every API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// `cbx_` + 12 hex.
+    pub id: String,
+    /// `<adjective>-<crustacean>`, unique among live leases.
+    pub slug: String,
+    /// The provider that holds the sandbox (`local`, `daytona`).
+    pub provider: String,
+    pub state: LeaseState,
+    /// Why the lease failed or was released.
+    pub reason: Option<String>,
+    /// The provider's id for the sandbox, once it is known.
+    pub sandbox_id: Option<String>,
+    /// Chosen before the create call, so a crash mid-create can find the sandbox again.
+    pub sandbox_name: String,
+    /// The canonical repo root that claims the lease.
+    pub repo_root: Option<String>,
+    /// Unix milliseconds.
+    pub created_at_ms: u64,
+    pub last_touched_ms: u64,
+    pub ttl_secs: u64,
+    pub idle_timeout_secs: u64,
+    /// Keep the lease after a `run` that created it.
+    pub keep: bool,
+    /// The user's labels (the reserved ones are added by [`LeaseRecord::labels`]).
+    pub user_labels: BTreeMap<String, String>,
+    /// Where checkouts go in the sandbox.
+    pub work_root: String,
+    /// The daemon that owns the sandbox (its `owner` label).
+    pub owner: String,
+    /// Set once a failed lease's sandbox has been deleted.
+    #[serde(default)]
+    pub sandbox_cleaned: bool,
+}
+
+impl LeaseRecord {
+    /// When the lease expires: `min(last_touched + idle_timeout, created + ttl)`, in Unix ms.
+    pub fn expires_at_ms(&self) -> u64 {
+        let idle = self
+            .last_touched_ms
+            .saturating_add(self.idle_timeout_secs.saturating_mul(1000));
+        let ttl = self
+            .created_at_ms
+            .saturating_add(self.ttl_secs.saturating_mul(1000));
+        idle.min(ttl)
+    }
+
+    /// Why the lease has expired at `now_ms`, if it has.
+    pub fn expiry_reason(&self, now_ms: u64) -> Option<String> {
+        if now_ms < self.expires_at_ms() {
+            return None;
+        }
+        let ttl_end = self
+            .created_at_ms
+            .saturating_add(self.ttl_secs.saturating_mul(1000));
+        Some(if now_ms >= ttl_end {
+            format!("expired: ttl of {} reached", human_secs(self.ttl_secs))
+        } else {
+            format!("expired: idle for {}", human_secs(self.idle_timeout_secs))
+        })
+    }
+
+    /// The name a user knows the lease by: its slug.
+    pub fn display_name(&self) -> &str {
+        &self.slug
+    }
+
+    /// The sandbox's id if known, else its name (providers accept either).
+    pub fn sandbox_ref(&self) -> &str {
+        self.sandbox_id.as_deref().unwrap_or(&self.sandbox_name)
+    }
+
+    /// Every label the sandbox carries: the user's, then SPEC's reserved set, which wins.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        let mut l = self.user_labels.clone();
+        let secs = |ms: u64| (ms / 1000).to_string();
+        for (k, v) in [
+            ("crabbox", "true".to_string()),
+            ("created_by", "crabbox".to_string()),
+            ("lease", self.id.clone()),
+            ("slug", self.slug.clone()),
+            ("provider", self.provider.clone()),
+            ("owner", self.owner.clone()),
+            ("state", self.state.as_str().to_string()),
+            ("keep", self.keep.to_string()),
+            ("created_at", secs(self.created_at_ms)),
+            ("last_touched_at", secs(self.last_touched_ms)),
+            ("idle_timeout_secs", self.idle_timeout_secs.to_string()),
+            ("ttl_secs", self.ttl_secs.to_string()),
+            ("expires_at", secs(self.expires_at_ms())),
+            ("lease_name", self.slug.clone()),
+            ("work_root", self.work_root.clone()),
+        ] {
+            l.insert(k.to_string(), v);
+        }
+        l
+    }
+
+    /// Does a sandbox with these labels belong to this lease of this daemon? The daemon never
+    /// touches a sandbox that fails this check.
+    pub fn owns(&self, labels: &BTreeMap<String, String>) -> bool {
+        owned_by(labels, &self.owner) && labels.get("lease") == Some(&self.id)
+    }
+}
+
+/// Do these sandbox labels say the sandbox is crabbox's and this daemon's?
+pub fn owned_by(labels: &BTreeMap<String, String>, owner: &str) -> bool {
+    labels.get("crabbox").map(String::as_str) == Some("true")
+        && labels.get("created_by").map(String::as_str) == Some("crabbox")
+        && labels.get("owner").map(String::as_str) == Some(owner)
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 (UTC, seconds) for Unix milliseconds.
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// `5400` -> `1h30m`, for messages.
+pub fn human_secs(secs: u64) -> String {
+    humantime::format_duration(Duration::from_secs(secs))
+        .to_string()
+        .replace(' ', "")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> LeaseRecord {
+        LeaseRecord {
+            id: "cbx_0123456789ab".into(),
+            slug: "swift-crab".into(),
+            provider: "local".into(),
+            state: LeaseState::Ready,
+            reason: None,
+            sandbox_id: None,
+            sandbox_name: "crabbox-swift-crab-01234567".into(),
+            repo_root: None,
+            created_at_ms: 1_000_000,
+            last_touched_ms: 1_000_000,
+            ttl_secs: 90 * 60,
+            idle_timeout_secs: 30 * 60,
+            keep: false,
+            user_labels: BTreeMap::from([
+                ("team".into(), "infra".into()),
+                ("owner".into(), "mallory".into()),
+            ]),
+            work_root: "/w".into(),
+            owner: "cbxd_1".into(),
+            sandbox_cleaned: false,
+        }
+    }
+
+    #[test]
+    fn expiry_is_the_earlier_of_idle_and_ttl() {
+        let mut r = record();
+        assert_eq!(r.expires_at_ms(), 1_000_000 + 30 * 60 * 1000);
+        // Touched late: the ttl caps it.
+        r.last_touched_ms = 1_000_000 + 80 * 60 * 1000;
+        assert_eq!(r.expires_at_ms(), 1_000_000 + 90 * 60 * 1000);
+        assert!(r.expiry_reason(r.expires_at_ms() - 1).is_none());
+        let why = r.expiry_reason(r.expires_at_ms()).expect("expired");
+        assert!(why.contains("ttl"), "{why}");
+        let r = record();
+        let why = r.expiry_reason(r.expires_at_ms()).expect("expired");
+        assert!(why.contains("idle for 30m"), "{why}");
+    }
+
+    #[test]
+    fn reserved_labels_win_and_ownership_is_checked() {
+        let r = record();
+        let l = r.labels();
+        assert_eq!(l["team"], "infra");
+        assert_eq!(l["owner"], "cbxd_1", "a user label may not claim ownership");
+        for k in RESERVED_LABELS {
+            assert!(l.contains_key(k), "{k}");
+        }
+        assert_eq!(
+            l["expires_at"],
+            ((1_000_000 + 30 * 60 * 1000) / 1000).to_string()
+        );
+        assert!(r.owns(&l));
+        let mut other = l.clone();
+        other.insert("owner".into(), "cbxd_2".into());
+        assert!(!r.owns(&other));
+        let mut other = l;
+        other.insert("lease".into(), "cbx_ffffffffffff".into());
+        assert!(!r.owns(&other));
+    }
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human_secs(5400), "1h30m");
+        assert_eq!(human_secs(90), "1m30s");
+    }
+}

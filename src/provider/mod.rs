@@ -1,0 +1,198 @@
+//! Providers: where sandboxes come from.
+//!
+//! [`Provider`] is sized for Daytona: create, wait until ready, put a sync archive, exec with
+//! streamed output, cancel, ssh access, release, and list owned sandboxes by labels. Every
+//! operation is idempotent or safe to repeat after a crash: `release` of a sandbox that is
+//! already gone succeeds.
+//!
+//! - [`local`]: the embedded default; sandboxes are folders on this machine.
+
+pub mod local;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::sandbox::{ExecExit, ExecOutput};
+
+/// What a provider failure means for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderErrorKind {
+    /// Credentials missing or refused.
+    Auth,
+    /// Credentials valid but lacking a permission.
+    Permission,
+    /// The sandbox (or snapshot) does not exist.
+    NotFound,
+    /// The provider cannot be reached or is overloaded; retrying later may work.
+    Unavailable,
+    /// The sandbox could not be created or started (error state, build failure, deadline).
+    Provisioning,
+    /// The provider cannot do this at all (ssh on `local`).
+    Unsupported,
+    /// SSH access could not be minted or used.
+    Ssh,
+    /// Uploading or unpacking the checkout failed.
+    Sync,
+    /// The request was refused as malformed.
+    Invalid,
+    /// Anything else.
+    Other,
+}
+
+/// A provider failure, with a message fit to show a person (never a secret).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ProviderError {
+    pub kind: ProviderErrorKind,
+    pub message: String,
+}
+
+impl ProviderError {
+    pub fn new(kind: ProviderErrorKind, message: impl Into<String>) -> Self {
+        ProviderError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// May the same call succeed if repeated after a pause?
+    pub fn is_retryable(&self) -> bool {
+        self.kind == ProviderErrorKind::Unavailable
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.kind == ProviderErrorKind::NotFound
+    }
+}
+
+/// A sandbox's state as crabbox cares about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SandboxState {
+    /// Being created or started.
+    Creating,
+    /// Up and usable.
+    Started,
+    /// Stopped by the provider or a user; `start` brings it back.
+    Stopped,
+    /// Broken for good; the reason is the provider's.
+    Error(String),
+    /// Being deleted or gone.
+    Destroyed,
+}
+
+/// A sandbox as a provider reports it.
+#[derive(Debug, Clone)]
+pub struct SandboxInfo {
+    pub id: String,
+    pub name: String,
+    pub state: SandboxState,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct CreateSpec {
+    /// The sandbox name, chosen before the call so a lost answer can be recovered by it.
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A sync archive to put into a sandbox.
+#[derive(Debug, Clone)]
+pub struct UploadSpec {
+    /// The checkout's folder in the sandbox (created if missing).
+    pub workdir: String,
+    /// A gzip tar of relative paths, on local disk; `None` when there is nothing to add.
+    pub archive: Option<PathBuf>,
+    /// Relative paths to delete before unpacking (removed files, and changed ones so that a
+    /// stale symlink is never written through).
+    pub remove: Vec<String>,
+    /// Empty the workdir first: the daemon has no trusted record of what it holds (first
+    /// sync, full resync, or after a failed upload).
+    pub clean: bool,
+}
+
+/// A command to run in a sandbox.
+#[derive(Debug, Clone)]
+pub struct ExecSpec {
+    /// A shell command line (providers run it through the sandbox user's shell).
+    pub command: String,
+    pub cwd: String,
+    pub env: BTreeMap<String, String>,
+    pub timeout: Option<Duration>,
+}
+
+/// SSH access to a sandbox.
+#[derive(Debug, Clone)]
+pub struct SshAccessInfo {
+    pub host: String,
+    pub port: u16,
+    /// For Daytona this is the access token: a secret.
+    pub user: String,
+    pub expires_at_ms: u64,
+}
+
+/// A source of sandboxes. Implementations must be cheap to share (`Arc<dyn Provider>`).
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// `local`, `daytona`...
+    fn name(&self) -> &str;
+
+    /// Where checkouts live inside the sandbox named `sandbox_name`.
+    fn work_root(&self, sandbox_name: &str) -> String;
+
+    /// Creates a sandbox; answers as soon as the provider accepted it (it may still be
+    /// creating).
+    async fn create(&self, spec: &CreateSpec) -> Result<SandboxInfo, ProviderError>;
+
+    /// The sandbox by id or name; `None` when it does not exist.
+    async fn get(&self, sandbox: &str) -> Result<Option<SandboxInfo>, ProviderError>;
+
+    /// Waits until the sandbox is started, failing on an error state or at `deadline`.
+    async fn wait_ready(
+        &self,
+        sandbox: &str,
+        deadline: Duration,
+    ) -> Result<SandboxInfo, ProviderError>;
+
+    /// Starts a stopped sandbox (answers once the start was accepted).
+    async fn start(&self, sandbox: &str) -> Result<SandboxInfo, ProviderError>;
+
+    /// Replaces the sandbox's labels.
+    async fn set_labels(
+        &self,
+        sandbox: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), ProviderError>;
+
+    /// Every sandbox whose labels contain all of `labels`.
+    async fn list(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Vec<SandboxInfo>, ProviderError>;
+
+    /// Removes `spec.remove`, then unpacks `spec.archive` into `spec.workdir`.
+    async fn upload(&self, sandbox: &str, spec: &UploadSpec) -> Result<(), ProviderError>;
+
+    /// Runs a command, sending its output as it comes; `cancel` stops it (the whole process
+    /// group). Answers with the exit once the command has ended.
+    async fn exec(
+        &self,
+        sandbox: &str,
+        spec: &ExecSpec,
+        out: mpsc::Sender<ExecOutput>,
+        cancel: CancellationToken,
+    ) -> Result<ExecExit, ProviderError>;
+
+    /// Mints SSH access for `minutes`.
+    async fn ssh_access(&self, sandbox: &str, minutes: u32)
+    -> Result<SshAccessInfo, ProviderError>;
+
+    /// Deletes the sandbox. A sandbox that is already gone is a success.
+    async fn release(&self, sandbox: &str) -> Result<(), ProviderError>;
+}

@@ -1,0 +1,248 @@
+//! Running a command as a real process in its own process group, with its stdout and
+//! stderr streamed separately, a timeout and cancellation that end the whole group.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// A piece of a command's output, in the order it was read from each stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecOutput {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecExit {
+    /// The exit code; `128 + n` when killed by signal `n`; 124 on timeout.
+    pub code: i32,
+    /// The signal's name when a signal ended it.
+    pub signal: Option<String>,
+    pub timed_out: bool,
+    pub cancelled: bool,
+}
+
+/// Exit code reported when a command hits its timeout (as coreutils' `timeout` does).
+pub const TIMEOUT_EXIT_CODE: i32 = 124;
+
+/// How long a cancelled or timed-out group gets between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// How long output may keep flowing after the command exited before the leftovers of its
+/// process group (background jobs holding the pipes open) are killed.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
+
+/// Environment variables passed through from the daemon to commands (the rest of its
+/// environment, which may hold credentials, is not).
+const PASSTHROUGH_ENV: [&str; 9] = [
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TERM", "SHELL",
+];
+
+/// A command to run through `/bin/sh -c`.
+#[derive(Debug, Clone)]
+pub struct ProcessSpec {
+    pub command: String,
+    pub cwd: PathBuf,
+    /// Added on top of the passed-through variables.
+    pub env: BTreeMap<String, String>,
+    pub timeout: Option<Duration>,
+}
+
+/// Runs the command; output goes to `out` as it is read. Ends when the command exits, the
+/// timeout passes, or `cancel` fires (the whole process group is then terminated).
+pub async fn run(
+    spec: &ProcessSpec,
+    out: mpsc::Sender<ExecOutput>,
+    cancel: CancellationToken,
+) -> io::Result<ExecExit> {
+    let mut cmd = tokio::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(&spec.command)
+        .current_dir(&spec.cwd)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    for key in PASSTHROUGH_ENV {
+        if let Some(v) = std::env::var_os(key) {
+            cmd.env(key, v);
+        }
+    }
+    cmd.envs(&spec.env);
+    let mut child = cmd.spawn()?;
+    let pgid = child.id().map(|p| p as i32);
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let pumps = tokio::spawn(async move {
+        tokio::join!(
+            pump(stdout, out.clone(), ExecOutput::Stdout),
+            pump(stderr, out, ExecOutput::Stderr)
+        );
+    });
+
+    let timeout = async {
+        match spec.timeout {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    let (status, timed_out, cancelled) = tokio::select! {
+        status = child.wait() => (status?, false, false),
+        () = timeout => (terminate(pgid, &mut child).await?, true, false),
+        () = cancel.cancelled() => (terminate(pgid, &mut child).await?, false, true),
+    };
+
+    // The command has exited; its output may still be in the pipes. Background processes
+    // that keep the pipes open would hold us forever: give them a moment, then end them.
+    let mut pumps = pumps;
+    if tokio::time::timeout(DRAIN_GRACE, &mut pumps).await.is_err() {
+        signal_group(pgid, Signal::SIGKILL);
+        let _ = pumps.await;
+    }
+
+    use std::os::unix::process::ExitStatusExt;
+    let signal = status
+        .signal()
+        .map(|n| Signal::try_from(n).map_or_else(|_| format!("signal {n}"), |s| s.to_string()));
+    let code = if timed_out {
+        TIMEOUT_EXIT_CODE
+    } else {
+        status
+            .code()
+            .or_else(|| status.signal().map(|n| 128 + n))
+            .unwrap_or(1)
+    };
+    Ok(ExecExit {
+        code,
+        signal,
+        timed_out,
+        cancelled,
+    })
+}
+
+/// SIGTERM to the group, SIGKILL after a grace period; waits for the leader.
+async fn terminate(
+    pgid: Option<i32>,
+    child: &mut tokio::process::Child,
+) -> io::Result<std::process::ExitStatus> {
+    signal_group(pgid, Signal::SIGTERM);
+    let status = match tokio::time::timeout(KILL_GRACE, child.wait()).await {
+        Ok(status) => status?,
+        Err(_) => {
+            signal_group(pgid, Signal::SIGKILL);
+            child.wait().await?
+        }
+    };
+    // Whatever else of the group survived SIGTERM goes now.
+    signal_group(pgid, Signal::SIGKILL);
+    Ok(status)
+}
+
+fn signal_group(pgid: Option<i32>, signal: Signal) {
+    if let Some(pgid) = pgid {
+        // ESRCH (the group is gone) is the expected outcome once everything has exited.
+        let _ = killpg(Pid::from_raw(pgid), signal);
+    }
+}
+
+async fn pump<R: AsyncRead + Unpin>(
+    reader: Option<R>,
+    out: mpsc::Sender<ExecOutput>,
+    wrap: fn(Vec<u8>) -> ExecOutput,
+) {
+    let Some(mut reader) = reader else { return };
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut receiver_gone = false;
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            // Keep draining after the receiver left, so the command never blocks on a full
+            // pipe; the caller decides whether to cancel it.
+            Ok(n) if !receiver_gone => {
+                receiver_gone = out.send(wrap(buf[..n].to_vec())).await.is_err();
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn collect(spec: ProcessSpec, cancel: CancellationToken) -> (ExecExit, Vec<u8>, Vec<u8>) {
+        let (tx, mut rx) = mpsc::channel(16);
+        let run = tokio::spawn(async move { run(&spec, tx, cancel).await });
+        let (mut so, mut se) = (Vec::new(), Vec::new());
+        while let Some(o) = rx.recv().await {
+            match o {
+                ExecOutput::Stdout(b) => so.extend(b),
+                ExecOutput::Stderr(b) => se.extend(b),
+            }
+        }
+        let exit = run.await.expect("join").expect("run");
+        (exit, so, se)
+    }
+
+    fn spec(cmd: &str) -> ProcessSpec {
+        ProcessSpec {
+            command: cmd.into(),
+            cwd: std::env::temp_dir(),
+            env: BTreeMap::from([("CBX_T".to_string(), "v a l".to_string())]),
+            timeout: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_are_separate_and_code_passes_through() {
+        let (exit, so, se) = collect(
+            spec("echo out; echo err >&2; echo \"$CBX_T\"; exit 3"),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(exit.code, 3);
+        assert_eq!(String::from_utf8_lossy(&so), "out\nv a l\n");
+        assert_eq!(String::from_utf8_lossy(&se), "err\n");
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_group() {
+        let mut s = spec("sleep 30 & sleep 30; echo never");
+        s.timeout = Some(Duration::from_millis(200));
+        let (exit, so, _) = collect(s, CancellationToken::new()).await;
+        assert!(exit.timed_out);
+        assert_eq!(exit.code, TIMEOUT_EXIT_CODE);
+        assert!(so.is_empty());
+    }
+
+    #[tokio::test]
+    async fn cancel_kills_the_group() {
+        let cancel = CancellationToken::new();
+        let c2 = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            c2.cancel();
+        });
+        let (exit, _, _) = collect(spec("trap '' TERM; sleep 30"), cancel).await;
+        assert!(exit.cancelled);
+        assert_eq!(exit.signal.as_deref(), Some("SIGKILL"));
+        assert_eq!(exit.code, 128 + 9);
+    }
+
+    #[tokio::test]
+    async fn background_jobs_do_not_hold_the_run() {
+        let (exit, so, _) = collect(spec("sleep 30 & echo done"), CancellationToken::new()).await;
+        assert_eq!(exit.code, 0);
+        assert_eq!(String::from_utf8_lossy(&so), "done\n");
+    }
+}

@@ -1,0 +1,226 @@
+//! The embedded transactional store (redb): leases, their sync manifests, run history and
+//! the daemon's identity. Every write is one committed transaction, so a crash leaves either
+//! the old or the new record, never half of one.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::lease::LeaseRecord;
+use crate::sync::Manifest;
+
+const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
+const MANIFESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("manifests");
+const RUNS: TableDefinition<&str, &[u8]> = TableDefinition::new("runs");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// One finished run, kept for history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub lease_id: String,
+    pub started_ms: u64,
+    pub ended_ms: u64,
+    /// The command as a person would read it (env values are never stored).
+    pub command: String,
+    pub exit_code: i32,
+    pub files_uploaded: u64,
+}
+
+/// The store. Cheap to share behind an `Arc`; redb serializes writers itself.
+pub struct Store {
+    db: Database,
+}
+
+fn err(e: impl std::fmt::Display) -> Error {
+    Error::Store(e.to_string())
+}
+
+impl Store {
+    /// Opens (creating) the database file and its tables.
+    pub fn open(path: &Path) -> Result<Store, Error> {
+        let db = Database::create(path)
+            .map_err(|e| Error::Store(format!("opening {}: {e}", path.display())))?;
+        let tx = db.begin_write().map_err(err)?;
+        tx.open_table(LEASES).map_err(err)?;
+        tx.open_table(MANIFESTS).map_err(err)?;
+        tx.open_table(RUNS).map_err(err)?;
+        tx.open_table(META).map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(Store { db })
+    }
+
+    /// This daemon's id, made on first use and kept for good (sandbox `owner` label).
+    pub fn daemon_id(&self) -> Result<String, Error> {
+        let tx = self.db.begin_write().map_err(err)?;
+        let id = {
+            let mut t = tx.open_table(META).map_err(err)?;
+            let existing = t
+                .get("daemon_id")
+                .map_err(err)?
+                .map(|v| v.value().to_string());
+            match existing {
+                Some(id) => id,
+                None => {
+                    let id = crate::ids::new_daemon_id();
+                    t.insert("daemon_id", id.as_str()).map_err(err)?;
+                    id
+                }
+            }
+        };
+        tx.commit().map_err(err)?;
+        Ok(id)
+    }
+
+    pub fn put_lease(&self, lease: &LeaseRecord) -> Result<(), Error> {
+        let bytes = serde_json::to_vec(lease).map_err(err)?;
+        let tx = self.db.begin_write().map_err(err)?;
+        tx.open_table(LEASES)
+            .map_err(err)?
+            .insert(lease.id.as_str(), bytes.as_slice())
+            .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    pub fn get_lease(&self, id: &str) -> Result<Option<LeaseRecord>, Error> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let t = tx.open_table(LEASES).map_err(err)?;
+        match t.get(id).map_err(err)? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(err)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every lease the store holds, oldest first. A record that cannot be parsed is
+    /// skipped with a warning rather than failing the daemon's start.
+    pub fn all_leases(&self) -> Result<Vec<LeaseRecord>, Error> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let t = tx.open_table(LEASES).map_err(err)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(err)? {
+            let (k, v) = row.map_err(err)?;
+            match serde_json::from_slice::<LeaseRecord>(v.value()) {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    tracing::warn!(lease = k.value(), error = %e, "skipping unreadable lease record")
+                }
+            }
+        }
+        out.sort_by_key(|r| r.created_at_ms);
+        Ok(out)
+    }
+
+    pub fn put_manifest(&self, lease_id: &str, m: &Manifest) -> Result<(), Error> {
+        let bytes = serde_json::to_vec(m).map_err(err)?;
+        let tx = self.db.begin_write().map_err(err)?;
+        tx.open_table(MANIFESTS)
+            .map_err(err)?
+            .insert(lease_id, bytes.as_slice())
+            .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    pub fn get_manifest(&self, lease_id: &str) -> Result<Option<Manifest>, Error> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let t = tx.open_table(MANIFESTS).map_err(err)?;
+        match t.get(lease_id).map_err(err)? {
+            Some(v) => Ok(serde_json::from_slice(v.value()).ok()),
+            None => Ok(None),
+        }
+    }
+
+    pub fn delete_manifest(&self, lease_id: &str) -> Result<(), Error> {
+        let tx = self.db.begin_write().map_err(err)?;
+        tx.open_table(MANIFESTS)
+            .map_err(err)?
+            .remove(lease_id)
+            .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    pub fn add_run(&self, run: &RunRecord) -> Result<(), Error> {
+        let key = format!("{}/{:016}", run.lease_id, run.started_ms);
+        let bytes = serde_json::to_vec(run).map_err(err)?;
+        let tx = self.db.begin_write().map_err(err)?;
+        tx.open_table(RUNS)
+            .map_err(err)?
+            .insert(key.as_str(), bytes.as_slice())
+            .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// The runs of one lease, oldest first.
+    pub fn runs(&self, lease_id: &str) -> Result<Vec<RunRecord>, Error> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let t = tx.open_table(RUNS).map_err(err)?;
+        let start = format!("{lease_id}/");
+        let end = format!("{lease_id}0");
+        let mut out = Vec::new();
+        for row in t.range(start.as_str()..end.as_str()).map_err(err)? {
+            let (_, v) = row.map_err(err)?;
+            if let Ok(r) = serde_json::from_slice(v.value()) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::LeaseState;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn leases_manifests_runs_survive_reopen() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("db.redb");
+        let lease = LeaseRecord {
+            id: "cbx_0123456789ab".into(),
+            slug: "swift-crab".into(),
+            provider: "local".into(),
+            state: LeaseState::Ready,
+            reason: None,
+            sandbox_id: Some("sb".into()),
+            sandbox_name: "crabbox-swift-crab-01234567".into(),
+            repo_root: Some("/repo".into()),
+            created_at_ms: 1,
+            last_touched_ms: 2,
+            ttl_secs: 3,
+            idle_timeout_secs: 4,
+            keep: true,
+            user_labels: BTreeMap::new(),
+            work_root: "/w".into(),
+            owner: "o".into(),
+            sandbox_cleaned: false,
+        };
+        let daemon_id;
+        {
+            let s = Store::open(&path).expect("open");
+            daemon_id = s.daemon_id().expect("id");
+            s.put_lease(&lease).expect("put");
+            s.put_manifest(&lease.id, &Manifest::default())
+                .expect("manifest");
+            s.add_run(&RunRecord {
+                lease_id: lease.id.clone(),
+                started_ms: 5,
+                ended_ms: 6,
+                command: "true".into(),
+                exit_code: 0,
+                files_uploaded: 1,
+            })
+            .expect("run");
+        }
+        let s = Store::open(&path).expect("reopen");
+        assert_eq!(s.daemon_id().expect("id"), daemon_id);
+        assert_eq!(s.get_lease(&lease.id).expect("get"), Some(lease.clone()));
+        assert_eq!(s.all_leases().expect("all").len(), 1);
+        assert!(s.get_manifest(&lease.id).expect("m").is_some());
+        assert_eq!(s.runs(&lease.id).expect("runs").len(), 1);
+        assert!(s.runs("cbx_ffffffffffff").expect("runs").is_empty());
+        s.delete_manifest(&lease.id).expect("delete");
+        assert!(s.get_manifest(&lease.id).expect("m").is_none());
+    }
+}

@@ -1,0 +1,603 @@
+//! Which files a sync sends, and what changed since the last one.
+//!
+//! The list is `git ls-files --cached --others --exclude-standard` (tracked, plus untracked
+//! files git does not ignore); outside git, a walk that honours `.gitignore`. Then, in
+//! order: built-in excludes (never dropping a tracked file), config `sync.exclude`, the
+//! repo's `.crabboxignore` (gitignore syntax; `!` re-includes), config `sync.include`
+//! (which can bring back even ignored files).
+//!
+//! Hashing reuses the previous manifest's hash when a file's size, mtime, inode and mode
+//! are unchanged, as git's index does, so an unchanged tree reads no file contents.
+
+use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path};
+use std::process::Command;
+
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::SyncError;
+
+/// Folder or file names never synced unless git tracks them: caches, dependencies, build
+/// output and VCS metadata that the sandbox rebuilds itself.
+pub const BUILTIN_EXCLUDES: [&str; 11] = [
+    ".git",
+    "node_modules",
+    "target",
+    ".venv",
+    "__pycache__",
+    ".mypy_cache",
+    ".pytest_cache",
+    ".tox",
+    ".direnv",
+    ".DS_Store",
+    ".crabbox-manifest.json",
+];
+
+/// Size thresholds (SPEC: warn at 50,000 files or 5 GiB, refuse at 150,000 or 20 GiB).
+#[derive(Debug, Clone, Copy)]
+pub struct SyncLimits {
+    pub warn_files: u64,
+    pub warn_bytes: u64,
+    pub max_files: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for SyncLimits {
+    fn default() -> Self {
+        const GIB: u64 = 1 << 30;
+        SyncLimits {
+            warn_files: 50_000,
+            warn_bytes: 5 * GIB,
+            max_files: 150_000,
+            max_bytes: 20 * GIB,
+        }
+    }
+}
+
+/// What the user configured about syncing.
+#[derive(Debug, Clone, Default)]
+pub struct SyncRules {
+    /// Gitignore-style patterns to leave out (config `sync.exclude`).
+    pub exclude: Vec<String>,
+    /// Gitignore-style patterns to bring in, even if ignored (config `sync.include`).
+    pub include: Vec<String>,
+    /// Go past the hard size limit.
+    pub force_large: bool,
+    pub limits: SyncLimits,
+}
+
+/// One synced file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// blake3 of the content (of the link target for a symlink), hex.
+    pub hash: String,
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// The link target, for a symlink (kept as a link, never followed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    /// Stat cache: when these match, the hash is reused without reading the file.
+    pub mtime_ns: i64,
+    pub ino: u64,
+}
+
+/// What a lease holds (or will hold): relative path -> entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+/// A collected manifest with what was noticed on the way.
+#[derive(Debug)]
+pub struct Collected {
+    pub manifest: Manifest,
+    pub total_bytes: u64,
+    /// Size-guard warnings and skipped paths, for people.
+    pub warnings: Vec<String>,
+}
+
+/// The difference between what a lease holds and what it should hold.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    /// New or changed paths: these go into the archive.
+    pub changed: Vec<String>,
+    /// Paths to delete: removed ones, and changed ones the lease already had (so that a
+    /// stale symlink is replaced, never written through).
+    pub remove: Vec<String>,
+    /// Paths removed from the checkout (a subset of `remove`), for the stats.
+    pub deleted: u64,
+}
+
+impl Manifest {
+    /// What to send and delete to turn `previous` into `self`.
+    pub fn diff(&self, previous: &Manifest) -> Diff {
+        let mut d = Diff::default();
+        for (path, entry) in &self.files {
+            match previous.files.get(path) {
+                Some(old) if same_content(old, entry) => {}
+                Some(_) => {
+                    d.changed.push(path.clone());
+                    d.remove.push(path.clone());
+                }
+                None => d.changed.push(path.clone()),
+            }
+        }
+        for path in previous.files.keys() {
+            if !self.files.contains_key(path) {
+                d.remove.push(path.clone());
+                d.deleted += 1;
+            }
+        }
+        d
+    }
+}
+
+fn same_content(a: &FileEntry, b: &FileEntry) -> bool {
+    a.hash == b.hash && a.mode == b.mode && a.link == b.link
+}
+
+/// A listed path with whether git tracks it.
+struct Candidate {
+    path: String,
+    tracked: bool,
+}
+
+/// Lists, filters, size-checks and hashes the checkout at `root`.
+pub fn collect(
+    root: &Path,
+    rules: &SyncRules,
+    previous: Option<&Manifest>,
+) -> Result<Collected, SyncError> {
+    let unreadable = |reason: String| SyncError::Unreadable {
+        path: root.display().to_string(),
+        reason,
+    };
+    let meta = std::fs::metadata(root).map_err(|e| unreadable(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(unreadable("not a folder".into()));
+    }
+    std::fs::read_dir(root).map_err(|e| unreadable(e.to_string()))?;
+
+    let mut warnings = Vec::new();
+    let candidates = match git_list(root, false)? {
+        Some(list) => list,
+        None => walk_list(root, true, &mut warnings)?,
+    };
+    let exclude = matcher(root, &rules.exclude)?;
+    let include = matcher(root, &rules.include)?;
+    let crabboxignore = crabboxignore(root)?;
+
+    let mut chosen: Vec<String> = Vec::with_capacity(candidates.len());
+    let mut seen = HashSet::new();
+    for c in candidates {
+        if keep(&c, &exclude, &crabboxignore, &include) && seen.insert(c.path.clone()) {
+            chosen.push(c.path);
+        }
+    }
+    if !rules.include.is_empty() {
+        // Includes may bring back files git (or a walk) ignores: list those too.
+        let ignored = match git_list(root, true)? {
+            Some(list) => list,
+            None => walk_list(root, false, &mut warnings)?,
+        };
+        for c in ignored {
+            if include
+                .matched_path_or_any_parents(&c.path, false)
+                .is_ignore()
+                && seen.insert(c.path.clone())
+            {
+                chosen.push(c.path);
+            }
+        }
+    }
+
+    // Stat everything first: the size guard must run before any content is read (and
+    // before the caller creates anything that costs money).
+    let mut stats = Vec::with_capacity(chosen.len());
+    let mut total_bytes = 0u64;
+    for path in chosen {
+        let full = root.join(&path);
+        match std::fs::symlink_metadata(&full) {
+            Ok(m) if m.is_file() || m.file_type().is_symlink() => {
+                total_bytes += if m.is_file() { m.len() } else { 0 };
+                stats.push((path, m));
+            }
+            // Folders (submodules), sockets, files deleted since git listed them: skipped.
+            Ok(_) => warnings.push(format!("skipped {path}: not a file or symlink")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SyncError::Io(format!("reading {}: {e}", full.display()))),
+        }
+    }
+    warnings.extend(size_guard(stats.len() as u64, total_bytes, rules)?);
+
+    let mut files = BTreeMap::new();
+    for (path, m) in stats {
+        let entry = hash_entry(root, &path, &m, previous.and_then(|p| p.files.get(&path)))?;
+        files.insert(path, entry);
+    }
+    Ok(Collected {
+        manifest: Manifest { files },
+        total_bytes,
+        warnings,
+    })
+}
+
+/// SPEC's size guard: warnings past the soft limits, an error past the hard ones unless
+/// forced.
+pub fn size_guard(files: u64, bytes: u64, rules: &SyncRules) -> Result<Vec<String>, SyncError> {
+    let l = rules.limits;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let what = format!("{files} files, {:.2} GiB", gib(bytes));
+    if (files >= l.max_files || bytes >= l.max_bytes) && !rules.force_large {
+        return Err(SyncError::TooLarge(format!(
+            "refusing to sync {what}: the limit is {} files or {:.0} GiB. Exclude what the \
+             sandbox does not need (sync.exclude in crabbox.yaml, or .crabboxignore), or pass \
+             --force-sync-large",
+            l.max_files,
+            gib(l.max_bytes)
+        )));
+    }
+    if files >= l.warn_files || bytes >= l.warn_bytes {
+        return Ok(vec![format!(
+            "large sync: {what}; consider excluding what the sandbox does not need \
+             (.crabboxignore)"
+        )]);
+    }
+    Ok(Vec::new())
+}
+
+fn keep(
+    c: &Candidate,
+    exclude: &Gitignore,
+    crabboxignore: &Gitignore,
+    include: &Gitignore,
+) -> bool {
+    let mut keep = c.tracked || !builtin_excluded(&c.path);
+    if exclude
+        .matched_path_or_any_parents(&c.path, false)
+        .is_ignore()
+    {
+        keep = false;
+    }
+    let m = crabboxignore.matched_path_or_any_parents(&c.path, false);
+    if m.is_ignore() {
+        keep = false;
+    } else if m.is_whitelist() {
+        keep = true;
+    }
+    if include
+        .matched_path_or_any_parents(&c.path, false)
+        .is_ignore()
+    {
+        keep = true;
+    }
+    keep
+}
+
+fn builtin_excluded(path: &str) -> bool {
+    path.split('/').any(|part| BUILTIN_EXCLUDES.contains(&part))
+}
+
+/// A gitignore matcher over config patterns (a "match" means "listed").
+fn matcher(root: &Path, patterns: &[String]) -> Result<Gitignore, SyncError> {
+    let mut b = GitignoreBuilder::new(root);
+    for p in patterns {
+        b.add_line(None, p).map_err(|e| SyncError::BadPattern {
+            pattern: p.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    b.build().map_err(|e| SyncError::BadPattern {
+        pattern: patterns.join(", "),
+        reason: e.to_string(),
+    })
+}
+
+fn crabboxignore(root: &Path) -> Result<Gitignore, SyncError> {
+    let path = root.join(".crabboxignore");
+    let mut b = GitignoreBuilder::new(root);
+    if path.exists()
+        && let Some(e) = b.add(&path)
+    {
+        return Err(SyncError::BadPattern {
+            pattern: path.display().to_string(),
+            reason: e.to_string(),
+        });
+    }
+    b.build().map_err(|e| SyncError::BadPattern {
+        pattern: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// `git ls-files` at `root`; `None` when `root` is not in a git work tree (or git is
+/// missing). With `ignored`, lists the ignored untracked files instead.
+fn git_list(root: &Path, ignored: bool) -> Result<Option<Vec<Candidate>>, SyncError> {
+    let inside = Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(["rev-parse", "--is-inside-work-tree"])
+        .output();
+    match inside {
+        Ok(o) if o.status.success() && o.stdout.starts_with(b"true") => {}
+        _ => return Ok(None),
+    }
+    let mut cmd = Command::new("git");
+    cmd.arg("-C").arg(root).args(["ls-files", "-z", "-t"]);
+    if ignored {
+        cmd.args(["--others", "--ignored", "--exclude-standard"]);
+    } else {
+        cmd.args(["--cached", "--others", "--exclude-standard"]);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| SyncError::Io(format!("running git ls-files in {}: {e}", root.display())))?;
+    if !out.status.success() {
+        return Err(SyncError::Io(format!(
+            "git ls-files failed in {}: {}",
+            root.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let mut list = Vec::new();
+    for raw in out.stdout.split(|b| *b == 0).filter(|r| !r.is_empty()) {
+        // `-t` puts a status tag and a space before each path: `H ` cached, `? ` other.
+        let (tag, path) = match raw {
+            [t, b' ', rest @ ..] => (*t, rest),
+            _ => continue,
+        };
+        let Ok(path) = std::str::from_utf8(path) else {
+            continue;
+        };
+        if plain_relative(path) {
+            list.push(Candidate {
+                path: path.to_string(),
+                tracked: tag != b'?',
+            });
+        }
+    }
+    Ok(Some(list))
+}
+
+/// A walk of `root`. With `filtered`, honours `.gitignore` (even outside git) and skips
+/// `.git`; without, lists everything.
+fn walk_list(
+    root: &Path,
+    filtered: bool,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Candidate>, SyncError> {
+    let mut b = ignore::WalkBuilder::new(root);
+    b.standard_filters(filtered)
+        .hidden(false)
+        .require_git(false)
+        .follow_links(false);
+    if filtered {
+        b.filter_entry(|e| e.file_name() != ".git");
+    }
+    let mut list = Vec::new();
+    for entry in b.build() {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                warnings.push(format!("skipped: {e}"));
+                continue;
+            }
+        };
+        if entry.file_type().is_some_and(|t| t.is_dir()) {
+            continue;
+        }
+        let Ok(rel) = entry.path().strip_prefix(root) else {
+            continue;
+        };
+        match rel.to_str() {
+            Some(p) if plain_relative(p) => list.push(Candidate {
+                path: p.to_string(),
+                tracked: false,
+            }),
+            _ => warnings.push(format!("skipped non-UTF-8 path {}", rel.display())),
+        }
+    }
+    Ok(list)
+}
+
+/// Only plain relative paths are ever synced: no absolute path, no `..`.
+pub fn plain_relative(path: &str) -> bool {
+    !path.is_empty()
+        && Path::new(path)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+}
+
+fn hash_entry(
+    root: &Path,
+    path: &str,
+    m: &std::fs::Metadata,
+    previous: Option<&FileEntry>,
+) -> Result<FileEntry, SyncError> {
+    let full = root.join(path);
+    let io = |e: std::io::Error| SyncError::Io(format!("reading {}: {e}", full.display()));
+    let mtime_ns = m.mtime() * 1_000_000_000 + m.mtime_nsec();
+    let mode = m.mode() & 0o7777;
+    if m.file_type().is_symlink() {
+        let target = std::fs::read_link(&full).map_err(io)?;
+        let target = target.to_string_lossy().into_owned();
+        return Ok(FileEntry {
+            hash: blake3::hash(target.as_bytes()).to_hex().to_string(),
+            size: 0,
+            mode,
+            link: Some(target),
+            mtime_ns,
+            ino: m.ino(),
+        });
+    }
+    if let Some(prev) = previous
+        && prev.link.is_none()
+        && prev.size == m.len()
+        && prev.mtime_ns == mtime_ns
+        && prev.ino == m.ino()
+        && prev.mode == mode
+    {
+        return Ok(prev.clone());
+    }
+    let mut hasher = blake3::Hasher::new();
+    let file = std::fs::File::open(&full).map_err(io)?;
+    hasher.update_reader(file).map_err(io)?;
+    Ok(FileEntry {
+        hash: hasher.finalize().to_hex().to_string(),
+        size: m.len(),
+        mode,
+        link: None,
+        mtime_ns,
+        ino: m.ino(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn git(root: &Path, args: &[&str]) {
+        let ok = Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(args)
+            .output()
+            .expect("git")
+            .status
+            .success();
+        assert!(ok, "git {args:?}");
+    }
+
+    fn paths(c: &Collected) -> Vec<&str> {
+        c.manifest.files.keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn git_aware_listing_with_every_rule() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let r = tmp.path();
+        fs::create_dir_all(r.join("src")).expect("mkdir");
+        fs::create_dir_all(r.join("target/debug")).expect("mkdir");
+        fs::create_dir_all(r.join("node_modules/x")).expect("mkdir");
+        fs::create_dir_all(r.join("vendor/target")).expect("mkdir");
+        fs::write(r.join("src/main.rs"), "fn main(){}").expect("w");
+        fs::write(r.join(".gitignore"), "*.log\n").expect("w");
+        fs::write(r.join("build.log"), "ignored").expect("w");
+        fs::write(r.join("target/debug/out"), "bin").expect("w");
+        fs::write(r.join("node_modules/x/i.js"), "js").expect("w");
+        fs::write(r.join("vendor/target/tracked.txt"), "keep me").expect("w");
+        fs::write(r.join("notes.tmp"), "tmp").expect("w");
+        fs::write(r.join("secret.env"), "S=1").expect("w");
+        fs::write(r.join("keep.tmp"), "re-included").expect("w");
+        fs::write(r.join(".crabboxignore"), "*.tmp\n!keep.tmp\n").expect("w");
+        std::os::unix::fs::symlink("/etc/passwd", r.join("outside-link")).expect("ln");
+        git(r, &["init", "-q"]);
+        git(r, &["add", "src/main.rs", ".gitignore"]);
+        git(r, &["add", "-f", "vendor/target/tracked.txt"]);
+
+        let rules = SyncRules {
+            exclude: vec!["secret.env".into()],
+            include: vec!["build.log".into()],
+            ..SyncRules::default()
+        };
+        let c = collect(r, &rules, None).expect("collect");
+        assert_eq!(
+            paths(&c),
+            vec![
+                ".crabboxignore",
+                ".gitignore",
+                "build.log",
+                "keep.tmp",
+                "outside-link",
+                "src/main.rs",
+                "vendor/target/tracked.txt",
+            ]
+        );
+        let link = &c.manifest.files["outside-link"];
+        assert_eq!(link.link.as_deref(), Some("/etc/passwd"), "kept as a link");
+    }
+
+    #[test]
+    fn outside_git_a_walk_honours_gitignore() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let r = tmp.path();
+        fs::write(r.join(".gitignore"), "out/\n").expect("w");
+        fs::create_dir_all(r.join("out")).expect("mkdir");
+        fs::create_dir_all(r.join("target")).expect("mkdir");
+        fs::write(r.join("out/x"), "x").expect("w");
+        fs::write(r.join("target/y"), "y").expect("w");
+        fs::write(r.join("a.txt"), "a").expect("w");
+        let c = collect(r, &SyncRules::default(), None).expect("collect");
+        assert_eq!(paths(&c), vec![".gitignore", "a.txt"]);
+    }
+
+    #[test]
+    fn diff_and_stat_cache() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let r = tmp.path();
+        fs::write(r.join("a"), "1").expect("w");
+        fs::write(r.join("b"), "2").expect("w");
+        let first = collect(r, &SyncRules::default(), None)
+            .expect("collect")
+            .manifest;
+        let d = first.diff(&Manifest::default());
+        assert_eq!(d.changed, vec!["a", "b"]);
+        assert!(d.remove.is_empty());
+
+        let again = collect(r, &SyncRules::default(), Some(&first))
+            .expect("collect")
+            .manifest;
+        assert_eq!(
+            again.diff(&first),
+            Diff::default(),
+            "unchanged tree, nothing to send"
+        );
+
+        fs::write(r.join("a"), "changed").expect("w");
+        fs::remove_file(r.join("b")).expect("rm");
+        fs::write(r.join("c"), "3").expect("w");
+        let third = collect(r, &SyncRules::default(), Some(&again))
+            .expect("collect")
+            .manifest;
+        let d = third.diff(&again);
+        assert_eq!(d.changed, vec!["a", "c"]);
+        assert_eq!(d.remove, vec!["a", "b"]);
+        assert_eq!(d.deleted, 1);
+    }
+
+    #[test]
+    fn size_guard_warns_then_refuses_unless_forced() {
+        let mut rules = SyncRules::default();
+        assert!(size_guard(10, 10, &rules).expect("ok").is_empty());
+        assert_eq!(size_guard(50_000, 0, &rules).expect("warn").len(), 1);
+        assert_eq!(size_guard(1, 5 << 30, &rules).expect("warn").len(), 1);
+        let err = size_guard(150_000, 0, &rules).expect_err("refused");
+        assert!(err.to_string().contains("--force-sync-large"), "{err}");
+        assert!(size_guard(1, 20 << 30, &rules).is_err());
+        rules.force_large = true;
+        assert_eq!(size_guard(150_000, 0, &rules).expect("forced").len(), 1);
+    }
+
+    #[test]
+    fn unreadable_root_is_a_clear_error() {
+        let err = collect(Path::new("/nonexistent/repo"), &SyncRules::default(), None)
+            .expect_err("missing");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("/nonexistent/repo") && msg.contains("check"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn plain_relative_paths_only() {
+        assert!(plain_relative("a/b"));
+        for bad in ["", "/a", "../a", "a/../b", "./a"] {
+            assert!(!plain_relative(bad), "{bad}");
+        }
+    }
+}

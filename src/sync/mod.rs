@@ -1,0 +1,35 @@
+//! Syncing a checkout into a sandbox (SPEC "Sync").
+//!
+//! - [`manifest`]: which files go (git-aware list, excludes, `.crabboxignore`), their
+//!   content hashes, the size guard, and the diff against what a lease already holds.
+//! - [`archive`]: the gzip tar of what changed.
+
+pub mod archive;
+pub mod manifest;
+
+pub use manifest::{Collected, Diff, FileEntry, Manifest, SyncLimits, SyncRules};
+
+/// Sync failures; each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The repository folder cannot be read.
+    #[error(
+        "cannot read the repository at {path}: {reason}; check that it exists and that you can read it"
+    )]
+    Unreadable { path: String, reason: String },
+    /// Over the hard size limit and `--force-sync-large` was not given.
+    #[error("{0}")]
+    TooLarge(String),
+    /// An exclude/include pattern is malformed.
+    #[error("bad sync pattern {pattern:?}: {reason}")]
+    BadPattern { pattern: String, reason: String },
+    /// Listing, hashing or packing a file failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+impl From<SyncError> for crate::error::Error {
+    fn from(e: SyncError) -> Self {
+        crate::error::Error::Sync(e.to_string())
+    }
+}
