@@ -83,14 +83,16 @@ impl LeaseRecord {
         idle.min(ttl)
     }
 
-    /// Why the lease has expired at `now_ms`, if it has.
+    /// Why the lease has expired at `now_ms`, if it has. A lease that is syncing or running
+    /// is in use: only its ttl can expire it.
     pub fn expiry_reason(&self, now_ms: u64) -> Option<String> {
-        if now_ms < self.expires_at_ms() {
-            return None;
-        }
         let ttl_end = self
             .created_at_ms
             .saturating_add(self.ttl_secs.saturating_mul(1000));
+        let in_use = matches!(self.state, LeaseState::Syncing | LeaseState::Running);
+        if now_ms < self.expires_at_ms() || (in_use && now_ms < ttl_end) {
+            return None;
+        }
         Some(if now_ms >= ttl_end {
             format!("expired: ttl of {} reached", human_secs(self.ttl_secs))
         } else {
@@ -207,9 +209,14 @@ mod tests {
         assert!(r.expiry_reason(r.expires_at_ms() - 1).is_none());
         let why = r.expiry_reason(r.expires_at_ms()).expect("expired");
         assert!(why.contains("ttl"), "{why}");
-        let r = record();
+        let mut r = record();
         let why = r.expiry_reason(r.expires_at_ms()).expect("expired");
         assert!(why.contains("idle for 30m"), "{why}");
+        // A running command is use: idle does not expire it, the ttl still does.
+        r.state = LeaseState::Running;
+        assert!(r.expiry_reason(r.expires_at_ms()).is_none());
+        let ttl_end = r.created_at_ms + r.ttl_secs * 1000;
+        assert!(r.expiry_reason(ttl_end).expect("ttl").contains("ttl"));
     }
 
     #[test]

@@ -234,11 +234,11 @@ impl Run {
 
         // 5. Sync.
         let mut files_uploaded = 0;
-        let mut guard = None;
-        let mut target = None;
+        // Ends the phase (back to ready) however this function ends.
+        let mut phase_guard = None;
         if let Some(collected) = collected {
             let t = begin(&handle, RunPhase::Sync).await?;
-            guard = Some(PhaseGuard(handle.actor.clone()));
+            phase_guard = Some(PhaseGuard(handle.actor.clone()));
             self.phase("syncing").await;
             let stats = self
                 .sync(
@@ -252,19 +252,14 @@ impl Run {
                 .await?;
             files_uploaded = stats.files_uploaded;
             let _ = self.emit(pb::run_event::Event::Sync(stats)).await;
-            target = Some(t);
         }
         if self.req.sync_only {
-            drop(guard);
             return Ok(pb::Exit::default());
         }
 
-        // 6. Exec.
-        let target = match target {
-            // Syncing -> running directly, without a trip through ready.
-            Some(_) | None => begin(&handle, RunPhase::Exec).await?,
-        };
-        let _guard = guard.unwrap_or(PhaseGuard(handle.actor.clone()));
+        // 6. Exec (syncing -> running directly, without a trip through ready).
+        let target = begin(&handle, RunPhase::Exec).await?;
+        let _phase_guard = phase_guard.unwrap_or_else(|| PhaseGuard(handle.actor.clone()));
         let workdir = format!("{}/{}", target.lease_dir, repo_name);
         let command = if self.req.shell {
             self.req.argv.join(" ")

@@ -1,0 +1,572 @@
+//! Whole flows through the real `crabbox` binary against a real daemon on the `local`
+//! provider.
+
+mod common;
+
+use common::{Daemon, eventually, repo};
+use std::path::Path;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warmup_run_list_stop() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let repo_root = std::fs::canonicalize(r.path()).expect("canonical");
+
+    // warmup prints the leased line, then ready.
+    let out = d.run(r.path(), &["warmup"]).await.expect(0);
+    let text = out.stdout();
+    assert!(text.starts_with("leased cbx_"), "{text}");
+    assert!(text.contains(" provider=local sandbox=crabbox-"), "{text}");
+    assert!(text.trim_end().ends_with("ready"), "{text}");
+
+    // A second warmup in the same repo reuses its claimed lease.
+    let lease = d
+        .run(r.path(), &["warmup", "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(lease["state"], "ready");
+    assert_eq!(lease["repo_root"], repo_root.to_str().expect("utf8"));
+    let id = lease["id"].as_str().expect("id").to_string();
+    let slug = lease["slug"].as_str().expect("slug").to_string();
+    assert!(text.contains(&id), "same lease reused");
+    for key in [
+        "id",
+        "slug",
+        "provider",
+        "state",
+        "sandbox_id",
+        "repo_root",
+        "created_at",
+        "expires_at",
+        "keep",
+        "labels",
+    ] {
+        assert!(lease.get(key).is_some(), "--json lease has {key}");
+    }
+    assert_eq!(lease["labels"]["lease"], id.as_str());
+    assert_eq!(lease["labels"]["crabbox"], "true");
+
+    // stdout and stderr stay separate; the exit code passes through.
+    let out = d
+        .run(
+            r.path(),
+            &[
+                "run",
+                "--",
+                "sh",
+                "-c",
+                "echo to-out; echo to-err >&2; cat README",
+            ],
+        )
+        .await
+        .expect(0);
+    assert_eq!(out.stdout(), "to-out\nhello\n");
+    assert!(out.stderr().contains("to-err\n"), "{}", out.stderr());
+    assert!(!out.stdout().contains("to-err"));
+    d.run(r.path(), &["run", "--", "sh", "-c", "exit 3"])
+        .await
+        .expect(3);
+
+    // --env forwards a variable by name, or sets one.
+    let out = d
+        .cli(r.path())
+        .env("CBX_FORWARDED", "from the laptop")
+        .args([
+            "run",
+            "--env",
+            "CBX_FORWARDED",
+            "--env",
+            "CBX_SET=x y",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$CBX_FORWARDED|$CBX_SET\"",
+        ])
+        .output()
+        .await
+        .expect("ran");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "from the laptop|x y\n"
+    );
+    d.run(r.path(), &["run", "--env", "CBX_UNSET_VAR", "--", "true"])
+        .await
+        .expect(2);
+
+    // Words are quoted, not re-split by a shell; --shell joins them into one line.
+    let out = d
+        .run(r.path(), &["run", "--", "echo", "a  b", "$HOME"])
+        .await
+        .expect(0);
+    assert_eq!(out.stdout(), "a  b $HOME\n");
+    let out = d
+        .run(
+            r.path(),
+            &["run", "--shell", "--", "echo", "one", "&&", "echo", "two"],
+        )
+        .await
+        .expect(0);
+    assert_eq!(out.stdout(), "one\ntwo\n");
+
+    // run --json: one document with the output and the exit code.
+    let doc = d
+        .run(
+            r.path(),
+            &["run", "--json", "--", "sh", "-c", "echo hi; exit 4"],
+        )
+        .await
+        .expect(4)
+        .json();
+    assert_eq!(doc["exit_code"], 4);
+    assert_eq!(doc["stdout"], "hi\n");
+    assert_eq!(doc["lease"]["id"], id.as_str());
+
+    // list / status / touch / claims.
+    let list = d.run(r.path(), &["list", "--json"]).await.expect(0).json();
+    let list = list.as_array().expect("array");
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["state"], "ready");
+    let table = d.run(r.path(), &["list"]).await.expect(0).stdout();
+    assert!(table.starts_with("ID") && table.contains(&slug), "{table}");
+    let st = d
+        .run(r.path(), &["status", &slug, "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(st["id"], id.as_str());
+    let touched = d
+        .run(r.path(), &["touch", &id, "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert!(
+        touched["expires_at"].as_str().expect("time") >= st["expires_at"].as_str().expect("time")
+    );
+    d.run(r.path(), &["heartbeat", &slug]).await.expect(0);
+    let claims = d
+        .run(r.path(), &["claims", "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(claims[0]["repo_root"], repo_root.to_str().expect("utf8"));
+
+    // stop releases it; the sandbox folder is gone.
+    let sandbox_dir = d
+        .state
+        .join("sandboxes")
+        .join(lease["sandbox_name"].as_str().expect("name"));
+    assert!(sandbox_dir.is_dir());
+    let stopped = d
+        .run(r.path(), &["stop", &slug, "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(stopped["state"], "released");
+    assert!(!sandbox_dir.exists(), "sandbox deleted");
+    let list = d.run(r.path(), &["list", "--json"]).await.expect(0).json();
+    assert_eq!(list.as_array().expect("array").len(), 0);
+    let all = d
+        .run(r.path(), &["list", "--all", "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(all[0]["state"], "released");
+    // Stopping again is fine; touching a released lease is not.
+    d.run(r.path(), &["release", &id]).await.expect(0);
+    let out = d.run(r.path(), &["touch", &id]).await;
+    assert_ne!(out.code(), 0);
+    assert!(out.stderr().contains("released"), "{}", out.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_run_releases_its_lease_unless_kept() {
+    let d = Daemon::start().await;
+    let r = repo();
+    d.run(r.path(), &["run", "--", "true"]).await.expect(0);
+    let all = d
+        .run(r.path(), &["list", "--all", "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(all.as_array().expect("array").len(), 1);
+    assert_eq!(all[0]["state"], "released");
+
+    // --keep-on-failure keeps it only when the command fails.
+    d.run(r.path(), &["run", "--keep-on-failure", "--", "true"])
+        .await
+        .expect(0);
+    d.run(r.path(), &["run", "--keep-on-failure", "--", "false"])
+        .await
+        .expect(1);
+    let live = d.run(r.path(), &["list", "--json"]).await.expect(0).json();
+    assert_eq!(
+        live.as_array().expect("array").len(),
+        1,
+        "the failed run's lease is kept"
+    );
+    // The next run in the repo uses the kept lease and leaves it alone.
+    let doc = d
+        .run(r.path(), &["run", "--json", "--", "true"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(doc["lease"]["id"], live[0]["id"]);
+    let again = d.run(r.path(), &["list", "--json"]).await.expect(0).json();
+    assert_eq!(again[0]["state"], "ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_sync_sends_only_changes() {
+    let d = Daemon::start().await;
+    let r = repo();
+    d.run(r.path(), &["warmup"]).await.expect(0);
+    let sync = |doc: serde_json::Value| doc["sync"].clone();
+    let first = sync(
+        d.run(r.path(), &["run", "--json", "--sync-only"])
+            .await
+            .expect(0)
+            .json(),
+    );
+    assert_eq!(first["files_total"], 2);
+    assert_eq!(first["files_uploaded"], 2);
+    let second = sync(
+        d.run(r.path(), &["run", "--json", "--sync-only"])
+            .await
+            .expect(0)
+            .json(),
+    );
+    assert_eq!(
+        second["files_uploaded"], 0,
+        "an unchanged tree sends nothing"
+    );
+    assert_eq!(second["bytes_uploaded"], 0);
+
+    std::fs::write(r.path().join("README"), "changed\n").expect("write");
+    std::fs::remove_file(r.path().join("src/lib.txt")).expect("rm");
+    std::fs::write(r.path().join("new.txt"), "new\n").expect("write");
+    std::os::unix::fs::symlink("README", r.path().join("link")).expect("ln");
+    let third = d
+        .run(
+            r.path(),
+            &[
+                "run",
+                "--json",
+                "--",
+                "sh",
+                "-c",
+                "cat README new.txt; readlink link; test -e src/lib.txt || echo gone",
+            ],
+        )
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(third["sync"]["files_uploaded"], 3);
+    assert_eq!(third["sync"]["files_deleted"], 1);
+    assert_eq!(third["stdout"], "changed\nnew\nREADME\ngone\n");
+
+    let full = sync(
+        d.run(r.path(), &["run", "--json", "--sync-only", "--full-resync"])
+            .await
+            .expect(0)
+            .json(),
+    );
+    assert_eq!(full["files_uploaded"], 3, "README, new.txt, link");
+    // --no-sync runs in the workdir as it is.
+    let out = d
+        .run(r.path(), &["run", "--no-sync", "--", "cat", "new.txt"])
+        .await
+        .expect(0);
+    assert_eq!(out.stdout(), "new\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_exit_codes() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let out = d
+        .run(r.path(), &["stop", "cbx_000000000000"])
+        .await
+        .expect(4);
+    assert!(out.stderr().contains("no lease named"), "{}", out.stderr());
+    let out = d.run(r.path(), &["status", "nope"]).await.expect(4);
+    assert!(out.stderr().contains("crabbox list"), "{}", out.stderr());
+
+    // An ambiguous name lists the matches.
+    let other = repo();
+    d.run(r.path(), &["warmup", "--slug", "dup-one"])
+        .await
+        .expect(0);
+    d.run(other.path(), &["warmup", "--slug", "dup-two"])
+        .await
+        .expect(0);
+    let out = d.run(r.path(), &["stop", "dup"]).await.expect(4);
+    let err = out.stderr();
+    assert!(
+        err.contains("matches 2 leases") && err.contains("dup-one") && err.contains("dup-two"),
+        "{err}"
+    );
+    // A taken or malformed slug is a usage error.
+    let third = repo();
+    let out = d
+        .run(third.path(), &["warmup", "--slug", "dup-one"])
+        .await
+        .expect(2);
+    assert!(out.stderr().contains("taken"), "{}", out.stderr());
+    d.run(third.path(), &["warmup", "--slug", "Bad_Slug"])
+        .await
+        .expect(2);
+
+    // Durations, labels, commands, providers, machine classes.
+    let out = d
+        .run(r.path(), &["warmup", "--ttl", "soon"])
+        .await
+        .expect(2);
+    assert!(
+        out.stderr().contains("90s, 30m, 2h or 1h30m"),
+        "{}",
+        out.stderr()
+    );
+    d.run(r.path(), &["run", "--timeout", "0s", "--", "true"])
+        .await
+        .expect(2);
+    d.run(r.path(), &["warmup", "--label", "novalue"])
+        .await
+        .expect(2);
+    let out = d.run(r.path(), &["run"]).await.expect(2);
+    assert!(
+        out.stderr().contains("crabbox run -- cargo test"),
+        "{}",
+        out.stderr()
+    );
+    let out = d
+        .run(
+            r.path(),
+            &["--provider", "daytona", "warmup", "--class", "beefy"],
+        )
+        .await
+        .expect(2);
+    assert!(out.stderr().contains("snapshot"), "{}", out.stderr());
+    d.run(r.path(), &["--provider", "gcp", "list"])
+        .await
+        .expect(2);
+    let out = d
+        .run(r.path(), &["--type", "m5.large", "run", "--", "true"])
+        .await
+        .expect(2);
+    assert!(
+        out.stderr().contains("--type is not supported"),
+        "{}",
+        out.stderr()
+    );
+
+    // A bad config file is a usage error naming the file.
+    let cfg = r.path().join("bad.yaml");
+    std::fs::write(&cfg, "provder: local\n").expect("write");
+    let out = d
+        .cli(r.path())
+        .env("CRABBOX_CONFIG", &cfg)
+        .args(["list"])
+        .output()
+        .await
+        .expect("ran");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.yaml"));
+
+    // An unreadable repo: the current folder was deleted under the CLI.
+    let gone = tempfile::tempdir().expect("tempdir");
+    let gone_path = gone.path().to_path_buf();
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd '{}' && rmdir \"$PWD\" && exec \"$0\" run -- true",
+            gone_path.display()
+        ))
+        .arg(env!("CARGO_BIN_EXE_crabbox"))
+        .env("CRABBOX_SOCKET", &d.socket)
+        .env("CRABBOX_NO_AUTOSTART", "1")
+        .output()
+        .await
+        .expect("ran");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains("cannot read the current folder"), "{err}");
+
+    // No daemon on the socket, autostart off: a clear error.
+    let out = d
+        .cli(r.path())
+        .env("CRABBOX_SOCKET", r.path().join("none.sock"))
+        .args(["list"])
+        .output()
+        .await
+        .expect("ran");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("crabbox daemon start"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_claimed_by_another_repo_needs_reclaim() {
+    let d = Daemon::start().await;
+    let a = repo();
+    let b = repo();
+    let lease = d
+        .run(a.path(), &["warmup", "--json"])
+        .await
+        .expect(0)
+        .json();
+    let id = lease["id"].as_str().expect("id");
+    let out = d
+        .run(b.path(), &["run", "--id", id, "--", "true"])
+        .await
+        .expect(4);
+    let err = out.stderr();
+    assert!(
+        err.contains("claimed by") && err.contains("--reclaim"),
+        "{err}"
+    );
+    let doc = d
+        .run(
+            b.path(),
+            &[
+                "run",
+                "--id",
+                id,
+                "--reclaim",
+                "--json",
+                "--",
+                "cat",
+                "README",
+            ],
+        )
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(doc["stdout"], "hello\n");
+    let b_root = std::fs::canonicalize(b.path()).expect("canonical");
+    assert_eq!(doc["lease"]["repo_root"], b_root.to_str().expect("utf8"));
+    // Now repo a has no lease: its next run gets a fresh one.
+    let doc = d
+        .run(a.path(), &["run", "--json", "--", "true"])
+        .await
+        .expect(0)
+        .json();
+    assert_ne!(doc["lease"]["id"], id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_cancels_the_command_and_releases_a_fresh_lease() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let pidfile = r.path().join("cmd.pid");
+    let mut child = d
+        .cli(r.path())
+        .args([
+            "run",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo $$ > '{}'; echo started; sleep 60", pidfile.display()),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid: i32 = eventually(30, "the command to start", || async {
+        std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    })
+    .await;
+    let cli_pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
+    nix::sys::signal::kill(cli_pid, nix::sys::signal::Signal::SIGINT).expect("sigint");
+    let status = child.wait().await.expect("wait");
+    assert_eq!(status.code(), Some(130));
+    // The remote command is gone and the fresh lease released.
+    eventually(20, "the command to be killed", || async {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    eventually(20, "the lease to be released", || async {
+        let all = d.run(r.path(), &["list", "--all", "--json"]).await.json();
+        (all[0]["state"] == "released").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_and_expiry() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let doc = d
+        .run(
+            r.path(),
+            &["run", "--json", "--timeout", "1s", "--", "sleep", "30"],
+        )
+        .await
+        .expect(124)
+        .json();
+    assert_eq!(doc["timed_out"], true);
+
+    // Idle expiry releases a lease; a running command is use and keeps it.
+    let lease = d
+        .run(r.path(), &["warmup", "--idle-timeout", "2s", "--json"])
+        .await
+        .expect(0)
+        .json();
+    let slug = lease["slug"].as_str().expect("slug").to_string();
+    d.run(r.path(), &["run", "--", "sleep", "3"])
+        .await
+        .expect(0);
+    eventually(30, "idle expiry", || async {
+        let st = d.run(r.path(), &["status", &slug, "--json"]).await.json();
+        (st["state"] == "released").then_some(())
+    })
+    .await;
+    let st = d.run(r.path(), &["status", &slug, "--json"]).await.json();
+    assert!(
+        st["reason"].as_str().expect("reason").contains("idle"),
+        "{st}"
+    );
+
+    // The ttl caps a lease however used.
+    let lease = d
+        .run(r.path(), &["warmup", "--ttl", "1s", "--json"])
+        .await
+        .expect(0)
+        .json();
+    let id = lease["id"].as_str().expect("id").to_string();
+    eventually(30, "ttl expiry", || async {
+        let st = d.run(r.path(), &["status", &id, "--json"]).await.json();
+        (st["state"] == "released").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_and_doctor() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let out = d.run(r.path(), &["completions", "bash"]).await.expect(0);
+    assert!(out.stdout().contains("crabbox"));
+    let doc = d
+        .run(r.path(), &["doctor", "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(doc["ok"], true);
+    let text = d.run(r.path(), &["doctor"]).await.expect(0).stdout();
+    assert!(text.contains("ok   daemon: crabboxd"), "{text}");
+    let st = d
+        .run(r.path(), &["daemon", "status", "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(st["running"], true);
+    assert_eq!(st["pid"], std::process::id());
+}
+
+#[allow(dead_code)]
+fn _unused(_: &Path) {}
