@@ -300,8 +300,17 @@ pub async fn run(
         );
     }
     let _ = ticker.await;
+    // Every lease is persisted at each move; stop the actors (they hold the store) and the
+    // registry, each within a bound.
     registry.stop(Some("shutdown".into()));
     let _ = tokio::time::timeout(Duration::from_secs(2), registry_join).await;
+    for h in shared.leases.handles() {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            h.actor.stop_and_wait(Some("shutdown".into()), None),
+        )
+        .await;
+    }
     let _ = std::fs::remove_file(&socket.path);
     tracing::info!("stopped");
     Ok(())

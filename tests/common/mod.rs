@@ -61,7 +61,7 @@ impl Daemon {
         let join = tokio::spawn(daemon::run(config, providers, bound, async {
             let _ = rx.await;
         }));
-        let d = Daemon {
+        let mut d = Daemon {
             dir,
             socket,
             state,
@@ -72,6 +72,10 @@ impl Daemon {
         for _ in 0..200 {
             if client::connect_once(&d.socket).await.is_ok() {
                 return d;
+            }
+            if d.join.as_ref().is_some_and(|j| j.is_finished()) {
+                let j = d.join.take().expect("join");
+                panic!("daemon exited at start: {:?}", j.await.expect("join"));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

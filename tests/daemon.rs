@@ -1,0 +1,585 @@
+//! The daemon's actors, gRPC surface and lifecycle, driven through a real gRPC client and
+//! the real CLI: a slow provider, a crashing lease actor, run serialization, reflection,
+//! health, sockets, restarts and orphans.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::{Daemon, eventually, repo};
+use crabbox::daemon::{self, Providers};
+use crabbox::pb;
+use crabbox::provider::local::LocalProvider;
+use crabbox::provider::*;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+/// The real local provider with faults injected: a slow create, and a `work_root` that
+/// panics on demand (it is called inside the lease actor's handler).
+struct Faulty {
+    inner: LocalProvider,
+    create_delay: Duration,
+    panic_in_actor: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Provider for Faulty {
+    fn name(&self) -> &str {
+        "local"
+    }
+    fn work_root(&self, name: &str) -> String {
+        if self.panic_in_actor.load(Ordering::SeqCst) {
+            panic!("injected fault in work_root");
+        }
+        self.inner.work_root(name)
+    }
+    async fn create(&self, spec: &CreateSpec) -> Result<SandboxInfo, ProviderError> {
+        tokio::time::sleep(self.create_delay).await;
+        self.inner.create(spec).await
+    }
+    async fn get(&self, s: &str) -> Result<Option<SandboxInfo>, ProviderError> {
+        self.inner.get(s).await
+    }
+    async fn wait_ready(&self, s: &str, d: Duration) -> Result<SandboxInfo, ProviderError> {
+        self.inner.wait_ready(s, d).await
+    }
+    async fn start(&self, s: &str) -> Result<SandboxInfo, ProviderError> {
+        self.inner.start(s).await
+    }
+    async fn set_labels(&self, s: &str, l: &BTreeMap<String, String>) -> Result<(), ProviderError> {
+        self.inner.set_labels(s, l).await
+    }
+    async fn list(&self, l: &BTreeMap<String, String>) -> Result<Vec<SandboxInfo>, ProviderError> {
+        self.inner.list(l).await
+    }
+    async fn upload(&self, s: &str, spec: &UploadSpec) -> Result<(), ProviderError> {
+        self.inner.upload(s, spec).await
+    }
+    async fn exec(
+        &self,
+        s: &str,
+        spec: &ExecSpec,
+        out: mpsc::Sender<ExecOutput>,
+        cancel: CancellationToken,
+    ) -> Result<ExecExit, ProviderError> {
+        self.inner.exec(s, spec, out, cancel).await
+    }
+    async fn ssh_access(&self, s: &str, m: u32) -> Result<SshAccessInfo, ProviderError> {
+        self.inner.ssh_access(s, m).await
+    }
+    async fn release(&self, s: &str) -> Result<(), ProviderError> {
+        self.inner.release(s).await
+    }
+}
+
+fn faulty(
+    create_delay: Duration,
+    panic_in_actor: Arc<AtomicBool>,
+) -> impl FnOnce(&Path) -> Providers {
+    move |state| {
+        let inner = LocalProvider::open(state.join("sandboxes")).expect("local");
+        let mut p: Providers = Default::default();
+        p.insert(
+            "local".into(),
+            Arc::new(Faulty {
+                inner,
+                create_delay,
+                panic_in_actor,
+            }),
+        );
+        p
+    }
+}
+
+fn state(l: &pb::Lease) -> pb::LeaseState {
+    pb::LeaseState::try_from(l.state).expect("known state")
+}
+
+/// A bound on how long an answer may take while a 60 s create runs: a blocked mailbox
+/// would take the whole minute.
+const ANSWER: Duration = Duration::from_secs(5);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_touch_and_stop_answer_while_a_slow_create_runs() {
+    let d = Daemon::start_with(faulty(Duration::from_secs(60), Default::default()), |_| {}).await;
+    let mut c = d.client().await;
+    let lease = c
+        .leases
+        .warmup(pb::WarmupRequest::default())
+        .await
+        .expect("warmup")
+        .into_inner();
+    let by = pb::LeaseRef {
+        name: lease.slug.clone(),
+    };
+    let got = eventually(10, "creating", || {
+        let mut c = c.clone();
+        let by = by.clone();
+        async move {
+            let l = tokio::time::timeout(ANSWER, c.leases.get(by))
+                .await
+                .ok()?
+                .ok()?
+                .into_inner();
+            (state(&l) == pb::LeaseState::Creating).then_some(l)
+        }
+    })
+    .await;
+    assert_eq!(got.id, lease.id);
+    let touched = tokio::time::timeout(ANSWER, c.leases.touch(by.clone()))
+        .await
+        .expect("touch answered in time")
+        .expect("touch ok");
+    assert_eq!(state(touched.get_ref()), pb::LeaseState::Creating);
+    let stopped = tokio::time::timeout(ANSWER, c.leases.stop(by.clone()))
+        .await
+        .expect("stop answered in time")
+        .expect("stop ok")
+        .into_inner();
+    assert_eq!(state(&stopped), pb::LeaseState::Releasing);
+    let mut watch = c
+        .leases
+        .watch(pb::WatchRequest {
+            name: lease.id.clone(),
+            until_settled: true,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut last = None;
+    while let Some(ev) = tokio::time::timeout(Duration::from_secs(20), watch.next())
+        .await
+        .expect("settles")
+    {
+        last = ev.expect("event").lease;
+    }
+    assert_eq!(state(&last.expect("an event")), pb::LeaseState::Released);
+    assert!(
+        !d.state.join("sandboxes").join(&lease.sandbox_name).exists(),
+        "nothing created, nothing leaked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_lease_actor_leaves_the_lease_failed_and_its_sandbox_deleted() {
+    let boom = Arc::new(AtomicBool::new(false));
+    let d = Daemon::start_with(faulty(Duration::ZERO, boom.clone()), |_| {}).await;
+    let r = repo();
+    let lease = d
+        .run(r.path(), &["warmup", "--json"])
+        .await
+        .expect(0)
+        .json();
+    let id = lease["id"].as_str().expect("id").to_string();
+    let sandbox_dir = d
+        .state
+        .join("sandboxes")
+        .join(lease["sandbox_name"].as_str().expect("name"));
+    assert!(sandbox_dir.is_dir());
+
+    boom.store(true, Ordering::SeqCst);
+    let out = d.run(r.path(), &["run", "--", "true"]).await;
+    assert_eq!(out.code(), 1, "internal error: {}", out.stderr());
+    boom.store(false, Ordering::SeqCst);
+
+    let st = eventually(20, "the lease to fail and its sandbox to go", || async {
+        let st = d.run(r.path(), &["status", &id, "--json"]).await.json();
+        (st["state"] == "failed" && !sandbox_dir.exists()).then_some(st)
+    })
+    .await;
+    let reason = st["reason"].as_str().expect("reason");
+    assert!(
+        reason.contains("crashed") && reason.contains("injected fault"),
+        "{reason}"
+    );
+    // The failed lease is listed, a new run in the repo gets a new lease, stop finishes it.
+    let doc = d
+        .run(r.path(), &["run", "--json", "--", "true"])
+        .await
+        .expect(0)
+        .json();
+    assert_ne!(doc["lease"]["id"], id.as_str());
+    let stopped = d
+        .run(r.path(), &["stop", &id, "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(stopped["state"], "released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_on_one_lease_are_serialized() {
+    let d = Daemon::start().await;
+    let r = repo();
+    d.run(r.path(), &["warmup"]).await.expect(0);
+    // Each run holds a directory lock for a while; overlapping runs would fail with 9.
+    let critical = "mkdir ../held || exit 9; sleep 1; rmdir ../held";
+    let args = ["run", "--", "sh", "-c", critical];
+    let (a, b) = tokio::join!(d.run(r.path(), &args), d.run(r.path(), &args));
+    let (a, b) = (a.expect(0), b.expect(0));
+    let waited = [a.stderr(), b.stderr()]
+        .iter()
+        .filter(|e| e.contains("waiting: another run is using lease"))
+        .count();
+    assert_eq!(
+        waited,
+        1,
+        "exactly one run says it waits:\n{}\n---\n{}",
+        a.stderr(),
+        b.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_on_different_leases_run_in_parallel() {
+    let d = Daemon::start().await;
+    let (r1, r2) = (repo(), repo());
+    d.run(r1.path(), &["warmup"]).await.expect(0);
+    d.run(r2.path(), &["warmup"]).await.expect(0);
+    // A rendezvous: each run marks its arrival and waits for the other's (at most 20 s).
+    let meet = tempfile::tempdir().expect("tempdir");
+    let script = |me: &str, other: &str| {
+        format!(
+            "touch \"$MEET/{me}\"; i=0; while [ ! -e \"$MEET/{other}\" ]; do sleep 0.05; i=$((i+1)); [ $i -gt 400 ] && exit 9; done; exit 0"
+        )
+    };
+    let (s1, s2) = (script("a", "b"), script("b", "a"));
+    let meet_env = format!("MEET={}", meet.path().display());
+    let args1 = ["run", "--env", &meet_env, "--", "sh", "-c", &s1];
+    let args2 = ["run", "--env", &meet_env, "--", "sh", "-c", &s2];
+    let (a, b) = tokio::join!(d.run(r1.path(), &args1), d.run(r2.path(), &args2));
+    a.expect(0);
+    b.expect(0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_health_and_grpc_error_codes() {
+    let d = Daemon::start().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("unix://{}", d.socket.display()))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut refl = ServerReflectionClient::new(channel.clone());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = refl
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let msg = resp.next().await.expect("an answer").expect("ok");
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "crabbox.v1.LeaseService",
+        "crabbox.v1.DaemonService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} in {names:?}");
+    }
+
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let mut health = HealthClient::new(channel);
+    for service in ["", "crabbox.v1.LeaseService", "crabbox.v1.DaemonService"] {
+        eventually(5, "serving", || {
+            let mut health = health.clone();
+            async move {
+                let r = health
+                    .check(HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .ok()?;
+                (r.into_inner().status == ServingStatus::Serving as i32).then_some(())
+            }
+        })
+        .await;
+    }
+
+    let mut c = d.client().await;
+    let info = c
+        .daemon
+        .info(pb::InfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
+    assert_eq!(info.providers, vec!["local"]);
+    assert_eq!(info.pid, std::process::id());
+    let e = c
+        .leases
+        .get(pb::LeaseRef {
+            name: "cbx_ffffffffffff".into(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = c
+        .leases
+        .warmup(pb::WarmupRequest {
+            slug: "NO".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad slug");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = c
+        .leases
+        .warmup(pb::WarmupRequest {
+            provider: "daytona".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no such provider here");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("it has: local"), "{}", e.message());
+
+    // A run with an unreadable repo fails before creating anything.
+    let mut s = c
+        .leases
+        .run(pb::RunRequest {
+            repo_root: "/nonexistent/repo".into(),
+            argv: vec!["true".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("stream")
+        .into_inner();
+    let e = s.next().await.expect("an item").expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        e.message()
+            .contains("cannot read the repository at /nonexistent/repo"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(crabbox::error::status_kind(&e).exit_code(), 6);
+    let list = c
+        .leases
+        .list(pb::ListRequest { all: true })
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(list.leases.is_empty(), "nothing was created");
+    let mut s = c
+        .leases
+        .run(pb::RunRequest {
+            repo_root: "/".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("stream")
+        .into_inner();
+    let e = s.next().await.expect("an item").expect_err("no command");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_socket_is_replaced_and_a_second_daemon_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("run/crabboxd.sock");
+    std::fs::create_dir_all(socket.parent().expect("parent")).expect("mkdir");
+    // A socket file nobody listens on, as a crashed daemon leaves it.
+    drop(std::os::unix::net::UnixListener::bind(&socket).expect("bind"));
+    assert!(socket.exists());
+    let state = dir.path().join("state");
+    let d = Daemon::start_in(
+        dir,
+        socket.clone(),
+        state.clone(),
+        |s| daemon::default_providers(s).expect("p"),
+        |_| {},
+    )
+    .await;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket)
+        .expect("meta")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "socket is 0600");
+
+    // In-process: refused with a clear error.
+    let err = match daemon::bind_unix(&socket) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a second daemon bound a live socket"),
+    };
+    assert!(
+        err.contains("already serving") && err.contains("crabbox daemon stop"),
+        "{err}"
+    );
+    // The real binary too.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(d.dir.path().join("other-state"))
+        .output()
+        .await
+        .expect("ran");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already serving"));
+    // The first daemon is unharmed.
+    let mut c = d.client().await;
+    c.daemon
+        .info(pb::InfoRequest {})
+        .await
+        .expect("still serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_and_manifests_survive_a_restart_and_orphans_are_deleted() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let lease = d
+        .run(r.path(), &["warmup", "--json"])
+        .await
+        .expect(0)
+        .json();
+    let id = lease["id"].as_str().expect("id").to_string();
+    d.run(r.path(), &["run", "--sync-only"]).await.expect(0);
+    let daemon_id = d
+        .client()
+        .await
+        .daemon
+        .info(pb::InfoRequest {})
+        .await
+        .expect("info")
+        .into_inner()
+        .daemon_id;
+    let (dir, socket, state) = d.shutdown().await;
+
+    // While the daemon is down: an orphan of ours (no lease holds it) and a stranger's sandbox.
+    let engine = crabbox::sandbox::Engine::open(state.join("sandboxes")).expect("engine");
+    let ours = BTreeMap::from([
+        ("crabbox".to_string(), "true".to_string()),
+        ("created_by".to_string(), "crabbox".to_string()),
+        ("owner".to_string(), daemon_id.clone()),
+        ("lease".to_string(), "cbx_0000000dead0".to_string()),
+    ]);
+    engine
+        .create(
+            "orphan",
+            "orphan",
+            ours,
+            BTreeMap::new(),
+            crabbox::sandbox::EngineState::Started,
+        )
+        .expect("orphan");
+    let theirs = BTreeMap::from([
+        ("crabbox".to_string(), "true".to_string()),
+        ("owner".to_string(), "someone-else".to_string()),
+    ]);
+    engine
+        .create(
+            "stranger",
+            "stranger",
+            theirs,
+            BTreeMap::new(),
+            crabbox::sandbox::EngineState::Started,
+        )
+        .expect("stranger");
+
+    let d = Daemon::start_in(
+        dir,
+        socket,
+        state.clone(),
+        |s| daemon::default_providers(s).expect("p"),
+        |_| {},
+    )
+    .await;
+    let list = d.run(r.path(), &["list", "--json"]).await.expect(0).json();
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["state"], "ready");
+    // The manifest survived: nothing to send.
+    let doc = d
+        .run(r.path(), &["run", "--json", "--", "cat", "README"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(doc["sync"]["files_uploaded"], 0);
+    assert_eq!(doc["stdout"], "hello\n");
+    eventually(20, "the orphan to be deleted", || async {
+        (!state.join("sandboxes/orphan").exists()).then_some(())
+    })
+    .await;
+    assert!(
+        state.join("sandboxes/stranger").exists(),
+        "a sandbox without our labels is never touched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_starts_and_stops_the_daemon() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("run/d.sock");
+    let state = dir.path().join("state");
+    let r = repo();
+    let cli = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"));
+        c.current_dir(r.path())
+            .env("CRABBOX_SOCKET", &socket)
+            .env("CRABBOX_STATE_DIR", &state)
+            .env("CRABBOX_CONFIG", "/dev/null")
+            .env_remove("CRABBOX_NO_AUTOSTART")
+            .args(args);
+        c
+    };
+    let out = cli(&["daemon", "status"]).output().await.expect("ran");
+    assert_eq!(out.status.code(), Some(1), "not running yet");
+    // Any command autostarts it.
+    let out = cli(&["run", "--", "echo", "auto"])
+        .output()
+        .await
+        .expect("ran");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "auto\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("starting crabboxd"));
+    assert!(
+        state.join("crabboxd.log").exists(),
+        "the background daemon logs to the state dir"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let dir_mode = std::fs::metadata(socket.parent().expect("dir"))
+        .expect("meta")
+        .permissions()
+        .mode();
+    assert_eq!(dir_mode & 0o777, 0o700);
+    let out = cli(&["daemon", "status", "--json"])
+        .output()
+        .await
+        .expect("ran");
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(st["running"], true);
+    let out = cli(&["daemon", "start"]).output().await.expect("ran");
+    assert_eq!(out.status.code(), Some(0), "start is a no-op when running");
+    let out = cli(&["daemon", "stop"]).output().await.expect("ran");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!socket.exists(), "socket removed at shutdown");
+    let out = cli(&["daemon", "status"]).output().await.expect("ran");
+    assert_eq!(out.status.code(), Some(1));
+}
