@@ -296,7 +296,7 @@ async fn reflection_health_and_grpc_error_codes() {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
-    let mut health = HealthClient::new(channel);
+    let health = HealthClient::new(channel);
     for service in ["", "crabbox.v1.LeaseService", "crabbox.v1.DaemonService"] {
         eventually(5, "serving", || {
             let mut health = health.clone();
