@@ -12,6 +12,7 @@
 //! - [`provider`]: the `Provider` trait and the `local` provider.
 //! - [`sandbox`]: the local sandbox engine (folders + process groups), shared with
 //!   `daytona-sim`.
+//! - [`sim`]: `daytona-sim`, a Daytona-compatible server over the local sandbox engine.
 //! - [`sync`]: which files a sync sends, their hashes, the archive.
 //! - [`store`]: the redb store of leases, manifests and runs.
 //! - [`config`]: layered YAML/env/flag configuration and the SPEC paths.
@@ -26,6 +27,7 @@ pub mod ids;
 pub mod lease;
 pub mod provider;
 pub mod sandbox;
+pub mod sim;
 pub mod store;
 pub mod sync;
 

@@ -233,6 +233,7 @@ impl Provider for LocalProvider {
             cwd,
             env: spec.env.clone(),
             timeout: spec.timeout,
+            jail: None,
         };
         sandbox::process::run(&process, out, cancel)
             .await

@@ -51,10 +51,68 @@ const PASSTHROUGH_ENV: [&str; 9] = [
 #[derive(Debug, Clone)]
 pub struct ProcessSpec {
     pub command: String,
+    /// The working folder: a host path, or with `jail` a path as the sandbox sees it.
     pub cwd: PathBuf,
     /// Added on top of the passed-through variables.
     pub env: BTreeMap<String, String>,
     pub timeout: Option<Duration>,
+    /// Run inside a bubblewrap jail whose `/home` and `/tmp` are this host folder's
+    /// `home/` and `tmp/` (the rest of the system read-only), so that sandbox paths such as
+    /// `/home/daytona` are real for the command. `daytona-sim` uses it.
+    pub jail: Option<PathBuf>,
+}
+
+/// Is bubblewrap available for [`ProcessSpec::jail`]?
+pub fn jail_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::process::Command::new("bwrap")
+            .args([
+                "--ro-bind",
+                "/",
+                "/",
+                "--dev",
+                "/dev",
+                "--proc",
+                "/proc",
+                "true",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+fn command_for(spec: &ProcessSpec) -> io::Result<tokio::process::Command> {
+    let Some(fs) = &spec.jail else {
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.arg("-c").arg(&spec.command).current_dir(&spec.cwd);
+        return Ok(cmd);
+    };
+    for sub in ["home", "tmp"] {
+        std::fs::create_dir_all(fs.join(sub))?;
+    }
+    if !jail_available() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "bubblewrap (bwrap) is needed to run sandbox commands: install it (apt-get install \
+             bubblewrap)",
+        ));
+    }
+    let mut cmd = tokio::process::Command::new("bwrap");
+    cmd.args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
+        .arg("--bind")
+        .arg(fs.join("home"))
+        .arg("/home")
+        .arg("--bind")
+        .arg(fs.join("tmp"))
+        .arg("/tmp")
+        .args(["--die-with-parent", "--chdir"])
+        .arg(&spec.cwd)
+        .args(["/bin/sh", "-c"])
+        .arg(&spec.command);
+    Ok(cmd)
 }
 
 /// Runs the command; output goes to `out` as it is read. Ends when the command exits, the
@@ -64,12 +122,24 @@ pub async fn run(
     out: mpsc::Sender<ExecOutput>,
     cancel: CancellationToken,
 ) -> io::Result<ExecExit> {
-    let mut cmd = tokio::process::Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(&spec.command)
-        .current_dir(&spec.cwd)
-        .env_clear()
-        .stdin(Stdio::null())
+    run_with_input(spec, None, out, cancel).await
+}
+
+/// [`run`], with what arrives on `input` written to the command's stdin (closed when the
+/// sender is dropped).
+pub async fn run_with_input(
+    spec: &ProcessSpec,
+    input: Option<mpsc::Receiver<Vec<u8>>>,
+    out: mpsc::Sender<ExecOutput>,
+    cancel: CancellationToken,
+) -> io::Result<ExecExit> {
+    let mut cmd = command_for(spec)?;
+    cmd.env_clear()
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
@@ -81,6 +151,16 @@ pub async fn run(
     cmd.envs(&spec.env);
     let mut child = cmd.spawn()?;
     let pgid = child.id().map(|p| p as i32);
+    if let (Some(mut stdin), Some(mut input)) = (child.stdin.take(), input) {
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Some(data) = input.recv().await {
+                if stdin.write_all(&data).await.is_err() || stdin.flush().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let pumps = tokio::spawn(async move {
@@ -200,6 +280,7 @@ mod tests {
             cwd: std::env::temp_dir(),
             env: BTreeMap::from([("CBX_T".to_string(), "v a l".to_string())]),
             timeout: None,
+            jail: None,
         }
     }
 

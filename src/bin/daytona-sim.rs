@@ -1,0 +1,115 @@
+//! `daytona-sim`: a Daytona-compatible server over local sandboxes. Parses flags, binds,
+//! prints the address and serves until SIGTERM / SIGINT.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use crabbox::sim::{self, Faults, SimConfig};
+
+/// A Daytona-compatible server (control plane under /api, toolbox under /toolbox) over
+/// local sandboxes, for offline development and tests.
+///
+/// Faults can be set at start with the flags below and changed at runtime:
+///   curl -X POST http://ADDR/_sim/faults -d '{"error_rate":0.05}'
+/// Fields: latency_ms, error_rate (fraction answered 503), rate_limit_count (next N
+/// answered 429) with retry_after_secs and retry_after_bucket (Retry-After-<bucket>),
+/// drop_rate (fraction of connections dropped mid-answer), stuck_create (new sandboxes
+/// never leave `creating`), sandbox_error + error_reason (push a sandbox into `error`).
+/// GET /_sim/faults shows the current faults.
+#[derive(Debug, Parser)]
+#[command(name = "daytona-sim", version, verbatim_doc_comment)]
+struct Args {
+    /// Address to listen on (port 0 picks one; the real address is printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Where sandboxes live.
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// An accepted API key (repeatable).
+    #[arg(long = "api-key", required_unless_present = "jwt")]
+    api_keys: Vec<String>,
+    /// An accepted JWT (needs --org; clients must send X-Daytona-Organization-ID).
+    #[arg(long, requires = "org")]
+    jwt: Option<String>,
+    /// The organisation id of the JWT and of every sandbox.
+    #[arg(long)]
+    org: Option<String>,
+    /// The API keys' permissions, comma-separated [default: all].
+    #[arg(long, value_delimiter = ',')]
+    permissions: Option<Vec<String>>,
+    /// Sim minutes per real minute for auto-stop (60: a minute lasts a second).
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+    /// How long `creating` lasts (and `starting`, with --start-delay).
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    create_delay: Duration,
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    start_delay: Duration,
+    /// How long a snapshot spends in each of its pending and building states.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    snapshot_delay: Duration,
+    /// An active snapshot available from the start (repeatable).
+    #[arg(long = "snapshot", default_value = "default")]
+    snapshots: Vec<String>,
+    /// Fault: added latency per request, in ms.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Fault: fraction of requests answered 503.
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Fault: fraction of connections dropped mid-answer.
+    #[arg(long, default_value_t = 0.0)]
+    drop_rate: f64,
+    /// Fault: new sandboxes never leave `creating`.
+    #[arg(long)]
+    stuck_create: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut config = SimConfig::new(args.state_dir.clone());
+    config.api_keys = args.api_keys;
+    config.jwt = args.jwt;
+    if let Some(org) = args.org {
+        config.org = org;
+    }
+    if let Some(p) = args.permissions {
+        config.permissions = p.into_iter().filter(|s| !s.is_empty()).collect();
+    }
+    config.time_scale = args.time_scale;
+    config.create_delay = args.create_delay;
+    config.start_delay = args.start_delay;
+    config.snapshot_delay = args.snapshot_delay;
+    config.faults = Faults {
+        latency_ms: args.latency_ms,
+        error_rate: args.error_rate,
+        drop_rate: args.drop_rate,
+        stuck_create: args.stuck_create,
+        ..Faults::default()
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (sim, addr, task) = sim::start(config, listener, shutdown.clone()).await?;
+    sim.preload_snapshots(&args.snapshots);
+    println!("listening on http://{addr}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    shutdown.cancel();
+    let _ = task.await;
+    Ok(())
+}

@@ -1,0 +1,488 @@
+//! `daytona-sim`: a Daytona-compatible server over local sandboxes, for offline use and
+//! tests. It serves Daytona's control plane under `/api` and its toolbox under
+//! `/toolbox/{sandboxId}`, with Daytona's status codes and error bodies, API-key and
+//! JWT + organisation auth, key permissions, and scriptable faults (`/_sim/faults`).
+//!
+//! - [`control`]: sandboxes, snapshots, SSH access, API-key introspection.
+//! - [`toolbox`]: files, process execution, sessions (with the log-follow WebSocket).
+//!
+//! Sandboxes are real: each has a folder (its `/home` and `/tmp`) and its commands run as
+//! real processes, jailed with bubblewrap so that sandbox paths are real paths.
+
+pub mod control;
+pub mod toolbox;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::sandbox::Engine;
+
+/// How a sim runs.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub state_dir: PathBuf,
+    /// Accepted API keys (`Authorization: Bearer <key>`).
+    pub api_keys: Vec<String>,
+    /// An accepted JWT, valid only with `X-Daytona-Organization-ID: <org>`.
+    pub jwt: Option<String>,
+    pub org: String,
+    /// The permissions API keys have (JWTs have all).
+    pub permissions: Vec<String>,
+    /// Sim minutes per real minute for auto-stop (60 makes a minute last a second).
+    pub time_scale: f64,
+    /// How long `creating` and `starting` (and `stopping`, `destroying`) last, each.
+    pub create_delay: Duration,
+    pub start_delay: Duration,
+    /// How long a snapshot spends in `pending` and `building`, each.
+    pub snapshot_delay: Duration,
+    /// The SSH gateway's port, if one runs (printed in `sshCommand`).
+    pub ssh_port: Option<u16>,
+    pub faults: Faults,
+}
+
+impl SimConfig {
+    pub fn new(state_dir: PathBuf) -> Self {
+        SimConfig {
+            state_dir,
+            api_keys: Vec::new(),
+            jwt: None,
+            org: "sim-org".into(),
+            permissions: ALL_PERMISSIONS.iter().map(|s| s.to_string()).collect(),
+            time_scale: 1.0,
+            create_delay: Duration::from_millis(100),
+            start_delay: Duration::from_millis(100),
+            snapshot_delay: Duration::from_millis(200),
+            ssh_port: None,
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// The permissions a key may hold.
+pub const ALL_PERMISSIONS: [&str; 6] = [
+    "write:sandboxes",
+    "delete:sandboxes",
+    "write:snapshots",
+    "delete:snapshots",
+    "write:volumes",
+    "delete:volumes",
+];
+
+/// Faults injected into `/api` and `/toolbox` requests. Set by flags, changed at runtime
+/// with `POST /_sim/faults` (a partial JSON object), read with `GET /_sim/faults`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Faults {
+    /// Added to every request.
+    pub latency_ms: u64,
+    /// Fraction (0..1) of requests answered 503.
+    pub error_rate: f64,
+    /// The next this many requests are answered 429.
+    pub rate_limit_count: u64,
+    /// The `Retry-After` seconds of those 429s.
+    pub retry_after_secs: u64,
+    /// Send `Retry-After-<bucket>` instead of `Retry-After` when set.
+    pub retry_after_bucket: Option<String>,
+    /// Fraction (0..1) of requests whose connection drops mid-answer.
+    pub drop_rate: f64,
+    /// New sandboxes stay `creating` forever.
+    pub stuck_create: bool,
+}
+
+/// A runtime fault request: the [`Faults`] fields to change, plus one-shot actions.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FaultsUpdate {
+    latency_ms: Option<u64>,
+    error_rate: Option<f64>,
+    rate_limit_count: Option<u64>,
+    retry_after_secs: Option<u64>,
+    retry_after_bucket: Option<String>,
+    drop_rate: Option<f64>,
+    stuck_create: Option<bool>,
+    /// Push this sandbox (id or name) into `error`.
+    sandbox_error: Option<String>,
+    /// The `errorReason` for `sandbox_error`.
+    error_reason: Option<String>,
+}
+
+/// The shared state of a running sim.
+pub struct Sim {
+    pub config: SimConfig,
+    pub engine: Engine,
+    /// `http://ADDR`, for `toolboxProxyUrl`.
+    pub base_url: String,
+    pub sandboxes: Mutex<HashMap<String, control::SimSandbox>>,
+    pub snapshots: Mutex<HashMap<String, control::SimSnapshot>>,
+    pub ssh_tokens: Mutex<HashMap<String, control::SshToken>>,
+    pub sessions: toolbox::Sessions,
+    pub faults: Mutex<Faults>,
+    pub started: Instant,
+    pub shutdown: CancellationToken,
+}
+
+impl Sim {
+    /// Registers active snapshots by name (`--snapshot`).
+    pub fn preload_snapshots(&self, names: &[String]) {
+        if let Ok(mut snaps) = self.snapshots.lock() {
+            for name in names {
+                if !snaps.values().any(|s| &s.name == name) {
+                    let s = control::SimSnapshot::preloaded(name);
+                    snaps.insert(s.id.clone(), s);
+                }
+            }
+        }
+    }
+
+    /// Real time for `minutes` of sim time.
+    pub fn scaled_minutes(&self, minutes: f64) -> Duration {
+        Duration::from_secs_f64((minutes * 60.0 / self.config.time_scale.max(1e-6)).max(0.0))
+    }
+}
+
+/// A Daytona-shaped error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// Extra headers (Retry-After...).
+    pub headers: Vec<(String, String)>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            headers: Vec::new(),
+        }
+    }
+    pub fn bad_request(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, m)
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, m)
+    }
+    pub fn conflict(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, m)
+    }
+    pub fn internal(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, m)
+    }
+}
+
+tokio::task_local! {
+    /// The request's path and method, for error bodies.
+    static REQUEST: (String, String);
+}
+
+/// Now as Daytona writes times (RFC 3339 with milliseconds, UTC).
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// Unix milliseconds as Daytona writes times.
+pub fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (path, method) = REQUEST.try_with(|r| r.clone()).unwrap_or_default();
+        let toolbox = path.starts_with("/toolbox");
+        let code = match self.status {
+            StatusCode::BAD_REQUEST => "BAD_REQUEST",
+            StatusCode::UNAUTHORIZED => "UNAUTHORIZED",
+            StatusCode::FORBIDDEN => "FORBIDDEN",
+            StatusCode::NOT_FOUND => "NOT_FOUND",
+            StatusCode::REQUEST_TIMEOUT => "REQUEST_TIMEOUT",
+            StatusCode::CONFLICT => "CONFLICT",
+            StatusCode::TOO_MANY_REQUESTS => "TOO_MANY_REQUESTS",
+            StatusCode::SERVICE_UNAVAILABLE => "SERVICE_UNAVAILABLE",
+            _ => "INTERNAL_SERVER_ERROR",
+        };
+        let mut body = json!({
+            "statusCode": self.status.as_u16(),
+            "message": self.message,
+            "error": self.status.canonical_reason().unwrap_or("Error"),
+            "code": code,
+            "source": if toolbox { "DAYTONA_DAEMON" } else { "DAYTONA_API" },
+            "path": path,
+            "timestamp": now_rfc3339(),
+        });
+        if toolbox {
+            body["method"] = json!(method);
+        }
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        for (k, v) in self.headers {
+            if let (Ok(k), Ok(v)) = (
+                axum::http::HeaderName::try_from(k),
+                axum::http::HeaderValue::try_from(v),
+            ) {
+                resp.headers_mut().insert(k, v);
+            }
+        }
+        resp
+    }
+}
+
+/// JSON bodies whose rejection is a Daytona-shaped 400 (not axum's plain text).
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(e) => Err(ApiError::bad_request(format!(
+                "invalid request body: {}",
+                e.body_text()
+            ))),
+        }
+    }
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub key_name: String,
+    pub permissions: Vec<String>,
+    /// The token itself (to show masked in `api-keys/current`).
+    pub token: String,
+}
+
+impl Principal {
+    pub fn require(&self, permission: &str) -> Result<(), ApiError> {
+        if self.permissions.iter().any(|p| p == permission) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("Forbidden: the API key lacks the required permission {permission}"),
+            ))
+        }
+    }
+}
+
+fn authenticate(sim: &Sim, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    let unauthorized = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized: invalid or missing credentials",
+        )
+    };
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(unauthorized)?;
+    if sim.config.api_keys.iter().any(|k| k == token) {
+        return Ok(Principal {
+            key_name: "sim-key".into(),
+            permissions: sim.config.permissions.clone(),
+            token: token.to_string(),
+        });
+    }
+    if sim.config.jwt.as_deref() == Some(token) {
+        let org = headers
+            .get("x-daytona-organization-id")
+            .and_then(|v| v.to_str().ok());
+        return match org {
+            Some(o) if o == sim.config.org => Ok(Principal {
+                key_name: "jwt".into(),
+                permissions: ALL_PERMISSIONS.iter().map(|s| s.to_string()).collect(),
+                token: token.to_string(),
+            }),
+            Some(_) => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "Forbidden: not a member of that organization",
+            )),
+            None => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "Forbidden: X-Daytona-Organization-ID is required with a JWT",
+            )),
+        };
+    }
+    Err(unauthorized())
+}
+
+/// Faults, then auth; puts the [`Principal`] in the request's extensions.
+async fn gate(State(sim): State<Arc<Sim>>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    let method = req.method().to_string();
+    REQUEST
+        .scope((path, method), async move {
+            let faults = sim.faults.lock().map(|f| f.clone()).unwrap_or_default();
+            if faults.latency_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+            }
+            if faults.rate_limit_count > 0 {
+                let mut take = false;
+                if let Ok(mut f) = sim.faults.lock()
+                    && f.rate_limit_count > 0
+                {
+                    f.rate_limit_count -= 1;
+                    take = true;
+                }
+                if take {
+                    let mut e = ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "Too Many Requests: rate limit exceeded",
+                    );
+                    let header = match &faults.retry_after_bucket {
+                        Some(b) => format!("Retry-After-{b}"),
+                        None => "Retry-After".into(),
+                    };
+                    e.headers
+                        .push((header, faults.retry_after_secs.to_string()));
+                    return e.into_response();
+                }
+            }
+            if faults.error_rate > 0.0 && rand::random::<f64>() < faults.error_rate {
+                return ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Service Unavailable (injected)",
+                )
+                .into_response();
+            }
+            if faults.drop_rate > 0.0 && rand::random::<f64>() < faults.drop_rate {
+                // Headers go out, then the body fails: the client sees the connection drop.
+                let stream = futures_util::stream::once(async {
+                    Err::<axum::body::Bytes, std::io::Error>(std::io::Error::other(
+                        "connection dropped (injected)",
+                    ))
+                });
+                return Response::new(axum::body::Body::from_stream(stream));
+            }
+            match authenticate(&sim, req.headers()) {
+                Ok(p) => {
+                    req.extensions_mut().insert(p);
+                    next.run(req).await
+                }
+                Err(e) => e.into_response(),
+            }
+        })
+        .await
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    REQUEST
+        .scope((uri.path().to_string(), method.to_string()), async {
+            ApiError::not_found(format!("Cannot {method} {}", uri.path()))
+        })
+        .await
+}
+
+async fn get_faults(State(sim): State<Arc<Sim>>) -> Response {
+    let f = sim.faults.lock().map(|f| f.clone()).unwrap_or_default();
+    axum::Json(f).into_response()
+}
+
+async fn set_faults(
+    State(sim): State<Arc<Sim>>,
+    ApiJson(u): ApiJson<FaultsUpdate>,
+) -> Result<Response, ApiError> {
+    if let Some(target) = &u.sandbox_error {
+        let reason = u
+            .error_reason
+            .clone()
+            .unwrap_or_else(|| "injected error".into());
+        control::force_error(&sim, target, &reason)?;
+    }
+    let mut f = sim
+        .faults
+        .lock()
+        .map_err(|_| ApiError::internal("faults lock poisoned"))?;
+    if let Some(v) = u.latency_ms {
+        f.latency_ms = v;
+    }
+    if let Some(v) = u.error_rate {
+        f.error_rate = v.clamp(0.0, 1.0);
+    }
+    if let Some(v) = u.rate_limit_count {
+        f.rate_limit_count = v;
+    }
+    if let Some(v) = u.retry_after_secs {
+        f.retry_after_secs = v;
+    }
+    if u.retry_after_bucket.is_some() {
+        f.retry_after_bucket = u.retry_after_bucket.filter(|b| !b.is_empty());
+    }
+    if let Some(v) = u.drop_rate {
+        f.drop_rate = v.clamp(0.0, 1.0);
+    }
+    if let Some(v) = u.stuck_create {
+        f.stuck_create = v;
+    }
+    Ok(axum::Json(f.clone()).into_response())
+}
+
+/// The whole HTTP surface.
+pub fn router(sim: Arc<Sim>) -> Router {
+    let gated = Router::new()
+        .nest("/api", control::router())
+        .nest("/toolbox/{sandbox_id}", toolbox::router())
+        .layer(axum::middleware::from_fn_with_state(sim.clone(), gate));
+    Router::new()
+        .merge(gated)
+        .route(
+            "/_sim/faults",
+            axum::routing::get(get_faults).post(set_faults),
+        )
+        .fallback(not_found)
+        .with_state(sim)
+}
+
+/// Starts a sim on `listener`; answers its shared state and a task that serves until
+/// `shutdown` fires.
+pub async fn start(
+    config: SimConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<(
+    Arc<Sim>,
+    SocketAddr,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+)> {
+    let addr = listener.local_addr()?;
+    std::fs::create_dir_all(&config.state_dir)?;
+    let engine = Engine::open(config.state_dir.join("sandboxes")).map_err(std::io::Error::other)?;
+    let sim = Arc::new(Sim {
+        faults: Mutex::new(config.faults.clone()),
+        config,
+        engine,
+        base_url: format!("http://{addr}"),
+        sandboxes: Mutex::new(HashMap::new()),
+        snapshots: Mutex::new(HashMap::new()),
+        ssh_tokens: Mutex::new(HashMap::new()),
+        sessions: Default::default(),
+        started: Instant::now(),
+        shutdown: shutdown.clone(),
+    });
+    control::spawn_auto_stop(sim.clone());
+    let app = router(sim.clone());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+    });
+    Ok((sim, addr, task))
+}
