@@ -8,6 +8,9 @@ cd "$(dirname "$0")"
 need_apt=()
 command -v git >/dev/null || need_apt+=(git)
 command -v cc >/dev/null || need_apt+=(gcc)
+command -v bwrap >/dev/null || need_apt+=(bubblewrap)          # daytona-sim jails sandbox commands
+command -v ssh >/dev/null || need_apt+=(openssh-client)        # the SSH gateway is tested with OpenSSH
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}";
@@ -23,8 +26,17 @@ echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
+# The official Daytona SDK, pinned, as an independent client of daytona-sim.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import daytona, pytest' 2>/dev/null; then
+  echo "== python venv with daytona==0.226.1"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check daytona==0.226.1 pytest==8.3.4
+fi
+
 echo "== cargo test"
 cargo test --all-targets 2>&1 | tee /tmp/crabbox-test-$$.log
+echo "== daytona SDK conformance (pytest)"
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/conformance 2>&1 | tee -a /tmp/crabbox-test-$$.log
 # A plain closing line for CI readers.
 passed=$(grep -Eo '[0-9]+ passed' /tmp/crabbox-test-$$.log | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' /tmp/crabbox-test-$$.log | awk '{s+=$1} END {print s+0}')

@@ -102,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
     let (sim, addr, task) = sim::start(config, listener, shutdown.clone()).await?;
     sim.preload_snapshots(&args.snapshots);
     println!("listening on http://{addr}");
+    println!("ready");
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -316,6 +316,17 @@ struct CreateSandbox {
     build_info: Option<Value>,
 }
 
+/// The `BuildInfo` Daytona answers for a create request's `buildInfo`.
+fn build_info(requested: &Value, snapshot_ref: &str, ms: u64) -> Value {
+    json!({
+        "dockerfileContent": requested.get("dockerfileContent").cloned().unwrap_or(Value::Null),
+        "contextHashes": requested.get("contextHashes").cloned().unwrap_or_else(|| json!([])),
+        "createdAt": rfc3339_ms(ms),
+        "updatedAt": rfc3339_ms(ms),
+        "snapshotRef": snapshot_ref,
+    })
+}
+
 fn dockerfile_error(text: &str) -> Option<String> {
     let first = text
         .lines()
@@ -461,7 +472,10 @@ async fn create_sandbox(
             created_ms: now,
             updated_ms: now,
             last_activity_ms: now,
-            build_info: req.build_info,
+            build_info: req
+                .build_info
+                .as_ref()
+                .map(|b| build_info(b, &format!("sim-build-{id}"), now)),
             procs: CancellationToken::new(),
             generation: 0,
         };
@@ -891,8 +905,13 @@ async fn create_snapshot(
                 "Snapshot with name {name} already exists"
             )));
         }
+        let id = uuid();
         let s = SimSnapshot {
-            id: uuid(),
+            build_info: req
+                .build_info
+                .as_ref()
+                .map(|b| build_info(b, &format!("sim-snapshot-{id}"), now)),
+            id,
             name,
             image_name: req.image_name.clone(),
             state: "pending".into(),
@@ -902,7 +921,6 @@ async fn create_snapshot(
             mem: req.memory.unwrap_or(1),
             disk: req.disk.unwrap_or(3),
             entrypoint: req.entrypoint.clone(),
-            build_info: req.build_info.clone(),
             created_ms: now,
             updated_ms: now,
         };

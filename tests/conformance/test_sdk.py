@@ -1,0 +1,269 @@
+"""The official Daytona Python SDK (daytona==0.226.1) against daytona-sim.
+
+Every call must get a well-formed answer: any SDK validation error fails the test.
+"""
+import asyncio
+import json
+import os
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import pytest
+from daytona import (CreateSandboxFromSnapshotParams, CreateSnapshotParams, DaytonaConfig, Daytona,
+                     Image, ListSandboxesQuery, SessionExecuteRequest)
+from daytona.common.errors import (DaytonaAuthenticationError, DaytonaBadRequestError, DaytonaConflictError,
+                                   DaytonaError, DaytonaForbiddenError, DaytonaNotFoundError,
+                                   DaytonaTimeoutError)
+
+from conftest import API_KEY, JWT, LIMITED_KEY, ORG, Sim
+
+
+def create(daytona, **kw):
+    params = dict(snapshot="default", labels={"suite": "conformance"}, env_vars={"GREETING": "hi there"},
+                  auto_stop_interval=15, network_allow_list="10.0.0.0/8,192.168.0.0/16")
+    params.update(kw)
+    return daytona.create(CreateSandboxFromSnapshotParams(**params), timeout=60)
+
+
+def test_create_from_snapshot_with_labels_env_network_autostop(daytona):
+    sb = create(daytona, labels={"suite": "conformance", "case": "create"})
+    try:
+        assert sb.state.value == "started"
+        fresh = daytona.get(sb.id)
+        assert fresh.labels["case"] == "create"
+        assert fresh.env["GREETING"] == "hi there"
+        assert fresh.network_allow_list == "10.0.0.0/8,192.168.0.0/16"
+        assert fresh.auto_stop_interval == 15
+        assert fresh.snapshot == "default"
+        assert daytona.get(sb.name).id == sb.id, "get by name"
+        r = sb.process.exec('echo "$GREETING"')
+        assert r.result == "hi there\n"
+    finally:
+        daytona.delete(sb)
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["event-channel-absent", "deprecated-polling"])
+def test_wait_for_started_in_both_modes(sim, polling):
+    client = Daytona(DaytonaConfig(api_key=API_KEY, api_url=sim.api, target="us", use_deprecated_polling=polling))
+    sb = client.create(CreateSandboxFromSnapshotParams(snapshot="default"), timeout=60)
+    try:
+        assert sb.state.value == "started"
+    finally:
+        client.delete(sb)
+
+
+def test_list_by_labels_across_pages(daytona):
+    made = [create(daytona, labels={"suite": "conformance", "page": "yes"}) for _ in range(3)]
+    try:
+        found = list(daytona.list(ListSandboxesQuery(labels={"page": "yes"}, limit=1)))
+        assert sorted(s.id for s in found) == sorted(s.id for s in made)
+        assert list(daytona.list(ListSandboxesQuery(labels={"page": "no"}))) == []
+    finally:
+        for sb in made:
+            daytona.delete(sb)
+
+
+def test_filesystem(daytona):
+    sb = create(daytona)
+    try:
+        sb.fs.create_folder("work/sub", "755")
+        sb.fs.upload_file(b"hello bytes", "work/sub/a.txt")
+        with tempfile.NamedTemporaryFile(delete=False) as f:
+            f.write(b"from disk" * 1000)
+        sb.fs.upload_file(f.name, "/tmp/b.bin")
+        assert sb.fs.download_file("work/sub/a.txt") == b"hello bytes"
+        assert sb.fs.download_file("/tmp/b.bin") == b"from disk" * 1000
+        names = sorted(i.name for i in sb.fs.list_files("work/sub"))
+        assert names == ["a.txt"]
+        info = sb.fs.get_file_info("work/sub/a.txt")
+        assert info.size == 11 and not info.is_dir
+        # Files are real inside the sandbox.
+        assert sb.process.exec("cat /home/daytona/work/sub/a.txt").result == "hello bytes"
+        sb.fs.delete_file("work/sub/a.txt")
+        sb.fs.delete_file("work", recursive=True)
+        with pytest.raises(DaytonaNotFoundError):
+            sb.fs.get_file_info("work/sub/a.txt")
+        with pytest.raises(DaytonaError):
+            sb.fs.download_file("/etc/passwd")
+    finally:
+        daytona.delete(sb)
+
+
+def test_process_exec_codes_cwd_env_and_timeout(daytona):
+    sb = create(daytona)
+    try:
+        r = sb.process.exec("echo out; echo err >&2; exit 7")
+        assert r.exit_code == 7
+        assert "out" in r.result and "err" in r.result
+        sb.fs.create_folder("proj", "755")
+        r = sb.process.exec("pwd; echo $X", cwd="proj", env={"X": "y"})
+        assert r.result == "/home/daytona/proj\ny\n"
+        with pytest.raises(DaytonaTimeoutError):
+            sb.process.exec("sleep 30", timeout=1)
+    finally:
+        daytona.delete(sb)
+
+
+def test_session_async_exec_status_logs_follow_input(daytona):
+    sb = create(daytona)
+    try:
+        sb.process.create_session("s1")
+        cmd = sb.process.execute_session_command(
+            "s1", SessionExecuteRequest(command="echo one; sleep 0.3; echo two >&2; exit 4", run_async=True))
+        out, err = [], []
+        asyncio.run(sb.process.get_session_command_logs_async("s1", cmd.cmd_id, out.append, err.append))
+        assert "".join(out) == "one\n" and "".join(err) == "two\n"
+        status = sb.process.get_session_command("s1", cmd.cmd_id)
+        assert status.exit_code == 4
+        logs = sb.process.get_session_command_logs("s1", cmd.cmd_id)
+        assert logs.stdout == "one\n" and logs.stderr == "two\n"
+        sync = sb.process.execute_session_command("s1", SessionExecuteRequest(command="echo sync"))
+        assert sync.exit_code == 0 and sync.stdout == "sync\n"
+        reader = sb.process.execute_session_command("s1", SessionExecuteRequest(command="read line; echo got $line", run_async=True))
+        sb.process.send_session_command_input("s1", reader.cmd_id, "typed\n")
+        for _ in range(100):
+            if sb.process.get_session_command("s1", reader.cmd_id).exit_code is not None:
+                break
+            time.sleep(0.05)
+        assert sb.process.get_session_command_logs("s1", reader.cmd_id).stdout == "got typed\n"
+        session = sb.process.get_session("s1")
+        assert len(session.commands) == 3
+        sb.process.delete_session("s1")
+        with pytest.raises(DaytonaNotFoundError):
+            sb.process.get_session("s1")
+    finally:
+        daytona.delete(sb)
+
+
+def test_snapshots_active_and_build_failed(daytona, tmp_path):
+    snap = daytona.snapshot.create(CreateSnapshotParams(name="conf-py312", image="python:3.12-slim"))
+    assert snap.state.value == "active"
+    assert daytona.snapshot.get("conf-py312").id == snap.id
+    assert any(s.name == "conf-py312" for s in daytona.snapshot.list().items)
+    sb = create(daytona, snapshot="conf-py312")
+    daytona.delete(sb)
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text("RUN echo no base image\n")
+    with pytest.raises(DaytonaError) as e:
+        daytona.snapshot.create(CreateSnapshotParams(name="conf-broken", image=Image.from_dockerfile(dockerfile)))
+    assert "FROM" in str(e.value)
+    assert daytona.snapshot.get("conf-broken").state.value == "build_failed"
+    daytona.snapshot.delete(snap)
+    with pytest.raises(DaytonaNotFoundError):
+        daytona.snapshot.get("conf-py312")
+
+
+def test_start_stop_delete(daytona):
+    sb = create(daytona)
+    sb.stop()
+    assert sb.state.value == "stopped"
+    sb.start()
+    assert sb.state.value == "started"
+    assert sb.process.exec("echo back").result == "back\n"
+    daytona.delete(sb, wait=True)
+    with pytest.raises(DaytonaNotFoundError):
+        daytona.get(sb.id)
+
+
+def test_auto_stop_after_idle(daytona):
+    # --time-scale 20: one sim minute is 3 s.
+    sb = create(daytona, auto_stop_interval=1)
+    try:
+        assert sb.state.value == "started"
+        for _ in range(300):
+            if daytona.get(sb.id).state.value == "stopped":
+                break
+            time.sleep(0.05)
+        assert daytona.get(sb.id).state.value == "stopped"
+    finally:
+        daytona.delete(sb)
+
+
+def test_ssh_access_create_validate_revoke(daytona):
+    sb = create(daytona)
+    try:
+        access = sb.create_ssh_access(expires_in_minutes=5)
+        assert access.ssh_command.endswith(f"{access.token}@127.0.0.1")
+        assert sb.validate_ssh_access(access.token).valid
+        sb.revoke_ssh_access(access.token)
+        assert not sb.validate_ssh_access(access.token).valid
+    finally:
+        daytona.delete(sb)
+
+
+def raw(sim, method, path, body=None, headers=None):
+    req = urllib.request.Request(sim.url + path, method=method, data=None if body is None else body.encode(),
+                                 headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json",
+                                          **(headers or {})})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read() or b"null"), {k.lower(): v for k, v in r.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null"), {k.lower(): v for k, v in e.headers.items()}
+
+
+def test_one_error_per_status_family(sim, daytona):
+    # 400: resources with a snapshot; malformed JSON gets Daytona's error body.
+    status, body, _ = raw(sim, "POST", "/api/sandbox", '{"snapshot": "default", "cpu": 4}')
+    assert status == 400 and "Cannot specify Sandbox resources" in body["message"]
+    status, body, _ = raw(sim, "POST", "/api/sandbox", "{not json")
+    assert status == 400 and body["statusCode"] == 400 and body["path"] == "/api/sandbox" and body["timestamp"]
+    # 401: a bad key.
+    bad = Daytona(DaytonaConfig(api_key="dtn_wrong", api_url=sim.api, target="us"))
+    with pytest.raises(DaytonaAuthenticationError):
+        bad.get("anything")
+    # 403: a JWT without its organisation, and a key without a permission.
+    status, body, _ = raw(sim, "GET", "/api/sandbox", headers={"Authorization": f"Bearer {JWT}"})
+    assert status == 403
+    status, _, _ = raw(sim, "GET", "/api/sandbox", headers={"Authorization": f"Bearer {JWT}", "X-Daytona-Organization-ID": ORG})
+    assert status == 200
+    limited = Sim("--api-key", LIMITED_KEY, "--permissions", "write:sandboxes")
+    try:
+        client = limited.client(api_key=LIMITED_KEY)
+        sb = client.create(CreateSandboxFromSnapshotParams(snapshot="default"), timeout=60)
+        with pytest.raises(DaytonaForbiddenError):
+            client.delete(sb)
+        status, key, _ = raw(limited, "GET", "/api/api-keys/current", headers={"Authorization": f"Bearer {LIMITED_KEY}"})
+        assert status == 200 and key["permissions"] == ["write:sandboxes"] and LIMITED_KEY not in key["value"]
+    finally:
+        limited.stop()
+    # 404, 409.
+    with pytest.raises(DaytonaNotFoundError):
+        daytona.get("no-such-sandbox")
+    sb = create(daytona, name="conf-dup")
+    try:
+        with pytest.raises(DaytonaConflictError):
+            create(daytona, name="conf-dup")
+    finally:
+        daytona.delete(sb)
+    # 429 with Retry-After, then 503: faults set at runtime.
+    raw(sim, "POST", "/_sim/faults", '{"rate_limit_count": 1, "retry_after_secs": 2}')
+    status, body, headers = raw(sim, "GET", "/api/sandbox")
+    assert status == 429 and headers.get("retry-after") == "2"
+    # The SDK's HTTP layer (urllib3's default Retry) honours Retry-After on a 429 and
+    # retries: the call goes through to the real answer.
+    raw(sim, "POST", "/_sim/faults", '{"rate_limit_count": 1, "retry_after_secs": 1}')
+    with pytest.raises(DaytonaNotFoundError):
+        daytona.get("whatever")
+    assert raw(sim, "GET", "/_sim/faults")[1]["rate_limit_count"] == 0, "the 429 was served"
+    raw(sim, "POST", "/_sim/faults", '{"error_rate": 1.0}')
+    status, body, _ = raw(sim, "GET", "/api/sandbox")
+    try:
+        assert status == 503 and body["statusCode"] == 503
+        with pytest.raises(DaytonaError) as e:
+            daytona.get("whatever")
+        assert e.value.status_code == 503
+    finally:
+        raw(sim, "POST", "/_sim/faults", '{"error_rate": 0.0}')
+
+
+def test_a_sandbox_pushed_into_error(daytona, sim):
+    sb = create(daytona)
+    try:
+        raw(sim, "POST", "/_sim/faults", json.dumps({"sandbox_error": sb.id, "error_reason": "disk on fire"}))
+        got = daytona.get(sb.id)
+        assert got.state.value == "error" and got.error_reason == "disk on fire"
+    finally:
+        daytona.delete(sb)
