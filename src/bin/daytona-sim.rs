@@ -51,6 +51,9 @@ struct Args {
     /// An active snapshot available from the start (repeatable).
     #[arg(long = "snapshot", default_value = "default")]
     snapshots: Vec<String>,
+    /// Address of the SSH gateway (port 0 picks one; the real address is printed).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    ssh_listen: String,
     /// Fault: added latency per request, in ms.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
@@ -98,10 +101,17 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let ssh_listener = tokio::net::TcpListener::bind(&args.ssh_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} for ssh: {e}", args.ssh_listen))?;
+    let ssh_addr = ssh_listener.local_addr()?;
+    config.ssh_port = Some(ssh_addr.port());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let (sim, addr, task) = sim::start(config, listener, shutdown.clone()).await?;
     sim.preload_snapshots(&args.snapshots);
+    let gateway = sim::ssh::start(sim.clone(), ssh_listener)?;
     println!("listening on http://{addr}");
+    println!("ssh gateway on {ssh_addr}");
     println!("ready");
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -112,5 +122,6 @@ async fn main() -> anyhow::Result<()> {
     }
     shutdown.cancel();
     let _ = task.await;
+    let _ = gateway.await;
     Ok(())
 }

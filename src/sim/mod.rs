@@ -5,11 +5,13 @@
 //!
 //! - [`control`]: sandboxes, snapshots, SSH access, API-key introspection.
 //! - [`toolbox`]: files, process execution, sessions (with the log-follow WebSocket).
+//! - [`ssh`]: the SSH gateway (access token as user name, auth `none`).
 //!
 //! Sandboxes are real: each has a folder (its `/home` and `/tmp`) and its commands run as
 //! real processes, jailed with bubblewrap so that sandbox paths are real paths.
 
 pub mod control;
+pub mod ssh;
 pub mod toolbox;
 
 use std::collections::HashMap;

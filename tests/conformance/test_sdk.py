@@ -181,14 +181,33 @@ def test_auto_stop_after_idle(daytona):
         daytona.delete(sb)
 
 
-def test_ssh_access_create_validate_revoke(daytona):
+SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
+            "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
+
+
+def ssh(access, *args, stdin=None):
+    words = access.ssh_command.split()
+    assert words[0] == "ssh"
+    return subprocess.run([*words, *SSH_OPTS, *args], input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def test_ssh_access_and_a_real_openssh_client(daytona, sim):
     sb = create(daytona)
     try:
         access = sb.create_ssh_access(expires_in_minutes=5)
-        assert access.ssh_command.endswith(f"{access.token}@127.0.0.1")
+        assert access.ssh_command == f"ssh -p {sim.ssh_port} {access.token}@127.0.0.1"
         assert sb.validate_ssh_access(access.token).valid
+        sb.fs.upload_file(b"over ssh\n", "note.txt")
+        r = ssh(access, "cat note.txt; pwd; echo oops >&2; exit 6")
+        assert r.returncode == 6, r.stderr
+        assert r.stdout == "over ssh\n/home/daytona\n"
+        assert "oops" in r.stderr
+        r = ssh(access, stdin="echo from a shell; exit 3\n")
+        assert r.returncode == 3 and "from a shell" in r.stdout
         sb.revoke_ssh_access(access.token)
         assert not sb.validate_ssh_access(access.token).valid
+        r = ssh(access, "true")
+        assert r.returncode == 255 and "Permission denied" in r.stderr
     finally:
         daytona.delete(sb)
 
