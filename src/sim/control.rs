@@ -577,6 +577,10 @@ async fn delete_sandbox(
         (sb.to_json(&sim, true), key)
     };
     sim.sessions.drop_sandbox(&key);
+    // The name is free at once (the folder goes after the destroying delay).
+    let _ = sim
+        .engine
+        .update(&key, |m| m.name = format!("{}.destroying", m.id));
     let sim2 = sim.clone();
     let delay = sim.config.start_delay;
     tokio::spawn(async move {
