@@ -195,6 +195,7 @@ mod tests {
             work_root: "/w".into(),
             owner: "o".into(),
             sandbox_cleaned: false,
+            provider_options: BTreeMap::new(),
         };
         let daemon_id;
         {

@@ -22,6 +22,9 @@ struct Args {
     /// How often expired leases are looked for.
     #[arg(long, default_value = "5s", value_parser = crabbox::config::parse_duration)]
     sweep_interval: std::time::Duration,
+    /// How long a sandbox may take to become ready before its lease fails.
+    #[arg(long, default_value = "10m", value_parser = crabbox::config::parse_duration)]
+    provision_timeout: std::time::Duration,
 }
 
 #[tokio::main]
@@ -46,7 +49,16 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(1);
         }
     };
-    let providers = daemon::default_providers(&state_dir)?;
+    // The daemon's own config: the user's file (or CRABBOX_CONFIG) and its environment.
+    let settings = match crabbox::config::load(None) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("crabboxd: error: {e}");
+            std::process::exit(2);
+        }
+    };
+    config.provision_deadline = args.provision_timeout;
+    let providers = daemon::providers_from_config(&state_dir, &settings.daytona)?;
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing a SIGTERM handler");

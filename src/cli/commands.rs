@@ -160,7 +160,26 @@ fn warmup_request(
         labels: labels(ctx, opts)?,
         repo_root: ctx.repo(),
         reclaim,
+        provider_options: provider_options(ctx),
     })
+}
+
+/// The non-secret provider options the daemon needs per lease.
+fn provider_options(ctx: &Ctx) -> HashMap<String, String> {
+    let mut o = HashMap::new();
+    if ctx.settings.provider == "daytona" {
+        let d = &ctx.settings.daytona;
+        for (k, v) in [
+            ("snapshot", &d.snapshot),
+            ("target", &d.target),
+            ("user", &d.user),
+        ] {
+            if let Some(v) = v {
+                o.insert(k.to_string(), v.clone());
+            }
+        }
+    }
+    o
 }
 
 /// Follows a lease until it settles, printing progress; answers its last state.
@@ -639,6 +658,34 @@ async fn doctor(ctx: &Ctx) -> Result<i32, CliError> {
             "git not found: install git (sync falls back to a plain walk)".into(),
         ),
     });
+    if let Ok(mut c) = client::connect_once(&ctx.socket).await
+        && let Ok(r) = c
+            .daemon
+            .doctor(pb::DoctorRequest {
+                provider: ctx.settings.provider.clone(),
+                provider_options: provider_options(ctx),
+            })
+            .await
+    {
+        for check in r.into_inner().checks {
+            checks.push((check.name, check.ok, check.detail));
+        }
+    }
+    if ctx.settings.provider == "daytona" {
+        let ssh = std::process::Command::new("ssh").arg("-V").output();
+        checks.push(match ssh {
+            Ok(o) if o.status.success() => (
+                "ssh client".into(),
+                true,
+                String::from_utf8_lossy(&o.stderr).trim().to_string(),
+            ),
+            _ => (
+                "ssh client".into(),
+                false,
+                "ssh not found: install an OpenSSH client for `crabbox ssh`".into(),
+            ),
+        });
+    }
     let state = config::state_dir();
     let writable = std::fs::create_dir_all(&state).is_ok() && tempfile::tempfile_in(&state).is_ok();
     checks.push((

@@ -127,6 +127,41 @@ pub fn default_providers(state_dir: &Path) -> Result<Providers, DaemonError> {
     Ok(p)
 }
 
+/// The providers a daemon has from its environment and user config: `local`, and
+/// `daytona` (whose calls explain how to give credentials when none were found).
+pub fn providers_from_config(
+    state_dir: &Path,
+    daytona: &crate::config::DaytonaConfig,
+) -> Result<Providers, DaemonError> {
+    use crate::provider::daytona::{DaytonaProvider, DaytonaSettings, auth};
+    let mut providers = default_providers(state_dir)?;
+    let (credentials, profile_url) = auth::resolve(daytona);
+    let d = DaytonaSettings::default();
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let settings = DaytonaSettings {
+        api_url: daytona
+            .api_url
+            .clone()
+            .or_else(|| env("DAYTONA_API_URL"))
+            .or(profile_url)
+            .unwrap_or(d.api_url),
+        work_root: daytona.work_root.clone().unwrap_or(d.work_root),
+        ssh_gateway_host: daytona
+            .ssh_gateway_host
+            .clone()
+            .unwrap_or(d.ssh_gateway_host),
+        ssh_access_minutes: daytona.ssh_access_minutes.unwrap_or(d.ssh_access_minutes),
+        snapshot: daytona.snapshot.clone(),
+        target: daytona.target.clone().or_else(|| env("DAYTONA_TARGET")),
+        user: daytona.user.clone().unwrap_or(d.user),
+    };
+    tracing::info!(api_url = %settings.api_url, credentials = auth::describe(&credentials), "daytona provider");
+    let provider = DaytonaProvider::new(settings, credentials)
+        .map_err(|e| DaemonError::Setup(e.to_string()))?;
+    providers.insert("daytona".into(), Arc::new(provider));
+    Ok(providers)
+}
+
 /// A bound socket plus the lock that makes it ours.
 pub struct BoundSocket {
     listener: UnixListener,

@@ -36,6 +36,8 @@ pub struct AcquireSpec {
     pub repo_root: Option<String>,
     /// Answer the repo's claimed live lease instead of creating one, when it has one.
     pub reuse_claimed: bool,
+    /// Provider options (Daytona: snapshot, target, user).
+    pub provider_options: BTreeMap<String, String>,
 }
 
 /// A lease handed out by [`RegistryMsg::Acquire`].
@@ -306,6 +308,15 @@ impl RegistryState {
             user_labels: spec.labels,
             owner: self.shared.daemon_id.clone(),
             sandbox_cleaned: false,
+            provider_options: {
+                let mut o = spec.provider_options;
+                // Let the provider stop an idle sandbox by itself if this daemon is gone
+                // (crabbox releases it first when it is not).
+                let idle_min =
+                    pick(spec.idle_timeout_secs, self.shared.defaults.idle.as_secs()).div_ceil(60);
+                o.insert("auto_stop_minutes".into(), (idle_min + 15).to_string());
+                o
+            },
         };
         // Persist before the actor exists and before anything is created: a crash from here
         // on finds the record (and the sandbox by its name).

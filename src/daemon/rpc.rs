@@ -202,6 +202,7 @@ impl LeaseService for LeaseSvc {
             labels: req.labels.into_iter().collect(),
             repo_root: (!req.repo_root.is_empty()).then_some(req.repo_root),
             reuse_claimed: true,
+            provider_options: req.provider_options.into_iter().collect(),
         };
         let acquired = self
             .registry
@@ -442,5 +443,30 @@ impl DaemonService for DaemonSvc {
             socket: self.shared.socket.display().to_string(),
             state_dir: self.shared.state_dir.display().to_string(),
         }))
+    }
+
+    async fn doctor(
+        &self,
+        req: Request<pb::DoctorRequest>,
+    ) -> Result<Response<pb::DoctorResponse>, Status> {
+        let req = req.into_inner();
+        let name = if req.provider.is_empty() {
+            self.shared.default_provider.clone()
+        } else {
+            req.provider
+        };
+        let provider = self.shared.providers.get(&name).cloned().ok_or_else(|| {
+            Status::from(Error::InvalidArgument(format!(
+                "provider {name:?} is not available in this daemon"
+            )))
+        })?;
+        let options = req.provider_options.into_iter().collect();
+        let checks = provider
+            .doctor(&options)
+            .await
+            .into_iter()
+            .map(|(name, ok, detail)| pb::Check { name, ok, detail })
+            .collect();
+        Ok(Response::new(pb::DoctorResponse { checks }))
     }
 }

@@ -572,6 +572,7 @@ async fn provision_sandbox(
                 .create(&CreateSpec {
                     name: record.sandbox_name.clone(),
                     labels: record.labels(),
+                    options: record.provider_options.clone(),
                 })
                 .await?
         }

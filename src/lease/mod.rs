@@ -69,6 +69,9 @@ pub struct LeaseRecord {
     /// Set once a failed lease's sandbox has been deleted.
     #[serde(default)]
     pub sandbox_cleaned: bool,
+    /// Provider options for the sandbox (kept so a restart provisions the same thing).
+    #[serde(default)]
+    pub provider_options: BTreeMap<String, String>,
 }
 
 impl LeaseRecord {
@@ -196,6 +199,7 @@ mod tests {
             work_root: "/w".into(),
             owner: "cbxd_1".into(),
             sandbox_cleaned: false,
+            provider_options: BTreeMap::new(),
         }
     }
 

@@ -313,6 +313,7 @@ impl Run {
             labels: fresh.labels.into_iter().collect(),
             repo_root: (!repo_root.is_empty()).then(|| repo_root.to_string()),
             reuse_claimed: true,
+            provider_options: fresh.provider_options.into_iter().collect(),
         };
         self.registry
             .call(

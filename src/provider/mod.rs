@@ -6,7 +6,9 @@
 //! already gone succeeds.
 //!
 //! - [`local`]: the embedded default; sandboxes are folders on this machine.
+//! - [`daytona`]: Daytona's REST control plane and toolbox.
 
+pub mod daytona;
 pub mod local;
 
 use std::collections::BTreeMap;
@@ -100,6 +102,9 @@ pub struct CreateSpec {
     /// The sandbox name, chosen before the call so a lost answer can be recovered by it.
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// Provider options chosen per lease (Daytona: snapshot, target, user,
+    /// auto_stop_minutes).
+    pub options: BTreeMap<String, String>,
 }
 
 /// A sync archive to put into a sandbox.
@@ -195,4 +200,9 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Deletes the sandbox. A sandbox that is already gone is a success.
     async fn release(&self, sandbox: &str) -> Result<(), ProviderError>;
+
+    /// Checks the provider's setup: `(check, ok, detail)` lines for `crabbox doctor`.
+    async fn doctor(&self, _options: &BTreeMap<String, String>) -> Vec<(String, bool, String)> {
+        vec![(format!("provider {}", self.name()), true, "ready".into())]
+    }
 }

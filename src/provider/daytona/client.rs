@@ -1,0 +1,411 @@
+//! Daytona's REST API (control plane and toolbox) over reqwest: authentication headers,
+//! lenient JSON, one error type that keeps Daytona's message, retries that honour
+//! `Retry-After` (and `Retry-After-<bucket>`) on 429 and retry 5xx and dropped connections
+//! with jittered backoff on idempotent calls only. Every error message is redacted.
+
+use std::time::Duration;
+
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde_json::Value;
+
+use crate::provider::{ProviderError, ProviderErrorKind};
+
+/// How a client authenticates.
+#[derive(Clone)]
+pub enum Credentials {
+    ApiKey(String),
+    Jwt {
+        token: String,
+        organization_id: String,
+    },
+}
+
+impl Credentials {
+    fn secret(&self) -> &str {
+        match self {
+            Credentials::ApiKey(k) => k,
+            Credentials::Jwt { token, .. } => token,
+        }
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::ApiKey(_) => f.write_str("ApiKey(<redacted>)"),
+            Credentials::Jwt {
+                organization_id, ..
+            } => {
+                write!(f, "Jwt(<redacted>, org {organization_id})")
+            }
+        }
+    }
+}
+
+/// Whether a call may be repeated after a failure whose outcome is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idempotent {
+    Yes,
+    /// Never re-sent on a 5xx or a dropped connection (a create, a command): the caller
+    /// recovers by looking the effect up.
+    No,
+}
+
+/// Retry policy: attempts and backoff bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub base: Duration,
+    pub cap: Duration,
+    /// The longest `Retry-After` honoured (longer ones fail the call).
+    pub max_retry_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 6,
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(5),
+            max_retry_after: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A Daytona API client.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    api_url: String,
+    credentials: Option<Credentials>,
+    pub retry: RetryPolicy,
+}
+
+/// Removes every secret we know of, and anything that looks like one, from `text`.
+pub fn redact(text: &str, secrets: &[&str]) -> String {
+    let mut out = text.to_string();
+    for s in secrets.iter().filter(|s| s.len() >= 4) {
+        out = out.replace(s, "<redacted>");
+    }
+    // `Bearer xyz`, Daytona keys (`dtn_…`), JWT-shaped tokens.
+    let mut result = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    while let Some(i) = rest.find("Bearer ") {
+        result.push_str(&rest[..i + 7]);
+        let after = &rest[i + 7..];
+        let end = after
+            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'')
+            .unwrap_or(after.len());
+        result.push_str("<redacted>");
+        rest = &after[end..];
+    }
+    result.push_str(rest);
+    result
+        .split_inclusive(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '@')
+        .map(|word| {
+            let (core, tail) = split_tail(word);
+            let looks_secret = core.starts_with("dtn_")
+                || (core.starts_with("eyJ") && core.matches('.').count() == 2 && core.len() > 20);
+            if looks_secret {
+                format!("<redacted>{tail}")
+            } else {
+                word.to_string()
+            }
+        })
+        .collect()
+}
+
+fn split_tail(word: &str) -> (&str, &str) {
+    match word.char_indices().last() {
+        Some((i, c)) if c.is_whitespace() || c == '"' || c == '\'' || c == '@' => {
+            (&word[..i], &word[i..])
+        }
+        _ => (word, ""),
+    }
+}
+
+fn kind_for(status: StatusCode) -> ProviderErrorKind {
+    match status.as_u16() {
+        401 => ProviderErrorKind::Auth,
+        403 => ProviderErrorKind::Permission,
+        404 => ProviderErrorKind::NotFound,
+        408 | 429 | 500..=599 => ProviderErrorKind::Unavailable,
+        400 | 409 | 422 => ProviderErrorKind::Invalid,
+        _ => ProviderErrorKind::Other,
+    }
+}
+
+/// A failed HTTP answer, with Daytona's message.
+#[derive(Debug, Clone)]
+pub struct HttpError {
+    pub status: Option<StatusCode>,
+    pub error: ProviderError,
+}
+
+impl Client {
+    pub fn new(api_url: &str, credentials: Option<Credentials>) -> Result<Client, ProviderError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("crabbox/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| {
+                ProviderError::new(
+                    ProviderErrorKind::Other,
+                    format!("building the HTTP client: {e}"),
+                )
+            })?;
+        Ok(Client {
+            http,
+            api_url: api_url.trim_end_matches('/').to_string(),
+            credentials,
+            retry: RetryPolicy::default(),
+        })
+    }
+
+    pub fn api_url(&self) -> &str {
+        &self.api_url
+    }
+
+    pub fn has_credentials(&self) -> bool {
+        self.credentials.is_some()
+    }
+
+    /// Redacts this client's secrets (and secret-shaped words) from a message.
+    pub fn redact(&self, text: &str) -> String {
+        let secrets: Vec<&str> = self.credentials.iter().map(|c| c.secret()).collect();
+        redact(text, &secrets)
+    }
+
+    fn err(&self, kind: ProviderErrorKind, message: String) -> ProviderError {
+        ProviderError::new(kind, self.redact(&message))
+    }
+
+    /// Adds auth and client headers to a request.
+    pub fn authorize(&self, req: RequestBuilder) -> Result<RequestBuilder, ProviderError> {
+        let creds = self.credentials.as_ref().ok_or_else(no_credentials)?;
+        let mut req = req
+            .bearer_auth(creds.secret())
+            .header("X-Daytona-Source", "crabbox")
+            .header("X-Daytona-SDK-Version", env!("CARGO_PKG_VERSION"));
+        if let Credentials::Jwt {
+            organization_id, ..
+        } = creds
+        {
+            req = req.header("X-Daytona-Organization-ID", organization_id);
+        }
+        Ok(req)
+    }
+
+    /// The control-plane URL of `path` (which starts with `/`).
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.api_url)
+    }
+
+    /// A JSON call to an absolute URL, with retries as `idempotent` allows.
+    pub async fn json(
+        &self,
+        method: Method,
+        url: &str,
+        body: Option<&Value>,
+        idempotent: Idempotent,
+    ) -> Result<Value, HttpError> {
+        self.send(idempotent, || {
+            let mut req = self.http.request(method.clone(), url);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            Ok(req)
+        })
+        .await
+        .map(|bytes| {
+            if bytes.is_empty() {
+                Value::Null
+            } else {
+                // Lenient: an answer we cannot parse is kept as a string, never a failure.
+                serde_json::from_slice(&bytes)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            }
+        })
+    }
+
+    /// Sends the request `make` builds (again on each retry); answers the body.
+    pub async fn send(
+        &self,
+        idempotent: Idempotent,
+        make: impl Fn() -> Result<RequestBuilder, ProviderError>,
+    ) -> Result<Vec<u8>, HttpError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let req = self
+                .authorize(make().map_err(|e| HttpError {
+                    status: None,
+                    error: e,
+                })?)
+                .map_err(|e| HttpError {
+                    status: None,
+                    error: e,
+                })?;
+            let (status, retry_after, message) = match req.send().await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let retry_after = retry_after(resp.headers());
+                    match resp.bytes().await {
+                        Ok(body) if status.is_success() => return Ok(body.to_vec()),
+                        Ok(body) => (Some(status), retry_after, self.message(status, &body)),
+                        // Answer cut mid-body: like a dropped connection.
+                        Err(e) => (
+                            None,
+                            None,
+                            format!("the connection dropped mid-answer: {e}"),
+                        ),
+                    }
+                }
+                Err(e) => (None, None, connect_message(&e)),
+            };
+            let kind = status
+                .map(kind_for)
+                .unwrap_or(ProviderErrorKind::Unavailable);
+            let retryable = match status.map(|s| s.as_u16()) {
+                Some(429) => true,
+                Some(500..=599) | None => idempotent == Idempotent::Yes,
+                _ => false,
+            };
+            if !retryable || attempt >= self.retry.attempts {
+                let detail = if attempt > 1 {
+                    format!(" (after {attempt} attempts)")
+                } else {
+                    String::new()
+                };
+                return Err(HttpError {
+                    status,
+                    error: self.err(kind, format!("{message}{detail}")),
+                });
+            }
+            let delay = match retry_after {
+                Some(d) if d > self.retry.max_retry_after => {
+                    return Err(HttpError {
+                        status,
+                        error: self.err(
+                            kind,
+                            format!("{message} (asked to retry after {}s)", d.as_secs()),
+                        ),
+                    });
+                }
+                Some(d) => d,
+                None => backoff(self.retry, attempt),
+            };
+            tracing::debug!(?status, attempt, ?delay, "daytona call failed; retrying");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    fn message(&self, status: StatusCode, body: &[u8]) -> String {
+        let parsed: Option<Value> = serde_json::from_slice(body).ok();
+        let text = parsed
+            .as_ref()
+            .and_then(|v| {
+                v.get("message")
+                    .and_then(|m| match m {
+                        Value::String(s) => Some(s.clone()),
+                        Value::Array(a) => Some(
+                            a.iter()
+                                .filter_map(Value::as_str)
+                                .collect::<Vec<_>>()
+                                .join("; "),
+                        ),
+                        _ => None,
+                    })
+                    .or_else(|| v.get("error").and_then(Value::as_str).map(str::to_string))
+            })
+            .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(300).collect());
+        let hint = match status.as_u16() {
+            401 => "; check the Daytona API key (CRABBOX_DAYTONA_API_KEY or DAYTONA_API_KEY)",
+            403 => {
+                "; the key lacks a permission (crabbox needs write:sandboxes and delete:sandboxes)"
+            }
+            429 => "; Daytona is rate limiting",
+            _ => "",
+        };
+        format!("Daytona answered {}: {text}{hint}", status.as_u16())
+    }
+}
+
+fn connect_message(e: &reqwest::Error) -> String {
+    let mut msg = format!("cannot reach Daytona: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg = format!("{msg}: {s}");
+        src = s.source();
+    }
+    msg
+}
+
+/// `Retry-After: <secs>` or `Retry-After-<bucket>: <secs>` (the longest wins).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .iter()
+        .filter(|(k, _)| k.as_str().starts_with("retry-after"))
+        .filter_map(|(_, v)| v.to_str().ok()?.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+        .max()
+}
+
+/// Exponential backoff with full jitter.
+fn backoff(policy: RetryPolicy, attempt: u32) -> Duration {
+    let exp = policy
+        .base
+        .saturating_mul(1 << attempt.min(10))
+        .min(policy.cap);
+    exp.mul_f64(rand::random::<f64>().max(0.1))
+}
+
+/// The error for a daemon with no Daytona credentials: every way to give them.
+pub fn no_credentials() -> ProviderError {
+    ProviderError::new(
+        ProviderErrorKind::Auth,
+        "no Daytona credentials: set CRABBOX_DAYTONA_API_KEY or DAYTONA_API_KEY (or \
+         CRABBOX_DAYTONA_JWT_TOKEN / DAYTONA_JWT_TOKEN with CRABBOX_DAYTONA_ORGANIZATION_ID / \
+         DAYTONA_ORGANIZATION_ID), or daytona.apiKey in ~/.config/crabbox/config.yaml, or log in \
+         with the Daytona CLI; then restart the daemon (`crabbox daemon stop`) so it reads them",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction() {
+        let key = "dtn_0123456789abcdef";
+        let text = format!(
+            "Authorization: Bearer {key} failed for {key}; token eyJhbGciOi.eyJzdWIi.c2lnbmF0dXJl@host"
+        );
+        let r = redact(&text, &[key]);
+        assert!(!r.contains(key) && !r.contains("eyJhbGciOi"), "{r}");
+        assert!(
+            r.contains("Bearer <redacted>") && r.contains("@host"),
+            "{r}"
+        );
+        assert_eq!(redact("dtn_other_key leaked", &[]), "<redacted> leaked");
+        assert_eq!(redact("plain words stay", &["k"]), "plain words stay");
+    }
+
+    #[test]
+    fn retry_after_buckets() {
+        let mut h = reqwest::header::HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert("retry-after", "2".parse().expect("v"));
+        h.insert("retry-after-sandbox-create", "5".parse().expect("v"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn backoff_is_bounded() {
+        let p = RetryPolicy::default();
+        for attempt in 1..20 {
+            assert!(backoff(p, attempt) <= p.cap);
+        }
+    }
+}
