@@ -18,6 +18,7 @@
 //! - [`config`]: layered YAML/env/flag configuration and the SPEC paths.
 //! - [`cli`]: the `crabbox` command line (a gRPC client of the daemon).
 //! - [`error`], [`ids`]: the error table, ids and slugs.
+//! - [`logging`]: the log filter that keeps secrets out of trace output.
 
 pub mod cli;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod daemon;
 pub mod error;
 pub mod ids;
 pub mod lease;
+pub mod logging;
 pub mod provider;
 pub mod sandbox;
 pub mod sim;

@@ -13,7 +13,8 @@ use crabbox::sim::{self, Faults, SimConfig};
 ///   curl -X POST http://ADDR/_sim/faults -d '{"error_rate":0.05}'
 /// Fields: latency_ms, error_rate (fraction answered 503), rate_limit_count (next N
 /// answered 429) with retry_after_secs and retry_after_bucket (Retry-After-<bucket>),
-/// drop_rate (fraction of connections dropped mid-answer), stuck_create (new sandboxes
+/// drop_rate (fraction of connections dropped mid-answer), drop_next + drop_path (drop
+/// the next N requests whose path contains a string), stuck_create (new sandboxes
 /// never leave `creating`), sandbox_error + error_reason (push a sandbox into `error`).
 /// GET /_sim/faults shows the current faults.
 #[derive(Debug, Parser)]
@@ -71,10 +72,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(crabbox::logging::env_filter("warn"))
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();

@@ -99,6 +99,10 @@ pub struct Faults {
     pub retry_after_bucket: Option<String>,
     /// Fraction (0..1) of requests whose connection drops mid-answer.
     pub drop_rate: f64,
+    /// The next this many requests whose path contains `drop_path` (any path when unset)
+    /// have their connection dropped mid-answer.
+    pub drop_next: u64,
+    pub drop_path: Option<String>,
     /// New sandboxes stay `creating` forever.
     pub stuck_create: bool,
 }
@@ -113,6 +117,8 @@ pub struct FaultsUpdate {
     retry_after_secs: Option<u64>,
     retry_after_bucket: Option<String>,
     drop_rate: Option<f64>,
+    drop_next: Option<u64>,
+    drop_path: Option<String>,
     stuck_create: Option<bool>,
     /// Push this sandbox (id or name) into `error`.
     sandbox_error: Option<String>,
@@ -365,7 +371,19 @@ async fn gate(State(sim): State<Arc<Sim>>, mut req: Request, next: Next) -> Resp
                 )
                 .into_response();
             }
-            if faults.drop_rate > 0.0 && rand::random::<f64>() < faults.drop_rate {
+            let mut drop_this = faults.drop_rate > 0.0 && rand::random::<f64>() < faults.drop_rate;
+            if faults.drop_next > 0
+                && faults
+                    .drop_path
+                    .as_deref()
+                    .is_none_or(|p| req.uri().path().contains(p))
+                && let Ok(mut f) = sim.faults.lock()
+                && f.drop_next > 0
+            {
+                f.drop_next -= 1;
+                drop_this = true;
+            }
+            if drop_this {
                 // Headers go out, then the body fails: the client sees the connection drop.
                 let stream = futures_util::stream::once(async {
                     Err::<axum::body::Bytes, std::io::Error>(std::io::Error::other(
@@ -430,6 +448,12 @@ async fn set_faults(
     }
     if let Some(v) = u.drop_rate {
         f.drop_rate = v.clamp(0.0, 1.0);
+    }
+    if let Some(v) = u.drop_next {
+        f.drop_next = v;
+    }
+    if u.drop_path.is_some() {
+        f.drop_path = u.drop_path.filter(|p| !p.is_empty());
     }
     if let Some(v) = u.stuck_create {
         f.stuck_create = v;

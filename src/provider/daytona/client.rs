@@ -59,6 +59,9 @@ pub struct RetryPolicy {
     pub cap: Duration,
     /// The longest `Retry-After` honoured (longer ones fail the call).
     pub max_retry_after: Duration,
+    /// Rate limiting (429) is waited out up to this many times and this much in total.
+    pub rate_limited_attempts: u32,
+    pub rate_limited_wait: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -68,6 +71,8 @@ impl Default for RetryPolicy {
             base: Duration::from_millis(100),
             cap: Duration::from_secs(5),
             max_retry_after: Duration::from_secs(60),
+            rate_limited_attempts: 50,
+            rate_limited_wait: Duration::from_secs(180),
         }
     }
 }
@@ -235,6 +240,8 @@ impl Client {
         make: impl Fn() -> Result<RequestBuilder, ProviderError>,
     ) -> Result<Vec<u8>, HttpError> {
         let mut attempt = 0;
+        let mut rate_limited = 0;
+        let mut waited = Duration::ZERO;
         loop {
             attempt += 1;
             let req = self
@@ -266,12 +273,22 @@ impl Client {
             let kind = status
                 .map(kind_for)
                 .unwrap_or(ProviderErrorKind::Unavailable);
+            let is_429 = status.map(|s| s.as_u16()) == Some(429);
             let retryable = match status.map(|s| s.as_u16()) {
-                Some(429) => true,
-                Some(500..=599) | None => idempotent == Idempotent::Yes,
+                // A 429 was refused before any work: safe to repeat whatever the call.
+                Some(429) => {
+                    rate_limited += 1;
+                    attempt -= 1;
+                    rate_limited < self.retry.rate_limited_attempts
+                        && waited < self.retry.rate_limited_wait
+                }
+                Some(500..=599) | None => {
+                    idempotent == Idempotent::Yes && attempt < self.retry.attempts
+                }
                 _ => false,
             };
-            if !retryable || attempt >= self.retry.attempts {
+            if !retryable {
+                let attempt = attempt + rate_limited;
                 let detail = if attempt > 1 {
                     format!(" (after {attempt} attempts)")
                 } else {
@@ -293,8 +310,9 @@ impl Client {
                     });
                 }
                 Some(d) => d,
-                None => backoff(self.retry, attempt),
+                None => backoff(self.retry, if is_429 { rate_limited } else { attempt }),
             };
+            waited += delay;
             tracing::debug!(?status, attempt, ?delay, "daytona call failed; retrying");
             tokio::time::sleep(delay).await;
         }

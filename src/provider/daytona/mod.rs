@@ -245,13 +245,15 @@ impl DaytonaProvider {
         what: &str,
     ) -> Result<(), ProviderError> {
         let body = json!({ "command": command, "timeout": SYNC_COMMAND_TIMEOUT_SECS });
+        // Sync commands are idempotent by construction (mkdir -p, rm -rf, extracting the
+        // same archive), so they may be sent again.
         let v = self
             .toolbox(
                 sandbox,
                 Method::POST,
                 "/process/execute",
                 Some(&body),
-                Idempotent::No,
+                Idempotent::Yes,
             )
             .await?;
         let code = v.get("exitCode").and_then(Value::as_i64).unwrap_or(-1);
@@ -390,7 +392,18 @@ impl Provider for DaytonaProvider {
             Err(h) if h.status.is_none_or(|s| s.is_server_error()) => {
                 match self.find_by_lease(&spec.labels).await? {
                     Some(found) => Ok(found),
-                    None => Err(h.error),
+                    // Confirmed absent: sending it again cannot make a second sandbox (the
+                    // name is unique; a 409 would be answered and adopted as above).
+                    None => match self
+                        .api(Method::POST, "/sandbox", Some(&body), Idempotent::No)
+                        .await
+                    {
+                        Ok(v) => self.parse_sandbox(&v),
+                        Err(h2) if h2.status.is_none_or(|s| s.is_server_error()) => {
+                            self.find_by_lease(&spec.labels).await?.ok_or(h2.error)
+                        }
+                        Err(h2) => Err(h2.error),
+                    },
                 }
             }
             Err(h) => Err(h.error),
@@ -596,15 +609,21 @@ impl Provider for DaytonaProvider {
         self.ready()?;
         let base = self.toolbox_url(sandbox).await?;
         let session: String = format!("crabbox-{:016x}", rand::random::<u64>());
-        self.client
+        // Creating a named session is idempotent: a 409 on a retry means it exists.
+        match self
+            .client
             .json(
                 Method::POST,
                 &format!("{base}/process/session"),
                 Some(&json!({ "sessionId": session })),
-                Idempotent::No,
+                Idempotent::Yes,
             )
             .await
-            .map_err(|h| h.error)?;
+        {
+            Ok(_) => {}
+            Err(h) if h.status.map(|s| s.as_u16()) == Some(409) => {}
+            Err(h) => return Err(h.error),
+        }
         let result = self
             .exec_in_session(sandbox, &base, &session, spec, out, cancel)
             .await;
@@ -642,7 +661,7 @@ impl Provider for DaytonaProvider {
                 Method::POST,
                 &format!("/sandbox/{sandbox}/ssh-access?expiresInMinutes={minutes}"),
                 None,
-                Idempotent::No,
+                Idempotent::Yes,
             )
             .await
             .map_err(|h| ProviderError::new(ProviderErrorKind::Ssh, h.error.message))?;
@@ -813,27 +832,63 @@ impl DaytonaProvider {
             script.push_str(&format!("export {k}={}; ", quote(v)));
         }
         script.push_str(&spec.command);
-        let v = self
-            .client
-            .json(
-                Method::POST,
-                &format!("{base}/process/session/{session}/exec"),
-                Some(&json!({ "command": script, "runAsync": true, "async": true })),
-                Idempotent::No,
+        let exec_url = format!("{base}/process/session/{session}/exec");
+        let body = json!({ "command": script, "runAsync": true, "async": true });
+        let mut cmd = None;
+        for attempt in 0..3 {
+            match self
+                .client
+                .json(Method::POST, &exec_url, Some(&body), Idempotent::No)
+                .await
+            {
+                Ok(v) => {
+                    cmd = v
+                        .get("cmdId")
+                        .and_then(Value::as_str)
+                        .filter(|c| !c.is_empty())
+                        .map(str::to_string);
+                    break;
+                }
+                // The answer was lost: the command may be running. Never start it twice:
+                // look in the (fresh, private) session first.
+                Err(h) if attempt < 2 && h.status.is_none_or(|s| s.is_server_error()) => {
+                    let v = self
+                        .client
+                        .json(
+                            Method::GET,
+                            &format!("{base}/process/session/{session}"),
+                            None,
+                            Idempotent::Yes,
+                        )
+                        .await
+                        .map_err(|h| h.error)?;
+                    let found = v
+                        .get("commands")
+                        .and_then(Value::as_array)
+                        .and_then(|cmds| {
+                            cmds.iter()
+                                .find(|c| {
+                                    c.get("command").and_then(Value::as_str)
+                                        == Some(script.as_str())
+                                })
+                                .and_then(|c| {
+                                    c.get("id").and_then(Value::as_str).map(str::to_string)
+                                })
+                        });
+                    if found.is_some() {
+                        cmd = found;
+                        break;
+                    }
+                }
+                Err(h) => return Err(h.error),
+            }
+        }
+        let cmd = cmd.ok_or_else(|| {
+            e(
+                ProviderErrorKind::Other,
+                "Daytona's exec answer has no cmdId",
             )
-            .await
-            .map_err(|h| h.error)?;
-        let cmd = v
-            .get("cmdId")
-            .and_then(Value::as_str)
-            .filter(|c| !c.is_empty())
-            .ok_or_else(|| {
-                e(
-                    ProviderErrorKind::Other,
-                    "Daytona's exec answer has no cmdId",
-                )
-            })?
-            .to_string();
+        })?;
         let ws_url = format!("{base}/process/session/{session}/command/{cmd}/logs?follow=true")
             .replacen("http", "ws", 1);
         let mut request =

@@ -1,0 +1,509 @@
+//! `--provider daytona` end to end through daytona-sim (never the real Daytona): the real
+//! daemon in-process with the daytona provider pointed at an in-process sim, the real CLI,
+//! a real OpenSSH client, and faults injected into the sim.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use common::{Daemon, Out, eventually, repo};
+use crabbox::daemon::{self, Providers};
+use crabbox::provider::daytona::client::Credentials;
+use crabbox::provider::daytona::{DaytonaProvider, DaytonaSettings, auth};
+use crabbox::sim::{self, Sim, SimConfig};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const KEY: &str = "dtn_integration_0f1e2d3c4b5a";
+
+/// Every log line of this test binary, at trace level (the daemon runs in-process).
+fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        struct W(Arc<Mutex<Vec<u8>>>);
+        impl Write for W {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                if let Ok(mut v) = self.0.lock() {
+                    v.extend_from_slice(b);
+                }
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let writer = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            // What crabboxd does with RUST_LOG=trace.
+            .with_env_filter(crabbox::logging::secret_safe(
+                tracing_subscriber::EnvFilter::new("trace"),
+            ))
+            .with_writer(move || W(writer.clone()))
+            .with_ansi(false)
+            .try_init();
+        buf
+    })
+}
+
+struct World {
+    sim: Arc<Sim>,
+    sim_url: String,
+    daemon: Daemon,
+    http: reqwest::Client,
+    _sim_dir: tempfile::TempDir,
+    stop: CancellationToken,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn world(provision_deadline: Duration) -> World {
+    logs();
+    let sim_dir = tempfile::tempdir().expect("tempdir");
+    let mut config = SimConfig::new(sim_dir.path().to_path_buf());
+    config.api_keys = vec![KEY.into()];
+    config.create_delay = Duration::from_millis(50);
+    config.start_delay = Duration::from_millis(50);
+    let ssh = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    config.ssh_port = Some(ssh.local_addr().expect("addr").port());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let stop = CancellationToken::new();
+    let (sim, addr, _) = sim::start(config, listener, stop.clone())
+        .await
+        .expect("sim");
+    sim.preload_snapshots(&["default".into()]);
+    sim::ssh::start(sim.clone(), ssh).expect("gateway");
+    let sim_url = format!("http://{addr}");
+    let api = format!("{sim_url}/api");
+    let daemon = Daemon::start_with(
+        move |state| {
+            let mut p: Providers = daemon::default_providers(state).expect("local");
+            let settings = DaytonaSettings {
+                api_url: api,
+                snapshot: Some("default".into()),
+                ..DaytonaSettings::default()
+            };
+            let d = DaytonaProvider::new(
+                settings,
+                auth::Resolved::Found(Credentials::ApiKey(KEY.into())),
+            )
+            .expect("provider");
+            p.insert("daytona".into(), Arc::new(d));
+            p
+        },
+        |c| c.provision_deadline = provision_deadline,
+    )
+    .await;
+    World {
+        sim,
+        sim_url,
+        daemon,
+        http: reqwest::Client::new(),
+        _sim_dir: sim_dir,
+        stop,
+    }
+}
+
+impl World {
+    async fn cb(&self, cwd: &Path, args: &[&str]) -> Out {
+        let mut all = vec!["--provider", "daytona"];
+        all.extend_from_slice(args);
+        let out = self.daemon.run(cwd, &all).await;
+        for text in [out.stdout(), out.stderr()] {
+            assert!(
+                !text.contains(KEY),
+                "the API key leaked into CLI output:\n{text}"
+            );
+        }
+        out
+    }
+
+    async fn faults(&self, f: Value) {
+        let r = self
+            .http
+            .post(format!("{}/_sim/faults", self.sim_url))
+            .json(&f)
+            .send()
+            .await
+            .expect("faults");
+        assert!(r.status().is_success());
+    }
+
+    fn sim_sandboxes(&self) -> Vec<(String, String)> {
+        self.sim
+            .sandboxes
+            .lock()
+            .map(|m| {
+                m.values()
+                    .map(|s| (s.id.clone(), s.state.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_flow_on_daytona_with_no_secret_in_any_output() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    let out = w.cb(r.path(), &["warmup"]).await.expect(0);
+    assert!(
+        out.stdout().contains("provider=daytona"),
+        "{}",
+        out.stdout()
+    );
+    let lease = w.cb(r.path(), &["warmup", "--json"]).await.expect(0).json();
+    let sandbox = lease["sandbox_id"]
+        .as_str()
+        .expect("sandbox id")
+        .to_string();
+    assert_eq!(lease["labels"]["provider"], "daytona");
+    assert!(
+        w.sim_sandboxes()
+            .iter()
+            .any(|(id, st)| id == &sandbox && st == "started")
+    );
+    // The sandbox carries SPEC's labels on Daytona's side.
+    let labels = w.sim.sandboxes.lock().expect("lock")[&sandbox]
+        .labels
+        .clone();
+    assert_eq!(
+        labels.get("lease").map(String::as_str),
+        lease["id"].as_str()
+    );
+    assert_eq!(
+        labels.get("created_by").map(String::as_str),
+        Some("crabbox")
+    );
+
+    let out = w
+        .cb(
+            r.path(),
+            &[
+                "run",
+                "--",
+                "sh",
+                "-c",
+                "pwd; cat README; echo to-err >&2; exit 3",
+            ],
+        )
+        .await
+        .expect(3);
+    let pwd = format!(
+        "/home/daytona/crabbox/{}/",
+        lease["id"].as_str().expect("id")
+    );
+    assert!(
+        out.stdout().starts_with(&pwd) && out.stdout().ends_with("hello\n"),
+        "{}",
+        out.stdout()
+    );
+    assert!(out.stderr().contains("to-err"));
+    let doc = w
+        .cb(
+            r.path(),
+            &[
+                "run",
+                "--json",
+                "--env",
+                "CBX_V=x y",
+                "--",
+                "sh",
+                "-c",
+                "echo $CBX_V",
+            ],
+        )
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(doc["stdout"], "x y\n");
+    assert_eq!(
+        doc["sync"]["files_uploaded"], 0,
+        "incremental: nothing changed"
+    );
+    std::fs::write(r.path().join("README"), "changed\n").expect("write");
+    let doc = w
+        .cb(r.path(), &["run", "--json", "--", "cat", "README"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(
+        (
+            doc["stdout"].as_str(),
+            doc["sync"]["files_uploaded"].as_u64()
+        ),
+        (Some("changed\n"), Some(1))
+    );
+
+    // ssh: --print redacts; with --show-secret, the command runs a real OpenSSH client
+    // through the sim's gateway.
+    let printed = w.cb(r.path(), &["ssh", "--print"]).await.expect(0).stdout();
+    assert!(printed.contains("<redacted>@127.0.0.1"), "{printed}");
+    let cmd = w
+        .daemon
+        .run(
+            r.path(),
+            &["--provider", "daytona", "ssh", "--print", "--show-secret"],
+        )
+        .await
+        .expect(0)
+        .stdout();
+    let mut words: Vec<String> = cmd.split_whitespace().map(str::to_string).collect();
+    let token = words
+        .last()
+        .and_then(|t| t.split('@').next())
+        .expect("token")
+        .to_string();
+    words.extend(
+        [
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+        ]
+        .map(String::from),
+    );
+    let repo_name = std::fs::canonicalize(r.path())
+        .expect("canonical")
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    words.push(format!(
+        "cat crabbox/{}/{repo_name}/README",
+        lease["id"].as_str().expect("id")
+    ));
+    let ssh = tokio::process::Command::new(&words[0])
+        .args(&words[1..])
+        .output()
+        .await
+        .expect("ssh");
+    assert_eq!(
+        String::from_utf8_lossy(&ssh.stdout),
+        "changed\n",
+        "{}",
+        String::from_utf8_lossy(&ssh.stderr)
+    );
+    let doctor = w.cb(r.path(), &["doctor", "--json"]).await.expect(0).json();
+    assert_eq!(doctor["ok"], true, "{doctor}");
+
+    let list = w.cb(r.path(), &["list", "--json"]).await.expect(0).json();
+    assert_eq!(list[0]["provider"], "daytona");
+    w.cb(r.path(), &["stop", lease["slug"].as_str().expect("slug")])
+        .await
+        .expect(0);
+    eventually(10, "the sandbox to be deleted on Daytona", || async {
+        w.sim_sandboxes()
+            .iter()
+            .all(|(id, _)| id != &sandbox)
+            .then_some(())
+    })
+    .await;
+
+    // Nothing secret in the daemon's trace-level log.
+    let text = String::from_utf8_lossy(&logs().lock().expect("logs")).into_owned();
+    assert!(text.len() > 1000, "trace logging was captured");
+    let leaks: Vec<&str> = text.lines().filter(|l| l.contains(KEY)).take(3).collect();
+    assert!(
+        leaks.is_empty(),
+        "the API key leaked into the daemon log:\n{}",
+        leaks.join("\n")
+    );
+    let leaks: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(&token))
+        .take(4)
+        .collect();
+    assert!(
+        leaks.is_empty(),
+        "the SSH token leaked into the daemon log:\n{}",
+        leaks.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_credentials_and_class_are_clear() {
+    let d = Daemon::start_with(
+        |state| {
+            let mut p = daemon::default_providers(state).expect("local");
+            let prov = DaytonaProvider::new(DaytonaSettings::default(), auth::Resolved::Missing)
+                .expect("provider");
+            p.insert("daytona".into(), Arc::new(prov));
+            p
+        },
+        |_| {},
+    )
+    .await;
+    let r = repo();
+    let out = d.run(r.path(), &["--provider", "daytona", "warmup"]).await;
+    assert_eq!(out.code(), 5, "{}", out.stderr());
+    let err = out.stderr();
+    assert!(
+        err.contains("CRABBOX_DAYTONA_API_KEY")
+            && err.contains("DAYTONA_API_KEY")
+            && err.contains("DAYTONA_JWT_TOKEN"),
+        "{err}"
+    );
+    let out = d
+        .run(
+            r.path(),
+            &[
+                "--provider",
+                "daytona",
+                "run",
+                "--class",
+                "big",
+                "--",
+                "true",
+            ],
+        )
+        .await
+        .expect(2);
+    assert!(out.stderr().contains("sized by their snapshot"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_storm_and_503s_are_ridden_out() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    w.faults(json!({"rate_limit_count": 12, "retry_after_secs": 0}))
+        .await;
+    w.cb(r.path(), &["warmup"]).await.expect(0);
+    w.faults(json!({"error_rate": 0.05})).await;
+    for i in 0..4 {
+        std::fs::write(r.path().join("n.txt"), i.to_string()).expect("write");
+        let doc = w
+            .cb(r.path(), &["run", "--json", "--", "cat", "n.txt"])
+            .await
+            .expect(0)
+            .json();
+        assert_eq!(doc["stdout"], i.to_string());
+    }
+    w.faults(json!({"error_rate": 0.0})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_upload_is_sent_again() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    w.cb(r.path(), &["warmup"]).await.expect(0);
+    w.faults(json!({"drop_next": 1, "drop_path": "upload-v2"}))
+        .await;
+    let doc = w
+        .cb(r.path(), &["run", "--json", "--", "cat", "README"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(doc["stdout"], "hello\n");
+    let f: Value = w
+        .http
+        .get(format!("{}/_sim/faults", w.sim_url))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(f["drop_next"], 0, "the drop happened");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_in_error_fails_its_lease() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    let lease = w.cb(r.path(), &["warmup", "--json"]).await.expect(0).json();
+    let id = lease["id"].as_str().expect("id").to_string();
+    w.faults(json!({"sandbox_error": lease["sandbox_id"], "error_reason": "runner lost"}))
+        .await;
+    let st = eventually(20, "the lease to fail", || async {
+        let st = w.cb(r.path(), &["status", &id, "--json"]).await.json();
+        (st["state"] == "failed").then_some(st)
+    })
+    .await;
+    assert!(
+        st["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("runner lost"),
+        "{st}"
+    );
+    eventually(10, "the broken sandbox to be deleted", || async {
+        w.sim_sandboxes().is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_slower_than_the_deadline_fails_and_leaks_nothing() {
+    let w = world(Duration::from_secs(1)).await;
+    let r = repo();
+    w.faults(json!({"stuck_create": true})).await;
+    let out = w.cb(r.path(), &["warmup"]).await.expect(5);
+    assert!(
+        out.stderr().contains("not started after"),
+        "{}",
+        out.stderr()
+    );
+    eventually(10, "the stuck sandbox to be deleted", || async {
+        w.sim_sandboxes().is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_cli_mid_run_stops_the_remote_command() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    let lease = w.cb(r.path(), &["warmup", "--json"]).await.expect(0).json();
+    let sandbox = lease["sandbox_id"].as_str().expect("sandbox").to_string();
+    let mut child = w
+        .daemon
+        .cli(r.path())
+        .args([
+            "--provider",
+            "daytona",
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "echo $$ > $HOME/cmd.pid; sleep 60",
+        ])
+        .spawn()
+        .expect("spawn");
+    let pidfile = w.sim.engine.dir(&sandbox).join("fs/home/daytona/cmd.pid");
+    let pid: i32 = eventually(30, "the remote command to start", || async {
+        std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    })
+    .await;
+    child.kill().await.expect("kill -9 the CLI");
+    eventually(20, "the remote command to be stopped", || async {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // The lease itself stays (it was warmed up, not fresh) and is usable again.
+    let doc = w
+        .cb(r.path(), &["run", "--json", "--", "echo", "again"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(doc["stdout"], "again\n");
+}
