@@ -245,6 +245,28 @@ async fn the_whole_flow_on_daytona_with_no_secret_in_any_output() {
         ),
         (Some("changed\n"), Some(1))
     );
+    // The workdir keeps its manifest, which names what was synced.
+    let doc = w
+        .cb(
+            r.path(),
+            &[
+                "run",
+                "--json",
+                "--no-sync",
+                "--",
+                "cat",
+                ".crabbox-manifest.json",
+            ],
+        )
+        .await
+        .expect(0)
+        .json();
+    let manifest: Value =
+        serde_json::from_str(doc["stdout"].as_str().expect("text")).expect("manifest JSON");
+    assert!(
+        manifest["files"]["README"]["hash"].is_string(),
+        "{manifest}"
+    );
 
     // ssh: --print redacts; with --show-secret, the command runs a real OpenSSH client
     // through the sim's gateway.

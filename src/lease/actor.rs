@@ -577,7 +577,24 @@ async fn provision_sandbox(
                 .await?
         }
     };
-    if sandbox.state == SandboxState::Stopped {
+    // Read the labels back: only a sandbox that carries this lease's ownership labels is
+    // ever used (or later deleted).
+    let seen = provider.get(&sandbox.id).await?.ok_or_else(|| {
+        ProviderError::new(
+            ProviderErrorKind::Provisioning,
+            format!("sandbox {} vanished right after it was created", sandbox.id),
+        )
+    })?;
+    if !record.owns(&seen.labels) {
+        return Err(ProviderError::new(
+            ProviderErrorKind::Provisioning,
+            format!(
+                "sandbox {} does not carry this lease's ownership labels; crabbox will not use it",
+                sandbox.id
+            ),
+        ));
+    }
+    if seen.state == SandboxState::Stopped {
         provider.start(&sandbox.id).await?;
     }
     provider.wait_ready(&sandbox.id, deadline).await

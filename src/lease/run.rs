@@ -458,6 +458,7 @@ impl Run {
             archive: archive.as_ref().map(|f| f.path().to_path_buf()),
             remove: diff.remove.clone(),
             clean,
+            manifest: serde_json::to_vec(&manifest).ok(),
         };
         if let Err(e) = target.provider.upload(&target.sandbox, &upload).await {
             // What the sandbox holds is unknown now: the next sync sends everything.

@@ -202,6 +202,10 @@ impl Provider for LocalProvider {
                 sandbox::archive::unpack(archive, &workdir)
                     .map_err(|e| sync_err("unpacking the archive", e))?;
             }
+            if let Some(m) = &spec.manifest {
+                std::fs::write(workdir.join(".crabbox-manifest.json"), m)
+                    .map_err(|e| sync_err("writing the manifest", e))?;
+            }
             Ok(())
         })
         .await

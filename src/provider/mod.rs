@@ -120,6 +120,9 @@ pub struct UploadSpec {
     /// Empty the workdir first: the daemon has no trusted record of what it holds (first
     /// sync, full resync, or after a failed upload).
     pub clean: bool,
+    /// What the workdir holds after this upload (JSON), kept there as
+    /// `.crabbox-manifest.json` so the sandbox itself says what it was synced with.
+    pub manifest: Option<Vec<u8>>,
 }
 
 /// A command to run in a sandbox.

@@ -69,6 +69,8 @@ pub struct DaytonaProvider {
     ssh: DashMap<String, SshAccessInfo>,
 }
 
+/// The manifest a synced workdir keeps of itself.
+const MANIFEST_FILE: &str = ".crabbox-manifest.json";
 /// How long a timed-out upload/extract command may take on the sandbox.
 const SYNC_COMMAND_TIMEOUT_SECS: u64 = 600;
 /// A cached SSH token is refreshed when it has less than this left.
@@ -591,6 +593,16 @@ impl Provider for DaytonaProvider {
             self.put_file(sandbox, archive, &format!("{}/{remote}", spec.workdir))
                 .await?;
             script.push(format!("tar xzf {remote} && rm -f {remote}"));
+        }
+        let mut _manifest_file = None;
+        if let Some(m) = &spec.manifest {
+            let f = tempfile::NamedTempFile::new()
+                .map_err(|err| e(ProviderErrorKind::Sync, format!("temp file: {err}")))?;
+            std::fs::write(f.path(), m)
+                .map_err(|err| e(ProviderErrorKind::Sync, format!("temp file: {err}")))?;
+            let path = format!("{}/{}", spec.workdir, MANIFEST_FILE);
+            self.put_file(sandbox, f.path(), &path).await?;
+            _manifest_file = Some(f);
         }
         if script.len() > 1 {
             self.run_checked(sandbox, &script.join(" && "), "unpacking the sync archive")
