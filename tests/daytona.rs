@@ -373,7 +373,7 @@ async fn missing_credentials_and_class_are_clear() {
     .await;
     let r = repo();
     let out = d.run(r.path(), &["--provider", "daytona", "warmup"]).await;
-    assert_eq!(out.code(), 5, "{}", out.stderr());
+    assert_eq!(out.code(), 3, "{}", out.stderr());
     let err = out.stderr();
     assert!(
         err.contains("CRABBOX_DAYTONA_API_KEY")
@@ -528,4 +528,27 @@ async fn killing_the_cli_mid_run_stops_the_remote_command() {
         .expect(0)
         .json();
     assert_eq!(doc["stdout"], "again\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_answer_was_lost_is_recovered_not_resent() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    // The create is served, then its answer is lost.
+    w.faults(json!({"drop_next": 1, "drop_path": "POST /api/sandbox"}))
+        .await;
+    let lease = w.cb(r.path(), &["warmup", "--json"]).await.expect(0).json();
+    let sandboxes = w.sim_sandboxes();
+    assert_eq!(sandboxes.len(), 1, "exactly one sandbox: {sandboxes:?}");
+    assert_eq!(lease["sandbox_id"].as_str(), Some(sandboxes[0].0.as_str()));
+    let f: Value = w
+        .http
+        .get(format!("{}/_sim/faults", w.sim_url))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(f["drop_next"], 0, "the create's answer was dropped");
 }

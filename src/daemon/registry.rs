@@ -260,6 +260,7 @@ impl RegistryState {
                         .join(", ")
                 ))
             })?;
+        provider.check_ready()?;
         for (k, v) in &spec.labels {
             validate_label(k, v)?;
         }

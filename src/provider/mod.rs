@@ -204,6 +204,12 @@ pub trait Provider: Send + Sync + 'static {
     /// Deletes the sandbox. A sandbox that is already gone is a success.
     async fn release(&self, sandbox: &str) -> Result<(), ProviderError>;
 
+    /// Can this provider be used at all (credentials present and usable)? Checked before a
+    /// lease is created, so that a setup problem is reported as such.
+    fn check_ready(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
     /// Checks the provider's setup: `(check, ok, detail)` lines for `crabbox doctor`.
     async fn doctor(&self, _options: &BTreeMap<String, String>) -> Vec<(String, bool, String)> {
         vec![(format!("provider {}", self.name()), true, "ready".into())]

@@ -99,8 +99,8 @@ pub struct Faults {
     pub retry_after_bucket: Option<String>,
     /// Fraction (0..1) of requests whose connection drops mid-answer.
     pub drop_rate: f64,
-    /// The next this many requests whose path contains `drop_path` (any path when unset)
-    /// have their connection dropped mid-answer.
+    /// The next this many requests whose `METHOD /path` contains `drop_path` (any request
+    /// when unset) are served, then their connection is dropped mid-answer.
     pub drop_next: u64,
     pub drop_path: Option<String>,
     /// New sandboxes stay `creating` forever.
@@ -372,11 +372,9 @@ async fn gate(State(sim): State<Arc<Sim>>, mut req: Request, next: Next) -> Resp
                 .into_response();
             }
             let mut drop_this = faults.drop_rate > 0.0 && rand::random::<f64>() < faults.drop_rate;
+            let line = format!("{} {}", req.method(), req.uri().path());
             if faults.drop_next > 0
-                && faults
-                    .drop_path
-                    .as_deref()
-                    .is_none_or(|p| req.uri().path().contains(p))
+                && faults.drop_path.as_deref().is_none_or(|p| line.contains(p))
                 && let Ok(mut f) = sim.faults.lock()
                 && f.drop_next > 0
             {
@@ -384,7 +382,12 @@ async fn gate(State(sim): State<Arc<Sim>>, mut req: Request, next: Next) -> Resp
                 drop_this = true;
             }
             if drop_this {
-                // Headers go out, then the body fails: the client sees the connection drop.
+                // The request is served, then its answer is lost: headers go out, the body
+                // fails, and the client sees the connection drop, not knowing what happened.
+                if let Ok(p) = authenticate(&sim, req.headers()) {
+                    req.extensions_mut().insert(p);
+                    let _ = next.run(req).await;
+                }
                 let stream = futures_util::stream::once(async {
                     Err::<axum::body::Bytes, std::io::Error>(std::io::Error::other(
                         "connection dropped (injected)",

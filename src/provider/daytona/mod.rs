@@ -719,6 +719,10 @@ impl Provider for DaytonaProvider {
         Ok(access)
     }
 
+    fn check_ready(&self) -> Result<(), ProviderError> {
+        self.ready()
+    }
+
     async fn doctor(&self, options: &BTreeMap<String, String>) -> Vec<(String, bool, String)> {
         let mut checks = Vec::new();
         if let Err(err) = self.ready() {
