@@ -115,6 +115,20 @@ fn command_for(spec: &ProcessSpec) -> io::Result<tokio::process::Command> {
     Ok(cmd)
 }
 
+/// The command of `spec` (jailed when asked) with its environment: the passed-through
+/// variables and `spec.env`, nothing else. Stdio is left to the caller.
+pub fn prepared_command(spec: &ProcessSpec) -> io::Result<tokio::process::Command> {
+    let mut cmd = command_for(spec)?;
+    cmd.env_clear();
+    for key in PASSTHROUGH_ENV {
+        if let Some(v) = std::env::var_os(key) {
+            cmd.env(key, v);
+        }
+    }
+    cmd.envs(&spec.env);
+    Ok(cmd)
+}
+
 /// Runs the command; output goes to `out` as it is read. Ends when the command exits, the
 /// timeout passes, or `cancel` fires (the whole process group is then terminated).
 pub async fn run(
@@ -133,22 +147,15 @@ pub async fn run_with_input(
     out: mpsc::Sender<ExecOutput>,
     cancel: CancellationToken,
 ) -> io::Result<ExecExit> {
-    let mut cmd = command_for(spec)?;
-    cmd.env_clear()
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    for key in PASSTHROUGH_ENV {
-        if let Some(v) = std::env::var_os(key) {
-            cmd.env(key, v);
-        }
-    }
-    cmd.envs(&spec.env);
+    let mut cmd = prepared_command(spec)?;
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .process_group(0);
     let mut child = cmd.spawn()?;
     let pgid = child.id().map(|p| p as i32);
     if let (Some(mut stdin), Some(mut input)) = (child.stdin.take(), input) {

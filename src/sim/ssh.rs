@@ -1,7 +1,7 @@
 //! daytona-sim's SSH gateway: the access token is the user name, with auth `none`, as on
 //! Daytona's gateway. It gives an exec or a shell in the token's sandbox (jailed like every
-//! sandbox command). PTY requests are refused (the client goes on without a terminal): the
-//! gateway runs commands over pipes. Expired and revoked tokens are refused.
+//! sandbox command), on a PTY when the client asks for one (window size changes followed),
+//! else over pipes (stdout and stderr apart). Expired and revoked tokens are refused.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -78,6 +78,8 @@ impl Server for Gateway {
             sandbox: None,
             env: HashMap::new(),
             stdin: HashMap::new(),
+            pty: HashMap::new(),
+            pty_input: HashMap::new(),
         }
     }
 }
@@ -91,6 +93,23 @@ struct Conn {
     env: HashMap<ChannelId, BTreeMap<String, String>>,
     /// Where a channel's input goes while its command runs.
     stdin: HashMap<ChannelId, mpsc::Sender<Vec<u8>>>,
+    /// The terminal a channel asked for: (TERM, columns, rows).
+    pty: HashMap<ChannelId, (String, u16, u16)>,
+    /// Input and resizes for a channel whose command runs on a PTY.
+    pty_input: HashMap<ChannelId, mpsc::Sender<PtyIn>>,
+}
+
+/// What goes to a PTY.
+enum PtyIn {
+    Data(Vec<u8>),
+    Resize(u16, u16),
+}
+
+/// A terminal size from the client's (0, as sent by `ssh -tt` without a terminal, means
+/// the customary 80x24).
+fn size(cols: u32, rows: u32) -> (u16, u16) {
+    let pick = |v: u32, d: u16| if v == 0 { d } else { v.min(1000) as u16 };
+    (pick(cols, 80), pick(rows, 24))
 }
 
 impl Conn {
@@ -120,6 +139,17 @@ impl Conn {
         env.insert("HOME".into(), format!("/home/{user}"));
         env.insert("USER".into(), user.clone());
         env.extend(self.env.remove(&channel).unwrap_or_default());
+        if let Some((term, cols, rows)) = self.pty.get(&channel).cloned() {
+            env.insert("TERM".into(), term);
+            let spec = ProcessSpec {
+                command: command.unwrap_or_else(|| "exec /bin/sh -i".into()),
+                cwd: PathBuf::from(format!("/home/{user}")),
+                env,
+                timeout: None,
+                jail: Some(fs),
+            };
+            return self.spawn_pty(channel, spec, (cols, rows), procs, session);
+        }
         let spec = ProcessSpec {
             command: command.unwrap_or_else(|| "exec /bin/sh".into()),
             cwd: PathBuf::from(format!("/home/{user}")),
@@ -158,6 +188,84 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Runs `spec` on a new PTY and pumps it to the channel (one stream: a terminal's).
+    fn spawn_pty(
+        &mut self,
+        channel: ChannelId,
+        spec: ProcessSpec,
+        (cols, rows): (u16, u16),
+        procs: tokio_util::sync::CancellationToken,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let started = (|| -> std::io::Result<_> {
+            let (pty, pts) = pty_process::open().map_err(std::io::Error::other)?;
+            pty.resize(pty_process::Size::new(rows, cols))
+                .map_err(std::io::Error::other)?;
+            let cmd = pty_process::Command::from(process::prepared_command(&spec)?);
+            let child = cmd.spawn(pts).map_err(std::io::Error::other)?;
+            Ok((pty, child))
+        })();
+        let (pty, mut child) = match started {
+            Ok(x) => x,
+            Err(err) => {
+                tracing::warn!(error = %err, "could not start a command on a pty");
+                return session.channel_failure(channel);
+            }
+        };
+        let (mut reader, mut writer) = pty.into_split();
+        let (in_tx, mut in_rx) = mpsc::channel::<PtyIn>(32);
+        self.pty_input.insert(channel, in_tx);
+        session.channel_success(channel)?;
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Some(msg) = in_rx.recv().await {
+                let ok = match msg {
+                    PtyIn::Data(d) => writer.write_all(&d).await.is_ok(),
+                    PtyIn::Resize(c, r) => writer.resize(pty_process::Size::new(r, c)).is_ok(),
+                };
+                if !ok {
+                    break;
+                }
+            }
+        });
+        let handle = session.handle();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let pid = child.id().map(|p| p as i32);
+            let pump = async {
+                let mut buf = vec![0u8; 16 * 1024];
+                // EIO once the terminal's last writer is gone: the end of output.
+                while let Ok(n) = reader.read(&mut buf).await {
+                    if n == 0 || handle.data(channel, buf[..n].to_vec()).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let status = tokio::select! {
+                ((), status) = async { tokio::join!(pump, child.wait()) } => status.ok(),
+                () = procs.cancelled() => {
+                    if let Some(pid) = pid {
+                        let _ = nix::sys::signal::killpg(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                    child.wait().await.ok()
+                }
+            };
+            use std::os::unix::process::ExitStatusExt;
+            let code = status
+                .and_then(|s| s.code().or_else(|| s.signal().map(|n| 128 + n)))
+                .unwrap_or(255);
+            let _ = handle.exit_status_request(channel, code as u32).await;
+            let _ = handle.eof(channel).await;
+            let _ = handle.close(channel).await;
+        });
+        Ok(())
+    }
+}
+
 impl russh::server::Handler for Conn {
     type Error = russh::Error;
 
@@ -185,16 +293,34 @@ impl russh::server::Handler for Conn {
     async fn pty_request(
         &mut self,
         channel: ChannelId,
-        _term: &str,
-        _cols: u32,
-        _rows: u32,
+        term: &str,
+        cols: u32,
+        rows: u32,
         _pw: u32,
         _ph: u32,
         _modes: &[(russh::Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // No terminal is emulated: say so, and the client carries on over pipes.
-        session.channel_failure(channel)
+        let (c, r) = size(cols, rows);
+        let term = if term.is_empty() { "xterm" } else { term };
+        self.pty.insert(channel, (term.to_string(), c, r));
+        session.channel_success(channel)
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        cols: u32,
+        rows: u32,
+        _pw: u32,
+        _ph: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let (c, r) = size(cols, rows);
+        if let Some(tx) = self.pty_input.get(&channel) {
+            let _ = tx.send(PtyIn::Resize(c, r)).await;
+        }
+        Ok(())
     }
 
     async fn env_request(
@@ -235,7 +361,9 @@ impl russh::server::Handler for Conn {
         data: &[u8],
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Some(tx) = self.stdin.get(&channel) {
+        if let Some(tx) = self.pty_input.get(&channel) {
+            let _ = tx.send(PtyIn::Data(data.to_vec())).await;
+        } else if let Some(tx) = self.stdin.get(&channel) {
             let _ = tx.send(data.to_vec()).await;
         }
         Ok(())
@@ -246,8 +374,11 @@ impl russh::server::Handler for Conn {
         channel: ChannelId,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // Dropping the sender closes the command's stdin.
+        // Dropping the sender closes the command's stdin; a terminal gets ^D instead.
         self.stdin.remove(&channel);
+        if let Some(tx) = self.pty_input.get(&channel) {
+            let _ = tx.send(PtyIn::Data(vec![4])).await;
+        }
         Ok(())
     }
 
@@ -258,6 +389,8 @@ impl russh::server::Handler for Conn {
     ) -> Result<(), Self::Error> {
         self.stdin.remove(&channel);
         self.env.remove(&channel);
+        self.pty.remove(&channel);
+        self.pty_input.remove(&channel);
         Ok(())
     }
 }

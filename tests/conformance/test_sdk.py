@@ -204,6 +204,12 @@ def test_ssh_access_and_a_real_openssh_client(daytona, sim):
         assert "oops" in r.stderr
         r = ssh(access, stdin="echo from a shell; exit 3\n")
         assert r.returncode == 3 and "from a shell" in r.stdout
+        # A PTY: a real terminal for the command, its size, TERM, and the exit code.
+        r = ssh(access, "-tt", "stty size; echo TERM=$TERM; test -t 0 && echo on-a-tty; exit 4")
+        assert r.returncode == 4, r.stderr
+        assert r.stdout.replace("\r", "").splitlines() == ["24 80", "TERM=xterm", "on-a-tty"], r.stdout
+        r = ssh(access, "-tt", stdin="echo typed-$((6*7))\nexit 5\n")
+        assert r.returncode == 5 and "typed-42" in r.stdout
         sb.revoke_ssh_access(access.token)
         assert not sb.validate_ssh_access(access.token).valid
         r = ssh(access, "true")
