@@ -512,12 +512,12 @@ async fn timeouts_and_expiry() {
 
     // Idle expiry releases a lease; a running command is use and keeps it.
     let lease = d
-        .run(r.path(), &["warmup", "--idle-timeout", "2s", "--json"])
+        .run(r.path(), &["warmup", "--idle-timeout", "4s", "--json"])
         .await
         .expect(0)
         .json();
     let slug = lease["slug"].as_str().expect("slug").to_string();
-    d.run(r.path(), &["run", "--", "sleep", "3"])
+    d.run(r.path(), &["run", "--", "sleep", "6"])
         .await
         .expect(0);
     eventually(30, "idle expiry", || async {
