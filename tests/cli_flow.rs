@@ -152,6 +152,14 @@ async fn warmup_run_list_stop() {
         .json();
     assert_eq!(claims[0]["repo_root"], repo_root.to_str().expect("utf8"));
 
+    // ssh is not something local sandboxes have: a clear error, exit 7.
+    let out = d.run(r.path(), &["ssh", "--print"]).await.expect(7);
+    assert!(
+        out.stderr().contains("not supported by the local provider"),
+        "{}",
+        out.stderr()
+    );
+
     // stop releases it; the sandbox folder is gone.
     let sandbox_dir = d
         .state
