@@ -42,6 +42,166 @@ pub struct DaytonaConfig {
     pub organization_id: Option<String>,
 }
 
+/// `environment:` in config (SPEC "Environments").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentConfig {
+    pub image: Option<ImageConfig>,
+    #[serde(default)]
+    pub resources: ResourcesConfig,
+    pub network: Option<NetworkConfig>,
+    #[serde(default)]
+    pub lifecycle: LifecycleConfig,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `environment.image`: a Dockerfile's text, or a path to one (relative to the repo root).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    pub dockerfile: Option<String>,
+    pub path: Option<String>,
+}
+
+/// `environment.resources`: `cpu: 4`, `memory: 8GB`, `disk: 20GB`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesConfig {
+    pub cpu: Option<u32>,
+    pub memory: Option<serde_yaml_ng::Value>,
+    pub disk: Option<serde_yaml_ng::Value>,
+}
+
+/// `environment.network`: `allow_all`, `block`, or `cidr_allow_list` with `allow`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    pub mode: String,
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+/// `environment.lifecycle`: `preserve` (keep), `auto_stop` (a duration).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleConfig {
+    pub preserve: Option<bool>,
+    pub auto_stop: Option<String>,
+}
+
+/// Whole gigabytes from `8`, `"8"`, `"8G"`, `"8GB"` or `"8GiB"`.
+pub fn parse_gb(v: &serde_yaml_ng::Value, what: &str) -> Result<u32, ConfigError> {
+    let bad = || {
+        ConfigError(format!(
+            "environment.resources.{what}: {v:?} is not a size like 8GB"
+        ))
+    };
+    let text = match v {
+        serde_yaml_ng::Value::Number(n) => n.to_string(),
+        serde_yaml_ng::Value::String(s) => s.trim().to_string(),
+        _ => return Err(bad()),
+    };
+    let digits = text
+        .trim_end_matches("iB")
+        .trim_end_matches("B")
+        .trim_end_matches(['G', 'g'])
+        .trim();
+    digits
+        .parse::<u32>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(bad)
+}
+
+impl EnvironmentConfig {
+    /// The provider options this environment asks for (Daytona's). `repo_root` resolves
+    /// `image.path`.
+    pub fn provider_options(
+        &self,
+        repo_root: Option<&Path>,
+    ) -> Result<BTreeMap<String, String>, ConfigError> {
+        let mut o = BTreeMap::new();
+        if let Some(image) = &self.image {
+            let text = match (&image.dockerfile, &image.path) {
+                (Some(t), None) => t.clone(),
+                (None, Some(p)) => {
+                    let full = match repo_root {
+                        Some(root) if Path::new(p).is_relative() => root.join(p),
+                        _ => PathBuf::from(p),
+                    };
+                    std::fs::read_to_string(&full).map_err(|e| {
+                        ConfigError(format!(
+                            "environment.image.path: cannot read {}: {e}",
+                            full.display()
+                        ))
+                    })?
+                }
+                _ => {
+                    return Err(ConfigError(
+                        "environment.image: give exactly one of dockerfile (its text) or path"
+                            .into(),
+                    ));
+                }
+            };
+            if text.trim().is_empty() {
+                return Err(ConfigError(
+                    "environment.image: the Dockerfile is empty".into(),
+                ));
+            }
+            o.insert("dockerfile".into(), text);
+        }
+        if let Some(cpu) = self.resources.cpu {
+            o.insert("cpu".into(), cpu.to_string());
+        }
+        if let Some(m) = &self.resources.memory {
+            o.insert("memory".into(), parse_gb(m, "memory")?.to_string());
+        }
+        if let Some(d) = &self.resources.disk {
+            o.insert("disk".into(), parse_gb(d, "disk")?.to_string());
+        }
+        if let Some(n) = &self.network {
+            match n.mode.as_str() {
+                "allow_all" => {}
+                "block" => {
+                    o.insert("network_block_all".into(), "true".into());
+                }
+                "cidr_allow_list" => {
+                    if n.allow.is_empty() || n.allow.iter().any(|c| !looks_like_cidr(c)) {
+                        return Err(ConfigError(format!(
+                            "environment.network.allow: {:?} must be CIDRs like 10.0.0.0/8",
+                            n.allow
+                        )));
+                    }
+                    o.insert("network_allow_list".into(), n.allow.join(","));
+                }
+                other => {
+                    return Err(ConfigError(format!(
+                        "environment.network.mode: {other:?} is not allow_all, block or cidr_allow_list"
+                    )));
+                }
+            }
+        }
+        if let Some(a) = &self.lifecycle.auto_stop {
+            let d = parse_duration(a)
+                .map_err(|e| ConfigError(format!("environment.lifecycle.auto_stop: {e}")))?;
+            o.insert(
+                "auto_stop_minutes".into(),
+                d.as_secs().div_ceil(60).to_string(),
+            );
+        }
+        Ok(o)
+    }
+}
+
+fn looks_like_cidr(c: &str) -> bool {
+    let Some((ip, bits)) = c.split_once('/') else {
+        return false;
+    };
+    let bits_ok = bits.parse::<u8>().is_ok_and(|b| b <= 128);
+    bits_ok && ip.parse::<std::net::IpAddr>().is_ok()
+}
+
 /// One config file, as written.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
@@ -57,8 +217,8 @@ pub struct FileConfig {
     pub sync: SyncConfig,
     #[serde(default)]
     pub daytona: DaytonaConfig,
-    /// Images built on demand (Daytona); validated by the daytona provider.
-    pub environment: Option<serde_yaml_ng::Value>,
+    /// An image built on demand (Daytona: a snapshot made from a Dockerfile).
+    pub environment: Option<EnvironmentConfig>,
 }
 
 /// The resolved settings a CLI command works with.
@@ -71,6 +231,7 @@ pub struct Settings {
     pub labels: BTreeMap<String, String>,
     pub sync: SyncConfig,
     pub daytona: DaytonaConfig,
+    pub environment: Option<EnvironmentConfig>,
     /// The files that were read, lowest first.
     pub sources: Vec<PathBuf>,
 }
@@ -191,6 +352,7 @@ fn from_file(file: FileConfig, sources: Vec<PathBuf>) -> Result<Settings, Config
         labels: file.labels,
         sync: file.sync,
         daytona: file.daytona,
+        environment: file.environment,
         sources,
     };
     if let Some(p) = non_empty_env("CRABBOX_PROVIDER") {
@@ -287,6 +449,42 @@ mod tests {
         assert_eq!(f.daytona.user.as_deref(), Some("u"));
         assert_eq!(f.sync.exclude, vec!["a"]);
         assert_eq!(f.provider.as_deref(), Some("daytona"));
+    }
+
+    #[test]
+    fn environments() {
+        let env: EnvironmentConfig = serde_yaml_ng::from_str(
+            "image: { dockerfile: \"FROM x:1\" }\nresources: { cpu: 4, memory: 8GB, disk: \"20GiB\" }\n\
+             network: { mode: block }\nlifecycle: { auto_stop: 90m }\n",
+        )
+        .expect("yaml");
+        let o = env.provider_options(None).expect("options");
+        assert_eq!(o["dockerfile"], "FROM x:1");
+        assert_eq!(
+            (o["cpu"].as_str(), o["memory"].as_str(), o["disk"].as_str()),
+            ("4", "8", "20")
+        );
+        assert_eq!(o["network_block_all"], "true");
+        assert_eq!(o["auto_stop_minutes"], "90");
+        for bad in [
+            "image: { dockerfile: a, path: b }",
+            "image: {}",
+            "resources: { memory: lots }",
+            "network: { mode: cidr_allow_list, allow: [\"not-a-cidr\"] }",
+            "network: { mode: sometimes }",
+            "lifecycle: { auto_stop: soon }",
+        ] {
+            let env: EnvironmentConfig = serde_yaml_ng::from_str(bad).expect("yaml");
+            assert!(env.provider_options(None).is_err(), "{bad}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("Dockerfile"), "FROM y:2\n").expect("write");
+        let env: EnvironmentConfig =
+            serde_yaml_ng::from_str("image: { path: Dockerfile }").expect("yaml");
+        assert_eq!(
+            env.provider_options(Some(dir.path())).expect("options")["dockerfile"],
+            "FROM y:2\n"
+        );
     }
 
     #[test]

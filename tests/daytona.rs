@@ -552,3 +552,110 @@ async fn a_create_whose_answer_was_lost_is_recovered_not_resent() {
         .expect("json");
     assert_eq!(f["drop_next"], 0, "the create's answer was dropped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_builds_its_image_once_and_reports_a_failed_build() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    let cfg = r.path().join("env.yaml");
+    std::fs::write(
+        &cfg,
+        "provider: daytona\nenvironment:\n  image: { dockerfile: \"FROM python:3.12-slim\\nRUN true\\n\" }\n  \
+         resources: { cpu: 2, memory: 4GB, disk: 10GB }\n  network: { mode: cidr_allow_list, allow: [\"10.0.0.0/8\"] }\n  \
+         lifecycle: { auto_stop: 2h }\n  labels: { team: platform }\n",
+    )
+    .expect("write");
+    let cli = |args: &[&str]| {
+        let mut c = w.daemon.cli(r.path());
+        c.env("CRABBOX_CONFIG", &cfg).args(args);
+        c
+    };
+    let out = cli(&["warmup", "--json"]).output().await.expect("ran");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lease: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let snapshots: Vec<(String, String)> = w
+        .sim
+        .snapshots
+        .lock()
+        .expect("lock")
+        .values()
+        .filter(|s| s.name.starts_with("crabbox-env-"))
+        .map(|s| (s.name.clone(), s.state.clone()))
+        .collect();
+    assert_eq!(snapshots.len(), 1, "{snapshots:?}");
+    assert_eq!(snapshots[0].1, "active");
+    let sb =
+        w.sim.sandboxes.lock().expect("lock")[lease["sandbox_id"].as_str().expect("id")].clone();
+    assert_eq!(sb.snapshot.as_deref(), Some(snapshots[0].0.as_str()));
+    assert_eq!(
+        (sb.cpu, sb.memory, sb.disk),
+        (2, 4, 10),
+        "the snapshot carries the resources"
+    );
+    assert_eq!(sb.network_allow_list.as_deref(), Some("10.0.0.0/8"));
+    assert_eq!(sb.auto_stop_interval, 120);
+    assert_eq!(sb.labels.get("team").map(String::as_str), Some("platform"));
+    // The same environment again: the image is found, not built again.
+    let out = cli(&["stop", lease["id"].as_str().expect("id")])
+        .output()
+        .await
+        .expect("ran");
+    assert_eq!(out.status.code(), Some(0));
+    let out = cli(&["warmup"]).output().await.expect("ran");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let count = w
+        .sim
+        .snapshots
+        .lock()
+        .expect("lock")
+        .values()
+        .filter(|s| s.name.starts_with("crabbox-env-"))
+        .count();
+    assert_eq!(count, 1, "built once");
+
+    // A Dockerfile that cannot build: the lease fails with Daytona's reason.
+    let other = repo();
+    let bad = other.path().join("env.yaml");
+    std::fs::write(
+        &bad,
+        "provider: daytona\nenvironment:\n  image: { dockerfile: \"RUN echo no base image\" }\n",
+    )
+    .expect("write");
+    let out = w
+        .daemon
+        .cli(other.path())
+        .env("CRABBOX_CONFIG", &bad)
+        .args(["warmup"])
+        .output()
+        .await
+        .expect("ran");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("failed") && err.contains("FROM"), "{err}");
+    // Bad environment config is a usage error.
+    std::fs::write(
+        &bad,
+        "provider: daytona\nenvironment:\n  network: { mode: sometimes }\n",
+    )
+    .expect("write");
+    let out = w
+        .daemon
+        .cli(other.path())
+        .env("CRABBOX_CONFIG", &bad)
+        .args(["warmup"])
+        .output()
+        .await
+        .expect("ran");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cidr_allow_list"));
+}

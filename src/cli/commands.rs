@@ -130,6 +130,9 @@ fn apply_daytona_flags(s: &mut Settings, f: &super::DaytonaFlags) {
 /// `k=v` labels, config labels first.
 fn labels(ctx: &Ctx, opts: &LeaseOpts) -> Result<HashMap<String, String>, CliError> {
     let mut out: HashMap<String, String> = ctx.settings.labels.clone().into_iter().collect();
+    if let Some(env) = &ctx.settings.environment {
+        out.extend(env.labels.clone());
+    }
     for l in &opts.labels {
         let (k, v) = l.split_once('=').ok_or_else(|| {
             CliError::usage(format!("invalid --label {l:?}: write it as KEY=VALUE"))
@@ -160,12 +163,12 @@ fn warmup_request(
         labels: labels(ctx, opts)?,
         repo_root: ctx.repo(),
         reclaim,
-        provider_options: provider_options(ctx),
+        provider_options: provider_options(ctx)?,
     })
 }
 
 /// The non-secret provider options the daemon needs per lease.
-fn provider_options(ctx: &Ctx) -> HashMap<String, String> {
+fn provider_options(ctx: &Ctx) -> Result<HashMap<String, String>, CliError> {
     let mut o = HashMap::new();
     if ctx.settings.provider == "daytona" {
         let d = &ctx.settings.daytona;
@@ -178,8 +181,17 @@ fn provider_options(ctx: &Ctx) -> HashMap<String, String> {
                 o.insert(k.to_string(), v.clone());
             }
         }
+        if let Some(env) = &ctx.settings.environment {
+            let extra = env.provider_options(ctx.repo_root.as_deref())?;
+            if extra.contains_key("dockerfile") && o.contains_key("snapshot") {
+                return Err(CliError::usage(
+                    "daytona.snapshot and environment.image both choose the sandbox's image: keep one",
+                ));
+            }
+            o.extend(extra);
+        }
     }
-    o
+    Ok(o)
 }
 
 /// Follows a lease until it settles, printing progress; answers its last state.
@@ -663,7 +675,7 @@ async fn doctor(ctx: &Ctx) -> Result<i32, CliError> {
             .daemon
             .doctor(pb::DoctorRequest {
                 provider: ctx.settings.provider.clone(),
-                provider_options: provider_options(ctx),
+                provider_options: provider_options(ctx).unwrap_or_default(),
             })
             .await
     {

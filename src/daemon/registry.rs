@@ -315,7 +315,8 @@ impl RegistryState {
                 // (crabbox releases it first when it is not).
                 let idle_min =
                     pick(spec.idle_timeout_secs, self.shared.defaults.idle.as_secs()).div_ceil(60);
-                o.insert("auto_stop_minutes".into(), (idle_min + 15).to_string());
+                o.entry("auto_stop_minutes".into())
+                    .or_insert_with(|| (idle_min + 15).to_string());
                 o
             },
         };

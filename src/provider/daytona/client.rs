@@ -171,6 +171,18 @@ impl Client {
         &self.api_url
     }
 
+    /// What identifies the account, for keyed names: the credentials themselves, which
+    /// only ever enter a one-way key derivation.
+    pub fn account_material(&self) -> String {
+        match &self.credentials {
+            Some(Credentials::ApiKey(k)) => k.clone(),
+            Some(Credentials::Jwt {
+                organization_id, ..
+            }) => organization_id.clone(),
+            None => String::new(),
+        }
+    }
+
     pub fn has_credentials(&self) -> bool {
         self.credentials.is_some()
     }
