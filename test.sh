@@ -27,15 +27,17 @@ cargo fmt --check
 echo "== cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
 # The official Daytona SDK, pinned, as an independent client of daytona-sim.
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import daytona, pytest' 2>/dev/null; then
-  echo "== python venv with daytona==0.226.1"
+# grpcio runs the README's Python gRPC example against crabboxd.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import daytona, pytest, grpc, grpc_tools' 2>/dev/null; then
+  echo "== python venv with daytona==0.226.1, pytest, grpcio"
   python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check daytona==0.226.1 pytest==8.3.4
+  .venv/bin/pip install -q --disable-pip-version-check daytona==0.226.1 pytest==8.3.4 \
+    grpcio==1.76.0 grpcio-tools==1.76.0
 fi
 
 echo "== cargo test"
 cargo test --all-targets 2>&1 | tee /tmp/crabbox-test-$$.log
-echo "== daytona SDK conformance (pytest)"
+echo "== daytona SDK conformance and the Python gRPC example (pytest)"
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/conformance 2>&1 | tee -a /tmp/crabbox-test-$$.log
 # A plain closing line for CI readers.
 passed=$(grep -Eo '[0-9]+ passed' /tmp/crabbox-test-$$.log | awk '{s+=$1} END {print s+0}')
