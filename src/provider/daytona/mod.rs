@@ -941,15 +941,33 @@ impl DaytonaProvider {
                 h.insert(k.clone(), v.clone());
             }
         }
-        let (mut ws, _) = tokio_tungstenite::connect_async(request)
-            .await
-            .map_err(|err| {
-                e(
-                    ProviderErrorKind::Unavailable,
-                    self.client
-                        .redact(&format!("opening the command's log stream: {err}")),
-                )
-            })?;
+        // The handshake is a GET: a 5xx, a 429 or a dropped connection is tried again.
+        let mut attempt = 0u32;
+        let mut ws = loop {
+            attempt += 1;
+            match tokio_tungstenite::connect_async(request.clone()).await {
+                Ok((ws, _)) => break ws,
+                Err(err) => {
+                    use tokio_tungstenite::tungstenite::Error as WsError;
+                    let transient = match &err {
+                        WsError::Http(resp) => {
+                            resp.status().is_server_error() || resp.status().as_u16() == 429
+                        }
+                        WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed => true,
+                        _ => false,
+                    };
+                    if !transient || attempt >= 6 {
+                        return Err(e(
+                            ProviderErrorKind::Unavailable,
+                            self.client
+                                .redact(&format!("opening the command's log stream: {err}")),
+                        ));
+                    }
+                    let delay = Duration::from_millis(100 * (1 << attempt.min(5)));
+                    tokio::time::sleep(delay.mul_f64(rand::random::<f64>().max(0.2))).await;
+                }
+            }
+        };
         let mut demux = demux::Demux::default();
         let timeout = async {
             match spec.timeout {
