@@ -140,6 +140,16 @@ impl World {
         assert!(r.status().is_success());
     }
 
+    async fn get_faults(&self) -> Value {
+        let r = self
+            .http
+            .get(format!("{}/_sim/faults", self.sim_url))
+            .send()
+            .await
+            .expect("get");
+        r.json().await.expect("json")
+    }
+
     fn sim_sandboxes(&self) -> Vec<(String, String)> {
         self.sim
             .sandboxes
@@ -432,15 +442,7 @@ async fn a_dropped_upload_is_sent_again() {
         .expect(0)
         .json();
     assert_eq!(doc["stdout"], "hello\n");
-    let f: Value = w
-        .http
-        .get(format!("{}/_sim/faults", w.sim_url))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let f = w.get_faults().await;
     assert_eq!(f["drop_next"], 0, "the drop happened");
 }
 
@@ -541,15 +543,7 @@ async fn a_create_whose_answer_was_lost_is_recovered_not_resent() {
     let sandboxes = w.sim_sandboxes();
     assert_eq!(sandboxes.len(), 1, "exactly one sandbox: {sandboxes:?}");
     assert_eq!(lease["sandbox_id"].as_str(), Some(sandboxes[0].0.as_str()));
-    let f: Value = w
-        .http
-        .get(format!("{}/_sim/faults", w.sim_url))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let f = w.get_faults().await;
     assert_eq!(f["drop_next"], 0, "the create's answer was dropped");
 }
 

@@ -168,6 +168,11 @@ fn param(raw: &Option<String>, key: &str) -> Option<String> {
         .map(|(_, v)| v)
 }
 
+/// The `path` query parameter, which the call cannot do without.
+fn required_path(raw: &Option<String>) -> Result<String, ApiError> {
+    param(raw, "path").ok_or_else(|| ApiError::bad_request("path is required"))
+}
+
 fn io_error(path: &str, e: std::io::Error) -> ApiError {
     match e.kind() {
         std::io::ErrorKind::NotFound => {
@@ -229,7 +234,7 @@ async fn file_info(
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let c = ctx(&sim, &id)?;
-    let path = param(&raw, "path").ok_or_else(|| ApiError::bad_request("path is required"))?;
+    let path = required_path(&raw)?;
     let meta = std::fs::metadata(c.host(&path)?).map_err(|e| io_error(&path, e))?;
     Ok(Json(info_json(&c.guest(&path)?, &meta)))
 }
@@ -240,7 +245,7 @@ async fn create_folder(
     RawQuery(raw): RawQuery,
 ) -> Result<StatusCode, ApiError> {
     let c = ctx(&sim, &id)?;
-    let path = param(&raw, "path").ok_or_else(|| ApiError::bad_request("path is required"))?;
+    let path = required_path(&raw)?;
     let mode = param(&raw, "mode").unwrap_or_else(|| "755".into());
     let mode = u32::from_str_radix(&mode, 8)
         .map_err(|_| ApiError::bad_request(format!("mode {mode:?} is not octal")))?;
@@ -258,7 +263,7 @@ async fn delete_path(
     RawQuery(raw): RawQuery,
 ) -> Result<StatusCode, ApiError> {
     let c = ctx(&sim, &id)?;
-    let path = param(&raw, "path").ok_or_else(|| ApiError::bad_request("path is required"))?;
+    let path = required_path(&raw)?;
     let recursive = param(&raw, "recursive").is_some_and(|v| v == "true");
     let host = c.host(&path)?;
     let meta = std::fs::symlink_metadata(&host).map_err(|e| io_error(&path, e))?;
@@ -281,7 +286,7 @@ async fn download(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let c = ctx(&sim, &id)?;
-    let path = param(&raw, "path").ok_or_else(|| ApiError::bad_request("path is required"))?;
+    let path = required_path(&raw)?;
     let file = open_for_read(&c, &path).await?;
     let stream = tokio_util::io::ReaderStream::new(file);
     Ok((
@@ -517,7 +522,7 @@ async fn upload_v2(
     req: Request,
 ) -> Result<Json<Value>, ApiError> {
     let c = ctx(&sim, &id)?;
-    let path = param(&raw, "path").ok_or_else(|| ApiError::bad_request("path is required"))?;
+    let path = required_path(&raw)?;
     let dest = c.host(&path)?;
     let tmp = staging(&c)?;
     let is_multipart = req

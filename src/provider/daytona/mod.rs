@@ -122,6 +122,19 @@ impl DaytonaProvider {
         }
     }
 
+    /// [`Self::api`] when only the error matters, not the HTTP status.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        idem: Idempotent,
+    ) -> Result<Value, ProviderError> {
+        self.api(method, path, body, idem)
+            .await
+            .map_err(|h| h.error)
+    }
+
     async fn api(
         &self,
         method: Method,
@@ -191,14 +204,13 @@ impl DaytonaProvider {
             return Ok(u.clone());
         }
         let v = self
-            .api(
+            .call(
                 Method::GET,
                 &format!("/sandbox/{sandbox}"),
                 None,
                 Idempotent::Yes,
             )
-            .await
-            .map_err(|h| h.error)?;
+            .await?;
         let info = self.parse_sandbox(&v)?;
         if let Some(u) = self.toolbox.get(&info.id) {
             let u = u.clone();
@@ -206,14 +218,13 @@ impl DaytonaProvider {
             return Ok(u);
         }
         let p = self
-            .api(
+            .call(
                 Method::GET,
                 &format!("/sandbox/{}/toolbox-proxy-url", info.id),
                 None,
                 Idempotent::Yes,
             )
-            .await
-            .map_err(|h| h.error)?;
+            .await?;
         let base = p
             .get("url")
             .and_then(Value::as_str)
@@ -384,14 +395,13 @@ impl Provider for DaytonaProvider {
             // The name exists: ours from an earlier attempt, or someone else's.
             Err(h) if h.status.map(|s| s.as_u16()) == Some(409) => {
                 let v = self
-                    .api(
+                    .call(
                         Method::GET,
                         &format!("/sandbox/{}", spec.name),
                         None,
                         Idempotent::Yes,
                     )
-                    .await
-                    .map_err(|h| h.error)?;
+                    .await?;
                 let found = self.parse_sandbox(&v)?;
                 if found.labels.get("lease") == spec.labels.get("lease")
                     && found.labels.get("owner") == spec.labels.get("owner")
@@ -495,14 +505,13 @@ impl Provider for DaytonaProvider {
 
     async fn start(&self, sandbox: &str) -> Result<SandboxInfo, ProviderError> {
         let v = self
-            .api(
+            .call(
                 Method::POST,
                 &format!("/sandbox/{sandbox}/start"),
                 None,
                 Idempotent::Yes,
             )
-            .await
-            .map_err(|h| h.error)?;
+            .await?;
         self.parse_sandbox(&v)
     }
 
@@ -540,14 +549,13 @@ impl Provider for DaytonaProvider {
                 .extend_pairs(query)
                 .finish();
             let v = self
-                .api(
+                .call(
                     Method::GET,
                     &format!("/sandbox?{qs}"),
                     None,
                     Idempotent::Yes,
                 )
-                .await
-                .map_err(|h| h.error)?;
+                .await?;
             // Old servers answer a bare array; new ones {items, nextCursor}.
             let items = v
                 .get("items")
