@@ -383,7 +383,7 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
 }
 
 /// Exponential backoff with full jitter.
-fn backoff(policy: RetryPolicy, attempt: u32) -> Duration {
+pub(crate) fn backoff(policy: RetryPolicy, attempt: u32) -> Duration {
     let exp = policy
         .base
         .saturating_mul(1 << attempt.min(10))

@@ -971,8 +971,7 @@ impl DaytonaProvider {
                                 .redact(&format!("opening the command's log stream: {err}")),
                         ));
                     }
-                    let delay = Duration::from_millis(100 * (1 << attempt.min(5)));
-                    tokio::time::sleep(delay.mul_f64(rand::random::<f64>().max(0.2))).await;
+                    tokio::time::sleep(client::backoff(self.client.retry, attempt)).await;
                 }
             }
         };
