@@ -1,14 +1,77 @@
-//! The daemon's error type and the one table that maps it to gRPC statuses and CLI exit
-//! codes.
+//! The errors of every layer and the one table that maps them to gRPC statuses and CLI
+//! exit codes.
 //!
 //! Every error carries a message a person can act on: what failed, why, what to do. The
 //! kind travels to the CLI in the `crabbox-error-kind` metadata so that the exit code is
-//! decided by what went wrong, not guessed from the gRPC code.
-
-use crate::provider::ProviderError;
+//! decided by what went wrong, not guessed from the gRPC code. This module is a leaf: it
+//! knows no lease, provider or daemon, only what the table needs.
 
 /// The metadata key that carries an [`ErrorKind`] from the daemon to the CLI.
 pub const KIND_METADATA: &str = "crabbox-error-kind";
+
+/// Exit codes (SPEC "CLI"): the remote command's own, else these.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const INTERNAL: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const AUTH: i32 = 3;
+    pub const NOT_FOUND: i32 = 4;
+    pub const PROVISIONING: i32 = 5;
+    pub const SYNC: i32 = 6;
+    /// SSH, or a lease that is not ready for what was asked.
+    pub const SSH: i32 = 7;
+    /// `--timeout` reached (as `timeout(1)` reports it).
+    pub const TIMED_OUT: i32 = 124;
+    /// Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
+    pub const INTERRUPTED: i32 = 130;
+}
+
+/// What a provider failure means for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderErrorKind {
+    /// Credentials missing or refused.
+    Auth,
+    /// Credentials valid but lacking a permission.
+    Permission,
+    /// The sandbox (or snapshot) does not exist.
+    NotFound,
+    /// The provider cannot be reached or is overloaded; retrying later may work.
+    Unavailable,
+    /// The sandbox could not be created or started (error state, build failure, deadline).
+    Provisioning,
+    /// The provider cannot do this at all (ssh on `local`).
+    Unsupported,
+    /// SSH access could not be minted or used.
+    Ssh,
+    /// Uploading or unpacking the checkout failed.
+    Sync,
+    /// The request was refused as malformed.
+    Invalid,
+    /// Anything else.
+    Other,
+}
+
+/// A provider failure, with a message fit to show a person (never a secret).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ProviderError {
+    pub kind: ProviderErrorKind,
+    pub message: String,
+}
+
+impl ProviderError {
+    pub fn new(kind: ProviderErrorKind, message: impl Into<String>) -> Self {
+        ProviderError {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// Does the sandbox (or what was asked for) not exist?
+    pub fn is_not_found(&self) -> bool {
+        self.kind == ProviderErrorKind::NotFound
+    }
+}
 
 /// Everything the daemon can answer with instead of a result.
 #[derive(Debug, thiserror::Error)]
@@ -16,16 +79,36 @@ pub enum Error {
     /// A request field is malformed (bad slug, label, duration, empty command...).
     #[error("{0}")]
     InvalidArgument(String),
-    /// No lease matches the name given.
+    /// No lease matches the name given (or the repo claims none).
     #[error("{0}")]
     NotFound(String),
-    /// More than one lease matches the name given; the message lists them.
-    #[error("{0}")]
-    Ambiguous(String),
+    /// More than one lease matches `name`; `matches` describes each.
+    #[error("{name:?} matches {} leases: {}; name one by its id", matches.len(), matches.join(", "))]
+    Ambiguous { name: String, matches: Vec<String> },
     /// The lease is claimed by another repository and `--reclaim` was not given.
-    #[error("{0}")]
-    Claimed(String),
-    /// The lease is in a state where the operation cannot happen (released, failed...).
+    #[error(
+        "lease {lease} is claimed by {by}, not {repo}; pass --reclaim to take it for this repo"
+    )]
+    Claimed {
+        /// `slug (id)`.
+        lease: String,
+        by: String,
+        repo: String,
+    },
+    /// The lease cannot take the operation in its state: still being created, stopped
+    /// while asked to run, failed, being released or released.
+    #[error("lease {lease} is {state}{}; {hint}", reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default())]
+    NotUsable {
+        /// Its slug.
+        lease: String,
+        /// Its state's name.
+        state: &'static str,
+        /// Why it failed or was released, when it did.
+        reason: Option<String>,
+        /// What to do about it.
+        hint: String,
+    },
+    /// Transitional: a state error not yet typed.
     #[error("{0}")]
     WrongState(String),
     /// The provider failed.
@@ -34,7 +117,7 @@ pub enum Error {
     /// Collecting, packing or uploading the checkout failed.
     #[error("{0}")]
     Sync(String),
-    /// The store could not be read or written.
+    /// The store could not be read or written; nothing that depended on the write was done.
     #[error("state store: {0}")]
     Store(String),
     /// A bug or a crashed actor; the message says what to report.
@@ -52,6 +135,8 @@ pub enum ErrorKind {
     Provisioning,
     Sync,
     Ssh,
+    /// The lease is not in a state to do what was asked.
+    NotReady,
 }
 
 impl ErrorKind {
@@ -65,6 +150,7 @@ impl ErrorKind {
             ErrorKind::Provisioning => "provisioning",
             ErrorKind::Sync => "sync",
             ErrorKind::Ssh => "ssh",
+            ErrorKind::NotReady => "not_ready",
         }
     }
 
@@ -78,6 +164,7 @@ impl ErrorKind {
             "provisioning" => ErrorKind::Provisioning,
             "sync" => ErrorKind::Sync,
             "ssh" => ErrorKind::Ssh,
+            "not_ready" => ErrorKind::NotReady,
             _ => return None,
         })
     }
@@ -85,13 +172,13 @@ impl ErrorKind {
     /// SPEC's exit code for this kind.
     pub fn exit_code(self) -> i32 {
         match self {
-            ErrorKind::Internal => 1,
-            ErrorKind::Usage => 2,
-            ErrorKind::Auth => 3,
-            ErrorKind::NotFound => 4,
-            ErrorKind::Provisioning => 5,
-            ErrorKind::Sync => 6,
-            ErrorKind::Ssh => 7,
+            ErrorKind::Internal => exit::INTERNAL,
+            ErrorKind::Usage => exit::USAGE,
+            ErrorKind::Auth => exit::AUTH,
+            ErrorKind::NotFound => exit::NOT_FOUND,
+            ErrorKind::Provisioning => exit::PROVISIONING,
+            ErrorKind::Sync => exit::SYNC,
+            ErrorKind::Ssh | ErrorKind::NotReady => exit::SSH,
         }
     }
 
@@ -110,26 +197,28 @@ impl ErrorKind {
 impl Error {
     /// The gRPC code and the exit-code kind: the one table.
     pub fn code_and_kind(&self) -> (tonic::Code, ErrorKind) {
-        use crate::provider::ProviderErrorKind as P;
+        use ProviderErrorKind as P;
+        use tonic::Code as C;
         match self {
-            Error::InvalidArgument(_) => (tonic::Code::InvalidArgument, ErrorKind::Usage),
-            Error::NotFound(_) => (tonic::Code::NotFound, ErrorKind::NotFound),
-            Error::Ambiguous(_) => (tonic::Code::InvalidArgument, ErrorKind::NotFound),
-            Error::Claimed(_) => (tonic::Code::FailedPrecondition, ErrorKind::NotFound),
-            Error::WrongState(_) => (tonic::Code::FailedPrecondition, ErrorKind::Internal),
-            Error::Sync(_) => (tonic::Code::FailedPrecondition, ErrorKind::Sync),
-            Error::Store(_) | Error::Internal(_) => (tonic::Code::Internal, ErrorKind::Internal),
+            Error::InvalidArgument(_) => (C::InvalidArgument, ErrorKind::Usage),
+            Error::NotFound(_) => (C::NotFound, ErrorKind::NotFound),
+            Error::Ambiguous { .. } => (C::InvalidArgument, ErrorKind::NotFound),
+            Error::Claimed { .. } => (C::FailedPrecondition, ErrorKind::NotFound),
+            Error::NotUsable { .. } => (C::FailedPrecondition, ErrorKind::NotReady),
+            Error::WrongState(_) => (C::FailedPrecondition, ErrorKind::Internal),
+            Error::Sync(_) => (C::FailedPrecondition, ErrorKind::Sync),
+            Error::Store(_) | Error::Internal(_) => (C::Internal, ErrorKind::Internal),
             Error::Provider(p) => match p.kind {
-                P::Auth => (tonic::Code::Unauthenticated, ErrorKind::Auth),
-                P::Permission => (tonic::Code::PermissionDenied, ErrorKind::Auth),
-                P::NotFound => (tonic::Code::NotFound, ErrorKind::NotFound),
-                P::Unavailable => (tonic::Code::Unavailable, ErrorKind::Provisioning),
-                P::Provisioning => (tonic::Code::FailedPrecondition, ErrorKind::Provisioning),
-                P::Unsupported => (tonic::Code::Unimplemented, ErrorKind::Usage),
-                P::Ssh => (tonic::Code::FailedPrecondition, ErrorKind::Ssh),
-                P::Sync => (tonic::Code::FailedPrecondition, ErrorKind::Sync),
-                P::Invalid => (tonic::Code::InvalidArgument, ErrorKind::Usage),
-                P::Other => (tonic::Code::Internal, ErrorKind::Internal),
+                P::Auth => (C::Unauthenticated, ErrorKind::Auth),
+                P::Permission => (C::PermissionDenied, ErrorKind::Auth),
+                P::NotFound => (C::NotFound, ErrorKind::NotFound),
+                P::Unavailable => (C::Unavailable, ErrorKind::Provisioning),
+                P::Provisioning => (C::FailedPrecondition, ErrorKind::Provisioning),
+                P::Unsupported => (C::Unimplemented, ErrorKind::Usage),
+                P::Ssh => (C::FailedPrecondition, ErrorKind::Ssh),
+                P::Sync => (C::FailedPrecondition, ErrorKind::Sync),
+                P::Invalid => (C::InvalidArgument, ErrorKind::Usage),
+                P::Other => (C::Internal, ErrorKind::Internal),
             },
         }
     }
@@ -152,12 +241,6 @@ impl From<redb::Error> for Error {
     }
 }
 
-impl From<crate::lease::IllegalTransition> for Error {
-    fn from(e: crate::lease::IllegalTransition) -> Self {
-        Error::WrongState(e.to_string())
-    }
-}
-
 /// The exit-code kind of a status as the CLI receives it.
 pub fn status_kind(status: &tonic::Status) -> ErrorKind {
     status
@@ -174,25 +257,45 @@ mod tests {
 
     #[test]
     fn kinds_survive_the_wire() {
+        let not_usable = Error::NotUsable {
+            lease: "swift-crab".into(),
+            state: "creating",
+            reason: None,
+            hint: "wait with `crabbox status swift-crab --wait`".into(),
+        };
         let cases = [
             (Error::NotFound("x".into()), 4, tonic::Code::NotFound),
             (
-                Error::Ambiguous("x".into()),
+                Error::Ambiguous {
+                    name: "x".into(),
+                    matches: vec!["a".into(), "b".into()],
+                },
                 4,
                 tonic::Code::InvalidArgument,
             ),
             (
-                Error::Claimed("x".into()),
+                Error::Claimed {
+                    lease: "x".into(),
+                    by: "/a".into(),
+                    repo: "/b".into(),
+                },
                 4,
                 tonic::Code::FailedPrecondition,
             ),
+            (not_usable, 7, tonic::Code::FailedPrecondition),
             (
                 Error::InvalidArgument("x".into()),
                 2,
                 tonic::Code::InvalidArgument,
             ),
             (Error::Sync("x".into()), 6, tonic::Code::FailedPrecondition),
+            (Error::Store("x".into()), 1, tonic::Code::Internal),
             (Error::Internal("x".into()), 1, tonic::Code::Internal),
+            (
+                Error::Provider(ProviderError::new(ProviderErrorKind::Auth, "x")),
+                3,
+                tonic::Code::Unauthenticated,
+            ),
         ];
         for (err, exit, code) in cases {
             let status = tonic::Status::from(err);
@@ -201,5 +304,27 @@ mod tests {
         }
         let bare = tonic::Status::new(tonic::Code::Unauthenticated, "no");
         assert_eq!(status_kind(&bare).exit_code(), 3);
+    }
+
+    #[test]
+    fn messages_are_built_from_the_fields() {
+        let e = Error::NotUsable {
+            lease: "swift-crab".into(),
+            state: "failed",
+            reason: Some("provisioning failed: quota".into()),
+            hint: "run again to get a new one".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "lease swift-crab is failed (provisioning failed: quota); run again to get a new one"
+        );
+        let e = Error::Ambiguous {
+            name: "dup".into(),
+            matches: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(
+            e.to_string(),
+            "\"dup\" matches 2 leases: a, b; name one by its id"
+        );
     }
 }

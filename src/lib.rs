@@ -21,24 +21,17 @@
 //! - [`logging`]: the log filter that keeps secrets out of trace output.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod ids;
 pub mod lease;
 pub mod logging;
+pub mod pb;
 pub mod provider;
 pub mod sandbox;
 pub mod sim;
 pub mod store;
 pub mod sync;
 
-/// The generated gRPC code for `crabbox.v1`.
-pub mod pb {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("crabbox.v1");
-
-    /// The encoded descriptors, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("crabbox_descriptor");
-}

@@ -511,13 +511,13 @@ async fn touch(ctx: &Ctx, name: &str) -> Result<i32, CliError> {
     if ctx.json {
         print_json(&lease_json(&l));
     } else {
-        let exp = crate::daemon::rpc::timestamp_ms(l.expires_at.as_ref());
+        let exp = crate::pb::timestamp_ms(l.expires_at.as_ref());
         println!(
             "touched {} ({}): expires {} ({})",
             l.slug,
             l.id,
             output::until(exp),
-            crate::lease::rfc3339(exp)
+            crate::clock::rfc3339(exp)
         );
     }
     Ok(exit::OK)
@@ -767,7 +767,7 @@ async fn daemon(ctx: &Ctx, action: DaemonAction) -> Result<i32, CliError> {
                         "crabboxd {} running (pid {}, up {}) on {}\nstate dir: {}\nproviders: {}\nleases: {}",
                         i.version,
                         i.pid,
-                        crate::lease::human_secs(i.uptime_secs.max(1)),
+                        crate::clock::human_secs(i.uptime_secs.max(1)),
                         i.socket,
                         i.state_dir,
                         i.providers.join(", "),

@@ -13,19 +13,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-/// Exit codes (SPEC "CLI"): the remote command's own, else these.
-pub mod exit {
-    pub const OK: i32 = 0;
-    pub const INTERNAL: i32 = 1;
-    pub const USAGE: i32 = 2;
-    pub const AUTH: i32 = 3;
-    pub const NOT_FOUND: i32 = 4;
-    pub const PROVISIONING: i32 = 5;
-    pub const SYNC: i32 = 6;
-    pub const SSH: i32 = 7;
-    /// Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
-    pub const INTERRUPTED: i32 = 130;
-}
+pub use crate::error::exit;
 
 /// A CLI failure: what to print and the exit code.
 #[derive(Debug)]

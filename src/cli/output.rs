@@ -2,8 +2,8 @@
 
 use serde_json::{Value, json};
 
-use crate::daemon::rpc::timestamp_ms;
-use crate::lease::rfc3339;
+use crate::pb::timestamp_ms;
+use crate::clock::rfc3339;
 use crate::pb;
 
 /// The lowercase state name of a wire lease.
@@ -75,12 +75,12 @@ pub fn leased_line(l: &pb::Lease) -> String {
 
 /// How long until `ms`, for people ("in 29m", "expired").
 pub fn until(ms: u64) -> String {
-    let now = crate::lease::now_ms();
+    let now = crate::clock::now_ms();
     if ms <= now {
         return "expired".into();
     }
     let secs = (ms - now) / 1000;
-    format!("in {}", crate::lease::human_secs(secs.max(1)))
+    format!("in {}", crate::clock::human_secs(secs.max(1)))
 }
 
 /// A table of leases.

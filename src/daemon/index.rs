@@ -185,9 +185,8 @@ fn ambiguous(name: &str, hits: &[&LeaseRecord]) -> Error {
         .iter()
         .map(|r| format!("{} ({}, {})", r.id, r.slug, r.state))
         .collect();
-    Error::Ambiguous(format!(
-        "{name:?} matches {} leases: {}; name one by its id",
-        hits.len(),
-        list.join(", ")
-    ))
+    Error::Ambiguous {
+        name: name.to_string(),
+        matches: list,
+    }
 }

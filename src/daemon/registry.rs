@@ -350,11 +350,11 @@ impl RegistryState {
         match record.repo_root.as_deref() {
             Some(current) if current == repo_root => return Ok(record),
             Some(current) if !reclaim => {
-                return Err(Error::Claimed(format!(
-                    "lease {} ({}) is claimed by {current}, not {repo_root}; pass --reclaim to \
-                     take it for this repo",
-                    record.slug, record.id
-                )));
+                return Err(Error::Claimed {
+                    lease: format!("{} ({})", record.slug, record.id),
+                    by: current.to_string(),
+                    repo: repo_root.to_string(),
+                });
             }
             _ => {}
         }

@@ -3,7 +3,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
 
 use ractor::ActorRef;
 use tokio::sync::mpsc;
@@ -18,6 +17,7 @@ use crate::error::Error;
 use crate::lease::actor::LeaseMsg;
 use crate::lease::{LeaseRecord, LeaseState};
 use crate::pb;
+use crate::pb::timestamp;
 use crate::pb::daemon_service_server::{DaemonService, DaemonServiceServer};
 use crate::pb::lease_service_server::{LeaseService, LeaseServiceServer};
 
@@ -70,24 +70,6 @@ pub struct LeaseSvc {
 /// `crabbox.v1.DaemonService`.
 pub struct DaemonSvc {
     shared: Arc<Shared>,
-}
-
-fn timestamp(ms: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
-}
-
-/// Milliseconds from a wire timestamp (0 when absent).
-pub fn timestamp_ms(t: Option<&prost_types::Timestamp>) -> u64 {
-    t.map(|t| {
-        (UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
-    })
-    .unwrap_or(0)
 }
 
 pub fn state_pb(s: LeaseState) -> pb::LeaseState {

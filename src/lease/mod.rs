@@ -9,7 +9,6 @@ pub mod phase;
 pub mod run;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -103,11 +102,6 @@ impl LeaseRecord {
         })
     }
 
-    /// The name a user knows the lease by: its slug.
-    pub fn display_name(&self) -> &str {
-        &self.slug
-    }
-
     /// The sandbox's id if known, else its name (providers accept either).
     pub fn sandbox_ref(&self) -> &str {
         self.sandbox_id.as_deref().unwrap_or(&self.sandbox_name)
@@ -153,25 +147,7 @@ pub fn owned_by(labels: &BTreeMap<String, String>, owner: &str) -> bool {
         && labels.get("owner").map(String::as_str) == Some(owner)
 }
 
-/// Now, in Unix milliseconds.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// RFC 3339 (UTC, seconds) for Unix milliseconds.
-pub fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
-/// `5400` -> `1h30m`, for messages.
-pub fn human_secs(secs: u64) -> String {
-    humantime::format_duration(Duration::from_secs(secs))
-        .to_string()
-        .replace(' ', "")
-}
+pub use crate::clock::{human_secs, now_ms, rfc3339};
 
 #[cfg(test)]
 mod tests {
@@ -243,11 +219,5 @@ mod tests {
         let mut other = l;
         other.insert("lease".into(), "cbx_ffffffffffff".into());
         assert!(!r.owns(&other));
-    }
-
-    #[test]
-    fn human_durations() {
-        assert_eq!(human_secs(5400), "1h30m");
-        assert_eq!(human_secs(90), "1m30s");
     }
 }

@@ -19,58 +19,8 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::error::{ProviderError, ProviderErrorKind};
 pub use crate::sandbox::{ExecExit, ExecOutput};
-
-/// What a provider failure means for the caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderErrorKind {
-    /// Credentials missing or refused.
-    Auth,
-    /// Credentials valid but lacking a permission.
-    Permission,
-    /// The sandbox (or snapshot) does not exist.
-    NotFound,
-    /// The provider cannot be reached or is overloaded; retrying later may work.
-    Unavailable,
-    /// The sandbox could not be created or started (error state, build failure, deadline).
-    Provisioning,
-    /// The provider cannot do this at all (ssh on `local`).
-    Unsupported,
-    /// SSH access could not be minted or used.
-    Ssh,
-    /// Uploading or unpacking the checkout failed.
-    Sync,
-    /// The request was refused as malformed.
-    Invalid,
-    /// Anything else.
-    Other,
-}
-
-/// A provider failure, with a message fit to show a person (never a secret).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct ProviderError {
-    pub kind: ProviderErrorKind,
-    pub message: String,
-}
-
-impl ProviderError {
-    pub fn new(kind: ProviderErrorKind, message: impl Into<String>) -> Self {
-        ProviderError {
-            kind,
-            message: message.into(),
-        }
-    }
-
-    /// May the same call succeed if repeated after a pause?
-    pub fn is_retryable(&self) -> bool {
-        self.kind == ProviderErrorKind::Unavailable
-    }
-
-    pub fn is_not_found(&self) -> bool {
-        self.kind == ProviderErrorKind::NotFound
-    }
-}
 
 /// A sandbox's state as crabbox cares about it.
 #[derive(Debug, Clone, PartialEq, Eq)]

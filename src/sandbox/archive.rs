@@ -5,6 +5,14 @@ use std::fs::File;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 
+/// Only plain relative paths are ever synced: no absolute path, no `..`.
+pub fn plain_relative(path: &str) -> bool {
+    !path.is_empty()
+        && Path::new(path)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)))
+}
+
 /// Joins a relative path under `root`, refusing absolute paths, `..`, and any existing
 /// ancestor inside `root` that is a symlink (which could lead out of `root`).
 pub fn safe_join(root: &Path, rel: &str) -> io::Result<PathBuf> {

@@ -117,7 +117,7 @@ impl Engine {
             error_reason: None,
             labels,
             env,
-            created_at_ms: crate::lease::now_ms(),
+            created_at_ms: crate::clock::now_ms(),
         };
         self.save(&meta)?;
         Ok(meta)

@@ -13,8 +13,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::{ApiError, ApiJson, Principal, Sim, now_rfc3339, rfc3339_ms};
-use crate::lease::now_ms;
+use super::{ApiError, ApiJson, Principal, Sim, now_rfc3339};
+use crate::clock::{now_ms, rfc3339_millis as rfc3339_ms};
 use crate::sandbox::EngineState;
 
 type ApiResult = Result<Json<Value>, ApiError>;

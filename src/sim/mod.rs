@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{FromRequest, Request, State};
@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::{now_ms, rfc3339_millis};
 use crate::sandbox::Engine;
 
 /// How a sim runs.
@@ -198,12 +199,7 @@ tokio::task_local! {
 
 /// Now as Daytona writes times (RFC 3339 with milliseconds, UTC).
 pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
-}
-
-/// Unix milliseconds as Daytona writes times.
-pub fn rfc3339_ms(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+    rfc3339_millis(now_ms())
 }
 
 impl IntoResponse for ApiError {

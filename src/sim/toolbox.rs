@@ -23,7 +23,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::{ApiError, ApiJson, Sim};
-use crate::lease::now_ms;
+use crate::clock::now_ms;
 use crate::sandbox::process::{self, ExecOutput, ProcessSpec};
 
 /// Default `process/execute` timeout when the request names none (Daytona documents 10 s).

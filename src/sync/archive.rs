@@ -23,7 +23,7 @@ pub fn build(
     tar.follow_symlinks(false);
     tar.mode(tar::HeaderMode::Complete);
     for rel in paths {
-        if !super::manifest::plain_relative(rel) {
+        if !crate::sandbox::archive::plain_relative(rel) {
             return Err(SyncError::Io(format!(
                 "refusing to archive {rel:?}: not a plain relative path"
             )));

@@ -11,13 +11,14 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Component, Path};
+use std::path::Path;
 use std::process::Command;
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::SyncError;
+use crate::sandbox::archive::plain_relative;
 
 /// Folder or file names never synced unless git tracks them: caches, dependencies, build
 /// output and VCS metadata that the sandbox rebuilds itself.
@@ -403,13 +404,6 @@ fn walk_list(
     Ok(list)
 }
 
-/// Only plain relative paths are ever synced: no absolute path, no `..`.
-pub fn plain_relative(path: &str) -> bool {
-    !path.is_empty()
-        && Path::new(path)
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)))
-}
 
 fn hash_entry(
     root: &Path,

@@ -597,7 +597,7 @@ impl Provider for DaytonaProvider {
                 .map_err(|err| e(ProviderErrorKind::Sync, format!("temp file: {err}")))?;
             let mut bytes = Vec::new();
             for p in &spec.remove {
-                if !crate::sync::manifest::plain_relative(p) {
+                if !crate::sandbox::archive::plain_relative(p) {
                     return Err(e(
                         ProviderErrorKind::Sync,
                         format!("refusing to delete {p:?}: not a plain relative path"),
@@ -684,7 +684,7 @@ impl Provider for DaytonaProvider {
         minutes: u32,
     ) -> Result<SshAccessInfo, ProviderError> {
         if let Some(cached) = self.ssh.get(sandbox) {
-            let left = cached.expires_at_ms.saturating_sub(crate::lease::now_ms());
+            let left = cached.expires_at_ms.saturating_sub(crate::clock::now_ms());
             if Duration::from_millis(left) > SSH_REFRESH_MARGIN {
                 return Ok(cached.clone());
             }
@@ -734,7 +734,7 @@ impl Provider for DaytonaProvider {
             })
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_millis() as u64)
-            .unwrap_or_else(|| crate::lease::now_ms() + u64::from(minutes) * 60_000);
+            .unwrap_or_else(|| crate::clock::now_ms() + u64::from(minutes) * 60_000);
         let access = SshAccessInfo {
             host,
             port,
