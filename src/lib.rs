@@ -5,20 +5,24 @@
 //! over gRPC on a Unix socket to the `crabbox` CLI.
 //!
 //! Module map:
-//! - [`pb`]: the generated gRPC types (`proto/crabbox/v1`).
-//! - [`daemon`]: `run(config, providers, socket, shutdown)`, the registry actor, the index,
-//!   the gRPC services.
-//! - [`lease`]: the lease record, its lifecycle state machine, the lease actor, runs.
-//! - [`provider`]: the `Provider` trait and the `local` provider.
+//! Module map, one way down (a module imports only those below it, and the leaves):
+//! `bin -> cli -> pb` and `bin -> daemon -> rpc -> registry -> lease -> {provider, sync}
+//! -> sandbox`; `sim -> sandbox` stands apart.
+//! - [`cli`]: the `crabbox` command line (a gRPC client of the daemon).
+//! - [`daemon`]: `run(config, providers, socket, shutdown)`: the composition root.
+//! - [`rpc`]: the gRPC services; the Run and Watch use cases; wire conversions.
+//! - [`registry`]: supervision of lease actors, acquire/claim, the index of live leases,
+//!   the sweep (expiry, retries, reconcile, orphans).
+//! - [`lease`]: the record, the lifecycle's one step function, the actor that carries out
+//!   its effects, the provider work it does, and the store.
+//! - [`provider`]: the `Provider` trait, `local` and `daytona`.
+//! - [`sync`]: which files a sync sends, their hashes, the archive.
 //! - [`sandbox`]: the local sandbox engine (folders + process groups), shared with
 //!   `daytona-sim`.
 //! - [`sim`]: `daytona-sim`, a Daytona-compatible server over the local sandbox engine.
-//! - [`sync`]: which files a sync sends, their hashes, the archive.
-//! - [`store`]: the redb store of leases, manifests and runs.
-//! - [`config`]: layered YAML/env/flag configuration and the SPEC paths.
-//! - [`cli`]: the `crabbox` command line (a gRPC client of the daemon).
-//! - [`error`], [`ids`]: the error table, ids and slugs.
-//! - [`logging`]: the log filter that keeps secrets out of trace output.
+//!
+//! Leaves anyone may use: [`clock`] (the one wall clock), [`ids`], [`config`], [`error`]
+//! (the error table), [`pb`] (the generated gRPC types and wire time), [`logging`].
 
 pub mod cli;
 pub mod clock;
@@ -30,8 +34,8 @@ pub mod lease;
 pub mod logging;
 pub mod pb;
 pub mod provider;
+pub mod registry;
+pub mod rpc;
 pub mod sandbox;
 pub mod sim;
-pub mod store;
 pub mod sync;
-

@@ -2,9 +2,9 @@
 
 use serde_json::{Value, json};
 
-use crate::pb::timestamp_ms;
 use crate::clock::rfc3339;
 use crate::pb;
+use crate::pb::timestamp_ms;
 
 /// The lowercase state name of a wire lease.
 pub fn state_name(l: &pb::Lease) -> &'static str {

@@ -1,55 +1,29 @@
-//! The daemon: [`run`] serves the gRPC API on a Unix socket (and TCP when asked) until its
-//! shutdown future resolves, then stops within a deadline. Tests embed it on a temp socket.
+//! The daemon, the composition root: [`run`] opens the store, starts the registry (which
+//! picks up every unfinished lease), and serves the gRPC API on a Unix socket (and TCP when
+//! asked) until its shutdown future resolves, then stops within a deadline. Tests embed it
+//! on a temp socket.
 //!
-//! - [`index`]: live leases by id, name resolution, the event feed.
-//! - [`registry`]: the actor that creates and supervises lease actors.
-//! - [`rpc`]: the gRPC services (validate, call, map the error: nothing more).
+//! - [`socket`]: binding the socket safely, one daemon per socket.
 
-pub mod index;
-pub mod registry;
-pub mod rpc;
+pub mod socket;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ractor::Actor;
-use ractor::rpc::CallResult;
-use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
-use crate::provider::Provider;
+use crate::lease::store::Store;
+pub use crate::provider::Providers;
 use crate::provider::local::LocalProvider;
-use crate::store::Store;
-use index::LeaseIndex;
-use registry::{Registry, RegistryMsg};
-
-/// How long a handler waits for an actor to answer before giving up.
-pub const ACTOR_CALL_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The providers a daemon offers, by name.
-pub type Providers = HashMap<String, Arc<dyn Provider>>;
-
-/// Lease defaults (SPEC: ttl 90m, idle 30m).
-#[derive(Debug, Clone, Copy)]
-pub struct LeaseDefaults {
-    pub ttl: Duration,
-    pub idle: Duration,
-}
-
-impl Default for LeaseDefaults {
-    fn default() -> Self {
-        LeaseDefaults {
-            ttl: Duration::from_secs(90 * 60),
-            idle: Duration::from_secs(30 * 60),
-        }
-    }
-}
+pub use crate::registry::LeaseDefaults;
+use crate::registry::{Registry, RegistryCtx};
+use crate::rpc::{self, Api};
+pub use socket::{BoundSocket, bind_unix};
 
 /// How a daemon runs.
 #[derive(Debug, Clone)]
@@ -83,22 +57,6 @@ impl DaemonConfig {
             shutdown_deadline: Duration::from_secs(10),
         }
     }
-}
-
-/// What every actor, run task and handler of one daemon shares.
-pub struct Shared {
-    pub store: Arc<Store>,
-    pub providers: Providers,
-    pub default_provider: String,
-    pub leases: LeaseIndex,
-    pub daemon_id: String,
-    pub state_dir: PathBuf,
-    pub socket: PathBuf,
-    pub defaults: LeaseDefaults,
-    pub provision_deadline: Duration,
-    /// Cancelled at shutdown; every lease's run token is a child of it.
-    pub shutdown: CancellationToken,
-    pub started: Instant,
 }
 
 /// Why the daemon could not start or serve.
@@ -162,80 +120,6 @@ pub fn providers_from_config(
     Ok(providers)
 }
 
-/// A bound socket plus the lock that makes it ours.
-pub struct BoundSocket {
-    listener: UnixListener,
-    path: PathBuf,
-    /// Held while the daemon lives: a second daemon fails to take it.
-    _lock: nix::fcntl::Flock<std::fs::File>,
-}
-
-/// Binds the daemon's Unix socket: its folder 0700 (when we create it), the socket 0600.
-/// A stale socket (nothing answers) is replaced; a live daemon is refused.
-pub fn bind_unix(path: &Path) -> Result<BoundSocket, DaemonError> {
-    let setup = |what: &str, e: std::io::Error| DaemonError::Setup(format!("{what}: {e}"));
-    let dir = path.parent().ok_or_else(|| {
-        DaemonError::Setup(format!("socket path {} has no folder", path.display()))
-    })?;
-    if !dir.exists() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| setup(&format!("creating {}", dir.display()), e))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| setup(&format!("securing {}", dir.display()), e))?;
-    }
-    // A lock beside the socket closes the race of two daemons starting at once.
-    let lock_path = path.with_extension("lock");
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| setup(&format!("opening {}", lock_path.display()), e))?;
-    let mut lock =
-        match nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err((_, _)) => {
-                let pid = std::fs::read_to_string(&lock_path).unwrap_or_default();
-                let pid = pid.trim();
-                return Err(DaemonError::AlreadyRunning {
-                    socket: path.display().to_string(),
-                    pid: if pid.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" (pid {pid})")
-                    },
-                });
-            }
-        };
-    {
-        use std::io::{Seek, Write};
-        let _ = lock.set_len(0);
-        let _ = lock.seek(std::io::SeekFrom::Start(0));
-        let _ = write!(lock, "{}", std::process::id());
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(DaemonError::AlreadyRunning {
-                socket: path.display().to_string(),
-                pid: String::new(),
-            });
-        }
-        tracing::info!(socket = %path.display(), "replacing stale socket");
-        std::fs::remove_file(path)
-            .map_err(|e| setup(&format!("removing stale {}", path.display()), e))?;
-    }
-    let listener =
-        UnixListener::bind(path).map_err(|e| setup(&format!("binding {}", path.display()), e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| setup(&format!("securing {}", path.display()), e))?;
-    Ok(BoundSocket {
-        listener,
-        path: path.to_path_buf(),
-        _lock: lock,
-    })
-}
-
 /// Runs a daemon until `shutdown` resolves. The socket must be bound already
 /// ([`bind_unix`]), so that "already running" is reported before anything else starts.
 pub async fn run(
@@ -252,25 +136,20 @@ pub async fn run(
     })?;
     let store = Arc::new(Store::open(&config.state_dir.join("crabbox.redb"))?);
     let daemon_id = store.daemon_id()?;
+    // One token fans out: runs, watches, the ticker and the servers all end with it.
     let token = CancellationToken::new();
-    let shared = Arc::new(Shared {
-        store,
-        providers,
+    let (registry, registry_join) = Registry::start(RegistryCtx {
+        store: store.clone(),
+        providers: providers.clone(),
         default_provider: config.default_provider.clone(),
-        leases: LeaseIndex::default(),
-        daemon_id,
-        state_dir: config.state_dir.clone(),
-        socket: socket.path.clone(),
+        daemon_id: daemon_id.clone(),
         defaults: config.defaults,
         provision_deadline: config.provision_deadline,
         shutdown: token.clone(),
-        started: Instant::now(),
-    });
-    let (registry, registry_join) = Actor::spawn(None, Registry, shared.clone())
-        .await
-        .map_err(|e| DaemonError::Setup(format!("starting the registry: {e}")))?;
+    })
+    .await?;
 
-    // The expiry ticker.
+    // The sweep ticker: expiry, retries, reconcile, orphans.
     let ticker = {
         let registry = registry.clone();
         let token = token.clone();
@@ -280,15 +159,25 @@ pub async fn run(
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = interval.tick() => { let _ = registry.send_message(RegistryMsg::Sweep); }
+                    _ = interval.tick() => registry.sweep(),
                     () = token.cancelled() => break,
                 }
             }
         })
     };
 
-    let router = rpc::router(shared.clone(), registry.clone());
-    tracing::info!(socket = %socket.path.display(), daemon_id = %shared.daemon_id, "crabboxd serving");
+    let router = rpc::router(Arc::new(Api {
+        registry: registry.clone(),
+        store,
+        providers,
+        default_provider: config.default_provider.clone(),
+        daemon_id: daemon_id.clone(),
+        socket: socket.path.clone(),
+        state_dir: config.state_dir.clone(),
+        started: Instant::now(),
+        shutdown: token.clone(),
+    }));
+    tracing::info!(socket = %socket.path.display(), %daemon_id, "crabboxd serving");
     let uds = {
         let token = token.clone();
         let router = router.clone();
@@ -335,31 +224,9 @@ pub async fn run(
         );
     }
     let _ = ticker.await;
-    // Every lease is persisted at each move; stop the actors (they hold the store) and the
-    // registry, each within a bound.
-    registry.stop(Some("shutdown".into()));
-    let _ = tokio::time::timeout(Duration::from_secs(2), registry_join).await;
-    for h in shared.leases.handles() {
-        let _ = tokio::time::timeout(
-            Duration::from_secs(2),
-            h.actor.stop_and_wait(Some("shutdown".into()), None),
-        )
-        .await;
-    }
+    // Every lease is persisted at each move; stop the actors (they hold the store).
+    registry.stop(registry_join, Duration::from_secs(2)).await;
     let _ = std::fs::remove_file(&socket.path);
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Unwraps an actor call's answer.
-pub fn call_result<T>(r: CallResult<T>) -> Result<T, Error> {
-    match r {
-        CallResult::Success(v) => Ok(v),
-        CallResult::Timeout => Err(Error::Internal(
-            "the lease actor did not answer in time".into(),
-        )),
-        CallResult::SenderError => Err(Error::Internal(
-            "the lease actor stopped before answering (see the daemon log)".into(),
-        )),
-    }
 }

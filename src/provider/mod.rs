@@ -11,8 +11,9 @@
 pub mod daytona;
 pub mod local;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::error::{ProviderError, ProviderErrorKind};
 pub use crate::sandbox::{ExecExit, ExecOutput};
+
+/// The providers a daemon offers, by name.
+pub type Providers = HashMap<String, Arc<dyn Provider>>;
 
 /// A sandbox's state as crabbox cares about it.
 #[derive(Debug, Clone, PartialEq, Eq)]

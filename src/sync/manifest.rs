@@ -404,7 +404,6 @@ fn walk_list(
     Ok(list)
 }
 
-
 fn hash_entry(
     root: &Path,
     path: &str,

@@ -1,46 +1,20 @@
-//! The lease index: id -> handle of the live lease actor, readable from any task without a
-//! trip through the registry's mailbox. Names (slug, sandbox id/name, unique prefixes) are
-//! resolved here too, against the live leases and then the store.
-
-use std::sync::Arc;
+//! The index of live leases, owned by the registry: id -> handle of the lease actor,
+//! readable from any task without a trip through the registry's mailbox. Names (slug,
+//! sandbox id or name, unique prefixes) are resolved here too, against the live leases and
+//! then the store.
 
 use dashmap::DashMap;
-use ractor::ActorRef;
-use tokio::sync::{Mutex, broadcast, watch};
+use tokio::sync::broadcast;
 
 use crate::error::Error;
-use crate::lease::LeaseRecord;
-use crate::lease::actor::LeaseMsg;
-use crate::store::Store;
-
-/// A live lease as other tasks reach it.
-#[derive(Clone)]
-pub struct LeaseHandle {
-    pub actor: ActorRef<LeaseMsg>,
-    /// The lease as of its last change (the actor publishes every change here).
-    pub state: watch::Receiver<LeaseRecord>,
-    /// Held for the whole of a run: runs on one lease are serialized.
-    pub run_lock: Arc<Mutex<()>>,
-}
-
-impl LeaseHandle {
-    pub fn record(&self) -> LeaseRecord {
-        self.state.borrow().clone()
-    }
-}
-
-/// A lease change, for `Watch`.
-#[derive(Debug, Clone)]
-pub struct LeaseChange {
-    pub lease: LeaseRecord,
-    pub message: String,
-}
+use crate::lease::store::Store;
+use crate::lease::{LeaseChange, LeaseHandle, LeaseRecord, LeaseState};
 
 /// What a name resolves to.
 pub enum Resolved {
     /// A lease with a live actor.
     Live(LeaseHandle),
-    /// A lease only the store knows (released).
+    /// A lease only the store knows (released), or whose actor just stopped.
     Stored(Box<LeaseRecord>),
 }
 
@@ -100,12 +74,18 @@ impl LeaseIndex {
         self.by_id.is_empty()
     }
 
+    /// Tells `Watch` subscribers of a change made outside an actor (a new lease).
     pub fn publish(&self, lease: LeaseRecord, message: impl Into<String>) {
         // No subscriber is fine.
         let _ = self.events.send(LeaseChange {
             lease,
             message: message.into(),
         });
+    }
+
+    /// The event feed's sending end, for lease actors.
+    pub fn feed(&self) -> broadcast::Sender<LeaseChange> {
+        self.events.clone()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<LeaseChange> {
@@ -141,7 +121,7 @@ impl LeaseIndex {
             ));
         }
         if let Some(h) = self.get(name) {
-            return Ok(Resolved::Live(h));
+            return Ok(resolved(h));
         }
         let live = self.records();
         let stored: Vec<LeaseRecord> = store
@@ -161,7 +141,7 @@ impl LeaseIndex {
             match live_hits.as_slice() {
                 [one] => {
                     if let Some(h) = self.get(&one.id) {
-                        return Ok(Resolved::Live(h));
+                        return Ok(resolved(h));
                     }
                 }
                 [] => {}
@@ -177,6 +157,16 @@ impl LeaseIndex {
         Err(Error::NotFound(format!(
             "no lease named {name:?}: see `crabbox list --all` for the leases this daemon knows"
         )))
+    }
+}
+
+/// A handle whose lease was released (its actor stopping) is only a record now.
+fn resolved(h: LeaseHandle) -> Resolved {
+    let r = h.record();
+    if r.state == LeaseState::Released {
+        Resolved::Stored(Box::new(r))
+    } else {
+        Resolved::Live(h)
     }
 }
 

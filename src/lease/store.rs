@@ -7,8 +7,8 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use super::record::LeaseRecord;
 use crate::error::Error;
-use crate::lease::LeaseRecord;
 use crate::sync::Manifest;
 
 const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
@@ -170,7 +170,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::LeaseState;
+    use crate::lease::record::{LeaseState, Task};
     use std::collections::BTreeMap;
 
     #[test]
@@ -196,6 +196,8 @@ mod tests {
             owner: "o".into(),
             sandbox_cleaned: false,
             provider_options: BTreeMap::new(),
+            task: Task::Idle,
+            attempts: 0,
         };
         let daemon_id;
         {

@@ -1,0 +1,116 @@
+//! Putting a checkout into a lease's sandbox: only what changed since what the store says
+//! the sandbox holds, or everything into a cleaned folder when that is not known.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crate::error::Error;
+use crate::lease::handle::{LeaseHandle, RunTarget};
+use crate::lease::store::Store;
+use crate::provider::UploadSpec;
+use crate::sync::{self, Manifest};
+
+/// What a sync sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub files_total: u64,
+    pub files_uploaded: u64,
+    pub files_deleted: u64,
+    pub bytes_uploaded: u64,
+    pub millis: u64,
+}
+
+/// One sync of a checkout.
+pub struct SyncJob<'a> {
+    pub lease: &'a LeaseHandle,
+    pub target: &'a RunTarget,
+    pub store: &'a Store,
+    /// Where temporary archives go.
+    pub tmp_dir: PathBuf,
+    pub repo_root: &'a Path,
+    /// The checkout's folder in the sandbox.
+    pub workdir: String,
+    /// What the checkout holds now.
+    pub manifest: Manifest,
+    /// What the store says the sandbox holds (`None`: unknown).
+    pub previous: Option<Manifest>,
+    /// Send everything, whatever the store says.
+    pub full: bool,
+}
+
+impl SyncJob<'_> {
+    /// Sends what changed and deletes what was removed; records what the sandbox holds.
+    pub async fn run(self) -> Result<SyncReport, Error> {
+        let started = Instant::now();
+        let id = self.lease.record().id;
+        let untrusted = self.lease.manifest_untrusted.load(Ordering::SeqCst);
+        let previous = if self.full || untrusted {
+            None
+        } else {
+            self.previous
+        };
+        // Without a trusted record of what the sandbox holds, its folder is cleaned and
+        // everything is sent.
+        let clean = previous.is_none();
+        let diff = self
+            .manifest
+            .diff(previous.as_ref().unwrap_or(&Manifest::default()));
+        let mut report = SyncReport {
+            files_total: self.manifest.files.len() as u64,
+            files_uploaded: diff.changed.len() as u64,
+            files_deleted: diff.deleted,
+            ..Default::default()
+        };
+        if diff.changed.is_empty() && diff.remove.is_empty() && !clean {
+            report.millis = started.elapsed().as_millis() as u64;
+            return Ok(report);
+        }
+        std::fs::create_dir_all(&self.tmp_dir)
+            .map_err(|e| Error::Sync(format!("creating {}: {e}", self.tmp_dir.display())))?;
+        let archive = if diff.changed.is_empty() {
+            None
+        } else {
+            let file = tempfile::Builder::new()
+                .prefix("sync-")
+                .suffix(".tgz")
+                .tempfile_in(&self.tmp_dir)
+                .map_err(|e| Error::Sync(format!("creating a temp archive: {e}")))?;
+            let root = self.repo_root.to_path_buf();
+            let paths = diff.changed.clone();
+            let m = self.manifest.clone();
+            let path = file.path().to_path_buf();
+            let size =
+                tokio::task::spawn_blocking(move || sync::archive::build(&root, &paths, &m, &path))
+                    .await
+                    .map_err(|e| Error::Internal(format!("archive task: {e}")))??;
+            report.bytes_uploaded = size;
+            Some(file)
+        };
+        let upload = UploadSpec {
+            workdir: self.workdir,
+            archive: archive.as_ref().map(|f| f.path().to_path_buf()),
+            remove: diff.remove.clone(),
+            clean,
+            manifest: serde_json::to_vec(&self.manifest).ok(),
+        };
+        if let Err(e) = self
+            .target
+            .provider
+            .upload(&self.target.sandbox, &upload)
+            .await
+        {
+            // What the sandbox holds is unknown now: the next sync sends everything. When
+            // the store cannot forget, the handle remembers not to trust it.
+            if let Err(store) = self.store.delete_manifest(&id) {
+                tracing::warn!(lease = %id, error = %store, "could not forget the sync manifest; the next sync sends everything");
+                self.lease.manifest_untrusted.store(true, Ordering::SeqCst);
+            }
+            return Err(e.into());
+        }
+        self.store.put_manifest(&id, &self.manifest)?;
+        self.lease.manifest_untrusted.store(false, Ordering::SeqCst);
+        report.millis = started.elapsed().as_millis() as u64;
+        Ok(report)
+    }
+}

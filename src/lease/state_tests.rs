@@ -1,0 +1,411 @@
+//! The lifecycle's laws, checked over every (state, task, event), and its table of moves.
+
+use super::Effect as F;
+use super::LeaseState as S;
+use super::*;
+use crate::lease::record::{LeaseState, Task};
+use std::collections::BTreeMap;
+
+const NOW: u64 = 5_000_000;
+
+fn record(state: LeaseState) -> LeaseRecord {
+    LeaseRecord {
+        id: "cbx_0123456789ab".into(),
+        slug: "swift-crab".into(),
+        provider: "local".into(),
+        state,
+        reason: None,
+        sandbox_id: Some("sb-1".into()),
+        sandbox_name: "crabbox-swift-crab-01234567".into(),
+        repo_root: Some("/repo".into()),
+        created_at_ms: 1_000_000,
+        last_touched_ms: 1_000_000,
+        ttl_secs: 5400,
+        idle_timeout_secs: 1800,
+        keep: false,
+        user_labels: BTreeMap::new(),
+        work_root: "/w".into(),
+        owner: "cbxd_1".into(),
+        sandbox_cleaned: false,
+        provider_options: BTreeMap::new(),
+        task: Task::Idle,
+        attempts: 0,
+    }
+}
+
+/// Every event, with sample payloads.
+fn events() -> Vec<Event> {
+    vec![
+        Event::Recover,
+        Event::Retry,
+        Event::Prepare,
+        Event::Provisioned {
+            sandbox_id: "sb-2".into(),
+        },
+        Event::ProvisionFailed {
+            error: "quota".into(),
+        },
+        Event::Touch,
+        Event::KeepAlive,
+        Event::Begin(Phase::Sync),
+        Event::Begin(Phase::Exec),
+        Event::Finish,
+        Event::Claim {
+            repo_root: Some("/other".into()),
+        },
+        Event::Claim { repo_root: None },
+        Event::Release {
+            reason: "stopped by request".into(),
+        },
+        Event::Deleted,
+        Event::DeleteFailed {
+            error: "503".into(),
+        },
+        Event::Reconcile,
+        Event::Observed(Observation::Gone),
+        Event::Observed(Observation::Destroyed),
+        Event::Observed(Observation::Stopped),
+        Event::Observed(Observation::Started),
+        Event::Observed(Observation::Creating),
+        Event::Observed(Observation::Error("runner lost".into())),
+        Event::Observed(Observation::Unreachable),
+        Event::Crashed {
+            why: "the lease actor crashed (boom)".into(),
+        },
+    ]
+}
+
+fn tasks() -> [Task; 4] {
+    [
+        Task::Idle,
+        Task::Provisioning,
+        Task::Deleting,
+        Task::Observing,
+    ]
+}
+
+/// The laws every (state, task, event) triple obeys, checked over all of them.
+#[test]
+fn every_pair_obeys_the_laws() {
+    for state in S::ALL {
+        for task in tasks() {
+            for event in events() {
+                let mut before = record(state);
+                before.task = task;
+                let what = format!("{state} / {task:?} on {event:?}");
+                let Ok(step) = step(&before, event.clone(), NOW) else {
+                    continue;
+                };
+                let after = &step.record;
+                let fx = &step.effects;
+                // Persisted before any provider work.
+                let persist = fx.iter().position(|f| *f == F::Persist);
+                for (i, f) in fx.iter().enumerate() {
+                    if matches!(f, F::Provision | F::Delete { .. } | F::Observe) {
+                        assert!(
+                            after.state == before.state || persist.is_some_and(|p| p < i),
+                            "{what}: provider work before the intent is persisted"
+                        );
+                    }
+                }
+                // A state change is always persisted and announced.
+                if after.state != before.state {
+                    assert_eq!(persist, Some(0), "{what}: state change not persisted first");
+                    assert!(
+                        fx.iter().any(|f| matches!(f, F::Announce(_))),
+                        "{what}: state change not announced"
+                    );
+                }
+                // Provider work starts only with its task recorded.
+                if fx.contains(&F::Provision) {
+                    assert_eq!(after.task, Task::Provisioning, "{what}");
+                }
+                if fx.iter().any(|f| matches!(f, F::Delete { .. })) {
+                    assert_eq!(after.task, Task::Deleting, "{what}");
+                }
+                if fx.contains(&F::Observe) {
+                    assert_eq!(after.task, Task::Observing, "{what}");
+                }
+                // Released is terminal, and only a finished delete reaches it.
+                if before.state == S::Released {
+                    assert_eq!(after.state, S::Released, "{what}");
+                }
+                if after.state == S::Released && before.state != S::Released {
+                    assert!(
+                        fx.contains(&F::Stop) && fx.contains(&F::ForgetManifest),
+                        "{what}"
+                    );
+                    assert!(
+                        matches!(event, Event::Deleted | Event::Release { .. }),
+                        "{what}"
+                    );
+                }
+                // A lease that fails always says why.
+                if after.state == S::Failed && before.state != S::Failed {
+                    assert!(after.reason.is_some(), "{what}");
+                }
+                // A failed lease whose sandbox may exist is being cleaned (or will be
+                // at the next retry when a delete is in flight for it already).
+                if after.state == S::Failed && before.state != S::Failed {
+                    assert!(
+                        after.sandbox_cleaned
+                            || after.task == Task::Deleting
+                            || matches!(event, Event::Crashed { .. }),
+                        "{what}: a failed lease's sandbox is left behind"
+                    );
+                }
+                // Releasing always has its delete in flight.
+                if after.state == S::Releasing && before.state != S::Releasing {
+                    assert_eq!(
+                        after.task,
+                        Task::Deleting,
+                        "{what}: release without a delete"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The moves of the state's name, for every (state, event) with no task in flight:
+/// the whole table. Anything not listed leaves the state as it is (or is refused).
+#[test]
+fn the_table_of_moves() {
+    let moves: &[(S, &str, S)] = &[
+        (S::Pending, "Recover", S::Creating),
+        (S::Syncing, "Recover", S::Ready),
+        (S::Running, "Recover", S::Ready),
+        (S::Stopped, "Prepare", S::Creating),
+        (S::Creating, "Provisioned", S::Ready),
+        (S::Creating, "ProvisionFailed", S::Failed),
+        (S::Ready, "Begin(Sync)", S::Syncing),
+        (S::Ready, "Begin(Exec)", S::Running),
+        (S::Syncing, "Begin(Exec)", S::Running),
+        (S::Syncing, "Finish", S::Ready),
+        (S::Running, "Finish", S::Ready),
+        (S::Releasing, "Deleted", S::Released),
+    ];
+    for state in S::ALL {
+        for event in events() {
+            let name = format!("{event:?}");
+            let short = name
+                .split([' ', '{'])
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let key = if name.starts_with("Begin") {
+                name.clone()
+            } else {
+                short
+            };
+            let before = record(state);
+            let got = step(&before, event.clone(), NOW).map(|s| s.record.state);
+            let want = moves
+                .iter()
+                .find(|(s, e, _)| *s == state && *e == key)
+                .map(|(_, _, to)| *to);
+            let releasing = matches!(event, Event::Release { .. });
+            let failing = matches!(event, Event::Crashed { .. })
+                || matches!(
+                    event,
+                    Event::Observed(
+                        Observation::Gone | Observation::Destroyed | Observation::Error(_)
+                    )
+                );
+            match got {
+                Ok(to) => {
+                    if let Some(want) = want {
+                        assert_eq!(to, want, "{state} on {name}");
+                    } else if releasing && state != S::Released {
+                        assert_eq!(to, S::Releasing, "{state} on {name}");
+                    } else if failing && to != state {
+                        assert_eq!(to, S::Failed, "{state} on {name}");
+                    } else {
+                        assert_eq!(to, state, "{state} on {name}: an unlisted move");
+                    }
+                }
+                Err(e) => {
+                    assert!(want.is_none(), "{state} on {name} refused: {e}");
+                    assert!(
+                        e.to_string().contains(&before.slug) || matches!(e, Error::Internal(_)),
+                        "{e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn recovery_from_each_persisted_state() {
+    let want: &[(S, S, Task)] = &[
+        (S::Pending, S::Creating, Task::Provisioning),
+        (S::Creating, S::Creating, Task::Provisioning),
+        (S::Ready, S::Ready, Task::Observing),
+        (S::Syncing, S::Ready, Task::Observing),
+        (S::Running, S::Ready, Task::Observing),
+        (S::Stopped, S::Stopped, Task::Observing),
+        (S::Releasing, S::Releasing, Task::Deleting),
+        (S::Released, S::Released, Task::Idle),
+        (S::Failed, S::Failed, Task::Deleting),
+    ];
+    for (from, to, task) in want {
+        // Whatever task the dead actor had, the new one starts from nothing.
+        for stale in tasks() {
+            let mut r = record(*from);
+            r.task = stale;
+            r.attempts = 3;
+            let s = step(&r, Event::Recover, NOW).expect("recover is never refused");
+            assert_eq!(s.record.state, *to, "{from}");
+            assert_eq!(s.record.task, *task, "{from}");
+            assert_eq!(s.record.attempts, 0);
+        }
+    }
+    // A run lost to a restart says so.
+    let s = step(&record(S::Running), Event::Recover, NOW).expect("ok");
+    assert!(s.record.reason.expect("reason").contains("restarted"));
+    // A failed lease whose sandbox is gone has nothing left to do.
+    let mut r = record(S::Failed);
+    r.sandbox_cleaned = true;
+    let s = step(&r, Event::Recover, NOW).expect("ok");
+    assert!(s.effects.is_empty());
+    // A released lease needs no actor.
+    let s = step(&record(S::Released), Event::Recover, NOW).expect("ok");
+    assert_eq!(s.effects, vec![F::Stop]);
+}
+
+#[test]
+fn a_whole_life() {
+    let mut r = record(S::Pending);
+    r.sandbox_id = None;
+    let go = |r: &mut LeaseRecord, e: Event| {
+        *r = step(r, e, NOW).expect("legal").record;
+    };
+    go(&mut r, Event::Recover);
+    assert_eq!((r.state, r.task), (S::Creating, Task::Provisioning));
+    go(
+        &mut r,
+        Event::Provisioned {
+            sandbox_id: "sb-9".into(),
+        },
+    );
+    assert_eq!(r.sandbox_id.as_deref(), Some("sb-9"));
+    assert_eq!(r.last_touched_ms, NOW);
+    go(&mut r, Event::Begin(Phase::Sync));
+    go(&mut r, Event::Begin(Phase::Exec));
+    go(&mut r, Event::Finish);
+    go(&mut r, Event::Reconcile);
+    go(&mut r, Event::Observed(Observation::Stopped));
+    assert_eq!(r.state, S::Stopped);
+    go(&mut r, Event::Prepare);
+    assert_eq!(r.state, S::Creating);
+    go(
+        &mut r,
+        Event::Provisioned {
+            sandbox_id: "sb-9".into(),
+        },
+    );
+    go(
+        &mut r,
+        Event::Release {
+            reason: "stopped by request".into(),
+        },
+    );
+    assert_eq!((r.state, r.task), (S::Releasing, Task::Deleting));
+    go(&mut r, Event::Deleted);
+    assert_eq!(r.state, S::Released);
+}
+
+#[test]
+fn a_release_during_a_cleanup_finishes_when_the_cleanup_does() {
+    // Provisioning fails: the lease fails and its sandbox is being deleted.
+    let mut r = record(S::Creating);
+    r.task = Task::Provisioning;
+    let s = step(
+        &r,
+        Event::ProvisionFailed {
+            error: "snapshot not found".into(),
+        },
+        NOW,
+    )
+    .expect("ok");
+    assert_eq!((s.record.state, s.record.task), (S::Failed, Task::Deleting));
+    // The run that created it ends and releases it while the cleanup is in flight: no
+    // second delete, the failure's reason is kept.
+    let s = step(
+        &s.record,
+        Event::Release {
+            reason: "the run that created it ended".into(),
+        },
+        NOW,
+    )
+    .expect("ok");
+    assert_eq!(s.record.state, S::Releasing);
+    assert!(!s.effects.iter().any(|f| matches!(f, F::Delete { .. })));
+    assert!(
+        s.record
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("snapshot not found")
+    );
+    // The cleanup's end is the release's end.
+    let s = step(&s.record, Event::Deleted, NOW).expect("ok");
+    assert_eq!(s.record.state, S::Released);
+}
+
+#[test]
+fn failed_deletes_back_off_and_stale_answers_are_ignored() {
+    let mut r = record(S::Releasing);
+    r.task = Task::Deleting;
+    for (attempt, secs) in [(1, 2), (2, 4), (3, 8), (6, 60), (9, 60)] {
+        r.attempts = attempt - 1;
+        let s = step(
+            &r,
+            Event::DeleteFailed {
+                error: "503".into(),
+            },
+            NOW,
+        )
+        .expect("ok");
+        assert!(
+            s.effects.contains(&F::Delete {
+                after: Duration::from_secs(secs)
+            }),
+            "attempt {attempt}: {:?}",
+            s.effects
+        );
+    }
+    // An observation that comes back after a release began is dropped.
+    let mut r = record(S::Releasing);
+    r.task = Task::Deleting;
+    let s = step(&r, Event::Observed(Observation::Gone), NOW).expect("ok");
+    assert_eq!(s.record, r);
+    assert!(s.effects.is_empty());
+}
+
+#[test]
+fn refusals_name_the_lease_and_what_to_do() {
+    let e = step(&record(S::Released), Event::Touch, NOW).expect_err("refused");
+    assert_eq!(
+        e.to_string(),
+        "lease swift-crab is released; nothing to touch"
+    );
+    let mut r = record(S::Failed);
+    r.reason = Some("quota".into());
+    let e = step(&r, Event::Begin(Phase::Exec), NOW).expect_err("refused");
+    assert!(e.to_string().contains("is failed (quota)"), "{e}");
+    assert_eq!(e.code_and_kind().1.exit_code(), 7);
+    let e = step(&r, Event::Prepare, NOW).expect_err("refused");
+    assert_eq!(e.code_and_kind().1.exit_code(), 5, "{e}");
+}
+
+#[test]
+fn json_names_are_lowercase() {
+    for s in S::ALL {
+        let json = serde_json::to_string(&s).expect("serialize");
+        assert_eq!(json, format!("\"{}\"", s.as_str()));
+        let back: LeaseState = serde_json::from_str(&json).expect("parse");
+        assert_eq!(back, s);
+    }
+}

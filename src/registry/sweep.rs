@@ -1,0 +1,98 @@
+//! The registry's sweep, on the daemon's ticker: expired leases are released, provider work
+//! that should be in flight but is not is started again, live leases are compared with
+//! their provider now and then, and sandboxes this daemon owns that no lease holds are
+//! deleted.
+
+use std::collections::BTreeMap;
+
+use super::RegistryState;
+use crate::clock::now_ms;
+use crate::lease::LeaseMsg;
+use crate::lease::record::owned_by;
+use crate::lease::{LeaseState, Task};
+
+/// Every this many sweeps, live leases are compared with their provider.
+const RECONCILE_EVERY: u64 = 6;
+/// Every this many sweeps (and at start), providers are searched for orphaned sandboxes.
+const ORPHAN_SCAN_EVERY: u64 = 60;
+
+impl RegistryState {
+    pub(super) fn sweep(&mut self) {
+        self.sweeps += 1;
+        let now = now_ms();
+        let reconcile = self.sweeps.is_multiple_of(RECONCILE_EVERY);
+        for h in self.index.handles() {
+            let r = h.record();
+            if matches!(r.state, LeaseState::Releasing | LeaseState::Released) {
+                if r.task == Task::Idle && r.state == LeaseState::Releasing {
+                    h.tell(LeaseMsg::Retry);
+                }
+                continue;
+            }
+            if let Some(reason) = r.expiry_reason(now) {
+                tracing::info!(lease = %r.id, %reason, "releasing expired lease");
+                h.tell(LeaseMsg::Release {
+                    reason,
+                    reply: None,
+                });
+                continue;
+            }
+            let stalled = r.task == Task::Idle
+                && (r.state == LeaseState::Creating
+                    || (r.state == LeaseState::Failed && !r.sandbox_cleaned));
+            if stalled {
+                h.tell(LeaseMsg::Retry);
+            }
+            if reconcile {
+                h.tell(LeaseMsg::Reconcile);
+            }
+        }
+        if self.sweeps.is_multiple_of(ORPHAN_SCAN_EVERY) {
+            self.scan_orphans();
+        }
+    }
+
+    /// Deletes sandboxes this daemon owns (by label) that no live lease holds: what a
+    /// crash between a create and its record, or a lost race, could leave behind.
+    pub(super) fn scan_orphans(&self) {
+        let ctx = self.ctx.clone();
+        let index = self.index.clone();
+        tokio::spawn(async move {
+            let filter = BTreeMap::from([
+                ("crabbox".to_string(), "true".to_string()),
+                ("owner".to_string(), ctx.daemon_id.clone()),
+            ]);
+            for (name, provider) in &ctx.providers {
+                let sandboxes = match provider.list(&filter).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(provider = %name, error = %e, "orphan scan skipped");
+                        continue;
+                    }
+                };
+                for sb in sandboxes {
+                    if !owned_by(&sb.labels, &ctx.daemon_id) {
+                        continue;
+                    }
+                    let lease = sb.labels.get("lease").cloned().unwrap_or_default();
+                    if index.get(&lease).is_some() {
+                        continue;
+                    }
+                    let live_in_store = ctx
+                        .store
+                        .get_lease(&lease)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|r| r.state.is_live() || r.state == LeaseState::Releasing);
+                    if live_in_store {
+                        continue;
+                    }
+                    tracing::warn!(provider = %name, sandbox = %sb.name, %lease, "deleting orphaned sandbox");
+                    if let Err(e) = provider.release(&sb.id).await {
+                        tracing::warn!(sandbox = %sb.name, error = %e, "could not delete orphaned sandbox");
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,328 @@
+//! The gRPC services. Each handler validates, asks the registry or the lease actor (with a
+//! timeout), and maps the error through the one table in [`crate::error`]: nothing more.
+//! The use cases driven by a stream live beside them: [`run`] and [`watch`].
+//!
+//! - [`wire`]: record <-> `crabbox.v1` conversions.
+
+pub mod run;
+pub mod watch;
+pub mod wire;
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::lease::store::Store;
+use crate::lease::{LeaseMsg, LeaseState};
+use crate::pb::daemon_service_server::{DaemonService, DaemonServiceServer};
+use crate::pb::lease_service_server::{LeaseService, LeaseServiceServer};
+use crate::pb::{self, timestamp};
+use crate::provider::Providers;
+use crate::registry::Registry;
+use crate::registry::index::Resolved;
+use wire::{acquire_spec, lease_pb};
+
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// What the handlers work with.
+pub struct Api {
+    pub registry: Registry,
+    pub store: Arc<Store>,
+    pub providers: Providers,
+    pub default_provider: String,
+    pub daemon_id: String,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub started: Instant,
+    /// Cancelled at shutdown: streams end.
+    pub shutdown: CancellationToken,
+}
+
+impl Api {
+    fn resolve(&self, name: &str) -> Result<Resolved, Error> {
+        self.registry.index.resolve(name, &self.store)
+    }
+
+    /// The lease a request names, or the repo's claimed live lease when it names none.
+    fn resolve_or_claimed(&self, name: &str, repo_root: &str) -> Result<Resolved, Error> {
+        if !name.is_empty() {
+            return self.resolve(name);
+        }
+        if repo_root.is_empty() {
+            return Err(Error::InvalidArgument(
+                "no lease named and no repository to find one by: pass --id".into(),
+            ));
+        }
+        self.registry
+            .index
+            .claimed_by(repo_root)
+            .map(Resolved::Live)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "no live lease is claimed by {repo_root}: run `crabbox warmup` here, or pass --id"
+                ))
+            })
+    }
+}
+
+/// A repository root sent by a client: empty (none), or an absolute path. The one check
+/// for every entry point that takes one.
+pub fn validate_repo_root(repo_root: &str) -> Result<(), Error> {
+    if !repo_root.is_empty() && !Path::new(repo_root).is_absolute() {
+        return Err(Error::InvalidArgument(format!(
+            "repo root {repo_root:?} must be an absolute path"
+        )));
+    }
+    Ok(())
+}
+
+/// The whole gRPC surface: the two services, health and reflection.
+pub fn router(api: Arc<Api>) -> tonic::transport::server::Router {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    // Both services serve as long as the daemon does.
+    tokio::spawn(async move {
+        health_reporter
+            .set_serving::<LeaseServiceServer<LeaseSvc>>()
+            .await;
+        health_reporter
+            .set_serving::<DaemonServiceServer<DaemonSvc>>()
+            .await;
+    });
+    // v1 for current tools, v1alpha for older grpcurl and friends.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .expect("the embedded descriptor sets are valid");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(LeaseServiceServer::new(LeaseSvc(api.clone())))
+        .add_service(DaemonServiceServer::new(DaemonSvc(api)))
+}
+
+/// `crabbox.v1.LeaseService`.
+pub struct LeaseSvc(Arc<Api>);
+
+/// `crabbox.v1.DaemonService`.
+pub struct DaemonSvc(Arc<Api>);
+
+#[tonic::async_trait]
+impl LeaseService for LeaseSvc {
+    async fn warmup(&self, req: Request<pb::WarmupRequest>) -> Result<Response<pb::Lease>, Status> {
+        let req = req.into_inner();
+        validate_repo_root(&req.repo_root)?;
+        let (keep, repo_root) = (req.keep, req.repo_root.clone());
+        let acquired = self
+            .0
+            .registry
+            .acquire(acquire_spec(req, keep, &repo_root))
+            .await?;
+        Ok(Response::new(lease_pb(&acquired.lease.record())))
+    }
+
+    async fn get(&self, req: Request<pb::LeaseRef>) -> Result<Response<pb::Lease>, Status> {
+        let r = self.0.resolve(&req.into_inner().name)?;
+        Ok(Response::new(lease_pb(&r.record())))
+    }
+
+    async fn list(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let index = &self.0.registry.index;
+        let records = if req.into_inner().all {
+            let mut all = self.0.store.all_leases().map_err(Status::from)?;
+            // The live view is fresher than the store for leases with an actor.
+            for r in all.iter_mut() {
+                if let Some(h) = index.get(&r.id) {
+                    *r = h.record();
+                }
+            }
+            all
+        } else {
+            index
+                .records()
+                .into_iter()
+                .filter(|r| r.state != LeaseState::Released)
+                .collect()
+        };
+        Ok(Response::new(pb::ListResponse {
+            leases: records.iter().map(lease_pb).collect(),
+        }))
+    }
+
+    type WatchStream = EventStream<pb::LeaseEvent>;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let (tx, rx) = mpsc::channel(64);
+        watch::watch(self.0.clone(), req.into_inner(), tx).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type RunStream = EventStream<pb::RunEvent>;
+
+    async fn run(&self, req: Request<pb::RunRequest>) -> Result<Response<Self::RunStream>, Status> {
+        let (tx, rx) = mpsc::channel(64);
+        // The run lives in its own task: this handler's future is dropped when the client
+        // leaves, and the run must then cancel its command and clean up.
+        tokio::spawn(run::run(self.0.clone(), req.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ssh(&self, req: Request<pb::SshRequest>) -> Result<Response<pb::SshAccess>, Status> {
+        let req = req.into_inner();
+        validate_repo_root(&req.repo_root)?;
+        let handle = match self.0.resolve_or_claimed(&req.lease, &req.repo_root)? {
+            Resolved::Live(h) => h,
+            Resolved::Stored(r) => {
+                return Err(r.not_usable("run `crabbox warmup` for a new lease").into());
+            }
+        };
+        let record = handle.record();
+        if !matches!(
+            record.state,
+            LeaseState::Ready | LeaseState::Syncing | LeaseState::Running
+        ) {
+            let hint = format!(
+                "it is not ready: wait with `crabbox status {} --wait`",
+                record.slug
+            );
+            return Err(record.not_usable(hint).into());
+        }
+        let provider = self
+            .0
+            .providers
+            .get(&record.provider)
+            .cloned()
+            .ok_or_else(|| Error::Internal(format!("provider {} is gone", record.provider)))?;
+        let minutes = if req.ttl_minutes == 0 {
+            30
+        } else {
+            req.ttl_minutes.min(24 * 60) as u32
+        };
+        let access = provider
+            .ssh_access(record.sandbox_ref(), minutes)
+            .await
+            .map_err(Error::from)?;
+        handle.tell(LeaseMsg::KeepAlive);
+        Ok(Response::new(pb::SshAccess {
+            lease: Some(lease_pb(&record)),
+            host: access.host,
+            port: access.port as u32,
+            user: access.user,
+            expires_at: Some(timestamp(access.expires_at_ms)),
+        }))
+    }
+
+    async fn touch(&self, req: Request<pb::LeaseRef>) -> Result<Response<pb::Lease>, Status> {
+        let record = match self.0.resolve(&req.into_inner().name)? {
+            Resolved::Live(h) => h.ask(LeaseMsg::Touch).await?,
+            Resolved::Stored(r) => return Err(r.not_usable("nothing to touch").into()),
+        };
+        Ok(Response::new(lease_pb(&record)))
+    }
+
+    async fn stop(&self, req: Request<pb::LeaseRef>) -> Result<Response<pb::Lease>, Status> {
+        let record = match self.0.resolve(&req.into_inner().name)? {
+            Resolved::Live(h) => {
+                h.ask(|reply| LeaseMsg::Release {
+                    reason: "stopped by request".into(),
+                    reply: Some(reply),
+                })
+                .await?
+            }
+            // Released already: stopping again is a success.
+            Resolved::Stored(r) => *r,
+        };
+        Ok(Response::new(lease_pb(&record)))
+    }
+
+    async fn claim(&self, req: Request<pb::ClaimRequest>) -> Result<Response<pb::Lease>, Status> {
+        let req = req.into_inner();
+        if req.repo_root.is_empty() {
+            return Err(Error::InvalidArgument(
+                "claim needs the repository's absolute root path".into(),
+            )
+            .into());
+        }
+        validate_repo_root(&req.repo_root)?;
+        let r = self.0.resolve(&req.lease)?.record();
+        let record = self
+            .0
+            .registry
+            .claim(r.id, req.repo_root, req.reclaim)
+            .await?;
+        Ok(Response::new(lease_pb(&record)))
+    }
+}
+
+#[tonic::async_trait]
+impl DaemonService for DaemonSvc {
+    async fn info(
+        &self,
+        _req: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let api = &self.0;
+        let mut counts = std::collections::HashMap::new();
+        for r in api.registry.index.records() {
+            *counts.entry(r.state.as_str().to_string()).or_insert(0u64) += 1;
+        }
+        let mut providers: Vec<String> = api.providers.keys().cloned().collect();
+        providers.sort();
+        Ok(Response::new(pb::InfoResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_secs: api.started.elapsed().as_secs(),
+            providers,
+            default_provider: api.default_provider.clone(),
+            lease_counts: counts,
+            daemon_id: api.daemon_id.clone(),
+            socket: api.socket.display().to_string(),
+            state_dir: api.state_dir.display().to_string(),
+        }))
+    }
+
+    async fn doctor(
+        &self,
+        req: Request<pb::DoctorRequest>,
+    ) -> Result<Response<pb::DoctorResponse>, Status> {
+        let req = req.into_inner();
+        let name = if req.provider.is_empty() {
+            self.0.default_provider.clone()
+        } else {
+            req.provider
+        };
+        let provider = self.0.providers.get(&name).cloned().ok_or_else(|| {
+            Status::from(Error::InvalidArgument(format!(
+                "provider {name:?} is not available in this daemon"
+            )))
+        })?;
+        let options = req.provider_options.into_iter().collect();
+        let checks = provider
+            .doctor(&options)
+            .await
+            .into_iter()
+            .map(|(name, ok, detail)| pb::Check { name, ok, detail })
+            .collect();
+        Ok(Response::new(pb::DoctorResponse { checks }))
+    }
+}

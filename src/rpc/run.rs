@@ -1,0 +1,399 @@
+//! The Run use case: resolve (or create) the lease, sync the checkout, run the command,
+//! stream its output, release a fresh lease at the end unless kept.
+//!
+//! It runs as its own task, not in the gRPC handler (dropped when the client leaves) and not
+//! in the lease actor (whose mailbox must stay free): the lease is asked for each move
+//! (prepare, begin, finish) and its step function decides; this task does the slow work
+//! with what the lease lends it. Leaving the stream cancels the command.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::wire::{acquire_spec, lease_pb, sync_pb};
+use super::{Api, validate_repo_root};
+use crate::clock::now_ms;
+use crate::error::Error;
+use crate::lease::ops::exec::Execution;
+use crate::lease::ops::sync::SyncJob;
+use crate::lease::state::{Readiness, readiness};
+use crate::lease::store::RunRecord;
+use crate::lease::{LeaseHandle, LeaseMsg, LeaseRecord, LeaseState, Phase};
+use crate::pb;
+use crate::pb::run_event::Event as RunEv;
+use crate::provider::{ExecExit, ExecOutput, ExecSpec};
+use crate::registry::index::Resolved;
+use crate::sync::{self, SyncRules};
+
+/// Where a run's events go (the gRPC response stream).
+pub type EventTx = mpsc::Sender<Result<pb::RunEvent, Status>>;
+
+/// How often a running command touches its lease.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
+
+/// How long the end of a fresh run waits for its lease's release.
+const RELEASE_WAIT: Duration = Duration::from_secs(60);
+
+/// The client left the stream.
+struct Gone;
+
+/// Runs `req` and streams its events to `tx`; never panics on bad input.
+pub async fn run(api: Arc<Api>, req: pb::RunRequest, tx: EventTx) {
+    let mut run = Run {
+        api,
+        tx: tx.clone(),
+        req,
+        lease: None,
+        fresh: false,
+    };
+    let outcome = tokio::select! {
+        r = run.go() => Some(r),
+        // The client left: dropping `go` cancels the command (the execution's drop guard)
+        // and hands the lease back to ready (the phase guard).
+        () = tx.closed() => None,
+    };
+    let failed = !matches!(outcome, Some(Ok(ref exit)) if exit.code == 0);
+    let keep = run.req.keep || (failed && run.req.keep_on_failure);
+    if run.fresh && !keep {
+        run.release_fresh(outcome.is_some()).await;
+    }
+    match outcome {
+        Some(Ok(exit)) => {
+            let _ = tx
+                .send(Ok(pb::RunEvent {
+                    event: Some(RunEv::Exit(exit)),
+                }))
+                .await;
+        }
+        Some(Err(e)) => {
+            let _ = tx.send(Err(Status::from(e))).await;
+        }
+        None => {
+            if let Some(h) = &run.lease {
+                tracing::info!(lease = %h.record().id, "client left the run; command cancelled");
+            }
+        }
+    }
+}
+
+struct Run {
+    api: Arc<Api>,
+    tx: EventTx,
+    req: pb::RunRequest,
+    lease: Option<LeaseHandle>,
+    /// The lease was created for this run.
+    fresh: bool,
+}
+
+/// Sends `Finish` to the lease when a phase ends, however it ends (error, client gone).
+struct PhaseGuard(LeaseHandle);
+
+impl Drop for PhaseGuard {
+    fn drop(&mut self) {
+        self.0.tell(LeaseMsg::Finish);
+    }
+}
+
+impl Run {
+    async fn emit(&self, event: RunEv) -> Result<(), Gone> {
+        self.tx
+            .send(Ok(pb::RunEvent { event: Some(event) }))
+            .await
+            .map_err(|_| Gone)
+    }
+
+    async fn phase(&self, text: impl Into<String>) {
+        let _ = self.emit(RunEv::Phase(text.into())).await;
+    }
+
+    async fn go(&mut self) -> Result<pb::Exit, Error> {
+        let started = now_ms();
+        if self.req.argv.is_empty() && !self.req.sync_only {
+            return Err(Error::InvalidArgument(
+                "no command to run: put it after `--`, for example `crabbox run -- cargo test`"
+                    .into(),
+            ));
+        }
+        for name in self.req.env.keys() {
+            validate_env_name(name)?;
+        }
+        let repo_root = self.req.repo_root.clone();
+        validate_repo_root(&repo_root)?;
+        let sync_opts = self.req.sync.clone().unwrap_or_default();
+
+        // 1. The lease this run would use, without creating anything yet.
+        let existing = if !self.req.lease.is_empty() {
+            match self.api.resolve(&self.req.lease)? {
+                Resolved::Live(h) => Some(h),
+                Resolved::Stored(r) => {
+                    return Err(r.not_usable("run without --id to get a new one"));
+                }
+            }
+        } else if !repo_root.is_empty() {
+            self.api.registry.index.claimed_by(&repo_root)
+        } else {
+            None
+        };
+
+        // 2. Collect the checkout first: the size guard must refuse before anything that
+        // costs money is created. What the lease holds is read once: it is the stat cache
+        // here and the base of the diff later.
+        let mut collected = None;
+        let mut previous = None;
+        if !sync_opts.skip {
+            if repo_root.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "nothing to sync: no repo root was sent (use --no-sync to run without one)"
+                        .into(),
+                ));
+            }
+            previous = match &existing {
+                Some(h) => self.api.store.get_manifest(&h.record().id)?,
+                None => None,
+            };
+            let rules = SyncRules {
+                exclude: sync_opts.exclude.clone(),
+                include: sync_opts.include.clone(),
+                force_large: sync_opts.force_large,
+                limits: Default::default(),
+            };
+            let root = repo_root.clone();
+            let cache = previous.clone();
+            let c = tokio::task::spawn_blocking(move || {
+                sync::manifest::collect(Path::new(&root), &rules, cache.as_ref())
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
+            for w in &c.warnings {
+                self.phase(format!("warning: {w}")).await;
+            }
+            collected = Some(c);
+        }
+
+        // 3. The lease: claim it, or create one.
+        let handle = match existing {
+            Some(h) => {
+                if !self.req.lease.is_empty() && !repo_root.is_empty() {
+                    self.api
+                        .registry
+                        .claim(h.record().id, repo_root.clone(), self.req.reclaim)
+                        .await?;
+                }
+                h
+            }
+            None => {
+                let fresh = self.req.fresh.clone().unwrap_or_default();
+                let spec = acquire_spec(fresh, self.req.keep, &repo_root);
+                let acquired = self.api.registry.acquire(spec).await?;
+                self.fresh = acquired.fresh;
+                if !acquired.fresh {
+                    // Another run claimed one for this repo meanwhile.
+                    previous = self.api.store.get_manifest(&acquired.lease.record().id)?;
+                }
+                acquired.lease
+            }
+        };
+        self.lease = Some(handle.clone());
+        let _ = self.emit(RunEv::Lease(lease_pb(&handle.record()))).await;
+
+        // 4. Usable, and ours alone.
+        self.wait_usable(&handle).await?;
+        let _lock = match handle.run_lock.clone().try_lock_owned() {
+            Ok(g) => g,
+            Err(_) => {
+                self.phase(format!(
+                    "waiting: another run is using lease {}",
+                    handle.record().slug
+                ))
+                .await;
+                handle.run_lock.clone().lock_owned().await
+            }
+        };
+        let record = self.wait_usable(&handle).await?;
+        let repo_name = Path::new(&repo_root)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("workdir")
+            .to_string();
+
+        // 5. Sync.
+        let mut files_uploaded = 0;
+        // Ends the phase (back to ready) however this function ends.
+        let mut phase_guard = None;
+        if let Some(collected) = collected {
+            let target = handle
+                .ask(|reply| LeaseMsg::Begin {
+                    phase: Phase::Sync,
+                    reply,
+                })
+                .await?;
+            phase_guard = Some(PhaseGuard(handle.clone()));
+            self.phase("syncing").await;
+            let report = SyncJob {
+                lease: &handle,
+                target: &target,
+                store: &self.api.store,
+                tmp_dir: self.api.state_dir.join("tmp"),
+                repo_root: Path::new(&repo_root),
+                workdir: format!("{}/{}", target.lease_dir, repo_name),
+                manifest: collected.manifest,
+                previous,
+                full: sync_opts.full_resync,
+            }
+            .run()
+            .await?;
+            files_uploaded = report.files_uploaded;
+            let _ = self
+                .emit(RunEv::Sync(sync_pb(&report, collected.warnings)))
+                .await;
+        }
+        if self.req.sync_only {
+            return Ok(pb::Exit::default());
+        }
+
+        // 6. Exec (syncing -> running directly, without a trip through ready).
+        let target = handle
+            .ask(|reply| LeaseMsg::Begin {
+                phase: Phase::Exec,
+                reply,
+            })
+            .await?;
+        let _phase_guard = phase_guard.unwrap_or_else(|| PhaseGuard(handle.clone()));
+        let command = if self.req.shell {
+            self.req.argv.join(" ")
+        } else {
+            shlex::try_join(self.req.argv.iter().map(String::as_str)).map_err(|e| {
+                Error::InvalidArgument(format!("cannot quote the command for the shell: {e}"))
+            })?
+        };
+        let mut env: BTreeMap<String, String> = self.req.env.clone().into_iter().collect();
+        env.insert("CRABBOX".into(), "1".into());
+        env.insert("CRABBOX_LEASE_ID".into(), record.id.clone());
+        let spec = ExecSpec {
+            command,
+            cwd: format!("{}/{}", target.lease_dir, repo_name),
+            env,
+            timeout: (self.req.timeout_secs > 0)
+                .then(|| Duration::from_secs(self.req.timeout_secs)),
+        };
+        let exit = self.exec(&handle, Execution::start(&target, spec)).await?;
+        if exit.cancelled && !handle.record().state.is_live() {
+            return Err(handle
+                .record()
+                .not_usable("it was released while the command ran"));
+        }
+        let _ = self.api.store.add_run(&RunRecord {
+            lease_id: record.id.clone(),
+            started_ms: started,
+            ended_ms: now_ms(),
+            command: self.req.argv.join(" "),
+            exit_code: exit.code,
+            files_uploaded,
+        });
+        Ok(pb::Exit {
+            code: exit.code,
+            signal: exit.signal.unwrap_or_default(),
+            timed_out: exit.timed_out,
+        })
+    }
+
+    /// Waits until the lease can take a run: the lease's [`readiness`] decides, and a
+    /// stopped lease is asked to start.
+    async fn wait_usable(&self, h: &LeaseHandle) -> Result<LeaseRecord, Error> {
+        let mut rx = h.state.clone();
+        let mut said = None;
+        loop {
+            let r = rx.borrow_and_update().clone();
+            match readiness(&r) {
+                Readiness::Usable => return Ok(r),
+                Readiness::Unusable(e) => return Err(e),
+                Readiness::Start => {
+                    self.phase(format!("starting stopped sandbox {}", r.sandbox_name))
+                        .await;
+                    h.ask(LeaseMsg::Prepare).await?;
+                }
+                Readiness::Wait => {
+                    if said != Some(r.state) {
+                        self.phase(format!(
+                            "waiting for sandbox {} ({})",
+                            r.sandbox_name, r.state
+                        ))
+                        .await;
+                        said = Some(r.state);
+                    }
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(h.record().not_usable("run again to get a new one"));
+            }
+        }
+    }
+
+    /// Streams the command's output to the client and keeps the lease touched until the
+    /// command ends; a client that leaves cancels it.
+    async fn exec(&self, h: &LeaseHandle, mut execution: Execution) -> Result<ExecExit, Error> {
+        let mut keepalive = tokio::time::interval(KEEPALIVE_EVERY);
+        let mut client_gone = false;
+        loop {
+            tokio::select! {
+                out = execution.output.recv() => {
+                    let event = match out {
+                        Some(ExecOutput::Stdout(b)) => RunEv::Stdout(b),
+                        Some(ExecOutput::Stderr(b)) => RunEv::Stderr(b),
+                        None => break,
+                    };
+                    if self.emit(event).await.is_err() && !client_gone {
+                        client_gone = true;
+                        execution.cancel();
+                    }
+                }
+                _ = keepalive.tick() => h.tell(LeaseMsg::KeepAlive),
+            }
+        }
+        execution.wait().await
+    }
+
+    /// Releases the lease this run created, and waits (bounded) until it is gone.
+    async fn release_fresh(&self, wait: bool) {
+        let Some(h) = &self.lease else { return };
+        h.tell(LeaseMsg::Release {
+            reason: "the run that created it ended".into(),
+            reply: None,
+        });
+        if !wait {
+            return;
+        }
+        let mut rx = h.state.clone();
+        let _ = tokio::time::timeout(RELEASE_WAIT, async {
+            loop {
+                if rx.borrow_and_update().state == LeaseState::Released {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// Environment variable names: a letter or `_`, then letters, digits, `_`.
+fn validate_env_name(name: &str) -> Result<(), Error> {
+    let mut chars = name.chars();
+    let ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !ok {
+        return Err(Error::InvalidArgument(format!(
+            "invalid environment variable name {name:?}: use letters, digits and '_', not \
+             starting with a digit"
+        )));
+    }
+    Ok(())
+}
