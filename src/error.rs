@@ -108,9 +108,6 @@ pub enum Error {
         /// What to do about it.
         hint: String,
     },
-    /// Transitional: a state error not yet typed.
-    #[error("{0}")]
-    WrongState(String),
     /// The provider failed.
     #[error(transparent)]
     Provider(#[from] ProviderError),
@@ -205,7 +202,6 @@ impl Error {
             Error::Ambiguous { .. } => (C::InvalidArgument, ErrorKind::NotFound),
             Error::Claimed { .. } => (C::FailedPrecondition, ErrorKind::NotFound),
             Error::NotUsable { .. } => (C::FailedPrecondition, ErrorKind::NotReady),
-            Error::WrongState(_) => (C::FailedPrecondition, ErrorKind::Internal),
             Error::Sync(_) => (C::FailedPrecondition, ErrorKind::Sync),
             Error::Store(_) | Error::Internal(_) => (C::Internal, ErrorKind::Internal),
             Error::Provider(p) => match p.kind {

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::Value;
 
@@ -197,20 +198,40 @@ impl Client {
         ProviderError::new(kind, self.redact(&message))
     }
 
-    /// Adds auth and client headers to a request.
-    pub fn authorize(&self, req: RequestBuilder) -> Result<RequestBuilder, ProviderError> {
+    /// The headers every Daytona request carries: auth and client identification. The
+    /// log WebSocket's handshake carries the same ones.
+    pub fn auth_headers(&self) -> Result<HeaderMap, ProviderError> {
         let creds = self.credentials.as_ref().ok_or_else(no_credentials)?;
-        let mut req = req
-            .bearer_auth(creds.secret())
-            .header("X-Daytona-Source", "crabbox")
-            .header("X-Daytona-SDK-Version", env!("CARGO_PKG_VERSION"));
+        let value = |v: &str| {
+            HeaderValue::from_str(v).map_err(|_| {
+                ProviderError::new(
+                    ProviderErrorKind::Auth,
+                    "the Daytona credentials contain characters that cannot go in an HTTP \
+                     header; check the API key or token",
+                )
+            })
+        };
+        let mut h = HeaderMap::new();
+        let mut auth = value(&format!("Bearer {}", creds.secret()))?;
+        auth.set_sensitive(true);
+        h.insert(AUTHORIZATION, auth);
+        h.insert("X-Daytona-Source", HeaderValue::from_static("crabbox"));
+        h.insert(
+            "X-Daytona-SDK-Version",
+            HeaderValue::from_static(env!("CARGO_PKG_VERSION")),
+        );
         if let Credentials::Jwt {
             organization_id, ..
         } = creds
         {
-            req = req.header("X-Daytona-Organization-ID", organization_id);
+            h.insert("X-Daytona-Organization-ID", value(organization_id)?);
         }
-        Ok(req)
+        Ok(h)
+    }
+
+    /// A request on this client's connection pool (auth is added when it is sent).
+    pub fn request(&self, method: Method, url: &str) -> RequestBuilder {
+        self.http.request(method, url)
     }
 
     /// The control-plane URL of `path` (which starts with `/`).
@@ -256,11 +277,8 @@ impl Client {
         let mut waited = Duration::ZERO;
         loop {
             attempt += 1;
-            let req = self
-                .authorize(make().map_err(|e| HttpError {
-                    status: None,
-                    error: e,
-                })?)
+            let req = make()
+                .and_then(|r| Ok(r.headers(self.auth_headers()?)))
                 .map_err(|e| HttpError {
                     status: None,
                     error: e,
