@@ -171,9 +171,13 @@ impl LeaseActorState {
 
     /// Steps the lease and carries out the effects in order. When the store write fails,
     /// the lease stays as it was and nothing after the write is done.
+    ///
+    /// The watch channel is updated before the event feed: a `Watch` subscribes to the feed
+    /// and then reads the watch channel, so a change it finds announced is always visible.
     fn apply(&mut self, myself: &ActorRef<LeaseMsg>, event: Event) -> Result<(), Error> {
         let step = step(&self.record, event, now_ms())?;
         let before = std::mem::replace(&mut self.record, step.record);
+        let mut published = false;
         for effect in step.effects {
             match effect {
                 Effect::Persist => {
@@ -182,8 +186,14 @@ impl LeaseActorState {
                         self.record = before;
                         return Err(e);
                     }
+                    self.publish.send_replace(self.record.clone());
+                    published = true;
                 }
                 Effect::Announce(message) => {
+                    if !published {
+                        self.publish.send_replace(self.record.clone());
+                        published = true;
+                    }
                     tracing::debug!(lease = %self.record.id, state = %self.record.state, message);
                     // No subscriber is fine.
                     let _ = self.ctx.events.send(LeaseChange {
@@ -210,7 +220,8 @@ impl LeaseActorState {
                 Effect::Stop => myself.stop(Some("released".into())),
             }
         }
-        if self.record != before {
+        if !published && self.record != before {
+            // A change of the in-flight task only: no store write, no event.
             self.publish.send_replace(self.record.clone());
         }
         Ok(())

@@ -1,0 +1,242 @@
+//! `doctor` and `daemon start|stop|status`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::{Ctx, provider_options};
+use crate::cli::client::{self};
+use crate::cli::output::print_json;
+use crate::cli::{CliError, DaemonAction, exit};
+use crate::config;
+use crate::pb;
+
+pub(super) async fn doctor(ctx: &Ctx) -> Result<i32, CliError> {
+    let mut checks: Vec<(String, bool, String)> = Vec::new();
+    match client::connect_once(&ctx.socket).await {
+        Ok(mut c) => {
+            match c.daemon.info(pb::InfoRequest {}).await {
+                Ok(info) => {
+                    let i = info.into_inner();
+                    let has = i.providers.contains(&ctx.settings.provider);
+                    checks.push((
+                        "daemon".into(),
+                        true,
+                        format!(
+                            "crabboxd {} (pid {}) on {}",
+                            i.version,
+                            i.pid,
+                            ctx.socket.display()
+                        ),
+                    ));
+                    checks.push((
+                    "provider".into(),
+                    has,
+                    if has {
+                        format!("{} (daemon has: {})", ctx.settings.provider, i.providers.join(", "))
+                    } else {
+                        format!(
+                            "{} is not available in the daemon (it has: {}); use --provider local",
+                            ctx.settings.provider,
+                            i.providers.join(", ")
+                        )
+                    },
+                ));
+                }
+                Err(s) => checks.push((
+                    "daemon".into(),
+                    false,
+                    format!("answers but Info failed: {}", s.message()),
+                )),
+            }
+        }
+        Err(e) => checks.push((
+            "daemon".into(),
+            false,
+            format!(
+                "not answering on {} ({e}); start it with `crabbox daemon start`",
+                ctx.socket.display()
+            ),
+        )),
+    }
+    let git = std::process::Command::new("git").arg("--version").output();
+    checks.push(match git {
+        Ok(o) if o.status.success() => (
+            "git".into(),
+            true,
+            String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        ),
+        _ => (
+            "git".into(),
+            false,
+            "git not found: install git (sync falls back to a plain walk)".into(),
+        ),
+    });
+    if let Ok(mut c) = client::connect_once(&ctx.socket).await
+        && let Ok(r) = c
+            .daemon
+            .doctor(pb::DoctorRequest {
+                provider: ctx.settings.provider.clone(),
+                provider_options: provider_options(ctx).unwrap_or_default(),
+            })
+            .await
+    {
+        for check in r.into_inner().checks {
+            checks.push((check.name, check.ok, check.detail));
+        }
+    }
+    if ctx.settings.provider == "daytona" {
+        let ssh = std::process::Command::new("ssh").arg("-V").output();
+        checks.push(match ssh {
+            Ok(o) if o.status.success() => (
+                "ssh client".into(),
+                true,
+                String::from_utf8_lossy(&o.stderr).trim().to_string(),
+            ),
+            _ => (
+                "ssh client".into(),
+                false,
+                "ssh not found: install an OpenSSH client for `crabbox ssh`".into(),
+            ),
+        });
+    }
+    let state = config::state_dir();
+    let writable = std::fs::create_dir_all(&state).is_ok() && tempfile::tempfile_in(&state).is_ok();
+    checks.push((
+        "state dir".into(),
+        writable,
+        if writable {
+            state.display().to_string()
+        } else {
+            format!("{} is not writable: set CRABBOX_STATE_DIR", state.display())
+        },
+    ));
+    let sources: Vec<String> = ctx
+        .settings
+        .sources
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    checks.push((
+        "config".into(),
+        true,
+        if sources.is_empty() {
+            "defaults (no config file)".into()
+        } else {
+            sources.join(", ")
+        },
+    ));
+    let ok = checks.iter().all(|(_, ok, _)| *ok);
+    if ctx.json {
+        print_json(&json!({
+            "ok": ok,
+            "checks": checks.iter().map(|(n, ok, d)| json!({"check": n, "ok": ok, "detail": d})).collect::<Vec<_>>(),
+        }));
+    } else {
+        for (name, ok, detail) in &checks {
+            println!("{} {name}: {detail}", if *ok { "ok  " } else { "FAIL" });
+        }
+    }
+    Ok(if ok { exit::OK } else { exit::INTERNAL })
+}
+
+pub(super) async fn daemon(ctx: &Ctx, action: DaemonAction) -> Result<i32, CliError> {
+    let info = match client::connect_once(&ctx.socket).await {
+        Ok(mut c) => c
+            .daemon
+            .info(pb::InfoRequest {})
+            .await
+            .ok()
+            .map(|i| i.into_inner()),
+        Err(_) => None,
+    };
+    match action {
+        DaemonAction::Status => {
+            match &info {
+                Some(i) if ctx.json => print_json(&json!({
+                    "running": true, "pid": i.pid, "version": i.version,
+                    "uptime_secs": i.uptime_secs, "socket": i.socket, "state_dir": i.state_dir,
+                    "providers": i.providers, "lease_counts": i.lease_counts, "daemon_id": i.daemon_id,
+                })),
+                Some(i) => {
+                    let mut counts: Vec<String> = i
+                        .lease_counts
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
+                    counts.sort();
+                    println!(
+                        "crabboxd {} running (pid {}, up {}) on {}\nstate dir: {}\nproviders: {}\nleases: {}",
+                        i.version,
+                        i.pid,
+                        crate::clock::human_secs(i.uptime_secs.max(1)),
+                        i.socket,
+                        i.state_dir,
+                        i.providers.join(", "),
+                        if counts.is_empty() {
+                            "none".into()
+                        } else {
+                            counts.join(" ")
+                        }
+                    );
+                }
+                None if ctx.json => print_json(&json!({"running": false, "socket": ctx.socket})),
+                None => println!("crabboxd is not running (socket {})", ctx.socket.display()),
+            }
+            Ok(if info.is_some() {
+                exit::OK
+            } else {
+                exit::INTERNAL
+            })
+        }
+        DaemonAction::Start => {
+            let i = match info {
+                Some(i) => i,
+                None => {
+                    let mut c = client::start_daemon(&ctx.socket).await?;
+                    c.daemon.info(pb::InfoRequest {}).await?.into_inner()
+                }
+            };
+            if ctx.json {
+                print_json(&json!({"running": true, "pid": i.pid, "socket": i.socket}));
+            } else {
+                println!("crabboxd running (pid {}) on {}", i.pid, i.socket);
+            }
+            Ok(exit::OK)
+        }
+        DaemonAction::Stop => {
+            let Some(i) = info else {
+                if ctx.json {
+                    print_json(&json!({"running": false}));
+                } else {
+                    println!("crabboxd is not running");
+                }
+                return Ok(exit::OK);
+            };
+            let pid = nix::unistd::Pid::from_raw(i.pid as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).map_err(|e| {
+                CliError::new(
+                    exit::INTERNAL,
+                    format!("could not signal crabboxd (pid {}): {e}", i.pid),
+                )
+            })?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while Path::new(&ctx.socket).exists() || nix::sys::signal::kill(pid, None).is_ok() {
+                if std::time::Instant::now() > deadline {
+                    return Err(CliError::new(
+                        exit::INTERNAL,
+                        format!("crabboxd (pid {}) did not stop within 20s", i.pid),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if ctx.json {
+                print_json(&json!({"running": false, "stopped_pid": i.pid}));
+            } else {
+                println!("stopped crabboxd (pid {})", i.pid);
+            }
+            Ok(exit::OK)
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! One function per subcommand.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use serde_json::json;
+use tokio_stream::StreamExt;
+
+mod daemon;
+mod run;
+
+use super::client::{self, Clients};
+use super::output::{self, lease_json, print_json, state_name};
+use super::{Cli, CliError, Command, LeaseOpts, exit};
+use crate::config::{self, Settings};
+use crate::pb;
+
+/// What every command needs.
+pub(super) struct Ctx {
+    json: bool,
+    quiet: bool,
+    socket: PathBuf,
+    settings: Settings,
+    repo_root: Option<PathBuf>,
+}
+
+impl Ctx {
+    fn progress(&self, msg: impl AsRef<str>) {
+        if !self.quiet {
+            eprintln!("crabbox: {}", msg.as_ref());
+        }
+    }
+
+    async fn clients(&self) -> Result<Clients, CliError> {
+        client::connect(&self.socket, self.quiet).await
+    }
+
+    fn repo(&self) -> String {
+        self.repo_root
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// Runs the parsed command; answers the exit code.
+pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
+    if let Command::Completions { shell } = &cli.command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(*shell, &mut cmd, "crabbox", &mut std::io::stdout());
+        return Ok(exit::OK);
+    }
+    let needs_repo = matches!(
+        cli.command,
+        Command::Warmup { .. } | Command::Run(_) | Command::Ssh { .. } | Command::Doctor
+    );
+    let repo_root = if needs_repo {
+        Some(client::repo_root()?)
+    } else {
+        None
+    };
+    let mut settings = config::load(repo_root.as_deref())?;
+    if let Some(p) = &cli.provider {
+        settings.provider = p.clone();
+    }
+    apply_daytona_flags(&mut settings, &cli.daytona);
+    for (flag, value) in [("--class", &cli.class), ("--type", &cli.machine_type)] {
+        if value.is_some() {
+            return Err(CliError::usage(match settings.provider.as_str() {
+                "daytona" => format!(
+                    "{flag} is not supported for Daytona: its sandboxes are sized by their \
+                     snapshot. Set daytona.snapshot (or environment.resources) in crabbox.yaml"
+                ),
+                other => format!(
+                    "{flag} is not supported by the {other} provider: its sandboxes run on this \
+                     machine"
+                ),
+            }));
+        }
+    }
+    let ctx = Ctx {
+        json: cli.json,
+        quiet: cli.quiet,
+        socket: cli.socket.clone().unwrap_or_else(config::socket_path),
+        settings,
+        repo_root,
+    };
+    match cli.command {
+        Command::Warmup {
+            lease,
+            keep,
+            reclaim,
+        } => warmup(&ctx, &lease, keep, reclaim).await,
+        Command::Run(args) => run::run(&ctx, args).await,
+        Command::Ssh {
+            id,
+            print,
+            show_secret,
+            ttl,
+        } => run::ssh(&ctx, id, print, show_secret, ttl).await,
+        Command::Stop { lease } => stop(&ctx, &lease).await,
+        Command::Touch { lease } => touch(&ctx, &lease).await,
+        Command::Status { lease, wait } => status(&ctx, &lease, wait).await,
+        Command::List { all } => list(&ctx, all).await,
+        Command::Claims => claims(&ctx).await,
+        Command::Doctor => daemon::doctor(&ctx).await,
+        Command::Daemon { action } => daemon::daemon(&ctx, action).await,
+        Command::Completions { .. } => Ok(exit::OK),
+    }
+}
+
+fn apply_daytona_flags(s: &mut Settings, f: &super::DaytonaFlags) {
+    let d = &mut s.daytona;
+    for (flag, slot) in [
+        (&f.daytona_api_url, &mut d.api_url),
+        (&f.daytona_snapshot, &mut d.snapshot),
+        (&f.daytona_target, &mut d.target),
+        (&f.daytona_user, &mut d.user),
+        (&f.daytona_work_root, &mut d.work_root),
+        (&f.daytona_ssh_gateway_host, &mut d.ssh_gateway_host),
+    ] {
+        if let Some(v) = flag {
+            *slot = Some(v.clone());
+        }
+    }
+    if let Some(m) = f.daytona_ssh_access_minutes {
+        d.ssh_access_minutes = Some(m);
+    }
+}
+
+/// `k=v` labels, config labels first.
+fn labels(ctx: &Ctx, opts: &LeaseOpts) -> Result<HashMap<String, String>, CliError> {
+    let mut out: HashMap<String, String> = ctx.settings.labels.clone().into_iter().collect();
+    if let Some(env) = &ctx.settings.environment {
+        out.extend(env.labels.clone());
+    }
+    for l in &opts.labels {
+        let (k, v) = l.split_once('=').ok_or_else(|| {
+            CliError::usage(format!("invalid --label {l:?}: write it as KEY=VALUE"))
+        })?;
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+fn warmup_request(
+    ctx: &Ctx,
+    opts: &LeaseOpts,
+    keep: bool,
+    reclaim: bool,
+) -> Result<pb::WarmupRequest, CliError> {
+    Ok(pb::WarmupRequest {
+        provider: ctx.settings.provider.clone(),
+        slug: opts.slug.clone().unwrap_or_default(),
+        ttl_secs: opts
+            .ttl
+            .or(ctx.settings.ttl)
+            .map_or(0, |d| d.as_secs().max(1)),
+        idle_timeout_secs: opts
+            .idle_timeout
+            .or(ctx.settings.idle_timeout)
+            .map_or(0, |d| d.as_secs().max(1)),
+        keep: keep || ctx.settings.keep,
+        labels: labels(ctx, opts)?,
+        repo_root: ctx.repo(),
+        reclaim,
+        provider_options: provider_options(ctx)?,
+    })
+}
+
+/// The non-secret provider options the daemon needs per lease.
+fn provider_options(ctx: &Ctx) -> Result<HashMap<String, String>, CliError> {
+    let mut o = HashMap::new();
+    if ctx.settings.provider == "daytona" {
+        let d = &ctx.settings.daytona;
+        for (k, v) in [
+            ("snapshot", &d.snapshot),
+            ("target", &d.target),
+            ("user", &d.user),
+        ] {
+            if let Some(v) = v {
+                o.insert(k.to_string(), v.clone());
+            }
+        }
+        if let Some(env) = &ctx.settings.environment {
+            let extra = env.provider_options(ctx.repo_root.as_deref())?;
+            if extra.contains_key("dockerfile") && o.contains_key("snapshot") {
+                return Err(CliError::usage(
+                    "daytona.snapshot and environment.image both choose the sandbox's image: keep one",
+                ));
+            }
+            o.extend(extra);
+        }
+    }
+    Ok(o)
+}
+
+/// Follows a lease until it settles, printing progress; answers its last state.
+async fn follow(
+    ctx: &Ctx,
+    c: &mut Clients,
+    lease: &pb::Lease,
+    mut on_first_sandbox: impl FnMut(&pb::Lease),
+) -> Result<pb::Lease, CliError> {
+    let mut stream = c
+        .leases
+        .watch(pb::WatchRequest {
+            name: lease.id.clone(),
+            until_settled: true,
+        })
+        .await?
+        .into_inner();
+    let mut last = lease.clone();
+    let mut said_sandbox = false;
+    let mut last_state = "";
+    while let Some(ev) = stream.next().await {
+        let ev = ev?;
+        let Some(l) = ev.lease else { continue };
+        if !said_sandbox
+            && (!l.sandbox_id.is_empty()
+                || matches!(state_name(&l), "ready" | "failed" | "released"))
+        {
+            said_sandbox = true;
+            on_first_sandbox(&l);
+        }
+        if state_name(&l) != last_state {
+            last_state = state_name(&l);
+            if !matches!(last_state, "ready") {
+                ctx.progress(format!("{} {}: {}", l.slug, last_state, ev.message));
+            }
+        }
+        last = l;
+    }
+    Ok(last)
+}
+
+fn settled_exit(l: &pb::Lease) -> Result<(), CliError> {
+    match state_name(l) {
+        "failed" => Err(CliError::new(
+            exit::PROVISIONING,
+            format!("lease {} failed: {}", l.slug, l.reason),
+        )),
+        "released" | "releasing" => Err(CliError::new(
+            exit::NOT_FOUND,
+            format!("lease {} was released: {}", l.slug, l.reason),
+        )),
+        _ => Ok(()),
+    }
+}
+
+async fn warmup(ctx: &Ctx, opts: &LeaseOpts, keep: bool, reclaim: bool) -> Result<i32, CliError> {
+    let req = warmup_request(ctx, opts, keep, reclaim)?;
+    let mut c = ctx.clients().await?;
+    let lease = c.leases.warmup(req).await?.into_inner();
+    let reused = state_name(&lease) != "pending";
+    if reused {
+        ctx.progress(format!(
+            "reusing lease {} claimed by {}",
+            lease.slug,
+            ctx.repo()
+        ));
+    }
+    let json = ctx.json;
+    let last = follow(ctx, &mut c, &lease, |l| {
+        if !json {
+            println!("{}", output::leased_line(l));
+        }
+    })
+    .await?;
+    settled_exit(&last)?;
+    if ctx.json {
+        print_json(&lease_json(&last));
+    } else {
+        println!("ready");
+    }
+    Ok(exit::OK)
+}
+
+async fn stop(ctx: &Ctx, name: &str) -> Result<i32, CliError> {
+    let mut c = ctx.clients().await?;
+    let lease = c
+        .leases
+        .stop(pb::LeaseRef { name: name.into() })
+        .await?
+        .into_inner();
+    let last = if state_name(&lease) == "released" {
+        lease
+    } else {
+        follow(ctx, &mut c, &lease, |_| {}).await?
+    };
+    if ctx.json {
+        print_json(&lease_json(&last));
+    } else {
+        println!("released {} ({})", last.id, last.slug);
+    }
+    Ok(exit::OK)
+}
+
+async fn touch(ctx: &Ctx, name: &str) -> Result<i32, CliError> {
+    let mut c = ctx.clients().await?;
+    let l = c
+        .leases
+        .touch(pb::LeaseRef { name: name.into() })
+        .await?
+        .into_inner();
+    if ctx.json {
+        print_json(&lease_json(&l));
+    } else {
+        let exp = crate::pb::timestamp_ms(l.expires_at.as_ref());
+        println!(
+            "touched {} ({}): expires {} ({})",
+            l.slug,
+            l.id,
+            output::until(exp),
+            crate::clock::rfc3339(exp)
+        );
+    }
+    Ok(exit::OK)
+}
+
+async fn status(ctx: &Ctx, name: &str, wait: bool) -> Result<i32, CliError> {
+    let mut c = ctx.clients().await?;
+    let mut l = c
+        .leases
+        .get(pb::LeaseRef { name: name.into() })
+        .await?
+        .into_inner();
+    if wait {
+        l = follow(ctx, &mut c, &l, |_| {}).await?;
+    }
+    if ctx.json {
+        print_json(&lease_json(&l));
+    } else {
+        print!("{}", output::lease_details(&l));
+    }
+    if wait && state_name(&l) == "failed" {
+        return Ok(exit::PROVISIONING);
+    }
+    Ok(exit::OK)
+}
+
+async fn list(ctx: &Ctx, all: bool) -> Result<i32, CliError> {
+    let mut c = ctx.clients().await?;
+    let leases = c
+        .leases
+        .list(pb::ListRequest { all })
+        .await?
+        .into_inner()
+        .leases;
+    if ctx.json {
+        print_json(&serde_json::Value::Array(
+            leases.iter().map(lease_json).collect(),
+        ));
+    } else if leases.is_empty() {
+        println!(
+            "no leases{}",
+            if all {
+                ""
+            } else {
+                " (see --all for released ones)"
+            }
+        );
+    } else {
+        print!("{}", output::lease_table(&leases));
+    }
+    Ok(exit::OK)
+}
+
+async fn claims(ctx: &Ctx) -> Result<i32, CliError> {
+    let mut c = ctx.clients().await?;
+    let leases = c
+        .leases
+        .list(pb::ListRequest { all: false })
+        .await?
+        .into_inner()
+        .leases;
+    let claimed: Vec<&pb::Lease> = leases.iter().filter(|l| !l.repo_root.is_empty()).collect();
+    if ctx.json {
+        print_json(&serde_json::Value::Array(
+            claimed
+                .iter()
+                .map(|l| json!({"repo_root": l.repo_root, "lease": lease_json(l)}))
+                .collect(),
+        ));
+    } else if claimed.is_empty() {
+        println!("no claims");
+    } else {
+        let mut rows = vec![[
+            "REPO".to_string(),
+            "LEASE".into(),
+            "SLUG".into(),
+            "STATE".into(),
+        ]];
+        for l in claimed {
+            rows.push([
+                l.repo_root.clone(),
+                l.id.clone(),
+                l.slug.clone(),
+                state_name(l).into(),
+            ]);
+        }
+        print!("{}", output::table(&rows));
+    }
+    Ok(exit::OK)
+}

@@ -1,0 +1,218 @@
+//! `run` and `ssh`: the commands that run something in a lease.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use serde_json::json;
+use tokio_stream::StreamExt;
+
+use super::{Ctx, warmup_request};
+use crate::cli::output::{lease_json, print_json, state_name};
+use crate::cli::{CliError, RunArgs, exit};
+use crate::pb;
+
+pub(super) fn env_pairs(names: &[String]) -> Result<HashMap<String, String>, CliError> {
+    let mut env = HashMap::new();
+    for n in names {
+        match n.split_once('=') {
+            Some((k, v)) => {
+                env.insert(k.to_string(), v.to_string());
+            }
+            None => {
+                let v = std::env::var(n).map_err(|_| {
+                    CliError::usage(format!(
+                        "--env {n}: {n} is not set here; set it, or pass --env {n}=VALUE"
+                    ))
+                })?;
+                env.insert(n.clone(), v);
+            }
+        }
+    }
+    Ok(env)
+}
+
+pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
+    if args.command.is_empty() && !args.sync_only {
+        return Err(CliError::usage(
+            "no command to run: put it after `--`, for example `crabbox run -- cargo test`",
+        ));
+    }
+    let env = env_pairs(&args.env)?;
+    let fresh = warmup_request(ctx, &args.lease, args.keep, args.reclaim)?;
+    let req = pb::RunRequest {
+        lease: args.id.clone().unwrap_or_default(),
+        repo_root: ctx.repo(),
+        argv: args.command.clone(),
+        shell: args.shell,
+        env,
+        sync: Some(pb::SyncOptions {
+            skip: args.no_sync,
+            full_resync: args.full_resync,
+            force_large: args.force_sync_large,
+            exclude: ctx.settings.sync.exclude.clone(),
+            include: ctx.settings.sync.include.clone(),
+        }),
+        sync_only: args.sync_only,
+        timeout_secs: args.timeout.map_or(0, |d| d.as_secs().max(1)),
+        keep: args.keep,
+        keep_on_failure: args.keep_on_failure,
+        reclaim: args.reclaim,
+        fresh: Some(fresh),
+    };
+    let mut c = ctx.clients().await?;
+    let mut stream = c.leases.run(req).await?.into_inner();
+    let mut out = std::io::stdout();
+    let mut err = std::io::stderr();
+    let (mut cap_out, mut cap_err) = (Vec::new(), Vec::new());
+    let mut lease_seen = None;
+    let mut sync_seen = None;
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    loop {
+        let ev = tokio::select! {
+            ev = stream.next() => ev,
+            _ = &mut interrupted => {
+                // Dropping the stream tells the daemon the client left: it cancels the
+                // command and releases a fresh, not-kept lease.
+                drop(stream);
+                ctx.progress("interrupted: the command is cancelled");
+                return Ok(exit::INTERRUPTED);
+            }
+        };
+        let Some(ev) = ev else {
+            return Err(CliError::new(
+                exit::INTERNAL,
+                "the daemon ended the run without an exit status (see the daemon log)",
+            ));
+        };
+        use pb::run_event::Event;
+        match ev?.event {
+            Some(Event::Lease(l)) => {
+                ctx.progress(format!("lease {} ({}, {})", l.slug, l.id, state_name(&l)));
+                lease_seen = Some(l);
+            }
+            Some(Event::Phase(p)) => ctx.progress(p),
+            Some(Event::Sync(s)) => {
+                ctx.progress(format!(
+                    "synced {} files: {} sent ({}), {} deleted, in {} ms",
+                    s.files_total,
+                    s.files_uploaded,
+                    human_bytes(s.bytes_uploaded),
+                    s.files_deleted,
+                    s.millis
+                ));
+                sync_seen = Some(s);
+            }
+            Some(Event::Stdout(b)) => {
+                if ctx.json {
+                    cap_out.extend(b);
+                } else {
+                    let _ = out.write_all(&b);
+                    let _ = out.flush();
+                }
+            }
+            Some(Event::Stderr(b)) => {
+                if ctx.json {
+                    cap_err.extend(b);
+                } else {
+                    let _ = err.write_all(&b);
+                    let _ = err.flush();
+                }
+            }
+            Some(Event::Exit(x)) => {
+                if x.timed_out {
+                    ctx.progress("the command timed out and was stopped");
+                } else if !x.signal.is_empty() {
+                    ctx.progress(format!("the command was killed by {}", x.signal));
+                }
+                if ctx.json {
+                    print_json(&json!({
+                        "lease": lease_seen.as_ref().map(lease_json),
+                        "exit_code": x.code,
+                        "signal": if x.signal.is_empty() { None } else { Some(&x.signal) },
+                        "timed_out": x.timed_out,
+                        "stdout": String::from_utf8_lossy(&cap_out),
+                        "stderr": String::from_utf8_lossy(&cap_err),
+                        "sync": sync_seen.as_ref().map(|s| json!({
+                            "files_total": s.files_total,
+                            "files_uploaded": s.files_uploaded,
+                            "files_deleted": s.files_deleted,
+                            "bytes_uploaded": s.bytes_uploaded,
+                            "millis": s.millis,
+                        })),
+                    }));
+                }
+                return Ok(x.code);
+            }
+            None => {}
+        }
+    }
+}
+
+pub(super) fn human_bytes(b: u64) -> String {
+    match b {
+        0..1024 => format!("{b} B"),
+        1024..1_048_576 => format!("{:.1} KiB", b as f64 / 1024.0),
+        _ => format!("{:.1} MiB", b as f64 / 1_048_576.0),
+    }
+}
+
+pub(super) async fn ssh(
+    ctx: &Ctx,
+    id: Option<String>,
+    print: bool,
+    show_secret: bool,
+    ttl: Option<u64>,
+) -> Result<i32, CliError> {
+    let mut c = ctx.clients().await?;
+    let access = c
+        .leases
+        .ssh(pb::SshRequest {
+            lease: id.unwrap_or_default(),
+            repo_root: ctx.repo(),
+            ttl_minutes: ttl.unwrap_or(0),
+        })
+        .await?
+        .into_inner();
+    let port_args = if access.port == 22 {
+        vec![]
+    } else {
+        vec!["-p".to_string(), access.port.to_string()]
+    };
+    let user = |secret: bool| {
+        if secret {
+            access.user.clone()
+        } else {
+            "<redacted>".to_string()
+        }
+    };
+    let target = |secret: bool| format!("{}@{}", user(secret), access.host);
+    if print {
+        let mut words = vec!["ssh".to_string()];
+        words.extend(port_args.clone());
+        words.push(target(show_secret));
+        if ctx.json {
+            print_json(&json!({
+                "lease": access.lease.as_ref().map(lease_json),
+                "host": access.host,
+                "port": access.port,
+                "user": user(show_secret),
+                "command": words.join(" "),
+            }));
+        } else {
+            println!("{}", words.join(" "));
+        }
+        return Ok(exit::OK);
+    }
+    let status = std::process::Command::new("ssh")
+        .args(&port_args)
+        .arg(target(true))
+        .status()
+        .map_err(|e| {
+            CliError::new(
+                exit::SSH,
+                format!("could not run ssh: {e}; install an OpenSSH client"),
+            )
+        })?;
+    Ok(status.code().unwrap_or(exit::SSH))
+}

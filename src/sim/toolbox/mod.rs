@@ -1,0 +1,207 @@
+//! Daytona's toolbox over a sim sandbox: files, `process/execute`, sessions. Paths are the
+//! sandbox's own (`/home/<user>/...`, `/tmp/...`, or relative to the user's home); only
+//! those two trees exist for writing, and no path may go through a symlink out of them.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path as FsPath, PathBuf};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::{ApiError, Sim};
+use crate::clock::now_ms;
+
+mod files;
+mod process;
+
+use files::{
+    bulk_download, bulk_upload, create_folder, delete_path, download, file_info, list_files,
+    upload_v2,
+};
+pub use process::Sessions;
+use process::{
+    command_input, command_logs, create_session, delete_session, execute, get_command, get_session,
+    list_sessions, session_exec,
+};
+
+/// The toolbox's routes, under `/toolbox/{sandbox_id}`.
+pub fn router() -> Router<Arc<Sim>> {
+    Router::new()
+        .route("/files", get(list_files).delete(delete_path))
+        .route("/files/info", get(file_info))
+        .route("/files/folder", post(create_folder))
+        .route("/files/download", get(download))
+        .route("/files/bulk-download", post(bulk_download))
+        .route("/files/bulk-upload", post(bulk_upload))
+        .route("/files/upload-v2", post(upload_v2))
+        .route("/process/execute", post(execute))
+        .route("/process/session", post(create_session).get(list_sessions))
+        .route(
+            "/process/session/{sid}",
+            get(get_session).delete(delete_session),
+        )
+        .route("/process/session/{sid}/exec", post(session_exec))
+        .route("/process/session/{sid}/command/{cid}", get(get_command))
+        .route(
+            "/process/session/{sid}/command/{cid}/logs",
+            get(command_logs),
+        )
+        .route(
+            "/process/session/{sid}/command/{cid}/input",
+            post(command_input),
+        )
+}
+
+/// What a toolbox call needs of its sandbox.
+#[derive(Clone)]
+struct Ctx {
+    id: String,
+    user: String,
+    fs: PathBuf,
+    env: BTreeMap<String, String>,
+    procs: CancellationToken,
+}
+
+/// The sandbox, which must be started; marks it active.
+fn ctx(sim: &Sim, id: &str) -> Result<Ctx, ApiError> {
+    let mut map = sim
+        .sandboxes
+        .lock()
+        .map_err(|_| ApiError::internal("state lock poisoned"))?;
+    let sb = map
+        .get_mut(id)
+        .ok_or_else(|| ApiError::not_found(format!("Sandbox {id} not found")))?;
+    if sb.state != "started" {
+        return Err(ApiError::bad_request(format!(
+            "Sandbox {id} is {}: it must be started to use the toolbox",
+            sb.state
+        )));
+    }
+    sb.last_activity_ms = now_ms();
+    Ok(Ctx {
+        id: sb.id.clone(),
+        user: sb.user.clone(),
+        fs: sb.fs(sim),
+        env: sb.env.clone(),
+        procs: sb.procs.clone(),
+    })
+}
+
+impl Ctx {
+    fn home(&self) -> String {
+        format!("/home/{}", self.user)
+    }
+
+    /// A sandbox path, normalized, with `..` resolved inside it.
+    fn guest(&self, path: &str) -> Result<String, ApiError> {
+        if path.is_empty() {
+            return Err(ApiError::bad_request("path is required"));
+        }
+        let full = if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!("{}/{path}", self.home())
+        };
+        let mut parts: Vec<&str> = Vec::new();
+        for c in FsPath::new(&full).components() {
+            match c {
+                Component::Normal(p) => parts.push(p.to_str().unwrap_or("")),
+                Component::ParentDir => {
+                    parts.pop();
+                }
+                Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+            }
+        }
+        Ok(format!("/{}", parts.join("/")))
+    }
+
+    /// The host path behind a sandbox path. Refuses paths outside `/home` and `/tmp`, and
+    /// any whose existing ancestors include a symlink.
+    fn host(&self, path: &str) -> Result<PathBuf, ApiError> {
+        let guest = self.guest(path)?;
+        let rel = guest.trim_start_matches('/');
+        let top = rel.split('/').next().unwrap_or("");
+        if top != "home" && top != "tmp" {
+            return Err(ApiError::bad_request(format!(
+                "path {path} is outside the sandbox's writable area (/home, /tmp)"
+            )));
+        }
+        let mut host = self.fs.clone();
+        let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
+        for (i, part) in parts.iter().enumerate() {
+            host.push(part);
+            if i + 1 < parts.len()
+                && std::fs::symlink_metadata(&host).is_ok_and(|m| m.file_type().is_symlink())
+            {
+                return Err(ApiError::bad_request(format!(
+                    "path {path} goes through a symlink"
+                )));
+            }
+        }
+        Ok(host)
+    }
+
+    fn env(&self, extra: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut env = self.env.clone();
+        env.insert("HOME".into(), self.home());
+        env.insert("USER".into(), self.user.clone());
+        env.insert("DAYTONA_SANDBOX_ID".into(), self.id.clone());
+        env.extend(extra.clone());
+        env
+    }
+}
+
+fn query(raw: &Option<String>) -> Vec<(String, String)> {
+    raw.as_deref()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+fn param(raw: &Option<String>, key: &str) -> Option<String> {
+    query(raw)
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+/// The `path` query parameter, which the call cannot do without.
+fn required_path(raw: &Option<String>) -> Result<String, ApiError> {
+    param(raw, "path").ok_or_else(|| ApiError::bad_request("path is required"))
+}
+
+fn io_error(path: &str, e: std::io::Error) -> ApiError {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            ApiError::not_found(format!("{path}: no such file or directory"))
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            ApiError::new(StatusCode::FORBIDDEN, format!("{path}: permission denied"))
+        }
+        _ => ApiError::bad_request(format!("{path}: {e}")),
+    }
+}
+
+fn info_json(guest: &str, meta: &std::fs::Metadata) -> Value {
+    use std::os::unix::fs::MetadataExt;
+    let modified = meta
+        .modified()
+        .map(|t| humantime::format_rfc3339_millis(t).to_string())
+        .unwrap_or_default();
+    let name = guest.rsplit('/').next().unwrap_or("").to_string();
+    json!({
+        "name": name,
+        "path": guest,
+        "isDir": meta.is_dir(),
+        "size": meta.len(),
+        "mode": format!("{:o}", meta.mode() & 0o7777),
+        "permissions": format!("{:o}", meta.mode() & 0o777),
+        "modTime": modified,
+        "modifiedAt": modified,
+        "owner": meta.uid().to_string(),
+        "group": meta.gid().to_string(),
+    })
+}

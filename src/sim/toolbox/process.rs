@@ -1,0 +1,447 @@
+//! The toolbox's processes: `process/execute` with its timeout, and sessions (async exec,
+//! status, logs as JSON and as a follow WebSocket, input).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use dashmap::DashMap;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::{Ctx, ctx, param};
+use crate::clock::now_ms;
+use crate::sandbox::process::{self, ExecOutput, ProcessSpec};
+use crate::sim::{ApiError, ApiJson, Sim};
+
+/// Default `process/execute` timeout when the request names none (Daytona documents 10 s).
+const DEFAULT_EXECUTE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub(super) struct ExecuteRequest {
+    command: String,
+    cwd: Option<String>,
+    envs: Option<BTreeMap<String, String>>,
+    timeout: Option<u64>,
+}
+
+pub(super) fn spec(
+    c: &Ctx,
+    command: &str,
+    cwd: Option<&str>,
+    env: &BTreeMap<String, String>,
+    timeout: Option<Duration>,
+) -> Result<ProcessSpec, ApiError> {
+    let cwd = match cwd.filter(|s| !s.is_empty()) {
+        Some(p) => p.to_string(),
+        None => c.home(),
+    };
+    let guest = c.guest(&cwd)?;
+    let host = c.host(&cwd)?;
+    if !host.is_dir() {
+        return Err(ApiError::bad_request(format!(
+            "working directory {cwd} does not exist"
+        )));
+    }
+    Ok(ProcessSpec {
+        command: command.to_string(),
+        cwd: PathBuf::from(guest),
+        env: c.env(env),
+        timeout,
+        jail: Some(c.fs.clone()),
+    })
+}
+
+pub(super) async fn execute(
+    State(sim): State<Arc<Sim>>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ExecuteRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let c = ctx(&sim, &id)?;
+    if req.command.trim().is_empty() {
+        return Err(ApiError::bad_request("command is required"));
+    }
+    let timeout = match req.timeout {
+        Some(0) | None => DEFAULT_EXECUTE_TIMEOUT,
+        Some(s) => Duration::from_secs(s),
+    };
+    let p = spec(
+        &c,
+        &req.command,
+        req.cwd.as_deref(),
+        &req.envs.unwrap_or_default(),
+        Some(timeout),
+    )?;
+    let (tx, mut rx) = mpsc::channel(64);
+    let cancel = c.procs.child_token();
+    let run = tokio::spawn(async move { process::run(&p, tx, cancel).await });
+    let mut output = Vec::new();
+    while let Some(o) = rx.recv().await {
+        match o {
+            ExecOutput::Stdout(b) | ExecOutput::Stderr(b) => output.extend(b),
+        }
+    }
+    let exit = run
+        .await
+        .map_err(|e| ApiError::internal(format!("exec task: {e}")))?
+        .map_err(|e| ApiError::internal(format!("starting the command: {e}")))?;
+    if exit.timed_out {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "command timed out after {} s and was killed",
+                timeout.as_secs()
+            ),
+        ));
+    }
+    Ok(Json(
+        json!({ "exitCode": exit.code, "result": String::from_utf8_lossy(&output) }),
+    ))
+}
+
+// ---- sessions ----
+
+/// A command run in a session, with its output kept in arrival order.
+pub(super) struct Cmd {
+    id: String,
+    command: String,
+    state: Mutex<CmdState>,
+    changed: Notify,
+    input: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
+}
+
+#[derive(Default)]
+pub(super) struct CmdState {
+    exit_code: Option<i32>,
+    chunks: Vec<ExecOutput>,
+}
+
+impl Cmd {
+    fn json(&self) -> Value {
+        let exit = self.state.lock().ok().and_then(|s| s.exit_code);
+        let mut v = json!({ "id": self.id, "command": self.command });
+        if let Some(code) = exit {
+            v["exitCode"] = json!(code);
+        }
+        v
+    }
+
+    fn logs(&self) -> (String, String, String) {
+        let (mut all, mut out, mut err) = (Vec::new(), Vec::new(), Vec::new());
+        if let Ok(s) = self.state.lock() {
+            for c in &s.chunks {
+                match c {
+                    ExecOutput::Stdout(b) => {
+                        all.extend(b);
+                        out.extend(b);
+                    }
+                    ExecOutput::Stderr(b) => {
+                        all.extend(b);
+                        err.extend(b);
+                    }
+                }
+            }
+        }
+        let s = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+        (s(all), s(out), s(err))
+    }
+}
+
+/// A session: its commands, and a token that ends them all.
+pub(super) struct Session {
+    commands: Mutex<Vec<Arc<Cmd>>>,
+    cancel: CancellationToken,
+}
+
+/// Every session of every sandbox.
+#[derive(Default)]
+pub struct Sessions {
+    map: DashMap<(String, String), Arc<Session>>,
+}
+
+impl Sessions {
+    /// Ends a sandbox's sessions (stop, delete).
+    pub fn drop_sandbox(&self, sandbox: &str) {
+        self.map.retain(|(sb, _), s| {
+            if sb == sandbox {
+                s.cancel.cancel();
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn get(&self, sandbox: &str, sid: &str) -> Result<Arc<Session>, ApiError> {
+        self.map
+            .get(&(sandbox.to_string(), sid.to_string()))
+            .map(|s| s.clone())
+            .ok_or_else(|| ApiError::not_found(format!("session {sid} not found")))
+    }
+}
+
+pub(super) fn session_json(sid: &str, s: &Session) -> Value {
+    let cmds: Vec<Value> = s
+        .commands
+        .lock()
+        .map(|c| c.iter().map(|c| c.json()).collect())
+        .unwrap_or_default();
+    json!({ "sessionId": sid, "commands": cmds })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct CreateSession {
+    session_id: String,
+}
+
+pub(super) async fn create_session(
+    State(sim): State<Arc<Sim>>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<CreateSession>,
+) -> Result<StatusCode, ApiError> {
+    let c = ctx(&sim, &id)?;
+    if req.session_id.is_empty() {
+        return Err(ApiError::bad_request("sessionId is required"));
+    }
+    let key = (c.id.clone(), req.session_id.clone());
+    if sim.sessions.map.contains_key(&key) {
+        return Err(ApiError::conflict(format!(
+            "session {} already exists",
+            req.session_id
+        )));
+    }
+    sim.sessions.map.insert(
+        key,
+        Arc::new(Session {
+            commands: Mutex::new(Vec::new()),
+            cancel: c.procs.child_token(),
+        }),
+    );
+    Ok(StatusCode::CREATED)
+}
+
+pub(super) async fn list_sessions(
+    State(sim): State<Arc<Sim>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let c = ctx(&sim, &id)?;
+    let list: Vec<Value> = sim
+        .sessions
+        .map
+        .iter()
+        .filter(|e| e.key().0 == c.id)
+        .map(|e| session_json(&e.key().1, e.value()))
+        .collect();
+    Ok(Json(Value::Array(list)))
+}
+
+pub(super) async fn get_session(
+    State(sim): State<Arc<Sim>>,
+    Path((id, sid)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let c = ctx(&sim, &id)?;
+    let s = sim.sessions.get(&c.id, &sid)?;
+    Ok(Json(session_json(&sid, &s)))
+}
+
+pub(super) async fn delete_session(
+    State(sim): State<Arc<Sim>>,
+    Path((id, sid)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let c = ctx(&sim, &id)?;
+    let s = sim.sessions.get(&c.id, &sid)?;
+    s.cancel.cancel();
+    sim.sessions.map.remove(&(c.id, sid));
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+pub(super) struct SessionExec {
+    command: String,
+    run_async: Option<bool>,
+    #[serde(rename = "async")]
+    is_async: Option<bool>,
+}
+
+pub(super) async fn session_exec(
+    State(sim): State<Arc<Sim>>,
+    Path((id, sid)): Path<(String, String)>,
+    ApiJson(req): ApiJson<SessionExec>,
+) -> Result<Response, ApiError> {
+    let c = ctx(&sim, &id)?;
+    let session = sim.sessions.get(&c.id, &sid)?;
+    if req.command.trim().is_empty() {
+        return Err(ApiError::bad_request("command is required"));
+    }
+    let p = spec(&c, &req.command, None, &BTreeMap::new(), None)?;
+    let (in_tx, in_rx) = mpsc::channel(16);
+    let cmd = Arc::new(Cmd {
+        id: crate::sim::control::uuid(),
+        command: req.command.clone(),
+        state: Mutex::new(CmdState::default()),
+        changed: Notify::new(),
+        input: Mutex::new(Some(in_tx)),
+    });
+    if let Ok(mut cmds) = session.commands.lock() {
+        cmds.push(cmd.clone());
+    }
+    let (tx, mut rx) = mpsc::channel(64);
+    let cancel = session.cancel.child_token();
+    let runner = cmd.clone();
+    let sim2 = sim.clone();
+    let sandbox = c.id.clone();
+    let done = tokio::spawn(async move {
+        let run =
+            tokio::spawn(async move { process::run_with_input(&p, Some(in_rx), tx, cancel).await });
+        while let Some(o) = rx.recv().await {
+            if let Ok(mut s) = runner.state.lock() {
+                s.chunks.push(o);
+            }
+            runner.changed.notify_waiters();
+            if let Ok(mut map) = sim2.sandboxes.lock()
+                && let Some(sb) = map.get_mut(&sandbox)
+            {
+                sb.last_activity_ms = now_ms();
+            }
+        }
+        let code = match run.await {
+            Ok(Ok(exit)) => exit.code,
+            _ => 1,
+        };
+        if let Ok(mut s) = runner.state.lock() {
+            s.exit_code = Some(code);
+        }
+        if let Ok(mut i) = runner.input.lock() {
+            i.take();
+        }
+        runner.changed.notify_waiters();
+    });
+    if req.run_async.or(req.is_async).unwrap_or(false) {
+        return Ok((StatusCode::ACCEPTED, Json(json!({ "cmdId": cmd.id }))).into_response());
+    }
+    let _ = done.await;
+    let (output, stdout, stderr) = cmd.logs();
+    let code = cmd.state.lock().ok().and_then(|s| s.exit_code);
+    Ok(Json(json!({ "cmdId": cmd.id, "exitCode": code, "output": output, "stdout": stdout, "stderr": stderr })).into_response())
+}
+
+pub(super) fn find_cmd(sim: &Sim, c: &Ctx, sid: &str, cid: &str) -> Result<Arc<Cmd>, ApiError> {
+    let s = sim.sessions.get(&c.id, sid)?;
+    let cmds = s
+        .commands
+        .lock()
+        .map_err(|_| ApiError::internal("session lock poisoned"))?;
+    cmds.iter()
+        .find(|x| x.id == cid)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("command {cid} not found in session {sid}")))
+}
+
+pub(super) async fn get_command(
+    State(sim): State<Arc<Sim>>,
+    Path((id, sid, cid)): Path<(String, String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let c = ctx(&sim, &id)?;
+    Ok(Json(find_cmd(&sim, &c, &sid, &cid)?.json()))
+}
+
+pub(super) async fn command_logs(
+    State(sim): State<Arc<Sim>>,
+    Path((id, sid, cid)): Path<(String, String, String)>,
+    RawQuery(raw): RawQuery,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let c = ctx(&sim, &id)?;
+    let cmd = find_cmd(&sim, &c, &sid, &cid)?;
+    let follow = param(&raw, "follow").is_some_and(|v| v == "true");
+    if follow {
+        let ws = ws.map_err(|e| {
+            ApiError::bad_request(format!("follow=true needs a WebSocket upgrade: {e}"))
+        })?;
+        return Ok(ws.on_upgrade(move |socket| follow_logs(socket, cmd)));
+    }
+    let (output, stdout, stderr) = cmd.logs();
+    Ok(Json(json!({ "output": output, "stdout": stdout, "stderr": stderr })).into_response())
+}
+
+const STDOUT_MARK: &[u8] = b"\x01\x01\x01";
+const STDERR_MARK: &[u8] = b"\x02\x02\x02";
+
+/// Sends the output so far, then new output as it comes, each chunk behind its stream's
+/// marker; closes with 1000 once the command has exited and everything was sent.
+pub(super) async fn follow_logs(mut socket: WebSocket, cmd: Arc<Cmd>) {
+    let mut sent = 0;
+    loop {
+        let notified = cmd.changed.notified();
+        let (chunks, done) = match cmd.state.lock() {
+            Ok(s) => (s.chunks[sent..].to_vec(), s.exit_code.is_some()),
+            Err(_) => return,
+        };
+        for chunk in &chunks {
+            let (mark, data) = match chunk {
+                ExecOutput::Stdout(b) => (STDOUT_MARK, b),
+                ExecOutput::Stderr(b) => (STDERR_MARK, b),
+            };
+            let mut frame = Vec::with_capacity(3 + data.len());
+            frame.extend_from_slice(mark);
+            frame.extend_from_slice(data);
+            if socket.send(Message::Binary(frame.into())).await.is_err() {
+                return;
+            }
+        }
+        sent += chunks.len();
+        if done {
+            let _ = socket
+                .send(Message::Close(Some(CloseFrame {
+                    code: 1000,
+                    reason: "command exited".into(),
+                })))
+                .await;
+            return;
+        }
+        tokio::select! {
+            () = notified => {}
+            // The client went away (or sent something): stop when it closed.
+            msg = socket.recv() => {
+                if matches!(msg, None | Some(Err(_)) | Some(Ok(Message::Close(_)))) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct Input {
+    data: String,
+}
+
+pub(super) async fn command_input(
+    State(sim): State<Arc<Sim>>,
+    Path((id, sid, cid)): Path<(String, String, String)>,
+    ApiJson(req): ApiJson<Input>,
+) -> Result<StatusCode, ApiError> {
+    let c = ctx(&sim, &id)?;
+    let cmd = find_cmd(&sim, &c, &sid, &cid)?;
+    let tx = cmd
+        .input
+        .lock()
+        .ok()
+        .and_then(|i| i.clone())
+        .ok_or_else(|| ApiError::bad_request(format!("command {cid} has exited")))?;
+    tx.send(req.data.into_bytes())
+        .await
+        .map_err(|_| ApiError::bad_request(format!("command {cid} has exited")))?;
+    Ok(StatusCode::NO_CONTENT)
+}
