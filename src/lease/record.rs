@@ -250,6 +250,35 @@ impl LeaseRecord {
     }
 }
 
+#[cfg(test)]
+impl LeaseRecord {
+    /// A lease for unit tests: `swift-crab`, with a sandbox, claimed by `/repo`.
+    pub fn sample(state: LeaseState) -> LeaseRecord {
+        LeaseRecord {
+            id: "cbx_0123456789ab".into(),
+            slug: "swift-crab".into(),
+            provider: "local".into(),
+            state,
+            reason: None,
+            sandbox_id: Some("sb-1".into()),
+            sandbox_name: "crabbox-swift-crab-01234567".into(),
+            repo_root: Some("/repo".into()),
+            created_at_ms: 1_000_000,
+            last_touched_ms: 1_000_000,
+            ttl_secs: 5400,
+            idle_timeout_secs: 1800,
+            keep: false,
+            user_labels: BTreeMap::new(),
+            work_root: "/w".into(),
+            owner: "cbxd_1".into(),
+            sandbox_cleaned: false,
+            provider_options: BTreeMap::new(),
+            task: Task::Idle,
+            attempts: 0,
+        }
+    }
+}
+
 /// Do these sandbox labels say the sandbox is crabbox's and this daemon's?
 pub fn owned_by(labels: &BTreeMap<String, String>, owner: &str) -> bool {
     labels.get("crabbox").map(String::as_str) == Some("true")
@@ -262,31 +291,16 @@ mod tests {
     use super::*;
 
     fn record() -> LeaseRecord {
-        LeaseRecord {
-            id: "cbx_0123456789ab".into(),
-            slug: "swift-crab".into(),
-            provider: "local".into(),
-            state: LeaseState::Ready,
-            reason: None,
-            sandbox_id: None,
-            sandbox_name: "crabbox-swift-crab-01234567".into(),
-            repo_root: None,
-            created_at_ms: 1_000_000,
-            last_touched_ms: 1_000_000,
-            ttl_secs: 90 * 60,
-            idle_timeout_secs: 30 * 60,
-            keep: false,
-            user_labels: BTreeMap::from([
-                ("team".into(), "infra".into()),
-                ("owner".into(), "mallory".into()),
-            ]),
-            work_root: "/w".into(),
-            owner: "cbxd_1".into(),
-            sandbox_cleaned: false,
-            provider_options: BTreeMap::new(),
-            task: Task::Idle,
-            attempts: 0,
-        }
+        let mut r = LeaseRecord::sample(LeaseState::Ready);
+        r.sandbox_id = None;
+        r.repo_root = None;
+        r.ttl_secs = 90 * 60;
+        r.idle_timeout_secs = 30 * 60;
+        r.user_labels = BTreeMap::from([
+            ("team".into(), "infra".into()),
+            ("owner".into(), "mallory".into()),
+        ]);
+        r
     }
 
     #[test]

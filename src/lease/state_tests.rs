@@ -4,33 +4,11 @@ use super::Effect as F;
 use super::LeaseState as S;
 use super::*;
 use crate::lease::record::{LeaseState, Task};
-use std::collections::BTreeMap;
 
 const NOW: u64 = 5_000_000;
 
 fn record(state: LeaseState) -> LeaseRecord {
-    LeaseRecord {
-        id: "cbx_0123456789ab".into(),
-        slug: "swift-crab".into(),
-        provider: "local".into(),
-        state,
-        reason: None,
-        sandbox_id: Some("sb-1".into()),
-        sandbox_name: "crabbox-swift-crab-01234567".into(),
-        repo_root: Some("/repo".into()),
-        created_at_ms: 1_000_000,
-        last_touched_ms: 1_000_000,
-        ttl_secs: 5400,
-        idle_timeout_secs: 1800,
-        keep: false,
-        user_labels: BTreeMap::new(),
-        work_root: "/w".into(),
-        owner: "cbxd_1".into(),
-        sandbox_cleaned: false,
-        provider_options: BTreeMap::new(),
-        task: Task::Idle,
-        attempts: 0,
-    }
+    LeaseRecord::sample(state)
 }
 
 /// Every event, with sample payloads.

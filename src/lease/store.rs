@@ -170,35 +170,14 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::record::{LeaseState, Task};
-    use std::collections::BTreeMap;
+    use crate::lease::record::LeaseState;
 
     #[test]
     fn leases_manifests_runs_survive_reopen() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let path = tmp.path().join("db.redb");
-        let lease = LeaseRecord {
-            id: "cbx_0123456789ab".into(),
-            slug: "swift-crab".into(),
-            provider: "local".into(),
-            state: LeaseState::Ready,
-            reason: None,
-            sandbox_id: Some("sb".into()),
-            sandbox_name: "crabbox-swift-crab-01234567".into(),
-            repo_root: Some("/repo".into()),
-            created_at_ms: 1,
-            last_touched_ms: 2,
-            ttl_secs: 3,
-            idle_timeout_secs: 4,
-            keep: true,
-            user_labels: BTreeMap::new(),
-            work_root: "/w".into(),
-            owner: "o".into(),
-            sandbox_cleaned: false,
-            provider_options: BTreeMap::new(),
-            task: Task::Idle,
-            attempts: 0,
-        };
+        let mut lease = LeaseRecord::sample(LeaseState::Ready);
+        lease.keep = true;
         let daemon_id;
         {
             let s = Store::open(&path).expect("open");
