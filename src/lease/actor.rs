@@ -88,11 +88,13 @@ impl Actor for LeaseActor {
         st: &mut LeaseActorState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            LeaseMsg::Start => st.quietly(&myself, Event::Start),
             LeaseMsg::Recover => st.quietly(&myself, Event::Recover),
             LeaseMsg::Retry => st.quietly(&myself, Event::Retry),
             LeaseMsg::Reconcile => st.quietly(&myself, Event::Reconcile),
             LeaseMsg::KeepAlive => st.quietly(&myself, Event::KeepAlive),
             LeaseMsg::Finish => st.quietly(&myself, Event::Finish),
+            LeaseMsg::Kept => st.quietly(&myself, Event::Kept),
             LeaseMsg::Touch(reply) => st.answer(&myself, Event::Touch, reply),
             LeaseMsg::Prepare(reply) => st.answer(&myself, Event::Prepare, reply),
             LeaseMsg::Claim { repo_root, reply } => {

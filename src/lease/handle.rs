@@ -20,8 +20,10 @@ pub const ASK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Messages to a lease actor.
 pub enum LeaseMsg {
-    /// Sent by the registry right after spawning the actor (a new lease, a daemon restart,
-    /// a restart after a crash): pick up from the stored state.
+    /// Sent by the registry right after spawning the actor of a new lease.
+    Start,
+    /// Sent by the registry right after spawning the actor of a stored lease (a daemon
+    /// restart, a restart after a crash): pick up from the stored state.
     Recover,
     /// Sent by the registry's sweep to a lease whose state needs provider work that is not
     /// in flight.
@@ -53,6 +55,8 @@ pub enum LeaseMsg {
         reason: String,
         reply: Option<RpcReplyPort<Result<LeaseRecord, Error>>>,
     },
+    /// Sent by the run that created the lease when it ends and keeps it.
+    Kept,
     /// Sent by the actor's own provider tasks when they end.
     Done(Outcome),
 }

@@ -126,6 +126,14 @@ pub enum Task {
     Observing,
 }
 
+/// How the run that created a lease wants it handled when the run ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FreshRun {
+    /// Keep the lease when the command fails (`--keep-on-failure`); a run lost to a daemon
+    /// restart counts as failed.
+    pub keep_on_failure: bool,
+}
+
 /// One lease as the store keeps it and every API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeaseRecord {
@@ -163,6 +171,11 @@ pub struct LeaseRecord {
     /// Provider options for the sandbox (kept so a restart provisions the same thing).
     #[serde(default)]
     pub provider_options: BTreeMap<String, String>,
+    /// Set while the `run` that created this lease goes on: the lease is that run's, and is
+    /// released when it ends unless kept. Persisted, so that a daemon that dies under the
+    /// run releases the lease when it comes back instead of leaving it claimed and live.
+    #[serde(default)]
+    pub fresh_run: Option<FreshRun>,
     /// The provider work in flight. Never persisted: a new actor has none.
     #[serde(skip)]
     pub task: Task,
@@ -273,6 +286,7 @@ impl LeaseRecord {
             owner: "cbxd_1".into(),
             sandbox_cleaned: false,
             provider_options: BTreeMap::new(),
+            fresh_run: None,
             task: Task::Idle,
             attempts: 0,
         }

@@ -43,8 +43,10 @@ pub enum Observation {
 /// What happened to a lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The actor starts (a new lease, a daemon restart, a restart after a crash): pick up
-    /// from the state the store had.
+    /// The actor of a new lease starts: provision it.
+    Start,
+    /// The actor of a stored lease starts (a daemon restart, a restart after a crash): pick
+    /// up from the state the store had.
     Recover,
     /// The registry's sweep: start provider work the state needs but that is not in flight
     /// (after a task died, or a store write failed).
@@ -67,6 +69,9 @@ pub enum Event {
     Claim { repo_root: Option<String> },
     /// Release the lease: the Stop RPC, expiry, the end of a fresh run.
     Release { reason: String },
+    /// The run that created the lease ended and keeps it (`--keep-on-failure` after a
+    /// failure): it becomes an ordinary lease.
+    Kept,
     /// The delete task's outcome: the sandbox is gone.
     Deleted,
     /// The delete task's outcome: it failed, and is retried with backoff.
@@ -162,10 +167,42 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
     let mut r = record.clone();
     let mut fx = Vec::new();
     match event {
+        Event::Start => match r.state {
+            S::Pending => provision(&mut r, &mut fx, "provisioning the sandbox"),
+            S::Creating
+            | S::Ready
+            | S::Syncing
+            | S::Running
+            | S::Stopped
+            | S::Releasing
+            | S::Released
+            | S::Failed => {
+                return Err(Error::Internal(format!(
+                    "lease {} cannot start: it is {} already",
+                    r.id, r.state
+                )));
+            }
+        },
         Event::Recover => {
             // A new actor has no tasks, whatever the last one had.
             r.task = Task::Idle;
             r.attempts = 0;
+            // The run that created the lease was lost with the daemon: its lease goes, unless
+            // kept on failure (a lost run counts as failed), when it is an ordinary lease now.
+            if let Some(run) = r.fresh_run.take()
+                && r.state.is_live()
+                && !run.keep_on_failure
+            {
+                r.state = S::Releasing;
+                r.reason =
+                    Some("the run that created it was lost when the daemon restarted".into());
+                fx.extend([F::Persist, F::Announce("releasing"), F::CancelRuns]);
+                delete(&mut r, &mut fx, Duration::ZERO);
+                return Ok(Step {
+                    record: r,
+                    effects: fx,
+                });
+            }
             match r.state {
                 S::Pending => provision(&mut r, &mut fx, "provisioning the sandbox"),
                 S::Creating => {
@@ -187,6 +224,9 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
                     }
                 }
                 S::Released => fx.push(F::Stop),
+            }
+            if r.fresh_run != record.fresh_run && !fx.contains(&F::Persist) {
+                fx.insert(0, F::Persist);
             }
         }
         Event::Retry => {
@@ -352,6 +392,11 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
                 delete(&mut r, &mut fx, Duration::ZERO);
             }
         },
+        Event::Kept => {
+            if r.fresh_run.take().is_some() {
+                fx.push(F::Persist);
+            }
+        }
         Event::Deleted => match r.state {
             S::Releasing => released(&mut r, &mut fx),
             S::Failed => {

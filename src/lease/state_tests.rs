@@ -3,7 +3,7 @@
 use super::Effect as F;
 use super::LeaseState as S;
 use super::*;
-use crate::lease::record::{LeaseState, Task};
+use crate::lease::record::{FreshRun, LeaseState, Task};
 
 const NOW: u64 = 5_000_000;
 
@@ -14,6 +14,7 @@ fn record(state: LeaseState) -> LeaseRecord {
 /// Every event, with sample payloads.
 fn events() -> Vec<Event> {
     vec![
+        Event::Start,
         Event::Recover,
         Event::Retry,
         Event::Prepare,
@@ -35,6 +36,7 @@ fn events() -> Vec<Event> {
         Event::Release {
             reason: "stopped by request".into(),
         },
+        Event::Kept,
         Event::Deleted,
         Event::DeleteFailed {
             error: "503".into(),
@@ -150,6 +152,7 @@ fn every_pair_obeys_the_laws() {
 #[test]
 fn the_table_of_moves() {
     let moves: &[(S, &str, S)] = &[
+        (S::Pending, "Start", S::Creating),
         (S::Pending, "Recover", S::Creating),
         (S::Syncing, "Recover", S::Ready),
         (S::Running, "Recover", S::Ready),
@@ -253,13 +256,49 @@ fn recovery_from_each_persisted_state() {
 }
 
 #[test]
+fn a_fresh_run_lost_to_a_restart_releases_its_lease_unless_kept_on_failure() {
+    for state in S::ALL {
+        let mut r = record(state);
+        r.fresh_run = Some(FreshRun {
+            keep_on_failure: false,
+        });
+        let s = step(&r, Event::Recover, NOW).expect("recover is never refused");
+        assert_eq!(s.record.fresh_run, None, "{state}");
+        if state.is_live() {
+            assert_eq!(s.record.state, S::Releasing, "{state}");
+            assert_eq!(s.record.task, Task::Deleting, "{state}");
+            assert!(s.record.reason.expect("why").contains("lost"), "{state}");
+            assert_eq!(s.effects[0], F::Persist);
+        }
+        // With --keep-on-failure a lost run counts as failed: the lease stays, an ordinary
+        // lease now, and that is stored.
+        r.fresh_run = Some(FreshRun {
+            keep_on_failure: true,
+        });
+        let s = step(&r, Event::Recover, NOW).expect("recover");
+        assert_eq!(s.record.fresh_run, None, "{state}");
+        if state.is_live() {
+            assert_ne!(s.record.state, S::Releasing, "{state}");
+            assert_eq!(s.effects.first(), Some(&F::Persist), "{state}");
+        }
+    }
+    // A run that ends and keeps its lease makes it an ordinary one.
+    let mut r = record(S::Ready);
+    r.fresh_run = Some(FreshRun {
+        keep_on_failure: true,
+    });
+    let s = step(&r, Event::Kept, NOW).expect("kept");
+    assert_eq!((s.record.fresh_run, s.effects), (None, vec![F::Persist]));
+}
+
+#[test]
 fn a_whole_life() {
     let mut r = record(S::Pending);
     r.sandbox_id = None;
     let go = |r: &mut LeaseRecord, e: Event| {
         *r = step(r, e, NOW).expect("legal").record;
     };
-    go(&mut r, Event::Recover);
+    go(&mut r, Event::Start);
     assert_eq!((r.state, r.task), (S::Creating, Task::Provisioning));
     go(
         &mut r,

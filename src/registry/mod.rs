@@ -27,6 +27,7 @@ use crate::error::Error;
 use crate::ids;
 use crate::lease::actor::{LeaseActor, LeaseArgs, LeaseCtx};
 use crate::lease::handle::ask;
+use crate::lease::record::FreshRun;
 use crate::lease::state::{Event, step};
 use crate::lease::store::Store;
 use crate::lease::{LeaseHandle, LeaseMsg, LeaseRecord};
@@ -79,6 +80,8 @@ pub struct AcquireSpec {
     pub repo_root: Option<String>,
     /// Provider options (Daytona: snapshot, target, user).
     pub provider_options: BTreeMap<String, String>,
+    /// A new lease is for one `run`, released when it ends (not when it reuses one).
+    pub fresh_run: Option<FreshRun>,
 }
 
 /// A lease handed out by [`Registry::acquire`].
@@ -211,7 +214,7 @@ impl Actor for RegistryActor {
                     "lease's provider is not configured; leaving it for a daemon that has it");
                 continue;
             }
-            st.spawn_lease(&myself, record).await?;
+            st.spawn_lease(&myself, record, LeaseMsg::Recover).await?;
             recovered += 1;
         }
         if recovered > 0 {
@@ -295,11 +298,13 @@ impl RegistryState {
         })
     }
 
-    /// Starts the actor of `record`, indexes it, and tells it to recover.
+    /// Starts the actor of `record`, indexes it, and sends it `first` (`Start` for a new
+    /// lease, `Recover` for a stored one).
     async fn spawn_lease(
         &mut self,
         myself: &ActorRef<RegistryMsg>,
         record: LeaseRecord,
+        first: LeaseMsg,
     ) -> Result<LeaseHandle, Error> {
         let id = record.id.clone();
         let ctx = LeaseCtx {
@@ -325,7 +330,7 @@ impl RegistryState {
         self.actors.insert(actor.get_id(), id.clone());
         let handle = LeaseHandle::new(actor, state);
         self.index.insert(id, handle.clone());
-        handle.tell(LeaseMsg::Recover);
+        handle.tell(first);
         Ok(handle)
     }
 
@@ -354,7 +359,7 @@ impl RegistryState {
         }
         self.index
             .publish(record.clone(), "failed: lease actor crashed");
-        if let Err(e) = self.spawn_lease(myself, record).await {
+        if let Err(e) = self.spawn_lease(myself, record, LeaseMsg::Recover).await {
             tracing::error!(lease = %id, error = %e, "could not restart the lease actor");
         }
     }
@@ -435,6 +440,7 @@ impl RegistryState {
             owner: self.ctx.daemon_id.clone(),
             sandbox_cleaned: false,
             provider_options,
+            fresh_run: spec.fresh_run,
             task: Task::Idle,
             attempts: 0,
         };
@@ -442,7 +448,7 @@ impl RegistryState {
         // on finds the record (and the sandbox by its name).
         self.ctx.store.put_lease(&record)?;
         self.index.publish(record.clone(), "leased");
-        let lease = self.spawn_lease(myself, record).await?;
+        let lease = self.spawn_lease(myself, record, LeaseMsg::Start).await?;
         Ok(Acquired { lease, fresh: true })
     }
 

@@ -20,6 +20,7 @@ use crate::clock::now_ms;
 use crate::error::Error;
 use crate::lease::ops::exec::Execution;
 use crate::lease::ops::sync::SyncJob;
+use crate::lease::record::FreshRun;
 use crate::lease::state::{Readiness, readiness};
 use crate::lease::store::RunRecord;
 use crate::lease::{LeaseHandle, LeaseMsg, LeaseRecord, LeaseState, Phase};
@@ -58,8 +59,14 @@ pub async fn run(api: Arc<Api>, req: pb::RunRequest, tx: EventTx) {
     };
     let failed = !matches!(outcome, Some(Ok(ref exit)) if exit.code == 0);
     let keep = run.req.keep || (failed && run.req.keep_on_failure);
-    if run.fresh && !keep {
-        run.release_fresh(outcome.is_some()).await;
+    if run.fresh {
+        if keep {
+            if let Some(h) = &run.lease {
+                h.tell(LeaseMsg::Kept);
+            }
+        } else {
+            run.release_fresh(outcome.is_some()).await;
+        }
     }
     match outcome {
         Some(Ok(exit)) => {
@@ -187,7 +194,12 @@ impl Run {
             }
             None => {
                 let fresh = self.req.fresh.clone().unwrap_or_default();
-                let spec = acquire_spec(fresh, self.req.keep, &repo_root);
+                let mut spec = acquire_spec(fresh, self.req.keep, &repo_root);
+                // Unless kept, the new lease is this run's, and the store says so: a daemon
+                // that dies under the run releases it when it comes back.
+                spec.fresh_run = (!self.req.keep).then_some(FreshRun {
+                    keep_on_failure: self.req.keep_on_failure,
+                });
                 let acquired = self.api.registry.acquire(spec).await?;
                 self.fresh = acquired.fresh;
                 if !acquired.fresh {

@@ -1,0 +1,201 @@
+//! Crashes of the real daemon: `crabboxd` as its own process, killed with SIGKILL at chosen
+//! points, restarted on the same state; then what leaked is counted.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{eventually, repo};
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// `crabboxd` as a child process on a temp socket and state dir.
+struct ProcDaemon {
+    dir: TempDir,
+    socket: PathBuf,
+    state: PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl ProcDaemon {
+    async fn start() -> ProcDaemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("run/d.sock");
+        let state = dir.path().join("state");
+        let mut d = ProcDaemon {
+            dir,
+            socket,
+            state,
+            child: None,
+        };
+        d.spawn().await;
+        d
+    }
+
+    async fn spawn(&mut self) {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(["--sweep-interval", "100ms"])
+            .env("CRABBOX_CONFIG", "/dev/null")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("crabboxd");
+        self.child = Some(child);
+        let socket = self.socket.clone();
+        eventually(20, "crabboxd to answer", || {
+            let socket = socket.clone();
+            async move {
+                crabbox::cli::client::connect_once(&socket)
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    /// SIGKILL: no shutdown, no last write.
+    async fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.start_kill().expect("kill");
+            let _ = c.wait().await;
+        }
+    }
+
+    fn cli(&self, cwd: &Path) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"));
+        c.current_dir(cwd)
+            .env("CRABBOX_SOCKET", &self.socket)
+            .env("CRABBOX_STATE_DIR", &self.state)
+            .env("CRABBOX_NO_AUTOSTART", "1")
+            .env("CRABBOX_CONFIG", self.dir.path().join("none.yaml"))
+            .env_remove("CRABBOX_PROVIDER")
+            .kill_on_drop(true);
+        let _ = std::fs::write(self.dir.path().join("none.yaml"), "{}\n");
+        c
+    }
+
+    async fn json(&self, cwd: &Path, args: &[&str]) -> Value {
+        let out = tokio::time::timeout(Duration::from_secs(60), self.cli(cwd).args(args).output())
+            .await
+            .expect("in time")
+            .expect("ran");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    fn sandboxes(&self) -> Vec<String> {
+        std::fs::read_dir(self.state.join("sandboxes"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_run_killed_with_the_daemon_releases_its_lease_at_restart() {
+    let mut d = ProcDaemon::start().await;
+    let r = repo();
+    // A fresh run (no warmup): the lease is the run's.
+    let mut run = d
+        .cli(r.path())
+        .args(["run", "--", "sleep", "30"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    let lease = eventually(20, "the run's command to start", || async {
+        let list = d.json(r.path(), &["list", "--json"]).await;
+        list.as_array()
+            .and_then(|a| a.first().cloned())
+            .filter(|l| l["state"] == "running")
+    })
+    .await;
+    let id = lease["id"].as_str().expect("id").to_string();
+    assert_eq!(d.sandboxes().len(), 1);
+
+    d.kill9().await;
+    let out = tokio::time::timeout(Duration::from_secs(20), run.wait())
+        .await
+        .expect("the CLI notices the daemon is gone")
+        .expect("status");
+    assert!(!out.success());
+
+    d.spawn().await;
+    let released = eventually(20, "the lost run's lease to be released", || async {
+        let all = d.json(r.path(), &["list", "--all", "--json"]).await;
+        all.as_array()
+            .and_then(|a| a.iter().find(|l| l["id"] == id.as_str()).cloned())
+            .filter(|l| l["state"] == "released")
+    })
+    .await;
+    assert!(
+        released["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("the run that created it was lost"),
+        "{released}"
+    );
+    // Nothing leaked, nothing left claiming the repo.
+    assert!(d.sandboxes().is_empty(), "{:?}", d.sandboxes());
+    let live = d.json(r.path(), &["list", "--json"]).await;
+    assert_eq!(live.as_array().map(Vec::len), Some(0), "{live}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_lease_survives_a_kill_during_its_run() {
+    let mut d = ProcDaemon::start().await;
+    let r = repo();
+    let lease = d.json(r.path(), &["warmup", "--json"]).await;
+    let id = lease["id"].as_str().expect("id").to_string();
+    let mut run = d
+        .cli(r.path())
+        .args(["run", "--", "sleep", "30"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run");
+    eventually(20, "the command to start", || async {
+        let st = d.json(r.path(), &["status", &id, "--json"]).await;
+        (st["state"] == "running").then_some(())
+    })
+    .await;
+    d.kill9().await;
+    let _ = tokio::time::timeout(Duration::from_secs(20), run.wait()).await;
+    d.spawn().await;
+    // A warmed lease is nobody's run: it comes back ready, still claimed, and usable.
+    let st = eventually(20, "the lease to be ready again", || async {
+        let st = d.json(r.path(), &["status", &id, "--json"]).await;
+        (st["state"] == "ready").then_some(st)
+    })
+    .await;
+    assert!(
+        st["reason"].as_str().unwrap_or("").contains("restarted"),
+        "{st}"
+    );
+    let out = d
+        .cli(r.path())
+        .args(["run", "--json", "--", "echo", "again"])
+        .output()
+        .await
+        .expect("ran");
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(doc["lease"]["id"], id.as_str());
+    assert_eq!(doc["stdout"], "again\n");
+}
