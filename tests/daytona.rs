@@ -653,3 +653,44 @@ async fn an_environment_builds_its_image_once_and_reports_a_failed_build() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cidr_allow_list"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_run_whose_provisioning_fails_is_told_and_released() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    // Every request fails: provisioning fails, the CLI is told, and once the provider
+    // answers again the lease is released (it used to stay `releasing` for good).
+    w.faults(json!({"error_rate": 1.0})).await;
+    let out = w.cb(r.path(), &["run", "--", "true"]).await;
+    assert_eq!(out.code(), 5, "{}", out.stderr());
+    w.faults(json!({"error_rate": 0.0})).await;
+    eventually(60, "the failed fresh lease to be released", || {
+        all_released(&w, r.path(), 1)
+    })
+    .await;
+
+    // A snapshot that does not exist: told at once, released, nothing left on the provider.
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        w.cb(
+            r.path(),
+            &["--daytona-snapshot", "no-such-snap", "run", "--", "true"],
+        ),
+    )
+    .await
+    .expect("the CLI is told, not left waiting");
+    assert_eq!(out.code(), 5, "{}", out.stderr());
+    assert!(out.stderr().contains("no-such-snap"), "{}", out.stderr());
+    eventually(20, "the second lease to be released", || {
+        all_released(&w, r.path(), 2)
+    })
+    .await;
+    assert!(w.sim_sandboxes().is_empty(), "{:?}", w.sim_sandboxes());
+}
+
+/// `Some` when the daemon knows exactly `n` leases and all are released.
+async fn all_released(w: &World, cwd: &Path, n: usize) -> Option<()> {
+    let all = w.cb(cwd, &["list", "--all", "--json"]).await.json();
+    let leases = all.as_array().cloned().unwrap_or_default();
+    (leases.len() == n && leases.iter().all(|l| l["state"] == "released")).then_some(())
+}

@@ -59,17 +59,11 @@ pub async fn run(api: Arc<Api>, req: pb::RunRequest, tx: EventTx) {
     };
     let failed = !matches!(outcome, Some(Ok(ref exit)) if exit.code == 0);
     let keep = run.req.keep || (failed && run.req.keep_on_failure);
-    if run.fresh {
-        if keep {
-            if let Some(h) = &run.lease {
-                h.tell(LeaseMsg::Kept);
-            }
-        } else {
-            run.release_fresh(outcome.is_some()).await;
-        }
-    }
     match outcome {
         Some(Ok(exit)) => {
+            // A fresh lease is gone before the exit is told: the command's end is the
+            // lease's end, as a person reading the exit expects.
+            run.end_fresh(keep, true).await;
             let _ = tx
                 .send(Ok(pb::RunEvent {
                     event: Some(RunEv::Exit(exit)),
@@ -77,12 +71,16 @@ pub async fn run(api: Arc<Api>, req: pb::RunRequest, tx: EventTx) {
                 .await;
         }
         Some(Err(e)) => {
+            // An error is told at once; a fresh lease's release goes on in the daemon (a
+            // lease that failed may take its provider a while to delete).
             let _ = tx.send(Err(Status::from(e))).await;
+            run.end_fresh(keep, false).await;
         }
         None => {
             if let Some(h) = &run.lease {
                 tracing::info!(lease = %h.record().id, "client left the run; command cancelled");
             }
+            run.end_fresh(keep, false).await;
         }
     }
 }
@@ -369,9 +367,16 @@ impl Run {
         execution.wait().await
     }
 
-    /// Releases the lease this run created, and waits (bounded) until it is gone.
-    async fn release_fresh(&self, wait: bool) {
-        let Some(h) = &self.lease else { return };
+    /// Ends the lease this run created, if it did: kept, or released (waiting, when
+    /// `wait`, until it is gone, at most [`RELEASE_WAIT`]).
+    async fn end_fresh(&self, keep: bool, wait: bool) {
+        let (true, Some(h)) = (self.fresh, &self.lease) else {
+            return;
+        };
+        if keep {
+            h.tell(LeaseMsg::Kept);
+            return;
+        }
         h.tell(LeaseMsg::Release {
             reason: "the run that created it ended".into(),
             reply: None,
