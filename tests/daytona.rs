@@ -694,3 +694,35 @@ async fn all_released(w: &World, cwd: &Path, n: usize) -> Option<()> {
     let leases = all.as_array().cloned().unwrap_or_default();
     (leases.len() == n && leases.iter().all(|l| l["state"] == "released")).then_some(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_to_the_unpack_step_is_repeated_safely() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    w.cb(r.path(), &["warmup"]).await.expect(0);
+    w.cb(r.path(), &["run", "--", "true"]).await.expect(0);
+    // A change and a deletion: the sync prepares the workdir (one execute), then removes
+    // and unpacks (a second execute), whose answer is lost after it ran.
+    std::fs::write(r.path().join("README"), "changed\n").expect("write");
+    std::fs::remove_file(r.path().join("src/lib.txt")).expect("rm");
+    w.faults(json!({"drop_next": 1, "drop_skip": 1, "drop_path": "process/execute"}))
+        .await;
+    let doc = w
+        .cb(
+            r.path(),
+            &[
+                "run",
+                "--json",
+                "--",
+                "sh",
+                "-c",
+                "cat README; ls src | wc -l",
+            ],
+        )
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(doc["stdout"], "changed\n0\n");
+    let f = w.get_faults().await;
+    assert_eq!(f["drop_next"], 0, "the unpack's answer was dropped");
+}

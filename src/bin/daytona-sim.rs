@@ -14,7 +14,8 @@ use crabbox::sim::{self, Faults, SimConfig};
 /// Fields: latency_ms, error_rate (fraction answered 503), rate_limit_count (next N
 /// answered 429) with retry_after_secs and retry_after_bucket (Retry-After-<bucket>),
 /// drop_rate (fraction of connections dropped mid-answer), drop_next + drop_path (drop
-/// the next N requests whose path contains a string), stuck_create (new sandboxes
+/// the next N requests whose `METHOD /path` contains a string; drop_skip lets that many
+/// matching requests through first), stuck_create (new sandboxes
 /// never leave `creating`), sandbox_error + error_reason (push a sandbox into `error`).
 /// GET /_sim/faults shows the current faults.
 #[derive(Debug, Parser)]

@@ -104,6 +104,9 @@ pub struct Faults {
     /// when unset) are served, then their connection is dropped mid-answer.
     pub drop_next: u64,
     pub drop_path: Option<String>,
+    /// Let this many matching requests through before `drop_next` starts dropping (to hit
+    /// the second of two calls to the same path).
+    pub drop_skip: u64,
     /// New sandboxes stay `creating` forever.
     pub stuck_create: bool,
 }
@@ -120,6 +123,7 @@ pub struct FaultsUpdate {
     drop_rate: Option<f64>,
     drop_next: Option<u64>,
     drop_path: Option<String>,
+    drop_skip: Option<u64>,
     stuck_create: Option<bool>,
     /// Push this sandbox (id or name) into `error`.
     sandbox_error: Option<String>,
@@ -374,8 +378,12 @@ async fn gate(State(sim): State<Arc<Sim>>, mut req: Request, next: Next) -> Resp
                 && let Ok(mut f) = sim.faults.lock()
                 && f.drop_next > 0
             {
-                f.drop_next -= 1;
-                drop_this = true;
+                if f.drop_skip > 0 {
+                    f.drop_skip -= 1;
+                } else {
+                    f.drop_next -= 1;
+                    drop_this = true;
+                }
             }
             if drop_this {
                 // The request is served, then its answer is lost: headers go out, the body
@@ -453,6 +461,9 @@ async fn set_faults(
     }
     if u.drop_path.is_some() {
         f.drop_path = u.drop_path.filter(|p| !p.is_empty());
+    }
+    if let Some(v) = u.drop_skip {
+        f.drop_skip = v;
     }
     if let Some(v) = u.stuck_create {
         f.stuck_create = v;

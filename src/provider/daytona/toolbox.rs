@@ -171,14 +171,20 @@ impl DaytonaProvider {
             let remote = format!(".crabbox-remove-{tag:x}");
             self.put_file(sandbox, list.path(), &format!("{}/{remote}", spec.workdir))
                 .await?;
-            script.push(format!("xargs -0 rm -rf -- < {remote}; rm -f {remote}"));
+            // Each step is guarded by its own input file, which it removes when done: a
+            // repeat after a lost answer skips what already happened.
+            script.push(format!(
+                "if [ -e {remote} ]; then xargs -0 rm -rf -- < {remote}; rm -f {remote}; fi"
+            ));
             _keep_alive = Some(list);
         }
         if let Some(archive) = &spec.archive {
             let remote = format!(".crabbox-sync-{tag:x}.tgz");
             self.put_file(sandbox, archive, &format!("{}/{remote}", spec.workdir))
                 .await?;
-            script.push(format!("tar xzf {remote} && rm -f {remote}"));
+            script.push(format!(
+                "if [ -e {remote} ]; then tar xzf {remote} && rm -f {remote}; fi"
+            ));
         }
         let mut _manifest_file = None;
         if let Some(m) = &spec.manifest {
