@@ -726,3 +726,55 @@ async fn a_lost_answer_to_the_unpack_step_is_repeated_safely() {
     let f = w.get_faults().await;
     assert_eq!(f["drop_next"], 0, "the unpack's answer was dropped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_stream_handshake_rides_out_drops_and_429s() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    w.cb(r.path(), &["warmup"]).await.expect(0);
+    // A dropped connection on the handshake ("Handshake not finished") is transient.
+    w.faults(json!({"drop_next": 1, "drop_path": "/logs"}))
+        .await;
+    let doc = w
+        .cb(
+            r.path(),
+            &["run", "--json", "--no-sync", "--", "echo", "hello"],
+        )
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(doc["stdout"], "hello\n");
+    assert_eq!(w.get_faults().await["drop_next"], 0, "the drop happened");
+    // A burst of 429s on the handshake is waited out like on any other call.
+    w.faults(json!({"rate_limit_count": 8, "retry_after_secs": 0, "rate_limit_path": "/logs"}))
+        .await;
+    let doc = w
+        .cb(
+            r.path(),
+            &["run", "--json", "--no-sync", "--", "echo", "again"],
+        )
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(doc["stdout"], "again\n");
+    assert_eq!(
+        w.get_faults().await["rate_limit_count"],
+        0,
+        "all 8 were answered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_refused_with_503_twice_is_sent_again_once_absence_is_confirmed() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    w.faults(json!({"error_next": 2, "error_path": "POST /api/sandbox"}))
+        .await;
+    w.cb(r.path(), &["warmup"]).await.expect(0);
+    assert_eq!(
+        w.get_faults().await["error_next"],
+        0,
+        "both 503s were answered"
+    );
+    assert_eq!(w.sim_sandboxes().len(), 1, "exactly one sandbox");
+}

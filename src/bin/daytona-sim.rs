@@ -11,8 +11,10 @@ use crabbox::sim::{self, Faults, SimConfig};
 ///
 /// Faults can be set at start with the flags below and changed at runtime:
 ///   curl -X POST http://ADDR/_sim/faults -d '{"error_rate":0.05}'
-/// Fields: latency_ms, error_rate (fraction answered 503), rate_limit_count (next N
-/// answered 429) with retry_after_secs and retry_after_bucket (Retry-After-<bucket>),
+/// Fields: latency_ms, error_rate (fraction answered 503), error_next + error_path (the
+/// next N requests whose `METHOD /path` contains a string answered 503), rate_limit_count (next N
+/// answered 429) with retry_after_secs and retry_after_bucket (Retry-After-<bucket>)
+/// and rate_limit_path (only requests whose `METHOD /path` contains it),
 /// drop_rate (fraction of connections dropped mid-answer), drop_next + drop_path (drop
 /// the next N requests whose `METHOD /path` contains a string; drop_skip lets that many
 /// matching requests through first), stuck_create (new sandboxes

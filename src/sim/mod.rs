@@ -92,12 +92,18 @@ pub struct Faults {
     pub latency_ms: u64,
     /// Fraction (0..1) of requests answered 503.
     pub error_rate: f64,
+    /// The next this many requests whose `METHOD /path` contains `error_path` (any request
+    /// when unset) are answered 503, without being served.
+    pub error_next: u64,
+    pub error_path: Option<String>,
     /// The next this many requests are answered 429.
     pub rate_limit_count: u64,
     /// The `Retry-After` seconds of those 429s.
     pub retry_after_secs: u64,
     /// Send `Retry-After-<bucket>` instead of `Retry-After` when set.
     pub retry_after_bucket: Option<String>,
+    /// Only requests whose `METHOD /path` contains this are rate limited (all when unset).
+    pub rate_limit_path: Option<String>,
     /// Fraction (0..1) of requests whose connection drops mid-answer.
     pub drop_rate: f64,
     /// The next this many requests whose `METHOD /path` contains `drop_path` (any request
@@ -117,9 +123,12 @@ pub struct Faults {
 pub struct FaultsUpdate {
     latency_ms: Option<u64>,
     error_rate: Option<f64>,
+    error_next: Option<u64>,
+    error_path: Option<String>,
     rate_limit_count: Option<u64>,
     retry_after_secs: Option<u64>,
     retry_after_bucket: Option<String>,
+    rate_limit_path: Option<String>,
     drop_rate: Option<f64>,
     drop_next: Option<u64>,
     drop_path: Option<String>,
@@ -342,7 +351,13 @@ async fn gate(State(sim): State<Arc<Sim>>, mut req: Request, next: Next) -> Resp
             if faults.latency_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
             }
-            if faults.rate_limit_count > 0 {
+            let line = format!("{} {}", req.method(), req.uri().path());
+            if faults.rate_limit_count > 0
+                && faults
+                    .rate_limit_path
+                    .as_deref()
+                    .is_none_or(|p| line.contains(p))
+            {
                 let mut take = false;
                 if let Ok(mut f) = sim.faults.lock()
                     && f.rate_limit_count > 0
@@ -364,7 +379,20 @@ async fn gate(State(sim): State<Arc<Sim>>, mut req: Request, next: Next) -> Resp
                     return e.into_response();
                 }
             }
-            if faults.error_rate > 0.0 && rand::random::<f64>() < faults.error_rate {
+            let mut error_this = false;
+            if faults.error_next > 0
+                && faults
+                    .error_path
+                    .as_deref()
+                    .is_none_or(|p| line.contains(p))
+                && let Ok(mut f) = sim.faults.lock()
+                && f.error_next > 0
+            {
+                f.error_next -= 1;
+                error_this = true;
+            }
+            if error_this || (faults.error_rate > 0.0 && rand::random::<f64>() < faults.error_rate)
+            {
                 return ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "Service Unavailable (injected)",
@@ -372,7 +400,6 @@ async fn gate(State(sim): State<Arc<Sim>>, mut req: Request, next: Next) -> Resp
                 .into_response();
             }
             let mut drop_this = faults.drop_rate > 0.0 && rand::random::<f64>() < faults.drop_rate;
-            let line = format!("{} {}", req.method(), req.uri().path());
             if faults.drop_next > 0
                 && faults.drop_path.as_deref().is_none_or(|p| line.contains(p))
                 && let Ok(mut f) = sim.faults.lock()
@@ -444,6 +471,12 @@ async fn set_faults(
     if let Some(v) = u.error_rate {
         f.error_rate = v.clamp(0.0, 1.0);
     }
+    if let Some(v) = u.error_next {
+        f.error_next = v;
+    }
+    if u.error_path.is_some() {
+        f.error_path = u.error_path.filter(|p| !p.is_empty());
+    }
     if let Some(v) = u.rate_limit_count {
         f.rate_limit_count = v;
     }
@@ -452,6 +485,9 @@ async fn set_faults(
     }
     if u.retry_after_bucket.is_some() {
         f.retry_after_bucket = u.retry_after_bucket.filter(|b| !b.is_empty());
+    }
+    if u.rate_limit_path.is_some() {
+        f.rate_limit_path = u.rate_limit_path.filter(|p| !p.is_empty());
     }
     if let Some(v) = u.drop_rate {
         f.drop_rate = v.clamp(0.0, 1.0);

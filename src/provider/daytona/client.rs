@@ -78,6 +78,74 @@ impl Default for RetryPolicy {
     }
 }
 
+/// The retry decisions of one call, shared by every request and the log WebSocket's
+/// handshake: a 429 is waited out (its `Retry-After`, bounded) whatever the call, since it
+/// was refused before any work; a 5xx or a dropped connection is retried with jittered
+/// backoff only when the call is idempotent.
+#[derive(Debug)]
+pub struct Retries {
+    policy: RetryPolicy,
+    idempotent: Idempotent,
+    attempts: u32,
+    rate_limited: u32,
+    waited: Duration,
+}
+
+impl Retries {
+    pub fn new(policy: RetryPolicy, idempotent: Idempotent) -> Self {
+        Retries {
+            policy,
+            idempotent,
+            attempts: 0,
+            rate_limited: 0,
+            waited: Duration::ZERO,
+        }
+    }
+
+    /// After a failed try (`status` None: no answer), how long to wait before the next
+    /// one, or, when the call must fail now, what to add to its error message.
+    pub fn after_failure(
+        &mut self,
+        status: Option<StatusCode>,
+        retry_after: Option<Duration>,
+    ) -> Result<Duration, String> {
+        let code = status.map(|s| s.as_u16());
+        let retryable = match code {
+            Some(429) => {
+                self.rate_limited += 1;
+                self.rate_limited < self.policy.rate_limited_attempts
+                    && self.waited < self.policy.rate_limited_wait
+            }
+            Some(500..=599) | None => {
+                self.attempts += 1;
+                self.idempotent == Idempotent::Yes && self.attempts < self.policy.attempts
+            }
+            _ => {
+                self.attempts += 1;
+                false
+            }
+        };
+        if !retryable {
+            let tries = self.attempts + self.rate_limited;
+            return Err(if tries > 1 {
+                format!(" (after {tries} attempts)")
+            } else {
+                String::new()
+            });
+        }
+        let delay = match retry_after {
+            Some(d) if d > self.policy.max_retry_after => {
+                return Err(format!(" (asked to retry after {}s)", d.as_secs()));
+            }
+            Some(d) => d,
+            None if code == Some(429) => backoff(self.policy, self.rate_limited),
+            None => backoff(self.policy, self.attempts),
+        };
+        self.waited += delay;
+        Ok(delay)
+    }
+}
+
 /// A Daytona API client.
 #[derive(Clone)]
 pub struct Client {
@@ -272,11 +340,8 @@ impl Client {
         idempotent: Idempotent,
         make: impl Fn() -> Result<RequestBuilder, ProviderError>,
     ) -> Result<Vec<u8>, HttpError> {
-        let mut attempt = 0;
-        let mut rate_limited = 0;
-        let mut waited = Duration::ZERO;
+        let mut retries = Retries::new(self.retry, idempotent);
         loop {
-            attempt += 1;
             let req = make()
                 .and_then(|r| Ok(r.headers(self.auth_headers()?)))
                 .map_err(|e| HttpError {
@@ -300,51 +365,21 @@ impl Client {
                 }
                 Err(e) => (None, None, connect_message(&e)),
             };
-            let kind = status
-                .map(kind_for)
-                .unwrap_or(ProviderErrorKind::Unavailable);
-            let is_429 = status.map(|s| s.as_u16()) == Some(429);
-            let retryable = match status.map(|s| s.as_u16()) {
-                // A 429 was refused before any work: safe to repeat whatever the call.
-                Some(429) => {
-                    rate_limited += 1;
-                    attempt -= 1;
-                    rate_limited < self.retry.rate_limited_attempts
-                        && waited < self.retry.rate_limited_wait
+            match retries.after_failure(status, retry_after) {
+                Ok(delay) => {
+                    tracing::debug!(?status, ?delay, "daytona call failed; retrying");
+                    tokio::time::sleep(delay).await;
                 }
-                Some(500..=599) | None => {
-                    idempotent == Idempotent::Yes && attempt < self.retry.attempts
-                }
-                _ => false,
-            };
-            if !retryable {
-                let attempt = attempt + rate_limited;
-                let detail = if attempt > 1 {
-                    format!(" (after {attempt} attempts)")
-                } else {
-                    String::new()
-                };
-                return Err(HttpError {
-                    status,
-                    error: self.err(kind, format!("{message}{detail}")),
-                });
-            }
-            let delay = match retry_after {
-                Some(d) if d > self.retry.max_retry_after => {
+                Err(detail) => {
+                    let kind = status
+                        .map(kind_for)
+                        .unwrap_or(ProviderErrorKind::Unavailable);
                     return Err(HttpError {
                         status,
-                        error: self.err(
-                            kind,
-                            format!("{message} (asked to retry after {}s)", d.as_secs()),
-                        ),
+                        error: self.err(kind, format!("{message}{detail}")),
                     });
                 }
-                Some(d) => d,
-                None => backoff(self.retry, if is_429 { rate_limited } else { attempt }),
-            };
-            waited += delay;
-            tracing::debug!(?status, attempt, ?delay, "daytona call failed; retrying");
-            tokio::time::sleep(delay).await;
+            }
         }
     }
 
@@ -390,7 +425,7 @@ fn connect_message(e: &reqwest::Error) -> String {
 }
 
 /// `Retry-After: <secs>` or `Retry-After-<bucket>: <secs>` (the longest wins).
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     headers
         .iter()
         .filter(|(k, _)| k.as_str().starts_with("retry-after"))

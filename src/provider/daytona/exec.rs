@@ -139,29 +139,47 @@ impl DaytonaProvider {
             )
             .map_err(|err| e(ProviderErrorKind::Other, format!("log stream URL: {err}")))?;
         request.headers_mut().extend(self.client.auth_headers()?);
-        // The handshake is a GET: a 5xx, a 429 or a dropped connection is tried again.
-        let mut attempt = 0u32;
+        // The handshake is a GET, under the same retry policy as every other call: a 429 is
+        // waited out (Retry-After honoured), a 5xx or a dropped or half-done handshake is
+        // tried again with backoff.
+        let mut retries = client::Retries::new(self.client.retry, Idempotent::Yes);
         let mut ws = loop {
-            attempt += 1;
-            match tokio_tungstenite::connect_async(request.clone()).await {
+            use tokio_tungstenite::tungstenite::Error as WsError;
+            let err = match tokio_tungstenite::connect_async(request.clone()).await {
                 Ok((ws, _)) => break ws,
-                Err(err) => {
-                    use tokio_tungstenite::tungstenite::Error as WsError;
-                    let transient = match &err {
-                        WsError::Http(resp) => {
-                            resp.status().is_server_error() || resp.status().as_u16() == 429
-                        }
-                        WsError::Io(_) | WsError::ConnectionClosed | WsError::AlreadyClosed => true,
-                        _ => false,
+                Err(err) => err,
+            };
+            let (status, retry_after) = match &err {
+                WsError::Http(resp) => (Some(resp.status()), client::retry_after(resp.headers())),
+                WsError::Io(_)
+                | WsError::ConnectionClosed
+                | WsError::AlreadyClosed
+                | WsError::Protocol(_) => (None, None),
+                // A bad URL, TLS setup, a frame too large: trying again cannot help.
+                _ => {
+                    return Err(e(
+                        ProviderErrorKind::Other,
+                        self.client
+                            .redact(&format!("opening the command's log stream: {err}")),
+                    ));
+                }
+            };
+            match retries.after_failure(status, retry_after) {
+                Ok(delay) => {
+                    tracing::debug!(?status, ?delay, "log stream handshake failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(detail) => {
+                    let kind = match status.map(|s| s.as_u16()) {
+                        Some(401) => ProviderErrorKind::Auth,
+                        Some(403) => ProviderErrorKind::Permission,
+                        _ => ProviderErrorKind::Unavailable,
                     };
-                    if !transient || attempt >= 6 {
-                        return Err(e(
-                            ProviderErrorKind::Unavailable,
-                            self.client
-                                .redact(&format!("opening the command's log stream: {err}")),
-                        ));
-                    }
-                    tokio::time::sleep(client::backoff(self.client.retry, attempt)).await;
+                    return Err(e(
+                        kind,
+                        self.client
+                            .redact(&format!("opening the command's log stream: {err}{detail}")),
+                    ));
                 }
             }
         };

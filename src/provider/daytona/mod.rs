@@ -203,6 +203,33 @@ impl DaytonaProvider {
         })
     }
 
+    /// The sandbox already named `spec.name`, when it carries this lease's labels (an
+    /// earlier attempt of this create made it); anyone else's is refused.
+    async fn adopt(&self, spec: &CreateSpec) -> Result<SandboxInfo, ProviderError> {
+        let v = self
+            .call(
+                Method::GET,
+                &format!("/sandbox/{}", spec.name),
+                None,
+                Idempotent::Yes,
+            )
+            .await?;
+        let found = self.parse_sandbox(&v)?;
+        if found.labels.get("lease") == spec.labels.get("lease")
+            && found.labels.get("owner") == spec.labels.get("owner")
+        {
+            Ok(found)
+        } else {
+            Err(e(
+                ProviderErrorKind::Provisioning,
+                format!(
+                    "a sandbox named {} already exists and is not this lease's",
+                    spec.name
+                ),
+            ))
+        }
+    }
+
     /// Finds the sandbox a lost create may have made, by its lease label.
     async fn find_by_lease(
         &self,
@@ -269,56 +296,37 @@ impl Provider for DaytonaProvider {
         if let Some(m) = opt("auto_stop_minutes").and_then(|m| m.parse::<u64>().ok()) {
             body["autoStopInterval"] = json!(m);
         }
-        match self
-            .api(Method::POST, "/sandbox", Some(&body), Idempotent::No)
-            .await
-        {
-            Ok(v) => self.parse_sandbox(&v),
-            // The name exists: ours from an earlier attempt, or someone else's.
-            Err(h) if h.status.map(|s| s.as_u16()) == Some(409) => {
-                let v = self
-                    .call(
-                        Method::GET,
-                        &format!("/sandbox/{}", spec.name),
-                        None,
-                        Idempotent::Yes,
-                    )
-                    .await?;
-                let found = self.parse_sandbox(&v)?;
-                if found.labels.get("lease") == spec.labels.get("lease")
-                    && found.labels.get("owner") == spec.labels.get("owner")
-                {
-                    Ok(found)
-                } else {
-                    Err(e(
-                        ProviderErrorKind::Provisioning,
-                        format!(
-                            "a sandbox named {} already exists and is not this lease's",
-                            spec.name
-                        ),
-                    ))
-                }
-            }
-            // The answer was lost (dropped connection, 5xx): the create may have happened.
-            // Never send it again blindly: look for it by its lease label.
-            Err(h) if h.status.is_none_or(|s| s.is_server_error()) => {
-                match self.find_by_lease(&spec.labels).await? {
-                    Some(found) => Ok(found),
+        // A create is never re-sent blindly: after a lost answer it is sent again only once
+        // the sandbox is confirmed absent (by its lease label), a bounded number of times.
+        let mut retries = client::Retries::new(self.client.retry, Idempotent::Yes);
+        loop {
+            let h = match self
+                .api(Method::POST, "/sandbox", Some(&body), Idempotent::No)
+                .await
+            {
+                Ok(v) => return self.parse_sandbox(&v),
+                Err(h) => h,
+            };
+            match h.status.map(|s| s.as_u16()) {
+                // The name exists: ours from an earlier attempt, or someone else's.
+                Some(409) => return self.adopt(spec).await,
+                // The answer was lost (dropped connection, 5xx): the create may have
+                // happened. Look for it by its lease label before anything else.
+                None | Some(500..=599) => {
+                    if let Some(found) = self.find_by_lease(&spec.labels).await? {
+                        return Ok(found);
+                    }
                     // Confirmed absent: sending it again cannot make a second sandbox (the
-                    // name is unique; a 409 would be answered and adopted as above).
-                    None => match self
-                        .api(Method::POST, "/sandbox", Some(&body), Idempotent::No)
-                        .await
-                    {
-                        Ok(v) => self.parse_sandbox(&v),
-                        Err(h2) if h2.status.is_none_or(|s| s.is_server_error()) => {
-                            self.find_by_lease(&spec.labels).await?.ok_or(h2.error)
+                    // name is unique; a 409 would be answered and adopted).
+                    match retries.after_failure(h.status, None) {
+                        Ok(delay) => tokio::time::sleep(delay).await,
+                        Err(detail) => {
+                            return Err(e(h.error.kind, format!("{}{detail}", h.error.message)));
                         }
-                        Err(h2) => Err(h2.error),
-                    },
+                    }
                 }
+                _ => return Err(h.error),
             }
-            Err(h) => Err(h.error),
         }
     }
 
