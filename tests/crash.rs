@@ -199,3 +199,103 @@ async fn a_warm_lease_survives_a_kill_during_its_run() {
     assert_eq!(doc["lease"]["id"], id.as_str());
     assert_eq!(doc["stdout"], "again\n");
 }
+
+/// Leases by id -> state, from `list --all --json`.
+async fn states(d: &ProcDaemon, cwd: &Path) -> std::collections::BTreeMap<String, String> {
+    d.json(cwd, &["list", "--all", "--json"])
+        .await
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|l| {
+            (
+                l["id"].as_str().unwrap_or("").to_string(),
+                l["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_or_damaged_store_is_set_aside_and_its_leases_come_back_from_labels() {
+    let mut d = ProcDaemon::start().await;
+    let (a, b) = (repo(), repo());
+    let one = d.json(a.path(), &["warmup", "--json"]).await;
+    let two = d
+        .json(
+            b.path(),
+            &["warmup", "--keep", "--label", "team=infra", "--json"],
+        )
+        .await;
+    let ids = [
+        one["id"].as_str().expect("id").to_string(),
+        two["id"].as_str().expect("id").to_string(),
+    ];
+    let db = d.state.join("crabbox.redb");
+    let damages: [(&str, fn(&Path)); 3] = [
+        ("emptied", |p| std::fs::write(p, b"").expect("truncate")),
+        ("overwritten", |p| {
+            let mut bytes = std::fs::read(p).expect("read");
+            for i in (0..bytes.len()).step_by(997) {
+                bytes[i] ^= 0xff;
+            }
+            std::fs::write(p, bytes).expect("write");
+        }),
+        ("deleted", |p| std::fs::remove_file(p).expect("rm")),
+    ];
+    for (what, damage) in damages {
+        d.kill9().await;
+        damage(&db);
+        // The daemon starts (it used to start empty, or not at all), and both leases come
+        // back from their sandboxes' labels, with the same owner.
+        d.spawn().await;
+        let back = eventually(20, what, || async {
+            let s = states(&d, a.path()).await;
+            ids.iter()
+                .all(|id| s.get(id).is_some_and(|st| st == "ready"))
+                .then_some(s)
+        })
+        .await;
+        assert_eq!(back.len(), 2, "{what}: {back:?}");
+        assert_eq!(
+            d.sandboxes().len(),
+            2,
+            "{what}: nothing deleted, nothing new"
+        );
+    }
+    let kept = d.json(b.path(), &["status", &ids[1], "--json"]).await;
+    assert_eq!(kept["keep"], true);
+    assert_eq!(kept["labels"]["team"], "infra");
+    let aside = std::fs::read_dir(&d.state)
+        .expect("state dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("crabbox.redb.damaged-")
+        })
+        .count();
+    assert_eq!(
+        aside, 2,
+        "each damaged store (emptied, overwritten) is kept aside"
+    );
+    // The rebuilt leases are fully ours: stop deletes their sandboxes.
+    for id in &ids {
+        let out = d
+            .cli(a.path())
+            .args(["stop", id])
+            .output()
+            .await
+            .expect("stop");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eventually(20, "the sandboxes to be deleted", || async {
+        d.sandboxes().is_empty().then_some(())
+    })
+    .await;
+}

@@ -134,8 +134,13 @@ pub async fn run(
             config.state_dir.display()
         ))
     })?;
-    let store = Arc::new(Store::open(&config.state_dir.join("crabbox.redb"))?);
-    let daemon_id = store.daemon_id()?;
+    let (store, damage) = Store::open_or_set_aside(&config.state_dir.join("crabbox.redb"))?;
+    if let Some(damage) = damage {
+        tracing::warn!("{damage}");
+    }
+    let store = Arc::new(store);
+    // Kept beside the store too: a lost store must not make every sandbox a stranger's.
+    let daemon_id = store.daemon_id_kept_in(&config.state_dir.join("daemon-id"))?;
     // One token fans out: runs, watches, the ticker and the servers all end with it.
     let token = CancellationToken::new();
     let (registry, registry_join) = Registry::start(RegistryCtx {

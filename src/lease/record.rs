@@ -263,6 +263,85 @@ impl LeaseRecord {
     }
 }
 
+/// The keys [`LeaseRecord::labels`] sets; any other label is the user's.
+const RESERVED: [&str; 15] = [
+    "crabbox",
+    "created_by",
+    "lease",
+    "slug",
+    "provider",
+    "owner",
+    "state",
+    "keep",
+    "created_at",
+    "last_touched_at",
+    "idle_timeout_secs",
+    "ttl_secs",
+    "expires_at",
+    "lease_name",
+    "work_root",
+];
+
+impl LeaseRecord {
+    /// The lease a sandbox's labels describe, for a sandbox this daemon (`owner`) owns but
+    /// whose record the store lost: its id, slug, times, timeouts, keep flag, work root and
+    /// user labels come back; its repo claim and provider options do not (labels do not
+    /// carry them). `None` when the labels are not a lease's of this owner.
+    pub fn from_labels(
+        provider: &str,
+        owner: &str,
+        sandbox_id: &str,
+        sandbox_name: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Option<LeaseRecord> {
+        if !owned_by(labels, owner) {
+            return None;
+        }
+        let get = |k: &str| labels.get(k).filter(|v| !v.is_empty());
+        let secs = |k: &str| get(k).and_then(|v| v.parse::<u64>().ok());
+        let id = get("lease")
+            .filter(|id| crate::ids::is_lease_id(id))?
+            .clone();
+        let created_at_ms = secs("created_at")?.saturating_mul(1000);
+        let state = match get("state").map(String::as_str) {
+            // A release or failure was under way: finish it.
+            Some("releasing" | "failed") => LeaseState::Releasing,
+            _ => LeaseState::Ready,
+        };
+        Some(LeaseRecord {
+            slug: get("slug")
+                .cloned()
+                .unwrap_or_else(|| crate::ids::slug_for(&id)),
+            id,
+            provider: provider.to_string(),
+            state,
+            reason: Some("rebuilt from the sandbox's labels after the store lost it".into()),
+            sandbox_id: Some(sandbox_id.to_string()),
+            sandbox_name: sandbox_name.to_string(),
+            repo_root: None,
+            created_at_ms,
+            last_touched_ms: secs("last_touched_at")
+                .map(|s| s.saturating_mul(1000))
+                .unwrap_or(created_at_ms),
+            ttl_secs: secs("ttl_secs")?,
+            idle_timeout_secs: secs("idle_timeout_secs")?,
+            keep: get("keep").is_some_and(|k| k == "true"),
+            user_labels: labels
+                .iter()
+                .filter(|(k, _)| !RESERVED.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            work_root: get("work_root").cloned().unwrap_or_default(),
+            owner: owner.to_string(),
+            sandbox_cleaned: false,
+            provider_options: BTreeMap::new(),
+            fresh_run: None,
+            task: Task::Idle,
+            attempts: 0,
+        })
+    }
+}
+
 #[cfg(test)]
 impl LeaseRecord {
     /// A lease for unit tests: `swift-crab`, with a sandbox, claimed by `/repo`.
@@ -374,6 +453,43 @@ mod tests {
         let mut other = l;
         other.insert("lease".into(), "cbx_ffffffffffff".into());
         assert!(!r.owns(&other));
+    }
+
+    #[test]
+    fn a_lease_comes_back_from_its_labels() {
+        let mut r = record();
+        r.id = "cbx_00112233aabb".into();
+        r.keep = true;
+        let labels = r.labels();
+        let back = LeaseRecord::from_labels("local", "cbxd_1", "sb-9", &r.sandbox_name, &labels)
+            .expect("ours");
+        assert_eq!(back.id, r.id);
+        assert_eq!(back.slug, r.slug);
+        assert_eq!(
+            back.user_labels,
+            r.user_labels
+                .into_iter()
+                .filter(|(k, _)| k != "owner")
+                .collect()
+        );
+        assert_eq!(
+            (back.ttl_secs, back.idle_timeout_secs, back.keep),
+            (5400, 1800, true)
+        );
+        assert_eq!(back.created_at_ms, 1_000_000);
+        assert_eq!(back.sandbox_id.as_deref(), Some("sb-9"));
+        assert_eq!(back.state, LeaseState::Ready);
+        assert_eq!(back.labels()["owner"], "cbxd_1");
+        // Another daemon's sandbox, or labels that are not a lease's, give nothing.
+        assert!(LeaseRecord::from_labels("local", "cbxd_2", "sb-9", "n", &labels).is_none());
+        let mut broken = labels.clone();
+        broken.insert("lease".into(), "not-an-id".into());
+        assert!(LeaseRecord::from_labels("local", "cbxd_1", "sb-9", "n", &broken).is_none());
+        let mut releasing = labels;
+        releasing.insert("state".into(), "releasing".into());
+        let back =
+            LeaseRecord::from_labels("local", "cbxd_1", "sb", "n", &releasing).expect("ours");
+        assert_eq!(back.state, LeaseState::Releasing);
     }
 
     #[test]

@@ -51,6 +51,144 @@ impl Store {
         Ok(Store { db })
     }
 
+    /// Opens the store at `path`; a store that cannot be used (an empty file, a file redb
+    /// refuses or panics on, a table that cannot be read whole) is never silently replaced:
+    /// it is kept aside as `crabbox.redb.damaged-<unix ms>` and a new store is made. The
+    /// second value says what happened, for the log; leases the old store held come back
+    /// from their sandboxes' labels (the registry's orphan scan adopts them).
+    pub fn open_or_set_aside(path: &Path) -> Result<(Store, Option<String>), Error> {
+        let problem = match std::fs::metadata(path) {
+            Err(_) => None, // no store yet: a first start (or a lost file: adopted later)
+            Ok(m) if m.len() == 0 => Some("the file is empty".to_string()),
+            Ok(_) => match Self::open_checked(path) {
+                Ok(store) => return Ok((store, None)),
+                Err(why) => Some(why),
+            },
+        };
+        let Some(why) = problem else {
+            return Ok((Store::open(path)?, None));
+        };
+        let aside = path.with_file_name(format!(
+            "{}.damaged-{}",
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "crabbox.redb".into()),
+            crate::clock::now_ms()
+        ));
+        std::fs::rename(path, &aside).map_err(|e| {
+            Error::Store(format!(
+                "the store {} cannot be used ({why}) and could not be moved aside to {}: {e}; \
+                 move it away yourself and start crabboxd again",
+                path.display(),
+                aside.display()
+            ))
+        })?;
+        let store = Store::open(path)?;
+        Ok((
+            store,
+            Some(format!(
+                "the store {} could not be used ({why}); it was kept aside as {} and a new one \
+                 made: leases come back from their sandboxes' labels",
+                path.display(),
+                aside.display()
+            )),
+        ))
+    }
+
+    /// Opens and reads every table whole, catching redb's panics on damaged pages.
+    fn open_checked(path: &Path) -> Result<Store, String> {
+        let path = path.to_path_buf();
+        let opened = std::panic::catch_unwind(move || -> Result<Store, Error> {
+            let store = Store::open(&path)?;
+            store.check()?;
+            Ok(store)
+        });
+        match opened {
+            Ok(Ok(store)) => Ok(store),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(panic) => Err(format!(
+                "the database engine failed reading it: {}",
+                panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("a panic")
+            )),
+        }
+    }
+
+    /// Reads every table whole (values are not parsed: a record that does not parse is
+    /// skipped with a warning where it is used).
+    fn check(&self) -> Result<(), Error> {
+        let tx = self.db.begin_read().map_err(err)?;
+        for table in [LEASES, MANIFESTS, RUNS] {
+            let t = tx.open_table(table).map_err(err)?;
+            for row in t.iter().map_err(err)? {
+                row.map_err(err)?;
+            }
+        }
+        let t = tx.open_table(META).map_err(err)?;
+        for row in t.iter().map_err(err)? {
+            row.map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// This daemon's id, made on first use and kept for good (sandbox `owner` label). It
+    /// lives in `id_file` (beside the store) and in the store: either one brings it back.
+    pub fn daemon_id_kept_in(&self, id_file: &Path) -> Result<String, Error> {
+        let from_file = std::fs::read_to_string(id_file)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| s.starts_with("cbxd_"));
+        let id = match from_file {
+            Some(id) => {
+                self.set_daemon_id(&id)?;
+                id
+            }
+            None => self.daemon_id()?,
+        };
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let tmp = id_file.with_extension("tmp");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(format!("{id}\n").as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, id_file)
+        };
+        if std::fs::read_to_string(id_file)
+            .map(|s| s.trim() != id)
+            .unwrap_or(true)
+        {
+            write().map_err(|e| Error::Store(format!("writing {}: {e}", id_file.display())))?;
+        }
+        Ok(id)
+    }
+
+    fn set_daemon_id(&self, id: &str) -> Result<(), Error> {
+        let tx = self.db.begin_write().map_err(err)?;
+        {
+            let mut t = tx.open_table(META).map_err(err)?;
+            let current = t
+                .get("daemon_id")
+                .map_err(err)?
+                .map(|v| v.value().to_string());
+            if current.as_deref() != Some(id) {
+                if let Some(other) = current {
+                    tracing::warn!(store = %other, file = %id, "the store and the daemon-id file disagree; the file wins");
+                }
+                t.insert("daemon_id", id).map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
     /// This daemon's id, made on first use and kept for good (sandbox `owner` label).
     pub fn daemon_id(&self) -> Result<String, Error> {
         let tx = self.db.begin_write().map_err(err)?;
@@ -204,5 +342,41 @@ mod tests {
         assert!(s.runs("cbx_ffffffffffff").expect("runs").is_empty());
         s.delete_manifest(&lease.id).expect("delete");
         assert!(s.get_manifest(&lease.id).expect("m").is_none());
+    }
+
+    #[test]
+    fn an_empty_or_damaged_store_is_set_aside_and_the_daemon_id_survives() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("crabbox.redb");
+        let id_file = tmp.path().join("daemon-id");
+        let id = {
+            let (s, note) = Store::open_or_set_aside(&path).expect("first");
+            assert!(note.is_none(), "a first start is no damage");
+            s.put_lease(&LeaseRecord::sample(LeaseState::Ready))
+                .expect("put");
+            s.daemon_id_kept_in(&id_file).expect("id")
+        };
+        // Emptied: kept aside, a new store, the same id (from the file).
+        std::fs::write(&path, b"").expect("truncate");
+        let (s, note) = Store::open_or_set_aside(&path).expect("reopen");
+        assert!(note.expect("said").contains("empty"));
+        assert_eq!(s.daemon_id_kept_in(&id_file).expect("id"), id);
+        assert!(s.all_leases().expect("all").is_empty());
+        drop(s);
+        // Garbage: kept aside too.
+        std::fs::write(&path, vec![0x5a; 70_000]).expect("garbage");
+        let (s, note) = Store::open_or_set_aside(&path).expect("reopen");
+        assert!(note.is_some());
+        assert_eq!(s.daemon_id_kept_in(&id_file).expect("id"), id);
+        let aside = std::fs::read_dir(tmp.path())
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("damaged"))
+            .count();
+        assert!(aside >= 1, "the damaged files are kept");
+        // The id file lost: the store still knows it.
+        std::fs::remove_file(&id_file).expect("rm");
+        assert_eq!(s.daemon_id_kept_in(&id_file).expect("id"), id);
+        assert!(id_file.exists());
     }
 }

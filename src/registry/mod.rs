@@ -109,6 +109,9 @@ pub enum RegistryMsg {
     },
     /// Sent by the daemon's ticker: expiry, retries, reconcile, orphan scan.
     Sweep,
+    /// Sent by the orphan scan: a sandbox this daemon owns whose lease the store does not
+    /// know (the store was lost or damaged), rebuilt from its labels.
+    Adopt(Box<LeaseRecord>),
 }
 
 /// The registry as the rest of the daemon holds it: its actor and its index.
@@ -131,6 +134,7 @@ impl Registry {
                 index: index.clone(),
                 actors: HashMap::new(),
                 sweeps: 0,
+                myself: None,
             },
         )
         .await
@@ -191,6 +195,8 @@ pub struct RegistryState {
     /// Which lease each supervised actor owns.
     actors: HashMap<ActorId, String>,
     sweeps: u64,
+    /// The registry itself, for the orphan scan's task to send adoptions to (set at start).
+    myself: Option<ActorRef<RegistryMsg>>,
 }
 
 impl Actor for RegistryActor {
@@ -203,6 +209,7 @@ impl Actor for RegistryActor {
         myself: ActorRef<RegistryMsg>,
         mut st: RegistryState,
     ) -> Result<RegistryState, ActorProcessingErr> {
+        st.myself = Some(myself.clone());
         // Pick up every lease the store holds that is not finished.
         let mut recovered = 0;
         for record in st.ctx.store.all_leases()? {
@@ -245,6 +252,7 @@ impl Actor for RegistryActor {
                 let _ = reply.send(r);
             }
             RegistryMsg::Sweep => st.sweep(),
+            RegistryMsg::Adopt(record) => st.adopt(&myself, *record).await,
         }
         Ok(())
     }
@@ -483,6 +491,33 @@ impl RegistryState {
             .await?;
         self.unclaim_others(repo_root, lease_id).await;
         Ok(record)
+    }
+
+    /// Takes back a lease the store lost, as its sandbox's labels describe it; recovery
+    /// then compares it with the provider (or finishes its release).
+    async fn adopt(&mut self, myself: &ActorRef<RegistryMsg>, record: LeaseRecord) {
+        let known = self.index.get(&record.id).is_some()
+            || self
+                .ctx
+                .store
+                .get_lease(&record.id)
+                .ok()
+                .flatten()
+                .is_some();
+        if known {
+            return;
+        }
+        tracing::warn!(lease = %record.id, slug = %record.slug, sandbox = %record.sandbox_name,
+            "the store did not know this lease; rebuilt it from its sandbox's labels");
+        if let Err(e) = self.ctx.store.put_lease(&record) {
+            tracing::error!(lease = %record.id, error = %e, "could not store the rebuilt lease");
+            return;
+        }
+        self.index
+            .publish(record.clone(), "rebuilt from its sandbox's labels");
+        if let Err(e) = self.spawn_lease(myself, record, LeaseMsg::Recover).await {
+            tracing::error!(error = %e, "could not start the rebuilt lease");
+        }
     }
 
     /// A repo claims one lease at a time: the newest claim wins, older leases stay alive

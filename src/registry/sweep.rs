@@ -5,10 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use super::RegistryState;
+use super::{RegistryMsg, RegistryState};
 use crate::clock::now_ms;
-use crate::lease::LeaseMsg;
 use crate::lease::record::owned_by;
+use crate::lease::{LeaseMsg, LeaseRecord};
 use crate::lease::{LeaseState, Task};
 
 /// Every this many sweeps, live leases are compared with their provider.
@@ -52,11 +52,17 @@ impl RegistryState {
         }
     }
 
-    /// Deletes sandboxes this daemon owns (by label) that no live lease holds: what a
-    /// crash between a create and its record, or a lost race, could leave behind.
+    /// Looks for sandboxes this daemon owns (by label) that no live lease holds. Every
+    /// lease is stored before its sandbox is created, so a sandbox whose lease the store
+    /// does not know at all means the store lost it: it is adopted back from its labels.
+    /// A sandbox whose lease is released or failed is an orphan (a crash mid-release, a lost
+    /// race) and is deleted.
     pub(super) fn scan_orphans(&self) {
         let ctx = self.ctx.clone();
         let index = self.index.clone();
+        let Some(registry) = self.myself.clone() else {
+            return;
+        };
         tokio::spawn(async move {
             let filter = BTreeMap::from([
                 ("crabbox".to_string(), "true".to_string()),
@@ -78,14 +84,28 @@ impl RegistryState {
                     if index.get(&lease).is_some() {
                         continue;
                     }
-                    let live_in_store = ctx
-                        .store
-                        .get_lease(&lease)
-                        .ok()
-                        .flatten()
-                        .is_some_and(|r| r.state.is_live() || r.state == LeaseState::Releasing);
-                    if live_in_store {
-                        continue;
+                    let stored = match ctx.store.get_lease(&lease) {
+                        Ok(r) => r,
+                        // The store cannot say: leave the sandbox for the next scan.
+                        Err(_) => continue,
+                    };
+                    match stored {
+                        None => {
+                            if let Some(record) = LeaseRecord::from_labels(
+                                name,
+                                &ctx.daemon_id,
+                                &sb.id,
+                                &sb.name,
+                                &sb.labels,
+                            ) {
+                                let _ = registry.send_message(RegistryMsg::Adopt(Box::new(record)));
+                                continue;
+                            }
+                        }
+                        Some(r) if r.state.is_live() || r.state == LeaseState::Releasing => {
+                            continue;
+                        }
+                        Some(_) => {}
                     }
                     tracing::warn!(provider = %name, sandbox = %sb.name, %lease, "deleting orphaned sandbox");
                     if let Err(e) = provider.release(&sb.id).await {
