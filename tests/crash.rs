@@ -200,6 +200,9 @@ async fn a_warm_lease_survives_a_kill_during_its_run() {
     assert_eq!(doc["stdout"], "again\n");
 }
 
+/// A way to damage the store file.
+type Damage = fn(&Path);
+
 /// Leases by id -> state, from `list --all --json`.
 async fn states(d: &ProcDaemon, cwd: &Path) -> std::collections::BTreeMap<String, String> {
     d.json(cwd, &["list", "--all", "--json"])
@@ -233,7 +236,7 @@ async fn a_lost_or_damaged_store_is_set_aside_and_its_leases_come_back_from_labe
         two["id"].as_str().expect("id").to_string(),
     ];
     let db = d.state.join("crabbox.redb");
-    let damages: [(&str, fn(&Path)); 3] = [
+    let damages: [(&str, Damage); 3] = [
         ("emptied", |p| std::fs::write(p, b"").expect("truncate")),
         ("overwritten", |p| {
             let mut bytes = std::fs::read(p).expect("read");
