@@ -108,6 +108,9 @@ pub enum Error {
         /// What to do about it.
         hint: String,
     },
+    /// The daemon is stopping and could not finish the request.
+    #[error("{0}")]
+    ShuttingDown(String),
     /// The provider failed.
     #[error(transparent)]
     Provider(#[from] ProviderError),
@@ -202,6 +205,7 @@ impl Error {
             Error::Ambiguous { .. } => (C::InvalidArgument, ErrorKind::NotFound),
             Error::Claimed { .. } => (C::FailedPrecondition, ErrorKind::NotFound),
             Error::NotUsable { .. } => (C::FailedPrecondition, ErrorKind::NotReady),
+            Error::ShuttingDown(_) => (C::Unavailable, ErrorKind::Internal),
             Error::Sync(_) => (C::FailedPrecondition, ErrorKind::Sync),
             Error::Store(_) | Error::Internal(_) => (C::Internal, ErrorKind::Internal),
             Error::Provider(p) => match p.kind {

@@ -61,6 +61,19 @@ impl ProcDaemon {
         .await;
     }
 
+    /// SIGTERM: the daemon's own orderly shutdown.
+    async fn term(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Some(pid) = c.id() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let _ = c.wait().await;
+        }
+    }
+
     /// SIGKILL: no shutdown, no last write.
     async fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -131,11 +144,17 @@ async fn a_fresh_run_killed_with_the_daemon_releases_its_lease_at_restart() {
     assert_eq!(d.sandboxes().len(), 1);
 
     d.kill9().await;
-    let out = tokio::time::timeout(Duration::from_secs(20), run.wait())
+    let out = tokio::time::timeout(Duration::from_secs(20), run.wait_with_output())
         .await
         .expect("the CLI notices the daemon is gone")
         .expect("status");
-    assert!(!out.success());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("lost the connection to crabboxd during the run")
+            && err.contains("released when the daemon comes back"),
+        "{err}"
+    );
 
     d.spawn().await;
     let released = eventually(20, "the lost run's lease to be released", || async {
@@ -301,4 +320,35 @@ async fn a_lost_or_damaged_store_is_set_aside_and_its_leases_come_back_from_labe
         d.sandboxes().is_empty().then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_stopped_under_a_run_says_it_stopped_the_command() {
+    let mut d = ProcDaemon::start().await;
+    let r = repo();
+    let lease = d.json(r.path(), &["warmup", "--json"]).await;
+    let id = lease["id"].as_str().expect("id").to_string();
+    let run = d
+        .cli(r.path())
+        .args(["run", "--", "sleep", "30"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run");
+    eventually(20, "the command to start", || async {
+        let st = d.json(r.path(), &["status", &id, "--json"]).await;
+        (st["state"] == "running").then_some(())
+    })
+    .await;
+    d.term().await;
+    let out = tokio::time::timeout(Duration::from_secs(20), run.wait_with_output())
+        .await
+        .expect("the CLI is told")
+        .expect("status");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("crabboxd was stopped while the command ran") && !err.contains("killed by"),
+        "{err}"
+    );
 }

@@ -291,6 +291,14 @@ impl Run {
                 .then(|| Duration::from_secs(self.req.timeout_secs)),
         };
         let exit = self.exec(&handle, Execution::start(&target, spec)).await?;
+        if exit.cancelled && self.api.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown(
+                "crabboxd was stopped while the command ran, and stopped the command (its \
+                 whole process group): the signal was not the command's doing. Run it again \
+                 once the daemon is back (`crabbox daemon start`, or any crabbox command)"
+                    .into(),
+            ));
+        }
         if exit.cancelled && !handle.record().state.is_live() {
             return Err(handle
                 .record()

@@ -35,6 +35,11 @@ impl Ctx {
         client::connect(&self.socket, self.quiet).await
     }
 
+    /// Where a daemon this CLI starts logs (in the state dir).
+    fn daemon_log(&self) -> PathBuf {
+        crate::config::state_dir().join("crabboxd.log")
+    }
+
     fn repo(&self) -> String {
         self.repo_root
             .as_ref()

@@ -79,14 +79,25 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
                 return Ok(exit::INTERRUPTED);
             }
         };
-        let Some(ev) = ev else {
-            return Err(CliError::new(
-                exit::INTERNAL,
-                "the daemon ended the run without an exit status (see the daemon log)",
-            ));
+        let ev = match ev {
+            Some(Ok(ev)) => ev,
+            Some(Err(status)) if !is_connection_lost(&status) => return Err(status.into()),
+            // The daemon went away under the run: say so, and what happens to the lease.
+            Some(Err(_)) | None => {
+                return Err(CliError::new(
+                    exit::INTERNAL,
+                    format!(
+                        "lost the connection to crabboxd during the run (it stopped or crashed), \
+                         so the command's outcome is unknown. A lease this run created is \
+                         released when the daemon comes back; a warm lease comes back ready. \
+                         See `crabbox daemon status` and the daemon log ({})",
+                        ctx.daemon_log().display()
+                    ),
+                ));
+            }
         };
         use pb::run_event::Event;
-        match ev?.event {
+        match ev.event {
             Some(Event::Lease(l)) => {
                 ctx.progress(format!("lease {} ({}, {})", l.slug, l.id, state_name(&l)));
                 lease_seen = Some(l);
@@ -147,6 +158,20 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
             None => {}
         }
     }
+}
+
+/// Did the stream break because the daemon went away, rather than answer an error?
+fn is_connection_lost(status: &tonic::Status) -> bool {
+    let m = status.message();
+    status.metadata().get(crate::error::KIND_METADATA).is_none()
+        && matches!(
+            status.code(),
+            tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Internal
+        )
+        && (m.contains("h2 protocol error")
+            || m.contains("transport")
+            || m.contains("connection")
+            || m.contains("broken pipe"))
 }
 
 pub(super) fn human_bytes(b: u64) -> String {
