@@ -126,7 +126,7 @@ async fn a_fresh_run_killed_with_the_daemon_releases_its_lease_at_restart() {
     let mut d = ProcDaemon::start().await;
     let r = repo();
     // A fresh run (no warmup): the lease is the run's.
-    let mut run = d
+    let run = d
         .cli(r.path())
         .args(["run", "--", "sleep", "30"])
         .stdout(Stdio::null())
