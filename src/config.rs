@@ -208,7 +208,7 @@ fn looks_like_cidr(c: &str) -> bool {
 pub struct FileConfig {
     pub provider: Option<String>,
     pub ttl: Option<String>,
-    #[serde(alias = "idleTimeout")]
+    /// Also spelled `idleTimeout` (see `ALIASES`).
     pub idle_timeout: Option<String>,
     pub keep: Option<bool>,
     #[serde(default)]
@@ -234,6 +234,47 @@ pub struct Settings {
     pub environment: Option<EnvironmentConfig>,
     /// The files that were read, lowest first.
     pub sources: Vec<PathBuf>,
+}
+
+impl Settings {
+    /// Built-in defaults only, for commands that go on when the config cannot be read.
+    pub fn fallback() -> Settings {
+        Settings {
+            provider: "local".into(),
+            ttl: None,
+            idle_timeout: None,
+            keep: false,
+            labels: BTreeMap::new(),
+            sync: SyncConfig::default(),
+            daytona: DaytonaConfig::default(),
+            environment: None,
+            sources: Vec::new(),
+        }
+    }
+}
+
+/// Spellings a config file may use for a key, besides its own: they are renamed before the
+/// layers are merged, so `idle_timeout` in one file and `idleTimeout` in another are one key.
+const ALIASES: [(&str, &str); 1] = [("idleTimeout", "idle_timeout")];
+
+/// Renames the aliased top-level keys of one file to their own names; a file that spells
+/// one key both ways is refused.
+fn normalize_aliases(value: &mut serde_yaml_ng::Value, path: &Path) -> Result<(), ConfigError> {
+    let serde_yaml_ng::Value::Mapping(map) = value else {
+        return Ok(());
+    };
+    for (alias, key) in ALIASES {
+        if let Some(v) = map.remove(alias) {
+            if map.contains_key(key) {
+                return Err(ConfigError(format!(
+                    "config {}: both {key} and {alias} are set; keep one",
+                    path.display()
+                )));
+            }
+            map.insert(serde_yaml_ng::Value::String(key.into()), v);
+        }
+    }
+    Ok(())
 }
 
 /// The providers crabbox knows.
@@ -273,7 +314,11 @@ fn non_empty_env(key: &str) -> Option<String> {
     std::env::var(key).ok().filter(|v| !v.is_empty())
 }
 
-/// Parses `90s`, `30m`, `2h`, `1h30m`. Zero and garbage are refused with the forms that work.
+/// The longest duration any flag, variable or config key takes.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Parses `90s`, `30m`, `2h`, `1h30m`. Zero, garbage and more than a year are refused with
+/// the forms that work.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s.trim()).map_err(|_| {
         format!("invalid duration {s:?}: use a number with a unit, like 90s, 30m, 2h or 1h30m")
@@ -281,6 +326,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if d.is_zero() {
         return Err(format!(
             "invalid duration {s:?}: it must be longer than zero"
+        ));
+    }
+    if d > MAX_DURATION {
+        return Err(format!(
+            "invalid duration {s:?}: at most {} (365 days)",
+            humantime::format_duration(MAX_DURATION)
         ));
     }
     Ok(d)
@@ -322,9 +373,10 @@ pub fn load(repo_root: Option<&Path>) -> Result<Settings, ConfigError> {
                 )));
             }
         };
-        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).map_err(|e| {
+        let mut value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).map_err(|e| {
             ConfigError(format!("config {} is not valid YAML: {e}", path.display()))
         })?;
+        normalize_aliases(&mut value, &path)?;
         if value.is_null() {
             continue;
         }
@@ -430,10 +482,29 @@ mod tests {
         assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        for bad in ["", "abc", "10", "0s", "-5m"] {
+        for bad in ["", "abc", "10", "0s", "-5m", "100000000h", "366d"] {
             let e = parse_duration(bad).expect_err(bad);
             assert!(e.contains("invalid duration"), "{e}");
         }
+        assert_eq!(parse_duration("365d"), Ok(MAX_DURATION));
+    }
+
+    #[test]
+    fn aliases_are_one_key_across_layers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut user: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str("idle_timeout: 10m\n").expect("yaml");
+        let mut repo: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str("idleTimeout: 7m\n").expect("yaml");
+        normalize_aliases(&mut user, dir.path()).expect("user");
+        normalize_aliases(&mut repo, dir.path()).expect("repo");
+        merge(&mut user, repo);
+        let f: FileConfig = serde_yaml_ng::from_value(user).expect("one key, the later wins");
+        assert_eq!(f.idle_timeout.as_deref(), Some("7m"));
+        let mut both: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str("idle_timeout: 1m\nidleTimeout: 2m\n").expect("yaml");
+        let e = normalize_aliases(&mut both, dir.path()).expect_err("both spellings in one file");
+        assert!(e.0.contains("keep one"), "{}", e.0);
     }
 
     #[test]

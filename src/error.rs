@@ -83,7 +83,7 @@ pub enum Error {
     #[error("{0}")]
     NotFound(String),
     /// More than one lease matches `name`; `matches` describes each.
-    #[error("{name:?} matches {} leases: {}; name one by its id", matches.len(), matches.join(", "))]
+    #[error("{} matches {} leases: {}; name one by its id", echo(name), matches.len(), matches.join(", "))]
     Ambiguous { name: String, matches: Vec<String> },
     /// The lease is claimed by another repository and `--reclaim` was not given.
     #[error(
@@ -123,6 +123,23 @@ pub enum Error {
     /// A bug or a crashed actor; the message says what to report.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// How much of a client's input an error message repeats.
+const ECHO_MAX: usize = 120;
+
+/// `s` quoted for an error message, cut to a readable length: a message carries what a
+/// person needs to recognise their input, never an unbounded copy of it (a long enough
+/// one would break the gRPC status it travels in).
+pub fn echo(s: &str) -> String {
+    if s.len() <= ECHO_MAX {
+        return format!("{s:?}");
+    }
+    let mut end = ECHO_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &s[..end], s.len())
 }
 
 /// What kind of failure, as the CLI's exit codes see it (SPEC "CLI").
@@ -304,6 +321,14 @@ mod tests {
         }
         let bare = tonic::Status::new(tonic::Code::Unauthenticated, "no");
         assert_eq!(status_kind(&bare).exit_code(), 3);
+    }
+
+    #[test]
+    fn echoed_input_is_bounded() {
+        assert_eq!(echo("swift-crab"), "\"swift-crab\"");
+        let long = "é".repeat(10_000);
+        let e = echo(&long);
+        assert!(e.len() < 200 && e.ends_with("(20000 bytes)"), "{e}");
     }
 
     #[test]

@@ -61,8 +61,9 @@ pub fn validate_slug(slug: &str) -> Result<(), String> {
         || slug.ends_with('-')
     {
         return Err(format!(
-            "invalid slug {slug:?}: use 1 to {MAX_SLUG_LEN} characters of lowercase a-z, 0-9 and \
-             '-', not starting or ending with '-' (for example --slug my-feature)"
+            "invalid slug {}: use 1 to {MAX_SLUG_LEN} characters of lowercase a-z, 0-9 and \
+             '-', not starting or ending with '-' (for example --slug my-feature)",
+            crate::error::echo(slug)
         ));
     }
     Ok(())

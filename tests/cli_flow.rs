@@ -369,13 +369,15 @@ async fn bad_input_gets_clear_errors_and_exit_codes() {
         out.stderr()
     );
 
-    // A bad config file is a usage error naming the file.
+    // A bad config file is a usage error naming the file, for the commands that use it
+    // (`list` and the others that do not need it go on with a warning: see
+    // a_broken_config_and_odd_environments_get_clear_answers).
     let cfg = r.path().join("bad.yaml");
     std::fs::write(&cfg, "provder: local\n").expect("write");
     let out = d
         .cli(r.path())
         .env("CRABBOX_CONFIG", &cfg)
-        .args(["list"])
+        .args(["warmup"])
         .output()
         .await
         .expect("ran");
@@ -578,3 +580,77 @@ async fn completions_and_doctor() {
 
 #[allow(dead_code)]
 fn _unused(_: &Path) {}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_config_and_odd_environments_get_clear_answers() {
+    use std::os::unix::ffi::OsStrExt;
+    let d = Daemon::start().await;
+    let r = repo();
+    let bad = d.dir.path().join("bad.yaml");
+    std::fs::write(&bad, "sync: [1, 2]\n").expect("write");
+    let with_bad = |args: &[&str]| {
+        let mut c = d.cli(r.path());
+        c.env("CRABBOX_CONFIG", &bad).args(args);
+        c
+    };
+    // Commands that do not need the config go on, with a warning naming the file.
+    for args in [&["list"][..], &["daemon", "status"], &["claims"]] {
+        let out = with_bad(args).output().await.expect("ran");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.contains("warning") && err.contains("bad.yaml"), "{err}");
+    }
+    // doctor reports it; run refuses.
+    let out = with_bad(&["doctor"]).output().await.expect("ran");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("FAIL config") && text.contains("bad.yaml"),
+        "{text}"
+    );
+    let out = with_bad(&["run", "--", "true"])
+        .output()
+        .await
+        .expect("ran");
+    assert_eq!(out.status.code(), Some(2));
+
+    // idle_timeout in one layer and its alias idleTimeout in another are one key.
+    let home = tempfile::tempdir().expect("home");
+    std::fs::create_dir_all(home.path().join("crabbox")).expect("mkdir");
+    std::fs::write(
+        home.path().join("crabbox/config.yaml"),
+        "idle_timeout: 10m\n",
+    )
+    .expect("user config");
+    std::fs::write(r.path().join("crabbox.yaml"), "idleTimeout: 7m\n").expect("repo config");
+    let out = d
+        .cli(r.path())
+        .env_remove("CRABBOX_CONFIG")
+        .env("XDG_CONFIG_HOME", home.path())
+        .args(["warmup", "--json"])
+        .output()
+        .await
+        .expect("ran");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lease: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        lease["labels"]["idle_timeout_secs"], "420",
+        "the repo's layer wins"
+    );
+
+    // --env NAME whose value is not UTF-8 says so.
+    let out = d
+        .cli(r.path())
+        .env("ODD", std::ffi::OsStr::from_bytes(b"\xff\xfe"))
+        .args(["run", "--env", "ODD", "--", "true"])
+        .output()
+        .await
+        .expect("ran");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("not UTF-8"), "{err}");
+}

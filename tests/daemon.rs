@@ -583,3 +583,65 @@ async fn the_cli_starts_and_stops_the_daemon() {
     let out = cli(&["daemon", "status"]).output().await.expect("ran");
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_input_gets_a_bounded_clear_answer() {
+    let d = Daemon::start().await;
+    let mut c = d.client().await;
+    // A 16,000-character name: a clear INVALID_ARGUMENT that does not echo it whole (it used
+    // to break the answer with an h2 protocol error).
+    let huge = "x".repeat(16_000);
+    for e in [
+        c.leases
+            .get(pb::LeaseRef { name: huge.clone() })
+            .await
+            .expect_err("refused"),
+        c.leases
+            .stop(pb::LeaseRef { name: huge.clone() })
+            .await
+            .expect_err("refused"),
+    ] {
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+        assert!(
+            e.message().contains("too long") && e.message().len() < 400,
+            "{}",
+            e.message()
+        );
+    }
+    // A relative repo root or an absurd ttl from any client: refused, nothing created.
+    let e = c
+        .leases
+        .warmup(pb::WarmupRequest {
+            repo_root: "relative/path".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("relative root");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    let e = c
+        .leases
+        .warmup(pb::WarmupRequest {
+            ttl_secs: 360_000_000_000,
+            ..Default::default()
+        })
+        .await
+        .expect_err("absurd ttl");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("longer than the 30days"),
+        "{}",
+        e.message()
+    );
+    let list = c
+        .leases
+        .list(pb::ListRequest { all: true })
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(list.leases.is_empty());
+    // The CLI refuses the same before asking.
+    let r = repo();
+    let out = d.run(r.path(), &["warmup", "--ttl", "100000000h"]).await;
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    assert!(out.stderr().contains("at most"), "{}", out.stderr());
+}

@@ -6,9 +6,13 @@
 use dashmap::DashMap;
 use tokio::sync::broadcast;
 
-use crate::error::Error;
+use crate::error::{Error, echo};
 use crate::lease::store::Store;
 use crate::lease::{LeaseChange, LeaseHandle, LeaseRecord, LeaseState};
+
+/// The longest name a lease is known by (ids 16, slugs 46, sandbox names and Daytona ids
+/// well under it).
+pub const MAX_NAME_LEN: usize = 128;
 
 /// What a name resolves to.
 pub enum Resolved {
@@ -115,6 +119,13 @@ impl LeaseIndex {
     /// id or slug. Live leases are preferred over released ones with the same name.
     pub fn resolve(&self, name: &str, store: &Store) -> Result<Resolved, Error> {
         let name = name.trim();
+        if name.len() > MAX_NAME_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "lease name {} is too long: ids, slugs and sandbox names are at most \
+                 {MAX_NAME_LEN} characters (see `crabbox list`)",
+                echo(name)
+            )));
+        }
         if name.is_empty() {
             return Err(Error::InvalidArgument(
                 "no lease named: give an id, slug or sandbox name (see `crabbox list`)".into(),
@@ -155,7 +166,8 @@ impl LeaseIndex {
             }
         }
         Err(Error::NotFound(format!(
-            "no lease named {name:?}: see `crabbox list --all` for the leases this daemon knows"
+            "no lease named {}: see `crabbox list --all` for the leases this daemon knows",
+            echo(name)
         )))
     }
 }

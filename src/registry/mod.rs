@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
-use crate::error::Error;
+use crate::error::{Error, echo};
 use crate::ids;
 use crate::lease::actor::{LeaseActor, LeaseArgs, LeaseCtx};
 use crate::lease::handle::ask;
@@ -34,6 +34,9 @@ use crate::lease::{LeaseHandle, LeaseMsg, LeaseRecord};
 use crate::lease::{LeaseState, Task};
 use crate::provider::{Provider, Providers};
 use index::LeaseIndex;
+
+/// The longest ttl or idle timeout a lease may have: 30 days.
+pub const MAX_LEASE_SECS: u64 = 30 * 24 * 3600;
 
 /// Lease defaults (SPEC: ttl 90m, idle 30m).
 #[derive(Debug, Clone, Copy)]
@@ -299,8 +302,9 @@ impl RegistryState {
             let mut known: Vec<&str> = self.ctx.providers.keys().map(String::as_str).collect();
             known.sort();
             Error::InvalidArgument(format!(
-                "provider {name:?} is not available in this daemon (it has: {}); check \
+                "provider {} is not available in this daemon (it has: {}); check \
                  --provider or `provider:` in crabbox.yaml",
+                echo(name),
                 known.join(", ")
             ))
         })
@@ -392,6 +396,19 @@ impl RegistryState {
         };
         let provider = self.provider(&provider_name)?;
         provider.check_ready()?;
+        for (what, secs) in [
+            ("ttl", spec.ttl_secs),
+            ("idle timeout", spec.idle_timeout_secs),
+        ] {
+            if secs > MAX_LEASE_SECS {
+                return Err(Error::InvalidArgument(format!(
+                    "a {what} of {} is longer than the {} a lease may live; choose a shorter one \
+                     (for example --ttl 8h)",
+                    crate::clock::human_secs(secs),
+                    crate::clock::human_secs(MAX_LEASE_SECS)
+                )));
+            }
+        }
         for (k, v) in &spec.labels {
             validate_label(k, v)?;
         }
@@ -545,8 +562,9 @@ fn validate_label(k: &str, v: &str) -> Result<(), Error> {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'));
     if !key_ok || v.len() > 255 {
         return Err(Error::InvalidArgument(format!(
-            "invalid label {k:?}: keys are 1-63 characters of letters, digits, '.', '_', '-', \
-             '/', values at most 255 characters (for example --label team=infra)"
+            "invalid label {}: keys are 1-63 characters of letters, digits, '.', '_', '-', \
+             '/', values at most 255 characters (for example --label team=infra)",
+            echo(k)
         )));
     }
     Ok(())

@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::error::Error;
+use crate::error::{Error, echo};
 use crate::lease::store::Store;
 use crate::lease::{LeaseMsg, LeaseState};
 use crate::pb::daemon_service_server::{DaemonService, DaemonServiceServer};
@@ -78,7 +78,8 @@ impl Api {
 pub fn validate_repo_root(repo_root: &str) -> Result<(), Error> {
     if !repo_root.is_empty() && !Path::new(repo_root).is_absolute() {
         return Err(Error::InvalidArgument(format!(
-            "repo root {repo_root:?} must be an absolute path"
+            "repo root {} must be an absolute path",
+            echo(repo_root)
         )));
     }
     Ok(())
@@ -313,7 +314,8 @@ impl DaemonService for DaemonSvc {
         };
         let provider = self.0.providers.get(&name).cloned().ok_or_else(|| {
             Status::from(Error::InvalidArgument(format!(
-                "provider {name:?} is not available in this daemon"
+                "provider {} is not available in this daemon",
+                echo(&name)
             )))
         })?;
         let options = req.provider_options.into_iter().collect();

@@ -17,7 +17,7 @@ use tonic::Status;
 use super::wire::{acquire_spec, lease_pb, sync_pb};
 use super::{Api, validate_repo_root};
 use crate::clock::now_ms;
-use crate::error::Error;
+use crate::error::{Error, echo};
 use crate::lease::ops::exec::Execution;
 use crate::lease::ops::sync::SyncJob;
 use crate::lease::record::FreshRun;
@@ -416,8 +416,9 @@ fn validate_env_name(name: &str) -> Result<(), Error> {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !ok {
         return Err(Error::InvalidArgument(format!(
-            "invalid environment variable name {name:?}: use letters, digits and '_', not \
-             starting with a digit"
+            "invalid environment variable name {}: use letters, digits and '_', not \
+             starting with a digit",
+            echo(name)
         )));
     }
     Ok(())

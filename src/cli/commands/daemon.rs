@@ -118,15 +118,18 @@ pub(super) async fn doctor(ctx: &Ctx) -> Result<i32, CliError> {
         .iter()
         .map(|p| p.display().to_string())
         .collect();
-    checks.push((
-        "config".into(),
-        true,
-        if sources.is_empty() {
-            "defaults (no config file)".into()
-        } else {
-            sources.join(", ")
-        },
-    ));
+    checks.push(match &ctx.config_error {
+        Some(e) => ("config".into(), false, e.clone()),
+        None => (
+            "config".into(),
+            true,
+            if sources.is_empty() {
+                "defaults (no config file)".into()
+            } else {
+                sources.join(", ")
+            },
+        ),
+    });
     let ok = checks.iter().all(|(_, ok, _)| *ok);
     if ctx.json {
         print_json(&json!({

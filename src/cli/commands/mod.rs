@@ -21,6 +21,8 @@ pub(super) struct Ctx {
     quiet: bool,
     socket: PathBuf,
     settings: Settings,
+    /// Why the config could not be used, for commands that go on without it.
+    config_error: Option<String>,
     repo_root: Option<PathBuf>,
 }
 
@@ -64,7 +66,28 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
     } else {
         None
     };
-    let mut settings = config::load(repo_root.as_deref())?;
+    // Only the commands that lease or run need the config; the others work with a
+    // warning (a broken config must not keep `crabbox daemon stop` from working), and
+    // doctor reports it.
+    let needs_config = matches!(
+        cli.command,
+        Command::Warmup { .. } | Command::Run(_) | Command::Ssh { .. }
+    );
+    let mut config_error = None;
+    let mut settings = match config::load(repo_root.as_deref()) {
+        Ok(s) => s,
+        Err(e) if !needs_config => {
+            if !cli.quiet && !matches!(cli.command, Command::Doctor) {
+                eprintln!(
+                    "crabbox: warning: {e} (this command does not need the config and goes on \
+                     without it; warmup, run and ssh refuse to until it is fixed)"
+                );
+            }
+            config_error = Some(e.0);
+            Settings::fallback()
+        }
+        Err(e) => return Err(e.into()),
+    };
     if let Some(p) = &cli.provider {
         settings.provider = p.clone();
     }
@@ -88,6 +111,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         quiet: cli.quiet,
         socket: cli.socket.clone().unwrap_or_else(config::socket_path),
         settings,
+        config_error,
         repo_root,
     };
     match cli.command {

@@ -19,10 +19,16 @@ pub(super) fn env_pairs(names: &[String]) -> Result<HashMap<String, String>, Cli
                 env.insert(k.to_string(), v.to_string());
             }
             None => {
-                let v = std::env::var(n).map_err(|_| {
-                    CliError::usage(format!(
-                        "--env {n}: {n} is not set here; set it, or pass --env {n}=VALUE"
-                    ))
+                let v = std::env::var(n).map_err(|e| {
+                    CliError::usage(match e {
+                        std::env::VarError::NotPresent => format!(
+                            "--env {n}: {n} is not set here; set it, or pass --env {n}=VALUE"
+                        ),
+                        std::env::VarError::NotUnicode(_) => format!(
+                            "--env {n}: the value of {n} here is not UTF-8, and commands get \
+                             their environment as text; pass --env {n}=VALUE with a UTF-8 value"
+                        ),
+                    })
                 })?;
                 env.insert(n.clone(), v);
             }
