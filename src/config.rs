@@ -194,12 +194,20 @@ impl EnvironmentConfig {
     }
 }
 
+/// `ADDR/BITS` with a real address and a prefix that fits it (IPv4 at most 32, IPv6 at
+/// most 128).
 fn looks_like_cidr(c: &str) -> bool {
     let Some((ip, bits)) = c.split_once('/') else {
         return false;
     };
-    let bits_ok = bits.parse::<u8>().is_ok_and(|b| b <= 128);
-    bits_ok && ip.parse::<std::net::IpAddr>().is_ok()
+    let Ok(bits) = bits.parse::<u8>() else {
+        return false;
+    };
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => bits <= 32,
+        Ok(std::net::IpAddr::V6(_)) => bits <= 128,
+        Err(_) => false,
+    }
 }
 
 /// One config file, as written.
@@ -505,6 +513,29 @@ mod tests {
             serde_yaml_ng::from_str("idle_timeout: 1m\nidleTimeout: 2m\n").expect("yaml");
         let e = normalize_aliases(&mut both, dir.path()).expect_err("both spellings in one file");
         assert!(e.0.contains("keep one"), "{}", e.0);
+    }
+
+    #[test]
+    fn cidrs_are_parsed_for_real() {
+        for good in [
+            "10.0.0.0/8",
+            "0.0.0.0/0",
+            "192.168.1.1/32",
+            "fd00::/8",
+            "::1/128",
+        ] {
+            assert!(looks_like_cidr(good), "{good}");
+        }
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0.0",
+            "10.0.0/8",
+            "fd00::/129",
+            "x/8",
+            "10.0.0.0/-1",
+        ] {
+            assert!(!looks_like_cidr(bad), "{bad}");
+        }
     }
 
     #[test]

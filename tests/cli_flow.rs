@@ -642,6 +642,35 @@ async fn a_broken_config_and_odd_environments_get_clear_answers() {
         "the repo's layer wins"
     );
 
+    // An environment is checked on the local provider too, and says what applies.
+    let env_cfg = d.dir.path().join("env.yaml");
+    std::fs::write(
+        &env_cfg,
+        "environment:\n  network: { mode: cidr_allow_list, allow: [\"10.0.0.0/33\"] }\n",
+    )
+    .expect("write");
+    let out = d
+        .cli(r.path())
+        .env("CRABBOX_CONFIG", &env_cfg)
+        .args(["warmup"])
+        .output()
+        .await
+        .expect("ran");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("10.0.0.0/33"), "{err}");
+    std::fs::write(&env_cfg, "environment:\n  network: { mode: block }\n").expect("write");
+    let out = d
+        .cli(r.path())
+        .env("CRABBOX_CONFIG", &env_cfg)
+        .args(["warmup"])
+        .output()
+        .await
+        .expect("ran");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("apply to the daytona provider"), "{err}");
+
     // --env NAME whose value is not UTF-8 says so.
     let out = d
         .cli(r.path())

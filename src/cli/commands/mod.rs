@@ -220,6 +220,18 @@ fn provider_options(ctx: &Ctx) -> Result<HashMap<String, String>, CliError> {
             }
             o.extend(extra);
         }
+    } else if let Some(env) = &ctx.settings.environment {
+        // Checked all the same, so a mistake shows before the provider changes; and said,
+        // since the local provider cannot build images or fence networks.
+        let asked = env.provider_options(ctx.repo_root.as_deref())?;
+        if !asked.is_empty() {
+            ctx.progress(format!(
+                "note: environment.image, resources, network and lifecycle apply to the daytona \
+                 provider; the {} provider runs on this machine as it is and uses only \
+                 environment.labels",
+                ctx.settings.provider
+            ));
+        }
     }
     Ok(o)
 }
