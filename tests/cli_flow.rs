@@ -683,3 +683,72 @@ async fn a_broken_config_and_odd_environments_get_clear_answers() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("not UTF-8"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_start_where_you_are_and_never_sync_too_much() {
+    let d = Daemon::start().await;
+    let r = repo();
+    d.run(r.path(), &["warmup"]).await.expect(0);
+    // From a subfolder of the repo, the command runs in that subfolder of the checkout.
+    let out = d
+        .run(&r.path().join("src"), &["run", "--", "sh", "-c", "pwd; ls"])
+        .await
+        .expect(0);
+    let text = out.stdout();
+    assert!(
+        text.lines().next().unwrap_or("").ends_with("/src"),
+        "{text}"
+    );
+    assert!(text.contains("lib.txt"), "{text}");
+    // --workdir overrides: relative to the checkout, or absolute in the sandbox.
+    let out = d
+        .run(
+            &r.path().join("src"),
+            &["run", "--workdir", ".", "--", "ls"],
+        )
+        .await
+        .expect(0);
+    assert!(out.stdout().contains("README"), "{}", out.stdout());
+    let out = d
+        .run(r.path(), &["run", "--workdir", "../up", "--", "true"])
+        .await
+        .expect(2);
+    assert!(out.stderr().contains("workdir"), "{}", out.stderr());
+
+    // Outside git, the daemon's own state dir and socket folder are never synced.
+    let out = d
+        .run(d.dir.path(), &["run", "--", "sh", "-c", "ls -a"])
+        .await
+        .expect(0);
+    let names: Vec<&str> = out.stdout().leak().lines().collect();
+    assert!(names.contains(&"no-config.yaml"), "{names:?}");
+    assert!(
+        !names.contains(&"state") && !names.contains(&"run"),
+        "{names:?}"
+    );
+
+    // A home folder is not synced whole unless named.
+    let home = tempfile::tempdir().expect("home");
+    std::fs::write(home.path().join("notes.txt"), "n").expect("write");
+    let out = d
+        .cli(home.path())
+        .env("HOME", home.path())
+        .args(["run", "--", "true"])
+        .output()
+        .await
+        .expect("ran");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("your home folder") && err.contains("--sync-root"),
+        "{err}"
+    );
+    let out = d
+        .cli(home.path())
+        .env("HOME", home.path())
+        .args(["run", "--sync-root", ".", "--", "cat", "notes.txt"])
+        .output()
+        .await
+        .expect("ran");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "n");
+}

@@ -222,6 +222,14 @@ pub struct RunArgs {
     /// Use a lease claimed by another repo, taking its claim.
     #[arg(long)]
     pub reclaim: bool,
+    /// Where the command runs: relative to the checkout's root, or absolute in the sandbox
+    /// [default: the folder you are in, inside the checkout].
+    #[arg(long, value_name = "PATH")]
+    pub workdir: Option<String>,
+    /// The folder to sync (and claim the lease for) [default: the git repository's root,
+    /// outside git the current folder; your home, / and /tmp only when named here].
+    #[arg(long, value_name = "DIR")]
+    pub sync_root: Option<PathBuf>,
     #[command(flatten)]
     pub lease: LeaseOpts,
     /// The command, after `--`.

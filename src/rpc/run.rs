@@ -128,6 +128,27 @@ impl Run {
         }
         let repo_root = self.req.repo_root.clone();
         validate_repo_root(&repo_root)?;
+        // `.` and `./x` mean the checkout and x below it.
+        let workdir = if self.req.workdir.starts_with('/') {
+            self.req.workdir.clone()
+        } else {
+            self.req
+                .workdir
+                .split('/')
+                .filter(|c| !c.is_empty() && *c != ".")
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        if !workdir.is_empty()
+            && !workdir.starts_with('/')
+            && !crate::sandbox::archive::plain_relative(&workdir)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "workdir {} must be a path below the checkout (no `..`) or an absolute path in \
+                 the sandbox",
+                echo(&workdir)
+            )));
+        }
         let sync_opts = self.req.sync.clone().unwrap_or_default();
 
         // 1. The lease this run would use, without creating anything yet.
@@ -165,6 +186,13 @@ impl Run {
                 include: sync_opts.include.clone(),
                 force_large: sync_opts.force_large,
                 limits: Default::default(),
+                // The daemon's own state (its database, logs, local sandboxes) and socket are
+                // never part of a checkout, even when a sync root contains them.
+                never: [Some(self.api.state_dir.as_path()), self.api.socket.parent()]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| std::fs::canonicalize(p).ok())
+                    .collect(),
             };
             let root = repo_root.clone();
             let cache = previous.clone();
@@ -285,7 +313,11 @@ impl Run {
         env.insert("CRABBOX_LEASE_ID".into(), record.id.clone());
         let spec = ExecSpec {
             command,
-            cwd: format!("{}/{}", target.lease_dir, repo_name),
+            cwd: match workdir.as_str() {
+                "" => format!("{}/{}", target.lease_dir, repo_name),
+                abs if abs.starts_with('/') => abs.to_string(),
+                rel => format!("{}/{}/{rel}", target.lease_dir, repo_name),
+            },
             env,
             timeout: (self.req.timeout_secs > 0)
                 .then(|| Duration::from_secs(self.req.timeout_secs)),

@@ -67,6 +67,9 @@ pub struct SyncRules {
     /// Go past the hard size limit.
     pub force_large: bool,
     pub limits: SyncLimits,
+    /// Absolute folders never synced, whatever the rules say: the daemon's own state dir
+    /// and socket folder, when a sync root contains them.
+    pub never: Vec<std::path::PathBuf>,
 }
 
 /// One synced file.
@@ -171,10 +174,23 @@ pub fn collect(
     let include = matcher(root, &rules.include)?;
     let crabboxignore = crabboxignore(root)?;
 
+    // The daemon's own folders under the root, as root-relative prefixes.
+    let never: Vec<String> = rules
+        .never
+        .iter()
+        .filter_map(|p| p.strip_prefix(root).ok())
+        .filter_map(|p| p.to_str())
+        .filter(|p| !p.is_empty())
+        .map(|p| format!("{p}/"))
+        .collect();
+    let inside_never = |path: &str| never.iter().any(|n| path.starts_with(n.as_str()));
     let mut chosen: Vec<String> = Vec::with_capacity(candidates.len());
     let mut seen = HashSet::new();
     for c in candidates {
-        if keep(&c, &exclude, &crabboxignore, &include) && seen.insert(c.path.clone()) {
+        if !inside_never(&c.path)
+            && keep(&c, &exclude, &crabboxignore, &include)
+            && seen.insert(c.path.clone())
+        {
             chosen.push(c.path);
         }
     }
@@ -189,6 +205,7 @@ pub fn collect(
                 .matched_path_or_any_parents(&c.path, false)
                 .is_ignore()
                 && seen.insert(c.path.clone())
+                && !inside_never(&c.path)
             {
                 chosen.push(c.path);
             }
@@ -215,9 +232,22 @@ pub fn collect(
     warnings.extend(size_guard(stats.len() as u64, total_bytes, rules)?);
 
     let mut files = BTreeMap::new();
+    let mut vanished = 0;
     for (path, m) in stats {
-        let entry = hash_entry(root, &path, &m, previous.and_then(|p| p.files.get(&path)))?;
-        files.insert(path, entry);
+        match hash_entry(root, &path, &m, previous.and_then(|p| p.files.get(&path))) {
+            Ok(entry) => {
+                files.insert(path, entry);
+            }
+            // Deleted (or replaced) between the listing and the read: the tree is changing
+            // under the sync; what is gone is not sent.
+            Err(HashError::Vanished) => vanished += 1,
+            Err(HashError::Sync(e)) => return Err(e),
+        }
+    }
+    if vanished > 0 {
+        warnings.push(format!(
+            "skipped {vanished} file(s) that vanished while the checkout was read"
+        ));
     }
     Ok(Collected {
         manifest: Manifest { files },
@@ -404,14 +434,27 @@ fn walk_list(
     Ok(list)
 }
 
+/// Why a file could not be hashed.
+enum HashError {
+    /// It is no longer there.
+    Vanished,
+    Sync(SyncError),
+}
+
 fn hash_entry(
     root: &Path,
     path: &str,
     m: &std::fs::Metadata,
     previous: Option<&FileEntry>,
-) -> Result<FileEntry, SyncError> {
+) -> Result<FileEntry, HashError> {
     let full = root.join(path);
-    let io = |e: std::io::Error| SyncError::Io(format!("reading {}: {e}", full.display()));
+    let io = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            HashError::Vanished
+        } else {
+            HashError::Sync(SyncError::Io(format!("reading {}: {e}", full.display())))
+        }
+    };
     let mtime_ns = m.mtime() * 1_000_000_000 + m.mtime_nsec();
     let mode = m.mode() & 0o7777;
     if m.file_type().is_symlink() {
@@ -584,6 +627,30 @@ mod tests {
             msg.contains("/nonexistent/repo") && msg.contains("check"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn a_file_that_vanishes_is_skipped_and_the_daemons_folders_never_synced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        fs::write(root.join("gone"), "x").expect("write");
+        let m = fs::symlink_metadata(root.join("gone")).expect("meta");
+        fs::remove_file(root.join("gone")).expect("rm");
+        assert!(matches!(
+            hash_entry(root, "gone", &m, None),
+            Err(HashError::Vanished)
+        ));
+        fs::create_dir_all(root.join("state/sandboxes")).expect("mkdir");
+        fs::write(root.join("state/crabbox.redb"), "db").expect("write");
+        fs::write(root.join("state/sandboxes/x"), "x").expect("write");
+        fs::write(root.join("keep.txt"), "k").expect("write");
+        let rules = SyncRules {
+            never: vec![root.join("state")],
+            ..Default::default()
+        };
+        let c = collect(root, &rules, None).expect("collect");
+        let paths: Vec<&String> = c.manifest.files.keys().collect();
+        assert_eq!(paths, vec!["keep.txt"]);
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod run;
 
 use super::client::{self, Clients};
 use super::output::{self, lease_json, print_json, state_name};
-use super::{Cli, CliError, Command, LeaseOpts, exit};
+use super::{Cli, CliError, Command, LeaseOpts, RunArgs, exit};
 use crate::config::{self, Settings};
 use crate::pb;
 
@@ -61,10 +61,16 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         cli.command,
         Command::Warmup { .. } | Command::Run(_) | Command::Ssh { .. } | Command::Doctor
     );
-    let repo_root = if needs_repo {
-        Some(client::repo_root()?)
-    } else {
-        None
+    let repo_root = match &cli.command {
+        Command::Run(RunArgs {
+            sync_root: Some(dir),
+            ..
+        }) => Some(
+            std::fs::canonicalize(dir)
+                .map_err(|e| CliError::usage(format!("--sync-root {}: {e}", dir.display())))?,
+        ),
+        _ if needs_repo => Some(client::repo_root()?),
+        _ => None,
     };
     // Only the commands that lease or run need the config; the others work with a
     // warning (a broken config must not keep `crabbox daemon stop` from working), and

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::path::Path;
 
 use serde_json::json;
 use tokio_stream::StreamExt;
@@ -43,6 +44,30 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
             "no command to run: put it after `--`, for example `crabbox run -- cargo test`",
         ));
     }
+    if args.sync_root.is_none()
+        && !args.no_sync
+        && let Some(root) = &ctx.repo_root
+        && let Some(what) = too_wide_to_sync(root)
+    {
+        return Err(CliError::usage(format!(
+            "refusing to sync {} ({what}) as a checkout: run from a project folder, name what \
+             to sync with --sync-root DIR, or pass --no-sync",
+            root.display()
+        )));
+    }
+    let workdir = match &args.workdir {
+        Some(w) => w.clone(),
+        // The folder the CLI was started in, inside the checkout (as `docker -w` and ssh
+        // users expect).
+        None => ctx
+            .repo_root
+            .as_ref()
+            .and_then(|root| {
+                let cwd = std::fs::canonicalize(std::env::current_dir().ok()?).ok()?;
+                Some(cwd.strip_prefix(root).ok()?.to_string_lossy().into_owned())
+            })
+            .unwrap_or_default(),
+    };
     let env = env_pairs(&args.env)?;
     let fresh = warmup_request(ctx, &args.lease, args.keep, args.reclaim)?;
     let req = pb::RunRequest {
@@ -64,6 +89,7 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
         keep_on_failure: args.keep_on_failure,
         reclaim: args.reclaim,
         fresh: Some(fresh),
+        workdir,
     };
     let mut c = ctx.clients().await?;
     let mut stream = c.leases.run(req).await?.into_inner();
@@ -163,6 +189,25 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
             }
             None => {}
         }
+    }
+}
+
+/// Is `root` (outside git) a folder no one means to sync whole: the home folder, `/`, or
+/// a temp folder? Answers what it is.
+fn too_wide_to_sync(root: &Path) -> Option<&'static str> {
+    if root.join(".git").exists() {
+        return None;
+    }
+    let same = |p: &Path| std::fs::canonicalize(p).is_ok_and(|c| c == root);
+    if root == Path::new("/") {
+        Some("the filesystem root")
+    } else if std::env::var_os("HOME").is_some_and(|h| same(Path::new(&h))) {
+        Some("your home folder")
+    } else if ["/tmp", "/var/tmp"].iter().any(|t| same(Path::new(t))) || same(&std::env::temp_dir())
+    {
+        Some("a temp folder")
+    } else {
+        None
     }
 }
 
