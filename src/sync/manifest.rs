@@ -10,6 +10,7 @@
 //! are unchanged, as git's index does, so an unchanged tree reads no file contents.
 
 use std::collections::{BTreeMap, HashSet};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
@@ -166,7 +167,7 @@ pub fn collect(
     std::fs::read_dir(root).map_err(|e| unreadable(e.to_string()))?;
 
     let mut warnings = Vec::new();
-    let candidates = match git_list(root, false)? {
+    let candidates = match git_list(root, false, &mut warnings)? {
         Some(list) => list,
         None => walk_list(root, true, &mut warnings)?,
     };
@@ -196,7 +197,7 @@ pub fn collect(
     }
     if !rules.include.is_empty() {
         // Includes may bring back files git (or a walk) ignores: list those too.
-        let ignored = match git_list(root, true)? {
+        let ignored = match git_list(root, true, &mut warnings)? {
             Some(list) => list,
             None => walk_list(root, false, &mut warnings)?,
         };
@@ -346,7 +347,11 @@ fn crabboxignore(root: &Path) -> Result<Gitignore, SyncError> {
 
 /// `git ls-files` at `root`; `None` when `root` is not in a git work tree (or git is
 /// missing). With `ignored`, lists the ignored untracked files instead.
-fn git_list(root: &Path, ignored: bool) -> Result<Option<Vec<Candidate>>, SyncError> {
+fn git_list(
+    root: &Path,
+    ignored: bool,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Vec<Candidate>>, SyncError> {
     let inside = Command::new("git")
         .arg("-C")
         .arg(root)
@@ -381,6 +386,7 @@ fn git_list(root: &Path, ignored: bool) -> Result<Option<Vec<Candidate>>, SyncEr
             _ => continue,
         };
         let Ok(path) = std::str::from_utf8(path) else {
+            warnings.push(not_utf8(Path::new(std::ffi::OsStr::from_bytes(path))));
             continue;
         };
         if plain_relative(path) {
@@ -428,7 +434,8 @@ fn walk_list(
                 path: p.to_string(),
                 tracked: false,
             }),
-            _ => warnings.push(format!("skipped non-UTF-8 path {}", rel.display())),
+            Some(_) => {}
+            None => warnings.push(not_utf8(rel)),
         }
     }
     Ok(list)
@@ -439,6 +446,14 @@ enum HashError {
     /// It is no longer there.
     Vanished,
     Sync(SyncError),
+}
+
+/// The one warning for a path crabbox cannot sync: paths travel as text.
+fn not_utf8(rel: &Path) -> String {
+    format!(
+        "skipped {:?}: its name is not UTF-8, and synced paths must be (rename it to sync it)",
+        rel.as_os_str()
+    )
 }
 
 fn hash_entry(
@@ -651,6 +666,31 @@ mod tests {
         let c = collect(root, &rules, None).expect("collect");
         let paths: Vec<&String> = c.manifest.files.keys().collect();
         assert_eq!(paths, vec!["keep.txt"]);
+    }
+
+    #[test]
+    fn a_name_that_is_not_utf8_is_named_in_a_warning_in_both_walks() {
+        use std::os::unix::ffi::OsStrExt;
+        for in_git in [true, false] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let root = dir.path();
+            fs::write(root.join("ok.txt"), "ok").expect("write");
+            let odd = std::ffi::OsStr::from_bytes(b"caf\xe9.txt");
+            fs::write(root.join(odd), "odd").expect("write");
+            if in_git {
+                git(root, &["init", "-q"]);
+                git(root, &["add", "."]);
+            }
+            let c = collect(root, &SyncRules::default(), None).expect("collect");
+            assert_eq!(c.manifest.files.keys().collect::<Vec<_>>(), vec!["ok.txt"]);
+            assert!(
+                c.warnings
+                    .iter()
+                    .any(|w| w.contains("caf\\xE9.txt") && w.contains("not UTF-8")),
+                "in git: {in_git}: {:?}",
+                c.warnings
+            );
+        }
     }
 
     #[test]
