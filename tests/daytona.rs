@@ -291,12 +291,15 @@ async fn the_whole_flow_on_daytona_with_no_secret_in_any_output() {
         .await
         .expect(0)
         .stdout();
-    let mut words: Vec<String> = cmd.split_whitespace().map(str::to_string).collect();
-    let token = words
-        .last()
-        .and_then(|t| t.split('@').next())
-        .expect("token")
-        .to_string();
+    // `ssh [options] TOKEN@HOST 'cd CHECKOUT ...; exec $SHELL -l'`: keep it up to the
+    // target and run a command of our own there.
+    let mut words = shlex::split(&cmd).expect("a shell command line");
+    let at = words
+        .iter()
+        .position(|w| w.contains('@'))
+        .expect("user@host");
+    words.truncate(at + 1);
+    let token = words[at].split('@').next().expect("token").to_string();
     words.extend(
         [
             "-o",
@@ -331,6 +334,34 @@ async fn the_whole_flow_on_daytona_with_no_secret_in_any_output() {
         "{}",
         String::from_utf8_lossy(&ssh.stderr)
     );
+    // `crabbox ssh -- CMD` runs the command in the lease's checkout, through the real
+    // OpenSSH client (a fresh known_hosts: the gateway is trusted on first use).
+    let home = tempfile::tempdir().expect("home");
+    let out = w
+        .daemon
+        .cli(r.path())
+        .env("HOME", home.path())
+        .args([
+            "--provider",
+            "daytona",
+            "ssh",
+            "--ttl",
+            "30m",
+            "--",
+            "cat",
+            "README",
+        ])
+        .output()
+        .await
+        .expect("ssh");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "changed\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = w.cb(r.path(), &["ssh", "--ttl", "45", "--print"]).await;
+    assert_eq!(out.code(), 2, "a bare number is not a duration");
     let doctor = w.cb(r.path(), &["doctor", "--json"]).await.expect(0).json();
     assert_eq!(doctor["ok"], true, "{doctor}");
 
@@ -564,6 +595,21 @@ async fn an_environment_builds_its_image_once_and_reports_a_failed_build() {
         c.env("CRABBOX_CONFIG", &cfg).args(args);
         c
     };
+    // doctor names the snapshot the image resolves to, before and after it is built.
+    let snapshot_check = |out: std::process::Output| -> String {
+        let doc: Value = serde_json::from_slice(&out.stdout).expect("doctor json");
+        doc["checks"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["check"] == "daytona snapshot"))
+            .and_then(|c| c["detail"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let before = snapshot_check(cli(&["doctor", "--json"]).output().await.expect("ran"));
+    assert!(
+        before.starts_with("crabbox-env-") && before.contains("does not exist yet"),
+        "{before}"
+    );
     let out = cli(&["warmup", "--json"]).output().await.expect("ran");
     assert_eq!(
         out.status.code(),
@@ -572,6 +618,16 @@ async fn an_environment_builds_its_image_once_and_reports_a_failed_build() {
         String::from_utf8_lossy(&out.stderr)
     );
     let lease: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let after = snapshot_check(cli(&["doctor", "--json"]).output().await.expect("ran"));
+    assert!(
+        after.ends_with("(from environment.image) is active"),
+        "{after}"
+    );
+    assert_eq!(
+        after.split(' ').next(),
+        before.split(' ').next(),
+        "the same snapshot"
+    );
     let snapshots: Vec<(String, String)> = w
         .sim
         .snapshots

@@ -459,3 +459,36 @@ async fn an_expired_ssh_token_is_refused() {
     assert_eq!(v["valid"], false);
     let _: BTreeMap<String, String> = BTreeMap::new();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_help_texts_curl_example_works_as_printed() {
+    let r = start(|_| {}).await;
+    // `curl -X POST http://ADDR/_sim/faults -d '{"error_rate":0.05}'` sends a form type.
+    let resp = r
+        .http
+        .post(format!("{}/_sim/faults", r.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(r#"{"error_rate":0.05}"#)
+        .send()
+        .await
+        .expect("sent");
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let now: serde_json::Value = r
+        .http
+        .get(format!("{}/_sim/faults", r.url))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(now["error_rate"], 0.05);
+    let bad = r
+        .http
+        .post(format!("{}/_sim/faults", r.url))
+        .body("error_rate=1")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(bad.status(), reqwest::StatusCode::BAD_REQUEST);
+}

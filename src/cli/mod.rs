@@ -148,9 +148,12 @@ pub enum Command {
         /// With --print, show the access token instead of redacting it.
         #[arg(long)]
         show_secret: bool,
-        /// Minutes the access lasts.
-        #[arg(long, value_name = "MIN")]
-        ttl: Option<u64>,
+        /// How long the access lasts (30m, 2h; at most 24h) [default: daytona.sshAccessMinutes].
+        #[arg(long, value_parser = crate::config::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        /// A command to run instead of a shell (after `--`).
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
     },
     /// Release a lease: its sandbox is deleted.
     #[command(alias = "release")]

@@ -452,8 +452,15 @@ async fn get_faults(State(sim): State<Arc<Sim>>) -> Response {
 
 async fn set_faults(
     State(sim): State<Arc<Sim>>,
-    ApiJson(u): ApiJson<FaultsUpdate>,
+    body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
+    // Any content type: `curl -d '{...}'` (as `daytona-sim --help` shows) sends a form type.
+    let u: FaultsUpdate = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the faults body is not a JSON object of fault fields: {e}"),
+        )
+    })?;
     if let Some(target) = &u.sandbox_error {
         let reason = u
             .error_reason

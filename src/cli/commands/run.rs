@@ -238,23 +238,65 @@ pub(super) async fn ssh(
     id: Option<String>,
     print: bool,
     show_secret: bool,
-    ttl: Option<u64>,
+    ttl: Option<std::time::Duration>,
+    command: Vec<String>,
 ) -> Result<i32, CliError> {
+    let ttl_minutes = match ttl {
+        Some(d) if d > std::time::Duration::from_secs(24 * 3600) => {
+            return Err(CliError::usage(
+                "--ttl: ssh access lasts at most 24h; ask again when it runs out",
+            ));
+        }
+        Some(d) => d.as_secs().div_ceil(60),
+        None => 0,
+    };
     let mut c = ctx.clients().await?;
     let access = c
         .leases
         .ssh(pb::SshRequest {
             lease: id.unwrap_or_default(),
             repo_root: ctx.repo(),
-            ttl_minutes: ttl.unwrap_or(0),
+            ttl_minutes,
         })
         .await?
         .into_inner();
-    let port_args = if access.port == 22 {
-        vec![]
+    // The session starts in the lease's checkout (or the home folder when there is none).
+    let cd = access
+        .lease
+        .as_ref()
+        .map(|l| {
+            let repo = Path::new(&l.repo_root)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "workdir".into());
+            let dir = format!("{}/{}/{repo}", l.work_root, l.id);
+            format!(
+                "cd {} 2>/dev/null || cd; ",
+                shlex::try_quote(&dir).unwrap_or_default()
+            )
+        })
+        .unwrap_or_default();
+    let remote = if command.is_empty() {
+        format!("{cd}exec \"${{SHELL:-/bin/sh}}\" -l")
     } else {
-        vec!["-p".to_string(), access.port.to_string()]
+        let words = shlex::try_join(command.iter().map(String::as_str))
+            .map_err(|e| CliError::usage(format!("cannot quote the command for ssh: {e}")))?;
+        format!("{cd}{words}")
     };
+    let mut args: Vec<String> = Vec::new();
+    if access.port != 22 {
+        args.extend(["-p".to_string(), access.port.to_string()]);
+    }
+    // A sandbox's gateway is new to this machine: trust it on first use (as `ssh` asks a
+    // person to), and refuse it if its key ever changes.
+    args.extend([
+        "-o".to_string(),
+        "StrictHostKeyChecking=accept-new".to_string(),
+    ]);
+    // A shell wants a terminal; a command gets one when this side has one.
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        args.push("-t".to_string());
+    }
     let user = |secret: bool| {
         if secret {
             access.user.clone()
@@ -265,8 +307,9 @@ pub(super) async fn ssh(
     let target = |secret: bool| format!("{}@{}", user(secret), access.host);
     if print {
         let mut words = vec!["ssh".to_string()];
-        words.extend(port_args.clone());
+        words.extend(args.iter().cloned());
         words.push(target(show_secret));
+        words.push(shlex::try_quote(&remote).unwrap_or_default().into_owned());
         if ctx.json {
             print_json(&json!({
                 "lease": access.lease.as_ref().map(lease_json),
@@ -278,11 +321,18 @@ pub(super) async fn ssh(
         } else {
             println!("{}", words.join(" "));
         }
+        if !show_secret {
+            ctx.progress(
+                "the access token (the ssh user) is redacted: pass --show-secret to print a \
+                 command you can run, or run `crabbox ssh` without --print",
+            );
+        }
         return Ok(exit::OK);
     }
     let status = std::process::Command::new("ssh")
-        .args(&port_args)
+        .args(&args)
         .arg(target(true))
+        .arg(&remote)
         .status()
         .map_err(|e| {
             CliError::new(

@@ -551,6 +551,47 @@ impl Provider for DaytonaProvider {
             }
             Err(h) => checks.push(("daytona API".into(), false, h.error.message)),
         }
+        if let Some(dockerfile) = options.get("dockerfile").filter(|d| !d.is_empty()) {
+            // An environment: say which snapshot its image resolves to, and how it stands.
+            let name = self.snapshot_name(dockerfile, options);
+            let check = match self
+                .api(
+                    Method::GET,
+                    &format!("/snapshots/{name}"),
+                    None,
+                    Idempotent::Yes,
+                )
+                .await
+            {
+                Ok(v) => {
+                    let state = v.get("state").and_then(Value::as_str).unwrap_or("unknown");
+                    let reason = v.get("errorReason").and_then(Value::as_str).unwrap_or("");
+                    match state {
+                        "build_failed" | "error" => (
+                            false,
+                            format!(
+                                "{name} (from environment.image) failed to build: {reason}; fix \
+                                 the Dockerfile (a changed one gets a new snapshot)"
+                            ),
+                        ),
+                        _ => (true, format!("{name} (from environment.image) is {state}")),
+                    }
+                }
+                Err(h) if h.status.map(|s| s.as_u16()) == Some(404) => (
+                    true,
+                    format!(
+                        "{name} (from environment.image) does not exist yet: the first lease \
+                         builds it (up to 10 minutes)"
+                    ),
+                ),
+                Err(h) => (
+                    false,
+                    format!("{name} (from environment.image): {}", h.error.message),
+                ),
+            };
+            checks.push(("daytona snapshot".into(), check.0, check.1));
+            return checks;
+        }
         let snapshot = options
             .get("snapshot")
             .filter(|s| !s.is_empty())
