@@ -752,3 +752,53 @@ async fn runs_start_where_you_are_and_never_sync_too_much() {
         .expect("ran");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_for_a_reused_lease_apply_to_it_and_are_said() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let lease = d
+        .run(r.path(), &["warmup", "--json"])
+        .await
+        .expect(0)
+        .json();
+    let id = lease["id"].as_str().expect("id").to_string();
+    let out = d
+        .cli(r.path())
+        .env("CRABBOX_IDLE_TIMEOUT", "7m")
+        .args(["run", "--keep", "--label", "env=dev", "--", "true"])
+        .output()
+        .await
+        .expect("ran");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("now has: idle timeout 7m (was 30m); kept; labels env=dev"),
+        "{err}"
+    );
+    let st = d
+        .run(r.path(), &["status", &id, "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(st["keep"], true);
+    assert_eq!(st["labels"]["env"], "dev");
+    assert_eq!(st["labels"]["idle_timeout_secs"], "420");
+    // The same again: nothing changes, nothing is said.
+    let out = d
+        .cli(r.path())
+        .env("CRABBOX_IDLE_TIMEOUT", "7m")
+        .args(["run", "--keep", "--label", "env=dev", "--", "true"])
+        .output()
+        .await
+        .expect("ran");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("now has"));
+    // warmup in the repo applies its settings to the claimed lease too.
+    let again = d
+        .run(r.path(), &["warmup", "--label", "tier=2", "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(again["id"], id.as_str());
+    assert_eq!(again["labels"]["tier"], "2");
+}

@@ -95,6 +95,9 @@ impl Actor for LeaseActor {
             LeaseMsg::KeepAlive => st.quietly(&myself, Event::KeepAlive),
             LeaseMsg::Finish => st.quietly(&myself, Event::Finish),
             LeaseMsg::Kept => st.quietly(&myself, Event::Kept),
+            LeaseMsg::Amend { amendment, reply } => {
+                st.answer(&myself, Event::Amend(amendment), reply)
+            }
             LeaseMsg::Touch(reply) => st.answer(&myself, Event::Touch, reply),
             LeaseMsg::Prepare(reply) => st.answer(&myself, Event::Prepare, reply),
             LeaseMsg::Claim { repo_root, reply } => {

@@ -11,7 +11,7 @@ use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::record::LeaseRecord;
-use super::state::Phase;
+use super::state::{Amendment, Phase};
 use crate::error::{Error, ProviderError};
 use crate::provider::{Provider, SandboxInfo};
 
@@ -57,6 +57,11 @@ pub enum LeaseMsg {
     },
     /// Sent by the run that created the lease when it ends and keeps it.
     Kept,
+    /// Sent by a warmup or run that reuses the lease with settings of its own.
+    Amend {
+        amendment: Amendment,
+        reply: RpcReplyPort<Result<LeaseRecord, Error>>,
+    },
     /// Sent by the actor's own provider tasks when they end.
     Done(Outcome),
 }

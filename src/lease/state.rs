@@ -72,6 +72,10 @@ pub enum Event {
     /// The run that created the lease ended and keeps it (`--keep-on-failure` after a
     /// failure): it becomes an ordinary lease.
     Kept,
+    /// A warmup or run reusing the lease asks for settings of its own: labels are added
+    /// (never removed), a non-zero ttl or idle timeout replaces the lease's, keep is set when
+    /// asked (never unset).
+    Amend(Amendment),
     /// The delete task's outcome: the sandbox is gone.
     Deleted,
     /// The delete task's outcome: it failed, and is retried with backoff.
@@ -83,6 +87,17 @@ pub enum Event {
     /// The registry: the lease's actor crashed. The lease fails and its sandbox is deleted
     /// by the actor started after it.
     Crashed { why: String },
+}
+
+/// Settings a request asks of a lease that already exists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Amendment {
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// 0: unchanged.
+    pub ttl_secs: u64,
+    /// 0: unchanged.
+    pub idle_timeout_secs: u64,
+    pub keep: bool,
 }
 
 /// What the actor does after a step, in this order.
@@ -392,6 +407,24 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
                 delete(&mut r, &mut fx, Duration::ZERO);
             }
         },
+        Event::Amend(a) => {
+            if !r.state.is_live() {
+                return Err(r.not_usable("its settings cannot change"));
+            }
+            for (k, v) in a.labels {
+                r.user_labels.insert(k, v);
+            }
+            if a.ttl_secs > 0 {
+                r.ttl_secs = a.ttl_secs;
+            }
+            if a.idle_timeout_secs > 0 {
+                r.idle_timeout_secs = a.idle_timeout_secs;
+            }
+            r.keep |= a.keep;
+            if r != *record {
+                fx.extend([F::Persist, F::Announce("settings changed"), F::PushLabels]);
+            }
+        }
         Event::Kept => {
             if r.fresh_run.take().is_some() {
                 fx.push(F::Persist);

@@ -4,6 +4,7 @@ use super::Effect as F;
 use super::LeaseState as S;
 use super::*;
 use crate::lease::record::{FreshRun, LeaseState, Task};
+use crate::lease::state::Amendment;
 
 const NOW: u64 = 5_000_000;
 
@@ -37,6 +38,12 @@ fn events() -> Vec<Event> {
             reason: "stopped by request".into(),
         },
         Event::Kept,
+        Event::Amend(Amendment {
+            labels: [("env".to_string(), "dev".to_string())].into(),
+            ttl_secs: 0,
+            idle_timeout_secs: 420,
+            keep: true,
+        }),
         Event::Deleted,
         Event::DeleteFailed {
             error: "503".into(),
@@ -289,6 +296,28 @@ fn a_fresh_run_lost_to_a_restart_releases_its_lease_unless_kept_on_failure() {
     });
     let s = step(&r, Event::Kept, NOW).expect("kept");
     assert_eq!((s.record.fresh_run, s.effects), (None, vec![F::Persist]));
+}
+
+#[test]
+fn an_amendment_adds_and_never_takes_away() {
+    let mut r = record(S::Ready);
+    r.keep = true;
+    r.user_labels.insert("team".into(), "infra".into());
+    let a = Amendment {
+        labels: [("env".to_string(), "dev".to_string())].into(),
+        ttl_secs: 0,
+        idle_timeout_secs: 420,
+        keep: false,
+    };
+    let s = step(&r, Event::Amend(a.clone()), NOW).expect("amended");
+    assert_eq!(s.record.idle_timeout_secs, 420);
+    assert_eq!(s.record.ttl_secs, r.ttl_secs, "0 leaves it");
+    assert!(s.record.keep, "keep is never unset");
+    assert_eq!(s.record.user_labels.len(), 2);
+    assert_eq!(s.effects[0], F::Persist);
+    // The same again changes nothing and says nothing.
+    let again = step(&s.record, Event::Amend(a), NOW).expect("same");
+    assert!(again.effects.is_empty());
 }
 
 #[test]

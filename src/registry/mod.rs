@@ -555,7 +555,7 @@ impl RegistryState {
 }
 
 /// Label keys: 1 to 63 of `[A-Za-z0-9._/-]`; values at most 255 characters.
-fn validate_label(k: &str, v: &str) -> Result<(), Error> {
+pub fn validate_label(k: &str, v: &str) -> Result<(), Error> {
     let key_ok = !k.is_empty()
         && k.len() <= 63
         && k.bytes()

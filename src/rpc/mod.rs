@@ -20,14 +20,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::error::{Error, echo};
+use crate::lease::state::Amendment;
 use crate::lease::store::Store;
-use crate::lease::{LeaseMsg, LeaseState};
+use crate::lease::{LeaseHandle, LeaseMsg, LeaseRecord, LeaseState};
 use crate::pb::daemon_service_server::{DaemonService, DaemonServiceServer};
 use crate::pb::lease_service_server::{LeaseService, LeaseServiceServer};
 use crate::pb::{self, timestamp};
 use crate::provider::Providers;
-use crate::registry::Registry;
 use crate::registry::index::Resolved;
+use crate::registry::{AcquireSpec, Registry};
 use wire::{acquire_spec, lease_pb};
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -71,6 +72,73 @@ impl Api {
                 ))
             })
     }
+}
+
+/// Applies what a request asks of a lease it reuses (labels, ttl, idle timeout, keep);
+/// answers the lease and, for people, what changed and what cannot apply to it.
+pub async fn amend(
+    lease: &LeaseHandle,
+    spec: &AcquireSpec,
+) -> Result<(LeaseRecord, Vec<String>), Error> {
+    for (k, v) in &spec.labels {
+        crate::registry::validate_label(k, v)?;
+    }
+    let before = lease.record();
+    let after = lease
+        .ask(|reply| LeaseMsg::Amend {
+            amendment: Amendment {
+                labels: spec.labels.clone(),
+                ttl_secs: spec.ttl_secs,
+                idle_timeout_secs: spec.idle_timeout_secs,
+                keep: spec.keep,
+            },
+            reply,
+        })
+        .await?;
+    let mut notes = Vec::new();
+    let secs = crate::clock::human_secs;
+    if after.idle_timeout_secs != before.idle_timeout_secs {
+        notes.push(format!(
+            "idle timeout {} (was {})",
+            secs(after.idle_timeout_secs),
+            secs(before.idle_timeout_secs)
+        ));
+    }
+    if after.ttl_secs != before.ttl_secs {
+        notes.push(format!(
+            "ttl {} (was {})",
+            secs(after.ttl_secs),
+            secs(before.ttl_secs)
+        ));
+    }
+    if after.keep && !before.keep {
+        notes.push("kept".into());
+    }
+    let added: Vec<String> = after
+        .user_labels
+        .iter()
+        .filter(|(k, v)| before.user_labels.get(*k) != Some(*v))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if !added.is_empty() {
+        notes.push(format!("labels {}", added.join(", ")));
+    }
+    let mut said = Vec::new();
+    if !notes.is_empty() {
+        said.push(format!(
+            "lease {} now has: {}",
+            after.slug,
+            notes.join("; ")
+        ));
+    }
+    if !spec.provider.is_empty() && spec.provider != after.provider {
+        said.push(format!(
+            "note: lease {} is on the {} provider; --provider {} applies to new leases (stop \
+             this one to get one there)",
+            after.slug, after.provider, spec.provider
+        ));
+    }
+    Ok((after, said))
 }
 
 /// A repository root sent by a client: empty (none), or an absolute path. The one check
@@ -129,12 +197,15 @@ impl LeaseService for LeaseSvc {
         let req = req.into_inner();
         validate_repo_root(&req.repo_root)?;
         let (keep, repo_root) = (req.keep, req.repo_root.clone());
-        let acquired = self
-            .0
-            .registry
-            .acquire(acquire_spec(req, keep, &repo_root))
-            .await?;
-        Ok(Response::new(lease_pb(&acquired.lease.record())))
+        let spec = acquire_spec(req, keep, &repo_root);
+        let acquired = self.0.registry.acquire(spec.clone()).await?;
+        let record = if acquired.fresh {
+            acquired.lease.record()
+        } else {
+            // The repo's lease, reused: what this warmup asks of it applies to it.
+            amend(&acquired.lease, &spec).await?.0
+        };
+        Ok(Response::new(lease_pb(&record)))
     }
 
     async fn get(&self, req: Request<pb::LeaseRef>) -> Result<Response<pb::Lease>, Status> {

@@ -208,6 +208,8 @@ impl Run {
         }
 
         // 3. The lease: claim it, or create one.
+        let fresh = self.req.fresh.clone().unwrap_or_default();
+        let asked = acquire_spec(fresh, self.req.keep, &repo_root);
         let handle = match existing {
             Some(h) => {
                 if !self.req.lease.is_empty() && !repo_root.is_empty() {
@@ -219,8 +221,7 @@ impl Run {
                 h
             }
             None => {
-                let fresh = self.req.fresh.clone().unwrap_or_default();
-                let mut spec = acquire_spec(fresh, self.req.keep, &repo_root);
+                let mut spec = asked.clone();
                 // Unless kept, the new lease is this run's, and the store says so: a daemon
                 // that dies under the run releases it when it comes back.
                 spec.fresh_run = (!self.req.keep).then_some(FreshRun {
@@ -235,6 +236,13 @@ impl Run {
                 acquired.lease
             }
         };
+        if !self.fresh {
+            // A lease the run reuses gets what the run asks of it, and says so.
+            let (_, said) = super::amend(&handle, &asked).await?;
+            for line in said {
+                self.phase(line).await;
+            }
+        }
         self.lease = Some(handle.clone());
         let _ = self.emit(RunEv::Lease(lease_pb(&handle.record()))).await;
 
