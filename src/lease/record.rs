@@ -222,8 +222,16 @@ impl LeaseRecord {
     /// Every label the sandbox carries: the user's, then SPEC's reserved set, which wins.
     pub fn labels(&self) -> BTreeMap<String, String> {
         let mut l = self.user_labels.clone();
+        for (k, v) in self.reserved_labels() {
+            l.insert(k.to_string(), v);
+        }
+        l
+    }
+
+    /// SPEC's reserved labels, the one list of them.
+    fn reserved_labels(&self) -> [(&'static str, String); 15] {
         let secs = |ms: u64| (ms / 1000).to_string();
-        for (k, v) in [
+        [
             ("crabbox", "true".to_string()),
             ("created_by", "crabbox".to_string()),
             ("lease", self.id.clone()),
@@ -239,10 +247,7 @@ impl LeaseRecord {
             ("expires_at", secs(self.expires_at_ms())),
             ("lease_name", self.slug.clone()),
             ("work_root", self.work_root.clone()),
-        ] {
-            l.insert(k.to_string(), v);
-        }
-        l
+        ]
     }
 
     /// Does a sandbox with these labels belong to this lease of this daemon? The daemon never
@@ -262,25 +267,6 @@ impl LeaseRecord {
         }
     }
 }
-
-/// The keys [`LeaseRecord::labels`] sets; any other label is the user's.
-const RESERVED: [&str; 15] = [
-    "crabbox",
-    "created_by",
-    "lease",
-    "slug",
-    "provider",
-    "owner",
-    "state",
-    "keep",
-    "created_at",
-    "last_touched_at",
-    "idle_timeout_secs",
-    "ttl_secs",
-    "expires_at",
-    "lease_name",
-    "work_root",
-];
 
 impl LeaseRecord {
     /// The lease a sandbox's labels describe, for a sandbox this daemon (`owner`) owns but
@@ -308,7 +294,7 @@ impl LeaseRecord {
             Some("releasing" | "failed") => LeaseState::Releasing,
             _ => LeaseState::Ready,
         };
-        Some(LeaseRecord {
+        let mut record = LeaseRecord {
             slug: get("slug")
                 .cloned()
                 .unwrap_or_else(|| crate::ids::slug_for(&id)),
@@ -326,11 +312,7 @@ impl LeaseRecord {
             ttl_secs: secs("ttl_secs")?,
             idle_timeout_secs: secs("idle_timeout_secs")?,
             keep: get("keep").is_some_and(|k| k == "true"),
-            user_labels: labels
-                .iter()
-                .filter(|(k, _)| !RESERVED.contains(&k.as_str()))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            user_labels: BTreeMap::new(),
             work_root: get("work_root").cloned().unwrap_or_default(),
             owner: owner.to_string(),
             sandbox_cleaned: false,
@@ -338,7 +320,15 @@ impl LeaseRecord {
             fresh_run: None,
             task: Task::Idle,
             attempts: 0,
-        })
+        };
+        // Any label that is not one of the reserved set is the user's.
+        let reserved = record.reserved_labels().map(|(k, _)| k);
+        record.user_labels = labels
+            .iter()
+            .filter(|(k, _)| !reserved.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Some(record)
     }
 }
 

@@ -554,40 +554,27 @@ impl Provider for DaytonaProvider {
         if let Some(dockerfile) = options.get("dockerfile").filter(|d| !d.is_empty()) {
             // An environment: say which snapshot its image resolves to, and how it stands.
             let name = self.snapshot_name(dockerfile, options);
-            let check = match self
-                .api(
-                    Method::GET,
-                    &format!("/snapshots/{name}"),
-                    None,
-                    Idempotent::Yes,
-                )
-                .await
-            {
-                Ok(v) => {
-                    let state = v.get("state").and_then(Value::as_str).unwrap_or("unknown");
-                    let reason = v.get("errorReason").and_then(Value::as_str).unwrap_or("");
-                    match state {
-                        "build_failed" | "error" => (
-                            false,
-                            format!(
-                                "{name} (from environment.image) failed to build: {reason}; fix \
-                                 the Dockerfile (a changed one gets a new snapshot)"
-                            ),
-                        ),
-                        _ => (true, format!("{name} (from environment.image) is {state}")),
-                    }
-                }
-                Err(h) if h.status.map(|s| s.as_u16()) == Some(404) => (
+            let check = match self.snapshot(&name).await {
+                Ok(Some(snap)) if matches!(snap.state.as_str(), "build_failed" | "error") => (
+                    false,
+                    format!(
+                        "{name} (from environment.image) failed to build: {}; fix the \
+                         Dockerfile (a changed one gets a new snapshot)",
+                        snap.error_reason
+                    ),
+                ),
+                Ok(Some(snap)) => (
+                    true,
+                    format!("{name} (from environment.image) is {}", snap.state),
+                ),
+                Ok(None) => (
                     true,
                     format!(
                         "{name} (from environment.image) does not exist yet: the first lease \
                          builds it (up to 10 minutes)"
                     ),
                 ),
-                Err(h) => (
-                    false,
-                    format!("{name} (from environment.image): {}", h.error.message),
-                ),
+                Err(err) => (false, format!("{name} (from environment.image): {err}")),
             };
             checks.push(("daytona snapshot".into(), check.0, check.1));
             return checks;

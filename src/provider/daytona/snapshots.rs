@@ -50,37 +50,23 @@ impl DaytonaProvider {
         let started = Instant::now();
         let mut creates = 0;
         loop {
-            match self
-                .api(
-                    Method::GET,
-                    &format!("/snapshots/{name}"),
-                    None,
-                    Idempotent::Yes,
-                )
-                .await
-            {
-                Ok(v) => {
-                    let state = v.get("state").and_then(Value::as_str).unwrap_or("unknown");
-                    match state {
-                        "active" => return Ok(name),
-                        "error" | "build_failed" => {
-                            let reason = v
-                                .get("errorReason")
-                                .and_then(Value::as_str)
-                                .unwrap_or("no reason given");
-                            return Err(e(
-                                ProviderErrorKind::Provisioning,
-                                format!(
-                                    "building the environment's image (snapshot {name}) failed: {reason}"
-                                ),
-                            ));
-                        }
-                        _ => {
-                            tracing::info!(snapshot = %name, state, "waiting for the environment's image")
-                        }
+            match self.snapshot(&name).await {
+                Ok(Some(snap)) => match snap.state.as_str() {
+                    "active" => return Ok(name),
+                    "error" | "build_failed" => {
+                        return Err(e(
+                            ProviderErrorKind::Provisioning,
+                            format!(
+                                "building the environment's image (snapshot {name}) failed: {}",
+                                snap.error_reason
+                            ),
+                        ));
                     }
-                }
-                Err(h) if h.status.map(|s| s.as_u16()) == Some(404) && creates < 3 => {
+                    state => {
+                        tracing::info!(snapshot = %name, state, "waiting for the environment's image")
+                    }
+                },
+                Ok(None) if creates < 3 => {
                     creates += 1;
                     let mut body =
                         json!({ "name": name, "buildInfo": { "dockerfileContent": dockerfile } });
@@ -103,7 +89,15 @@ impl DaytonaProvider {
                     }
                     continue;
                 }
-                Err(h) => return Err(h.error),
+                Ok(None) => {
+                    return Err(e(
+                        ProviderErrorKind::Provisioning,
+                        format!(
+                            "the environment's image (snapshot {name}) vanished 3 times while it was built"
+                        ),
+                    ));
+                }
+                Err(err) => return Err(err),
             }
             if started.elapsed() > SNAPSHOT_BUILD_DEADLINE {
                 return Err(e(
@@ -117,4 +111,33 @@ impl DaytonaProvider {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+
+    /// How the snapshot named `name` stands; `None` when Daytona has none by that name.
+    pub(super) async fn snapshot(&self, name: &str) -> Result<Option<Snapshot>, ProviderError> {
+        match self
+            .api(
+                Method::GET,
+                &format!("/snapshots/{name}"),
+                None,
+                Idempotent::Yes,
+            )
+            .await
+        {
+            Ok(v) => {
+                let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+                Ok(Some(Snapshot {
+                    state: text("state").unwrap_or_else(|| "unknown".into()),
+                    error_reason: text("errorReason").unwrap_or_else(|| "no reason given".into()),
+                }))
+            }
+            Err(h) if h.status.map(|s| s.as_u16()) == Some(404) => Ok(None),
+            Err(h) => Err(h.error),
+        }
+    }
+}
+
+/// A snapshot as the provider cares about it.
+pub(super) struct Snapshot {
+    pub state: String,
+    pub error_reason: String,
 }
