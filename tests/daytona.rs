@@ -360,6 +360,32 @@ async fn the_whole_flow_on_daytona_with_no_secret_in_any_output() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // While `crabbox ssh` runs, the token is in no process's argv (other local users can
+    // read every /proc/PID/cmdline).
+    let mut running = w
+        .daemon
+        .cli(r.path())
+        .env("HOME", home.path())
+        .args(["--provider", "daytona", "ssh", "--", "sleep", "2"])
+        .spawn()
+        .expect("ssh");
+    let mut saw_ssh = false;
+    for _ in 0..100 {
+        for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            assert!(!cmdline.contains(&token), "the token is in argv: {cmdline}");
+            saw_ssh |= cmdline.starts_with("ssh -F ");
+        }
+        if saw_ssh {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(saw_ssh, "ssh ran with a private config");
+    assert!(running.wait().await.expect("ssh").success());
     let out = w.cb(r.path(), &["ssh", "--ttl", "45", "--print"]).await;
     assert_eq!(out.code(), 2, "a bare number is not a duration");
     let doctor = w.cb(r.path(), &["doctor", "--json"]).await.expect(0).json();

@@ -16,7 +16,8 @@ struct Args {
     /// The state dir [default: $CRABBOX_STATE_DIR, $XDG_STATE_HOME/crabbox, ~/.local/state/crabbox].
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Also serve gRPC on this TCP address (no authentication: use loopback).
+    /// Also serve gRPC on this TCP address; every call must carry `authorization: Bearer
+    /// <token>` with the token from tcp-token in the state dir (made on first use, 0600).
     #[arg(long, value_name = "ADDR")]
     tcp: Option<SocketAddr>,
     /// How often expired leases are looked for.
@@ -29,6 +30,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Everything the daemon writes (its database, logs, local sandboxes) is this user's
+    // alone, whatever the umask it was started with.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     tracing_subscriber::fmt()
         .with_env_filter(crabbox::logging::env_filter("info"))
         .with_writer(std::io::stderr)

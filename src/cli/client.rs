@@ -1,5 +1,6 @@
 //! Reaching the daemon: connect over the Unix socket, start `crabboxd` when nothing answers.
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -21,28 +22,60 @@ pub struct Clients {
     pub daemon: DaemonServiceClient<Channel>,
 }
 
-/// Connects to the daemon at `socket` once (no autostart).
+/// Connects to the daemon at `socket` once (no autostart). The peer must be this user's
+/// own process (SO_PEERCRED): a socket another user put there is refused before anything
+/// (an `--env` value, a repo path) is sent to it.
 pub async fn connect_once(socket: &Path) -> Result<Clients, String> {
     if !socket.exists() {
         return Err(format!("no socket at {}", socket.display()));
     }
-    // The socket path goes in the URI; tonic sends `localhost` as the authority.
-    let endpoint = Endpoint::from_shared(format!("unix://{}", socket.display()))
-        .map_err(|e| format!("bad socket path {}: {e}", socket.display()))?
-        .connect_timeout(Duration::from_secs(2));
-    let channel = endpoint.connect().await.map_err(|e| {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg = format!("{msg}: {s}");
-            src = s.source();
-        }
-        msg
-    })?;
+    let path = socket.to_path_buf();
+    // The URI is only for the authority (`localhost`, as grpc-go and grpcurl send over a
+    // Unix socket); the connector below is what connects.
+    let endpoint =
+        Endpoint::from_static("http://localhost").connect_timeout(Duration::from_secs(2));
+    let channel = endpoint
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(&path).await?;
+                check_peer(&stream, &path)?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|e| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg = format!("{msg}: {s}");
+                src = s.source();
+            }
+            msg
+        })?;
     Ok(Clients {
         leases: LeaseServiceClient::new(channel.clone()),
         daemon: DaemonServiceClient::new(channel),
     })
+}
+
+/// Refuses a socket served by another user.
+fn check_peer(stream: &tokio::net::UnixStream, path: &Path) -> std::io::Result<()> {
+    let peer = stream.peer_cred()?.uid();
+    let me = nix::unistd::geteuid().as_raw();
+    if peer != me {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "the socket {} is served by uid {peer}, not by you (uid {me}): another user may \
+                 be impersonating crabboxd, so nothing was sent. Remove that socket's folder (or \
+                 set CRABBOX_SOCKET to a path in a folder only you can write) and start the \
+                 daemon again",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Connects, starting `crabboxd` in the background when nothing answers (unless
@@ -81,14 +114,19 @@ fn daemon_binary() -> PathBuf {
 /// answers.
 pub async fn start_daemon(socket: &Path) -> Result<Clients, CliError> {
     let state_dir = crate::config::state_dir();
-    std::fs::create_dir_all(&state_dir).map_err(|e| {
-        CliError::new(
-            exit::INTERNAL,
-            format!("cannot create the state dir {}: {e}", state_dir.display()),
-        )
-    })?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&state_dir)
+        .map_err(|e| {
+            CliError::new(
+                exit::INTERNAL,
+                format!("cannot create the state dir {}: {e}", state_dir.display()),
+            )
+        })?;
     let log_path = state_dir.join("crabboxd.log");
     let log = std::fs::OpenOptions::new()
+        .mode(0o600)
         .create(true)
         .append(true)
         .open(&log_path)

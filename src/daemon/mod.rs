@@ -22,7 +22,7 @@ pub use crate::provider::Providers;
 use crate::provider::local::LocalProvider;
 pub use crate::registry::LeaseDefaults;
 use crate::registry::{Registry, RegistryCtx};
-use crate::rpc::{self, Api};
+use crate::rpc::{self, Api, Caller};
 pub use socket::{BoundSocket, bind_unix};
 
 /// How a daemon runs.
@@ -120,6 +120,58 @@ pub fn providers_from_config(
     Ok(providers)
 }
 
+/// The token TCP clients must send, made once (random, 0600) and kept in the state dir.
+fn tcp_token(state_dir: &Path) -> Result<String, DaemonError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join("tcp-token");
+    if let Ok(t) = std::fs::read_to_string(&path)
+        && t.trim().len() >= 32
+    {
+        return Ok(t.trim().to_string());
+    }
+    let token: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let _ = std::fs::remove_file(&path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| DaemonError::Setup(format!("writing {}: {e}", path.display())))?;
+    f.write_all(format!("{token}\n").as_bytes())
+        .map_err(|e| DaemonError::Setup(format!("writing {}: {e}", path.display())))?;
+    Ok(token)
+}
+
+/// The state dir holds the database (commands as typed), logs and local sandboxes (copies of
+/// checkouts): 0700 when made, and an existing one that others can read is tightened (never
+/// loosened), with a note.
+pub fn secure_state_dir(dir: &Path) -> Result<(), DaemonError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::metadata(dir) {
+        Err(_) => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| DaemonError::Setup(format!("creating state dir {}: {e}", dir.display()))),
+        Ok(m) => {
+            let mode = m.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))
+                    .map_err(|e| {
+                        DaemonError::Setup(format!("securing state dir {}: {e}", dir.display()))
+                    })?;
+                tracing::warn!(dir = %dir.display(), from = format!("{mode:o}"), to = format!("{:o}", mode & 0o700),
+                    "tightened the state dir: others could read leases, commands, logs and synced files");
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Runs a daemon until `shutdown` resolves. The socket must be bound already
 /// ([`bind_unix`]), so that "already running" is reported before anything else starts.
 pub async fn run(
@@ -128,12 +180,7 @@ pub async fn run(
     socket: BoundSocket,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
-    std::fs::create_dir_all(&config.state_dir).map_err(|e| {
-        DaemonError::Setup(format!(
-            "creating state dir {}: {e}",
-            config.state_dir.display()
-        ))
-    })?;
+    secure_state_dir(&config.state_dir)?;
     let (store, damage) = Store::open_or_set_aside(&config.state_dir.join("crabbox.redb"))?;
     if let Some(damage) = damage {
         tracing::warn!("{damage}");
@@ -171,7 +218,7 @@ pub async fn run(
         })
     };
 
-    let router = rpc::router(Arc::new(Api {
+    let api = Arc::new(Api {
         registry: registry.clone(),
         store,
         providers,
@@ -181,12 +228,32 @@ pub async fn run(
         state_dir: config.state_dir.clone(),
         started: Instant::now(),
         shutdown: token.clone(),
-    }));
+    });
+    let router = rpc::router(api.clone(), Caller::local());
     tracing::info!(socket = %socket.path.display(), %daemon_id, "crabboxd serving");
     let uds = {
         let token = token.clone();
         let router = router.clone();
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(socket.listener);
+        // Only this user's processes: the socket is 0600 in a 0700 folder, and a
+        // connection from another uid is dropped all the same.
+        let me = nix::unistd::geteuid().as_raw();
+        let incoming = tokio_stream::StreamExt::filter(
+            tokio_stream::wrappers::UnixListenerStream::new(socket.listener),
+            move |conn| match conn {
+                Ok(stream) => match stream.peer_cred() {
+                    Ok(peer) if peer.uid() == me => true,
+                    Ok(peer) => {
+                        tracing::warn!(uid = peer.uid(), "refused a connection from another user");
+                        false
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "refused a connection whose peer is unknown");
+                        false
+                    }
+                },
+                Err(_) => true,
+            },
+        );
         tokio::spawn(async move {
             router
                 .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
@@ -198,7 +265,10 @@ pub async fn run(
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| DaemonError::Setup(format!("binding TCP {addr}: {e}")))?;
-            tracing::warn!(%addr, "also serving on TCP: anyone who can reach it can use this daemon");
+            let secret = tcp_token(&config.state_dir)?;
+            let router = rpc::router(api.clone(), Caller::with_token(&secret));
+            tracing::warn!(%addr, token_file = %config.state_dir.join("tcp-token").display(),
+                "also serving on TCP: every call must carry the token in tcp-token");
             let token = token.clone();
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             Some(tokio::spawn(async move {

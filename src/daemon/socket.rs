@@ -1,7 +1,7 @@
 //! The daemon's Unix socket: its folder 0700 (when the daemon creates it), the socket 0600,
 //! and a lock beside it so that only one daemon serves a socket.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use tokio::net::UnixListener;
@@ -16,6 +16,50 @@ pub struct BoundSocket {
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
+/// Makes sure `dir` is a private folder of this user: created 0700 when missing; an
+/// existing one must be a real folder (not a symlink), owned by this user and writable by
+/// no one else, since whoever can write in it can replace the socket (what OpenSSH's agent,
+/// tmux and systemd insist on too).
+pub fn private_dir(dir: &Path, what: &str) -> Result<(), DaemonError> {
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| DaemonError::Setup(format!("creating {what} {}: {e}", dir.display()))),
+        Err(e) => Err(DaemonError::Setup(format!(
+            "checking {what} {}: {e}",
+            dir.display()
+        ))),
+        Ok(m) => {
+            let me = nix::unistd::geteuid().as_raw();
+            let problem = if m.file_type().is_symlink() {
+                Some("is a symlink".to_string())
+            } else if !m.is_dir() {
+                Some("is not a folder".to_string())
+            } else if m.uid() != me {
+                Some(format!("is owned by uid {}, not you (uid {me})", m.uid()))
+            } else if m.mode() & 0o022 != 0 {
+                Some(format!(
+                    "is writable by others (mode {:o})",
+                    m.mode() & 0o777
+                ))
+            } else {
+                None
+            };
+            match problem {
+                None => Ok(()),
+                Some(p) => Err(DaemonError::Setup(format!(
+                    "{what} {} {p}: another user could replace the socket in it. Remove it \
+                     (or `chmod 700` it if it is yours), or set CRABBOX_SOCKET to a path in a \
+                     private folder such as $XDG_RUNTIME_DIR",
+                    dir.display()
+                ))),
+            }
+        }
+    }
+}
+
 /// Binds the daemon's Unix socket: its folder 0700 (when we create it), the socket 0600.
 /// A stale socket (nothing answers) is replaced; a live daemon is refused.
 pub fn bind_unix(path: &Path) -> Result<BoundSocket, DaemonError> {
@@ -23,21 +67,24 @@ pub fn bind_unix(path: &Path) -> Result<BoundSocket, DaemonError> {
     let dir = path.parent().ok_or_else(|| {
         DaemonError::Setup(format!("socket path {} has no folder", path.display()))
     })?;
-    if !dir.exists() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| setup(&format!("creating {}", dir.display()), e))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| setup(&format!("securing {}", dir.display()), e))?;
-    }
-    // A lock beside the socket closes the race of two daemons starting at once.
+    private_dir(dir, "the socket folder")?;
+    // A lock beside the socket closes the race of two daemons starting at once. Never
+    // through a symlink: another user could point it at a file of ours.
     let lock_path = path.with_extension("lock");
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(&lock_path)
-        .map_err(|e| setup(&format!("opening {}", lock_path.display()), e))?;
+        .map_err(|e| {
+            setup(
+                &format!("opening {} (it must not be a symlink)", lock_path.display()),
+                e,
+            )
+        })?;
     let mut lock =
         match nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
@@ -71,10 +118,25 @@ pub fn bind_unix(path: &Path) -> Result<BoundSocket, DaemonError> {
         std::fs::remove_file(path)
             .map_err(|e| setup(&format!("removing stale {}", path.display()), e))?;
     }
-    let listener =
-        UnixListener::bind(path).map_err(|e| setup(&format!("binding {}", path.display()), e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| setup(&format!("securing {}", path.display()), e))?;
+    // Created 0600 from the start (not chmod-ed after, which another user could race).
+    let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old_umask);
+    let listener = bound.map_err(|e| setup(&format!("binding {}", path.display()), e))?;
+    // What is at the path now must be the socket just bound, ours and private.
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| setup(&format!("checking {}", path.display()), e))?;
+    if !meta.file_type().is_socket()
+        || meta.uid() != nix::unistd::geteuid().as_raw()
+        || meta.mode() & 0o077 != 0
+    {
+        return Err(DaemonError::Setup(format!(
+            "{} changed under the daemon as it was bound (not a private socket of yours): \
+             something else writes in {}; use a private folder",
+            path.display(),
+            dir.display()
+        )));
+    }
     Ok(BoundSocket {
         listener,
         path: path.to_path_buf(),

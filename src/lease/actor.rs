@@ -119,6 +119,10 @@ impl Actor for LeaseActor {
                 let event = match outcome {
                     Outcome::Provisioned(Ok(sb)) => Event::Provisioned { sandbox_id: sb.id },
                     Outcome::Provisioned(Err(e)) => Event::ProvisionFailed {
+                        auth: matches!(
+                            e.kind,
+                            ProviderErrorKind::Auth | ProviderErrorKind::Permission
+                        ),
                         error: e.to_string(),
                     },
                     Outcome::Deleted(Ok(())) => Event::Deleted,

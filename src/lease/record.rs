@@ -165,6 +165,10 @@ pub struct LeaseRecord {
     pub work_root: String,
     /// The daemon that owns the sandbox (its `owner` label).
     pub owner: String,
+    /// The provider refused the credentials when the lease failed (so its error is an auth
+    /// error, exit 3, not a provisioning one).
+    #[serde(default)]
+    pub failed_on_auth: bool,
     /// Set once a failed lease's sandbox has been deleted.
     #[serde(default)]
     pub sandbox_cleaned: bool,
@@ -315,6 +319,7 @@ impl LeaseRecord {
             user_labels: BTreeMap::new(),
             work_root: get("work_root").cloned().unwrap_or_default(),
             owner: owner.to_string(),
+            failed_on_auth: false,
             sandbox_cleaned: false,
             provider_options: BTreeMap::new(),
             fresh_run: None,
@@ -353,6 +358,7 @@ impl LeaseRecord {
             user_labels: BTreeMap::new(),
             work_root: "/w".into(),
             owner: "cbxd_1".into(),
+            failed_on_auth: false,
             sandbox_cleaned: false,
             provider_options: BTreeMap::new(),
             fresh_run: None,

@@ -55,8 +55,9 @@ pub enum Event {
     Prepare,
     /// The provisioning task's outcome: the sandbox is ready.
     Provisioned { sandbox_id: String },
-    /// The provisioning task's outcome: it failed.
-    ProvisionFailed { error: String },
+    /// The provisioning task's outcome: it failed (`auth`: the provider refused the
+    /// credentials).
+    ProvisionFailed { error: String, auth: bool },
     /// The Touch RPC.
     Touch,
     /// A running command (every few seconds) or an ssh session: the lease is in use.
@@ -153,7 +154,11 @@ pub fn readiness(r: &LeaseRecord) -> Readiness {
         LeaseState::Pending | LeaseState::Creating => Readiness::Wait,
         LeaseState::Stopped => Readiness::Start,
         LeaseState::Failed => Readiness::Unusable(Error::Provider(ProviderError::new(
-            ProviderErrorKind::Provisioning,
+            if r.failed_on_auth {
+                ProviderErrorKind::Auth
+            } else {
+                ProviderErrorKind::Provisioning
+            },
             format!(
                 "lease {} failed: {}",
                 r.slug,
@@ -286,10 +291,11 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
             | S::Released
             | S::Failed => {}
         },
-        Event::ProvisionFailed { error } => match r.state {
+        Event::ProvisionFailed { error, auth } => match r.state {
             S::Creating => {
                 r.state = S::Failed;
                 r.reason = Some(format!("provisioning failed: {error}"));
+                r.failed_on_auth = auth;
                 r.sandbox_cleaned = false;
                 fx.extend([
                     F::Persist,

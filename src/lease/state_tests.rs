@@ -24,6 +24,11 @@ fn events() -> Vec<Event> {
         },
         Event::ProvisionFailed {
             error: "quota".into(),
+            auth: false,
+        },
+        Event::ProvisionFailed {
+            error: "Daytona answered 401".into(),
+            auth: true,
         },
         Event::Touch,
         Event::KeepAlive,
@@ -371,6 +376,7 @@ fn a_release_during_a_cleanup_finishes_when_the_cleanup_does() {
         &r,
         Event::ProvisionFailed {
             error: "snapshot not found".into(),
+            auth: false,
         },
         NOW,
     )
@@ -444,6 +450,21 @@ fn refusals_name_the_lease_and_what_to_do() {
     assert_eq!(e.code_and_kind().1.exit_code(), 7);
     let e = step(&r, Event::Prepare, NOW).expect_err("refused");
     assert_eq!(e.code_and_kind().1.exit_code(), 5, "{e}");
+    // Refused credentials stay an auth failure (exit 3) however the lease is reached.
+    let mut c = record(S::Creating);
+    c.task = Task::Provisioning;
+    let failed = step(
+        &c,
+        Event::ProvisionFailed {
+            error: "Daytona answered 401: check the Daytona API key".into(),
+            auth: true,
+        },
+        NOW,
+    )
+    .expect("failed")
+    .record;
+    let e = step(&failed, Event::Prepare, NOW).expect_err("refused");
+    assert_eq!(e.code_and_kind().1.exit_code(), 3, "{e}");
 }
 
 #[test]

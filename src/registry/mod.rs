@@ -463,6 +463,7 @@ impl RegistryState {
             keep: spec.keep,
             user_labels: spec.labels,
             owner: self.ctx.daemon_id.clone(),
+            failed_on_auth: false,
             sandbox_cleaned: false,
             provider_options,
             fresh_run: spec.fresh_run,

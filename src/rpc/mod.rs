@@ -154,7 +154,65 @@ pub fn validate_repo_root(repo_root: &str) -> Result<(), Error> {
 }
 
 /// The whole gRPC surface: the two services, health and reflection.
-pub fn router(api: Arc<Api>) -> tonic::transport::server::Router {
+/// Who may call: anyone who reached the Unix socket (the socket's folder and the peer check
+/// decide that), and over TCP only a client that sends `authorization: Bearer <token>`.
+#[derive(Clone)]
+pub struct Caller {
+    token: Option<Arc<str>>,
+}
+
+impl Caller {
+    /// No check (the Unix socket).
+    pub fn local() -> Self {
+        Caller { token: None }
+    }
+
+    /// The token every call must carry (TCP).
+    pub fn with_token(token: &str) -> Self {
+        Caller {
+            token: Some(token.into()),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Caller {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(token) = &self.token else {
+            return Ok(req);
+        };
+        let sent = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // Compared in constant time: the answer's timing says nothing of the token.
+        let ok = sent.is_some_and(|s| {
+            s.len() == token.len()
+                && s.bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
+        });
+        if ok {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated(
+                "crabboxd over TCP needs `authorization: Bearer <token>`: the token is in \
+                 tcp-token in the daemon's state dir",
+            ))
+        }
+    }
+}
+
+/// The router type: every service behind the [`Caller`] check.
+pub type Router = tonic::transport::server::Router<
+    tower::layer::util::Stack<
+        tonic::service::InterceptorLayer<Caller>,
+        tower::layer::util::Identity,
+    >,
+>;
+
+pub fn router(api: Arc<Api>, caller: Caller) -> Router {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     // Both services serve as long as the daemon does.
     tokio::spawn(async move {
@@ -178,6 +236,7 @@ pub fn router(api: Arc<Api>) -> tonic::transport::server::Router {
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
     tonic::transport::Server::builder()
+        .layer(tonic::service::InterceptorLayer::new(caller))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -329,9 +329,42 @@ pub(super) async fn ssh(
         }
         return Ok(exit::OK);
     }
+    // The token is the ssh user: it goes in a config file only this user can read (a
+    // private temp folder, removed when ssh ends), never in ssh's argv, which every local
+    // user can read in /proc. The user's own ssh config is included after it.
+    let private = tempfile::Builder::new()
+        .prefix("crabbox-ssh-")
+        .tempdir()
+        .map_err(|e| CliError::new(exit::SSH, format!("creating a private ssh config: {e}")))?;
+    let config = private.path().join("config");
+    let mut text = format!(
+        "Host crabbox-lease\n  HostName {}\n  Port {}\n  User {}\n  StrictHostKeyChecking accept-new\n",
+        access.host, access.port, access.user
+    );
+    if let Some(home) = std::env::var_os("HOME") {
+        let user_config = Path::new(&home).join(".ssh/config");
+        if user_config.exists() {
+            text.push_str(&format!("Match all\nInclude {}\n", user_config.display()));
+        }
+    }
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&config)
+            .map_err(|e| CliError::new(exit::SSH, format!("writing a private ssh config: {e}")))?;
+        f.write_all(text.as_bytes())
+            .map_err(|e| CliError::new(exit::SSH, format!("writing a private ssh config: {e}")))?;
+    }
+    let mut run_args = vec!["-F".to_string(), config.display().to_string()];
+    if args.iter().any(|a| a == "-t") {
+        run_args.push("-t".into());
+    }
     let status = std::process::Command::new("ssh")
-        .args(&args)
-        .arg(target(true))
+        .args(&run_args)
+        .arg("crabbox-lease")
         .arg(&remote)
         .status()
         .map_err(|e| {
