@@ -65,6 +65,11 @@ impl Drop for World {
 }
 
 async fn world(provision_deadline: Duration) -> World {
+    world_with_key(provision_deadline, KEY).await
+}
+
+/// A world whose daemon holds `key` (the sim accepts only [`KEY`]).
+async fn world_with_key(provision_deadline: Duration, key: &'static str) -> World {
     logs();
     let sim_dir = tempfile::tempdir().expect("tempdir");
     let mut config = SimConfig::new(sim_dir.path().to_path_buf());
@@ -96,7 +101,7 @@ async fn world(provision_deadline: Duration) -> World {
             };
             let d = DaytonaProvider::new(
                 settings,
-                auth::Resolved::Found(Credentials::ApiKey(KEY.into())),
+                auth::Resolved::Found(Credentials::ApiKey(key.into())),
             )
             .expect("provider");
             p.insert("daytona".into(), Arc::new(d));
@@ -859,4 +864,19 @@ async fn a_create_refused_with_503_twice_is_sent_again_once_absence_is_confirmed
         "both 503s were answered"
     );
     assert_eq!(w.sim_sandboxes().len(), 1, "exactly one sandbox");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_api_key_is_an_auth_error_everywhere() {
+    let w = world_with_key(Duration::from_secs(60), "dtn_wrong_key_0000").await;
+    let r = repo();
+    for args in [&["warmup"][..], &["run", "--", "true"]] {
+        let out = w.cb(r.path(), args).await;
+        assert_eq!(out.code(), 3, "{args:?}: {}", out.stderr());
+        assert!(
+            !out.stderr().contains("dtn_wrong_key_0000"),
+            "{}",
+            out.stderr()
+        );
+    }
 }

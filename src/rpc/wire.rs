@@ -39,6 +39,11 @@ pub fn lease_pb(r: &LeaseRecord) -> pb::Lease {
         ttl_secs: r.ttl_secs,
         idle_timeout_secs: r.idle_timeout_secs,
         work_root: r.work_root.clone(),
+        failure_kind: match (r.state, r.failed_on_auth) {
+            (LeaseState::Failed, true) => "auth".into(),
+            (LeaseState::Failed, false) => "provisioning".into(),
+            _ => String::new(),
+        },
     }
 }
 

@@ -285,7 +285,11 @@ async fn follow(
 fn settled_exit(l: &pb::Lease) -> Result<(), CliError> {
     match state_name(l) {
         "failed" => Err(CliError::new(
-            exit::PROVISIONING,
+            if l.failure_kind == "auth" {
+                exit::AUTH
+            } else {
+                exit::PROVISIONING
+            },
             format!("lease {} failed: {}", l.slug, l.reason),
         )),
         "released" | "releasing" => Err(CliError::new(
