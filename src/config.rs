@@ -227,6 +227,16 @@ pub struct FileConfig {
     pub daytona: DaytonaConfig,
     /// An image built on demand (Daytona: a snapshot made from a Dockerfile).
     pub environment: Option<EnvironmentConfig>,
+    #[serde(default)]
+    pub run: RunConfig,
+}
+
+/// `run:` in config.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Stop a command that prints nothing for this long (`30m`); off when unset.
+    pub stall_timeout: Option<String>,
 }
 
 /// The resolved settings a CLI command works with.
@@ -240,6 +250,8 @@ pub struct Settings {
     pub sync: SyncConfig,
     pub daytona: DaytonaConfig,
     pub environment: Option<EnvironmentConfig>,
+    /// `run.stall_timeout`.
+    pub stall_timeout: Option<Duration>,
     /// The files that were read, lowest first.
     pub sources: Vec<PathBuf>,
 }
@@ -256,6 +268,7 @@ impl Settings {
             sync: SyncConfig::default(),
             daytona: DaytonaConfig::default(),
             environment: None,
+            stall_timeout: None,
             sources: Vec::new(),
         }
     }
@@ -413,6 +426,7 @@ fn from_file(file: FileConfig, sources: Vec<PathBuf>) -> Result<Settings, Config
         sync: file.sync,
         daytona: file.daytona,
         environment: file.environment,
+        stall_timeout: dur(file.run.stall_timeout, "config run.stall_timeout")?,
         sources,
     };
     if let Some(p) = non_empty_env("CRABBOX_PROVIDER") {

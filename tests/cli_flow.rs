@@ -802,3 +802,63 @@ async fn settings_for_a_reused_lease_apply_to_it_and_are_said() {
     assert_eq!(again["id"], id.as_str());
     assert_eq!(again["labels"]["tier"], "2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_command_is_stopped_and_output_keeps_it_alive() {
+    let d = Daemon::start().await;
+    let r = repo();
+    d.run(r.path(), &["warmup"]).await.expect(0);
+    // Quiet for longer than the stall timeout: stopped, exit 124, said why.
+    let out = d
+        .run(
+            r.path(),
+            &[
+                "run",
+                "--stall-timeout",
+                "1s",
+                "--",
+                "sh",
+                "-c",
+                "echo start; sleep 30",
+            ],
+        )
+        .await
+        .expect(124);
+    assert_eq!(out.stdout(), "start\n");
+    assert!(
+        out.stderr().contains("printed nothing for 1s") && out.stderr().contains("--stall-timeout"),
+        "{}",
+        out.stderr()
+    );
+    // Output resets it: longer than the timeout in all, never quiet that long.
+    let doc = d
+        .run(
+            r.path(),
+            &[
+                "run",
+                "--json",
+                "--stall-timeout",
+                "1s",
+                "--",
+                "sh",
+                "-c",
+                "for i in 1 2 3 4; do echo $i; sleep 0.5; done",
+            ],
+        )
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(doc["stdout"], "1\n2\n3\n4\n");
+    assert_eq!(doc["stalled"], false);
+    // From config, too.
+    let cfg = d.dir.path().join("stall.yaml");
+    std::fs::write(&cfg, "run: { stall_timeout: 1s }\n").expect("write");
+    let out = d
+        .cli(r.path())
+        .env("CRABBOX_CONFIG", &cfg)
+        .args(["run", "--", "sleep", "30"])
+        .output()
+        .await
+        .expect("ran");
+    assert_eq!(out.status.code(), Some(124));
+}

@@ -880,3 +880,38 @@ async fn a_refused_api_key_is_an_auth_error_everywhere() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_command_is_stopped_on_daytona_too() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    w.cb(r.path(), &["warmup"]).await.expect(0);
+    let out = w
+        .cb(
+            r.path(),
+            &[
+                "run",
+                "--no-sync",
+                "--stall-timeout",
+                "1s",
+                "--",
+                "sh",
+                "-c",
+                "echo a; sleep 30",
+            ],
+        )
+        .await
+        .expect(124);
+    assert_eq!(out.stdout(), "a\n");
+    assert!(
+        out.stderr().contains("printed nothing for 1s"),
+        "{}",
+        out.stderr()
+    );
+    // The lease is usable at once: the stalled command is gone.
+    let out = w
+        .cb(r.path(), &["run", "--no-sync", "--", "echo", "next"])
+        .await
+        .expect(0);
+    assert_eq!(out.stdout(), "next\n");
+}

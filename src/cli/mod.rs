@@ -222,6 +222,10 @@ pub struct RunArgs {
     /// Stop the command after this long (exit 124).
     #[arg(long, value_parser = crate::config::parse_duration)]
     pub timeout: Option<std::time::Duration>,
+    /// Stop the command when it prints nothing for this long (exit 124); output resets it
+    /// [default: config run.stall_timeout, else off].
+    #[arg(long, value_parser = crate::config::parse_duration)]
+    pub stall_timeout: Option<std::time::Duration>,
     /// Use a lease claimed by another repo, taking its claim.
     #[arg(long)]
     pub reclaim: bool,

@@ -330,7 +330,9 @@ impl Run {
             timeout: (self.req.timeout_secs > 0)
                 .then(|| Duration::from_secs(self.req.timeout_secs)),
         };
-        let exit = self.exec(&handle, Execution::start(&target, spec)).await?;
+        let exec_started = std::time::Instant::now();
+        let (exit, stalled) = self.exec(&handle, Execution::start(&target, spec)).await?;
+        let elapsed_ms = exec_started.elapsed().as_millis() as u64;
         if exit.cancelled && self.api.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown(
                 "crabboxd was stopped while the command ran, and stopped the command (its \
@@ -356,6 +358,8 @@ impl Run {
             code: exit.code,
             signal: exit.signal.unwrap_or_default(),
             timed_out: exit.timed_out,
+            stalled,
+            elapsed_ms,
         })
     }
 
@@ -393,9 +397,20 @@ impl Run {
 
     /// Streams the command's output to the client and keeps the lease touched until the
     /// command ends; a client that leaves cancels it.
-    async fn exec(&self, h: &LeaseHandle, mut execution: Execution) -> Result<ExecExit, Error> {
+    /// With a stall timeout, a command that prints nothing for that long is stopped (its
+    /// whole process group); the answer says it stalled.
+    async fn exec(
+        &self,
+        h: &LeaseHandle,
+        mut execution: Execution,
+    ) -> Result<(ExecExit, bool), Error> {
         let mut keepalive = tokio::time::interval(KEEPALIVE_EVERY);
-        let mut client_gone = false;
+        let stall = (self.req.stall_timeout_secs > 0)
+            .then(|| Duration::from_secs(self.req.stall_timeout_secs));
+        let far = Duration::from_secs(100 * 365 * 24 * 3600);
+        let watchdog = tokio::time::sleep(stall.unwrap_or(far));
+        tokio::pin!(watchdog);
+        let (mut client_gone, mut stalled) = (false, false);
         loop {
             tokio::select! {
                 out = execution.output.recv() => {
@@ -404,15 +419,31 @@ impl Run {
                         Some(ExecOutput::Stderr(b)) => RunEv::Stderr(b),
                         None => break,
                     };
+                    // Output resets the watchdog.
+                    if let Some(d) = stall {
+                        watchdog.as_mut().reset(tokio::time::Instant::now() + d);
+                    }
                     if self.emit(event).await.is_err() && !client_gone {
                         client_gone = true;
                         execution.cancel();
                     }
                 }
                 _ = keepalive.tick() => h.tell(LeaseMsg::KeepAlive),
+                () = &mut watchdog, if !stalled => {
+                    stalled = true;
+                    tracing::info!(lease = %h.record().id, "stall timeout: stopping the command");
+                    execution.cancel();
+                }
             }
         }
-        execution.wait().await
+        let mut exit = execution.wait().await?;
+        if stalled {
+            exit.code = crate::sandbox::process::TIMEOUT_EXIT_CODE;
+            exit.timed_out = true;
+            exit.cancelled = false;
+            exit.signal = None;
+        }
+        Ok((exit, stalled))
     }
 
     /// Ends the lease this run created, if it did: kept, or released (waiting, when

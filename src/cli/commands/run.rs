@@ -85,6 +85,10 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
         }),
         sync_only: args.sync_only,
         timeout_secs: args.timeout.map_or(0, |d| d.as_secs().max(1)),
+        stall_timeout_secs: args
+            .stall_timeout
+            .or(ctx.settings.stall_timeout)
+            .map_or(0, |d| d.as_secs().max(1)),
         keep: args.keep,
         keep_on_failure: args.keep_on_failure,
         reclaim: args.reclaim,
@@ -163,7 +167,17 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
                 }
             }
             Some(Event::Exit(x)) => {
-                if x.timed_out {
+                if x.stalled {
+                    ctx.progress(format!(
+                        "the command printed nothing for {} and was stopped (--stall-timeout, \
+                         or run.stall_timeout in crabbox.yaml: raise it for quiet commands)",
+                        crate::clock::human_secs(
+                            args.stall_timeout
+                                .or(ctx.settings.stall_timeout)
+                                .map_or(0, |d| d.as_secs())
+                        )
+                    ));
+                } else if x.timed_out {
                     ctx.progress("the command timed out and was stopped");
                 } else if !x.signal.is_empty() {
                     ctx.progress(format!("the command was killed by {}", x.signal));
@@ -174,6 +188,7 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
                         "exit_code": x.code,
                         "signal": if x.signal.is_empty() { None } else { Some(&x.signal) },
                         "timed_out": x.timed_out,
+                        "stalled": x.stalled,
                         "stdout": String::from_utf8_lossy(&cap_out),
                         "stderr": String::from_utf8_lossy(&cap_err),
                         "sync": sync_seen.as_ref().map(|s| json!({
