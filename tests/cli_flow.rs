@@ -862,3 +862,80 @@ async fn a_stalled_command_is_stopped_and_output_keeps_it_alive() {
         .expect("ran");
     assert_eq!(out.status.code(), Some(124));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_output_ndjson_is_a_live_lossless_event_stream() {
+    use tokio::io::AsyncBufReadExt;
+    let d = Daemon::start().await;
+    let r = repo();
+    d.run(r.path(), &["warmup"]).await.expect(0);
+    let mut child = d
+        .cli(r.path())
+        .args([
+            "run",
+            "--output",
+            "ndjson",
+            "--",
+            "sh",
+            "-c",
+            "echo out; printf '\\377' >&2; sleep 1; exit 3",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut events: Vec<(serde_json::Value, std::time::Instant)> = Vec::new();
+    while let Some(line) = lines.next_line().await.expect("line") {
+        let v: serde_json::Value = serde_json::from_str(&line).expect("each line is JSON");
+        events.push((v, std::time::Instant::now()));
+    }
+    assert_eq!(child.wait().await.expect("exit").code(), Some(3));
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|(v, _)| v["event"].as_str().expect("event"))
+        .collect();
+    let pos = |k: &str| {
+        kinds
+            .iter()
+            .position(|x| *x == k)
+            .unwrap_or_else(|| panic!("{k} in {kinds:?}"))
+    };
+    assert!(
+        pos("lease") < pos("sync") && pos("sync") < pos("started"),
+        "{kinds:?}"
+    );
+    assert!(
+        pos("started") < pos("stdout") && pos("stdout") < pos("exit"),
+        "{kinds:?}"
+    );
+    assert_eq!(*kinds.last().expect("last"), "exit");
+    let (out, at_out) = &events[pos("stdout")];
+    assert_eq!(out["text"], "out\n");
+    let (err, _) = &events[pos("stderr")];
+    assert_eq!(
+        err["base64"], "/w==",
+        "bytes that are not UTF-8 arrive exactly"
+    );
+    let (exit, at_exit) = &events[pos("exit")];
+    assert_eq!(exit["exit_code"], 3);
+    assert!(exit["command_ms"].as_u64().expect("ms") >= 1000);
+    assert!(
+        at_exit.duration_since(*at_out) >= std::time::Duration::from_millis(700),
+        "the output line came while the command ran, not at its end"
+    );
+    // A failure ends the stream with an error event.
+    let out = d
+        .run(
+            r.path(),
+            &["run", "--output", "ndjson", "--id", "nope", "--", "true"],
+        )
+        .await;
+    assert_eq!(out.code(), 4);
+    let last: serde_json::Value =
+        serde_json::from_str(out.stdout().lines().last().expect("a line")).expect("json");
+    assert_eq!(
+        (last["event"].as_str(), last["exit_code"].as_i64()),
+        (Some("error"), Some(4))
+    );
+}

@@ -222,6 +222,10 @@ pub struct RunArgs {
     /// Stop the command after this long (exit 124).
     #[arg(long, value_parser = crate::config::parse_duration)]
     pub timeout: Option<std::time::Duration>,
+    /// `ndjson`: one JSON object per line on stdout as things happen (lease, phase, sync,
+    /// started, stdout, stderr, exit or error); `json`: one document at the end (as --json).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub output: Option<RunOutput>,
     /// Stop the command when it prints nothing for this long (exit 124); output resets it
     /// [default: config run.stall_timeout, else off].
     #[arg(long, value_parser = crate::config::parse_duration)]
@@ -242,6 +246,17 @@ pub struct RunArgs {
     /// The command, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+/// How `run` reports on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunOutput {
+    /// The command's own output (the default).
+    Text,
+    /// One JSON document at the end (as --json).
+    Json,
+    /// A live stream of JSON events, one per line.
+    Ndjson,
 }
 
 #[derive(Debug, Subcommand)]

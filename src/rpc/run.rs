@@ -330,6 +330,11 @@ impl Run {
             timeout: (self.req.timeout_secs > 0)
                 .then(|| Duration::from_secs(self.req.timeout_secs)),
         };
+        let _ = self
+            .emit(RunEv::Started(pb::Started {
+                workdir: spec.cwd.clone(),
+            }))
+            .await;
         let exec_started = std::time::Instant::now();
         let (exit, stalled) = self.exec(&handle, Execution::start(&target, spec)).await?;
         let elapsed_ms = exec_started.elapsed().as_millis() as u64;

@@ -9,7 +9,7 @@ use tokio_stream::StreamExt;
 
 use super::{Ctx, warmup_request};
 use crate::cli::output::{lease_json, print_json, state_name};
-use crate::cli::{CliError, RunArgs, exit};
+use crate::cli::{CliError, RunArgs, RunOutput, exit};
 use crate::pb;
 
 pub(super) fn env_pairs(names: &[String]) -> Result<HashMap<String, String>, CliError> {
@@ -95,6 +95,41 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
         fresh: Some(fresh),
         workdir,
     };
+    let ndjson = args.output == Some(RunOutput::Ndjson);
+    let result = stream_run(ctx, &args, req, ndjson).await;
+    if ndjson && let Err(e) = &result {
+        // The stream's last line says how it ended, whatever ended it.
+        event(&json!({"event": "error", "exit_code": e.code, "message": e.message}));
+    }
+    result
+}
+
+/// One NDJSON line on stdout, flushed: a consumer sees each event as it happens.
+fn event(v: &serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+/// Output bytes as an event: `text` when they are UTF-8, else `base64` (never lossy).
+fn chunk(kind: &str, bytes: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => json!({"event": kind, "text": text}),
+        Err(_) => {
+            use base64::Engine;
+            json!({"event": kind, "base64": base64::engine::general_purpose::STANDARD.encode(bytes)})
+        }
+    }
+}
+
+async fn stream_run(
+    ctx: &Ctx,
+    args: &RunArgs,
+    req: pb::RunRequest,
+    ndjson: bool,
+) -> Result<i32, CliError> {
+    let json = ctx.json || args.output == Some(RunOutput::Json);
+    let begun = std::time::Instant::now();
     let mut c = ctx.clients().await?;
     let mut stream = c.leases.run(req).await?.into_inner();
     let mut out = std::io::stdout();
@@ -112,6 +147,9 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
                 // command and releases a fresh, not-kept lease.
                 drop(stream);
                 ctx.progress("interrupted: the command is cancelled");
+                if ndjson {
+                    event(&json!({"event": "interrupted", "exit_code": exit::INTERRUPTED}));
+                }
                 return Ok(exit::INTERRUPTED);
             }
         };
@@ -136,9 +174,21 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
         match ev.event {
             Some(Event::Lease(l)) => {
                 ctx.progress(format!("lease {} ({}, {})", l.slug, l.id, state_name(&l)));
+                if ndjson {
+                    event(&json!({"event": "lease", "lease": lease_json(&l)}));
+                }
                 lease_seen = Some(l);
             }
-            Some(Event::Phase(p)) => ctx.progress(p),
+            Some(Event::Phase(p)) => {
+                if ndjson {
+                    event(&json!({"event": "phase", "message": p}));
+                }
+                ctx.progress(p)
+            }
+            Some(Event::Started(st)) if ndjson => {
+                event(&json!({"event": "started", "workdir": st.workdir}));
+            }
+            Some(Event::Started(_)) => {}
             Some(Event::Sync(s)) => {
                 ctx.progress(format!(
                     "synced {} files: {} sent ({}), {} deleted, in {} ms",
@@ -148,10 +198,23 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
                     s.files_deleted,
                     s.millis
                 ));
+                if ndjson {
+                    event(&json!({
+                        "event": "sync",
+                        "files_total": s.files_total,
+                        "files_uploaded": s.files_uploaded,
+                        "files_deleted": s.files_deleted,
+                        "bytes_uploaded": s.bytes_uploaded,
+                        "millis": s.millis,
+                        "warnings": s.warnings,
+                    }));
+                }
                 sync_seen = Some(s);
             }
             Some(Event::Stdout(b)) => {
-                if ctx.json {
+                if ndjson {
+                    event(&chunk("stdout", &b));
+                } else if json {
                     cap_out.extend(b);
                 } else {
                     let _ = out.write_all(&b);
@@ -159,7 +222,9 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
                 }
             }
             Some(Event::Stderr(b)) => {
-                if ctx.json {
+                if ndjson {
+                    event(&chunk("stderr", &b));
+                } else if json {
                     cap_err.extend(b);
                 } else {
                     let _ = err.write_all(&b);
@@ -182,7 +247,17 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
                 } else if !x.signal.is_empty() {
                     ctx.progress(format!("the command was killed by {}", x.signal));
                 }
-                if ctx.json {
+                if ndjson {
+                    event(&json!({
+                        "event": "exit",
+                        "exit_code": x.code,
+                        "signal": if x.signal.is_empty() { None } else { Some(&x.signal) },
+                        "timed_out": x.timed_out,
+                        "stalled": x.stalled,
+                        "command_ms": x.elapsed_ms,
+                        "total_ms": begun.elapsed().as_millis() as u64,
+                    }));
+                } else if json {
                     print_json(&json!({
                         "lease": lease_seen.as_ref().map(lease_json),
                         "exit_code": x.code,
