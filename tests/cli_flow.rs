@@ -939,3 +939,87 @@ async fn run_output_ndjson_is_a_live_lossless_event_stream() {
         (Some("error"), Some(4))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_is_forwarded_byte_exact_with_eof_unless_n() {
+    use tokio::io::AsyncWriteExt;
+    let d = Daemon::start().await;
+    let r = repo();
+    d.run(r.path(), &["warmup"]).await.expect(0);
+    let piped = |args: &[&str]| {
+        let mut c = d.cli(r.path());
+        c.args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    // A line, then EOF: `cat` ends, `read` gets it.
+    let mut child = piped(&["run", "--", "sh", "-c", "read x; echo got:$x; cat"])
+        .spawn()
+        .expect("run");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"hello\nrest\n").await.expect("write");
+    drop(stdin);
+    let out = child.wait_with_output().await.expect("out");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "got:hello\nrest\n");
+
+    // 100 MiB of every byte value, streamed (written while it is read) through sha256sum:
+    // the same digest as here.
+    let data: Vec<u8> = (0..100u32 * 1024 * 1024)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let here = {
+        let mut c = std::process::Command::new("sha256sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sha256sum");
+        let mut i = c.stdin.take().expect("stdin");
+        let d2 = data.clone();
+        let w = std::thread::spawn(move || std::io::Write::write_all(&mut i, &d2));
+        let o = c.wait_with_output().expect("out");
+        w.join().expect("join").expect("write");
+        String::from_utf8_lossy(&o.stdout)
+            .split(' ')
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut child = piped(&["run", "--no-sync", "--", "sha256sum"])
+        .spawn()
+        .expect("run");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = tokio::spawn(async move {
+        stdin.write_all(&data).await.expect("write");
+    });
+    let out = child.wait_with_output().await.expect("out");
+    writer.await.expect("writer");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let there = String::from_utf8_lossy(&out.stdout)
+        .split(' ')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(there, here, "100 MiB arrived intact");
+
+    // -n: the command reads an empty stdin, whatever is piped.
+    let mut child = piped(&["run", "-n", "--no-sync", "--", "sh", "-c", "cat; echo end"])
+        .spawn()
+        .expect("run");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"ignored\n").await.expect("write");
+    let out = child.wait_with_output().await.expect("out");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "end\n");
+}

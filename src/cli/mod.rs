@@ -222,6 +222,10 @@ pub struct RunArgs {
     /// Stop the command after this long (exit 124).
     #[arg(long, value_parser = crate::config::parse_duration)]
     pub timeout: Option<std::time::Duration>,
+    /// Do not send stdin to the command (it reads an empty stdin). By default a piped or
+    /// redirected stdin is sent, as ssh does; a terminal is not (until `-t` exists).
+    #[arg(short = 'n', long)]
+    pub no_stdin: bool,
     /// `ndjson`: one JSON object per line on stdout as things happen (lease, phase, sync,
     /// started, stdout, stderr, exit or error); `json`: one document at the end (as --json).
     #[arg(long, value_enum, value_name = "FORMAT")]

@@ -218,35 +218,22 @@ impl Provider for LocalProvider {
         out: mpsc::Sender<ExecOutput>,
         cancel: CancellationToken,
     ) -> Result<ExecExit, ProviderError> {
-        let meta = self.meta(sandbox)?;
-        if meta.state != EngineState::Started {
-            return Err(ProviderError::new(
-                ProviderErrorKind::Provisioning,
-                format!("sandbox {sandbox} is not started"),
-            ));
-        }
-        let cwd = self.inside(sandbox, &spec.cwd)?;
-        std::fs::create_dir_all(&cwd).map_err(|e| {
-            ProviderError::new(
-                ProviderErrorKind::Other,
-                format!("creating {}: {e}", cwd.display()),
-            )
-        })?;
-        let process = sandbox::ProcessSpec {
-            command: spec.command.clone(),
-            cwd,
-            env: spec.env.clone(),
-            timeout: spec.timeout,
-            jail: None,
-        };
-        sandbox::process::run(&process, out, cancel)
-            .await
-            .map_err(|e| {
-                ProviderError::new(
-                    ProviderErrorKind::Other,
-                    format!("starting the command in sandbox {sandbox}: {e}"),
-                )
-            })
+        self.run_in(sandbox, spec, None, out, cancel).await
+    }
+
+    fn forwards_stdin(&self) -> bool {
+        true
+    }
+
+    async fn exec_with_input(
+        &self,
+        sandbox: &str,
+        spec: &ExecSpec,
+        input: mpsc::Receiver<Vec<u8>>,
+        out: mpsc::Sender<ExecOutput>,
+        cancel: CancellationToken,
+    ) -> Result<ExecExit, ProviderError> {
+        self.run_in(sandbox, spec, Some(input), out, cancel).await
     }
 
     async fn ssh_access(
@@ -268,5 +255,47 @@ impl Provider for LocalProvider {
         let engine = self.engine.clone();
         let sandbox = sandbox.to_string();
         blocking(move || engine.delete(&sandbox).map_err(engine_err)).await
+    }
+}
+
+impl LocalProvider {
+    /// Runs a command in the sandbox's folder, its stdin fed from `input` when given.
+    async fn run_in(
+        &self,
+        sandbox: &str,
+        spec: &ExecSpec,
+        input: Option<mpsc::Receiver<Vec<u8>>>,
+        out: mpsc::Sender<ExecOutput>,
+        cancel: CancellationToken,
+    ) -> Result<ExecExit, ProviderError> {
+        let meta = self.meta(sandbox)?;
+        if meta.state != EngineState::Started {
+            return Err(ProviderError::new(
+                ProviderErrorKind::Provisioning,
+                format!("sandbox {sandbox} is not started"),
+            ));
+        }
+        let cwd = self.inside(sandbox, &spec.cwd)?;
+        std::fs::create_dir_all(&cwd).map_err(|e| {
+            ProviderError::new(
+                ProviderErrorKind::Other,
+                format!("creating {}: {e}", cwd.display()),
+            )
+        })?;
+        let process = sandbox::ProcessSpec {
+            command: spec.command.clone(),
+            cwd,
+            env: spec.env.clone(),
+            timeout: spec.timeout,
+            jail: None,
+        };
+        sandbox::process::run_with_input(&process, input, out, cancel)
+            .await
+            .map_err(|e| {
+                ProviderError::new(
+                    ProviderErrorKind::Other,
+                    format!("starting the command in sandbox {sandbox}: {e}"),
+                )
+            })
     }
 }

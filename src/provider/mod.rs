@@ -151,6 +151,27 @@ pub trait Provider: Send + Sync + 'static {
         cancel: CancellationToken,
     ) -> Result<ExecExit, ProviderError>;
 
+    /// Does [`Provider::exec_with_input`] forward stdin? Without it a run's stdin is not
+    /// sent, and the run says so.
+    fn forwards_stdin(&self) -> bool {
+        false
+    }
+
+    /// [`Provider::exec`], with what arrives on `input` written to the command's stdin
+    /// (EOF when the sender is dropped). Providers that cannot answer `forwards_stdin() ==
+    /// false`; this default runs the command with an empty stdin.
+    async fn exec_with_input(
+        &self,
+        sandbox: &str,
+        spec: &ExecSpec,
+        input: mpsc::Receiver<Vec<u8>>,
+        out: mpsc::Sender<ExecOutput>,
+        cancel: CancellationToken,
+    ) -> Result<ExecExit, ProviderError> {
+        drop(input);
+        self.exec(sandbox, spec, out, cancel).await
+    }
+
     /// Mints SSH access for `minutes`.
     async fn ssh_access(&self, sandbox: &str, minutes: u32)
     -> Result<SshAccessInfo, ProviderError>;

@@ -315,7 +315,47 @@ impl LeaseService for LeaseSvc {
         let (tx, rx) = mpsc::channel(64);
         // The run lives in its own task: this handler's future is dropped when the client
         // leaves, and the run must then cancel its command and clean up.
-        tokio::spawn(run::run(self.0.clone(), req.into_inner(), tx));
+        tokio::spawn(run::run(self.0.clone(), req.into_inner(), tx, None));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type RunWithInputStream = EventStream<pb::RunEvent>;
+
+    async fn run_with_input(
+        &self,
+        req: Request<tonic::Streaming<pb::RunInput>>,
+    ) -> Result<Response<Self::RunWithInputStream>, Status> {
+        use pb::run_input::Input;
+        let mut inbound = req.into_inner();
+        let start = match inbound.message().await? {
+            Some(pb::RunInput {
+                input: Some(Input::Start(start)),
+            }) => start,
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "RunWithInput: the first message must be `start` (a RunRequest)".into(),
+                )
+                .into());
+            }
+        };
+        // A few chunks in flight, no more: when the command does not read, this stops
+        // reading the client's stream, and HTTP/2 flow control holds the client back.
+        let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(8);
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = inbound.message().await {
+                match msg.input {
+                    Some(Input::Stdin(bytes)) => {
+                        if stdin_tx.send(bytes).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Input::Start(_)) | None => {}
+                }
+            }
+            // The client's stream ended: the command's stdin is closed (EOF).
+        });
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(run::run(self.0.clone(), start, tx, Some(stdin_rx)));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

@@ -42,14 +42,21 @@ const RELEASE_WAIT: Duration = Duration::from_secs(60);
 /// The client left the stream.
 struct Gone;
 
-/// Runs `req` and streams its events to `tx`; never panics on bad input.
-pub async fn run(api: Arc<Api>, req: pb::RunRequest, tx: EventTx) {
+/// Runs `req` and streams its events to `tx`, feeding the command's stdin from `stdin` when
+/// given; never panics on bad input.
+pub async fn run(
+    api: Arc<Api>,
+    req: pb::RunRequest,
+    tx: EventTx,
+    stdin: Option<mpsc::Receiver<Vec<u8>>>,
+) {
     let mut run = Run {
         api,
         tx: tx.clone(),
         req,
         lease: None,
         fresh: false,
+        stdin,
     };
     let outcome = tokio::select! {
         r = run.go() => Some(r),
@@ -92,6 +99,8 @@ struct Run {
     lease: Option<LeaseHandle>,
     /// The lease was created for this run.
     fresh: bool,
+    /// The command's stdin, from the client (RunWithInput).
+    stdin: Option<mpsc::Receiver<Vec<u8>>>,
 }
 
 /// Sends `Finish` to the lease when a phase ends, however it ends (error, client gone).
@@ -336,7 +345,19 @@ impl Run {
             }))
             .await;
         let exec_started = std::time::Instant::now();
-        let (exit, stalled) = self.exec(&handle, Execution::start(&target, spec)).await?;
+        let mut stdin = self.stdin.take();
+        if stdin.is_some() && !target.provider.forwards_stdin() {
+            self.phase(format!(
+                "note: stdin is not forwarded to {} sandboxes yet: the command reads an empty \
+                 stdin (pass -n to say you mean that)",
+                target.provider.name()
+            ))
+            .await;
+            stdin = None;
+        }
+        let (exit, stalled) = self
+            .exec(&handle, Execution::start(&target, spec, stdin))
+            .await?;
         let elapsed_ms = exec_started.elapsed().as_millis() as u64;
         if exit.cancelled && self.api.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown(

@@ -104,6 +104,58 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
     result
 }
 
+/// Is stdin something to send: a pipe, a socket or a file (not a terminal, not /dev/null)?
+fn stdin_has_input() -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let stdin = std::io::stdin();
+    if std::io::IsTerminal::is_terminal(&stdin) {
+        return false;
+    }
+    // /proc/self/fd/0 names what fd 0 is without reading from it.
+    match std::fs::metadata("/proc/self/fd/0") {
+        Ok(m) => {
+            let t = m.file_type();
+            t.is_fifo() || t.is_socket() || t.is_file()
+        }
+        Err(_) => false,
+    }
+}
+
+/// The RunWithInput request stream: the start, then stdin in chunks as it is read (a
+/// thread reads it, blocking when the daemon is not taking it: backpressure, not memory),
+/// then the end of the stream for EOF.
+fn stdin_stream(start: pb::RunRequest) -> tokio_stream::wrappers::ReceiverStream<pb::RunInput> {
+    use pb::run_input::Input;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let first = pb::RunInput {
+            input: Some(Input::Start(start)),
+        };
+        if tx.blocking_send(first).is_err() {
+            return;
+        }
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    let chunk = pb::RunInput {
+                        input: Some(Input::Stdin(buf[..n].to_vec())),
+                    };
+                    if tx.blocking_send(chunk).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 /// One NDJSON line on stdout, flushed: a consumer sees each event as it happens.
 fn event(v: &serde_json::Value) {
     let mut out = std::io::stdout().lock();
@@ -131,7 +183,14 @@ async fn stream_run(
     let json = ctx.json || args.output == Some(RunOutput::Json);
     let begun = std::time::Instant::now();
     let mut c = ctx.clients().await?;
-    let mut stream = c.leases.run(req).await?.into_inner();
+    let mut stream = if !args.no_stdin && stdin_has_input() {
+        c.leases
+            .run_with_input(stdin_stream(req))
+            .await?
+            .into_inner()
+    } else {
+        c.leases.run(req).await?.into_inner()
+    };
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();
     let (mut cap_out, mut cap_err) = (Vec::new(), Vec::new());

@@ -19,15 +19,28 @@ pub struct Execution {
 }
 
 impl Execution {
-    /// Starts `spec` on the target's sandbox. It stops when the lease is released too.
-    pub fn start(target: &RunTarget, spec: ExecSpec) -> Execution {
+    /// Starts `spec` on the target's sandbox, its stdin fed from `stdin` when given. It
+    /// stops when the lease is released too.
+    pub fn start(
+        target: &RunTarget,
+        spec: ExecSpec,
+        stdin: Option<mpsc::Receiver<Vec<u8>>>,
+    ) -> Execution {
         let (out_tx, output) = mpsc::channel(64);
         let cancel = target.cancel.child_token();
         let provider = target.provider.clone();
         let sandbox = target.sandbox.clone();
         let task_cancel = cancel.clone();
-        let task =
-            tokio::spawn(async move { provider.exec(&sandbox, &spec, out_tx, task_cancel).await });
+        let task = tokio::spawn(async move {
+            match stdin {
+                Some(input) => {
+                    provider
+                        .exec_with_input(&sandbox, &spec, input, out_tx, task_cancel)
+                        .await
+                }
+                None => provider.exec(&sandbox, &spec, out_tx, task_cancel).await,
+            }
+        });
         Execution {
             output,
             _cancel_on_drop: cancel.clone().drop_guard(),

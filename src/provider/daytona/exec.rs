@@ -73,7 +73,10 @@ impl DaytonaProvider {
         for (k, v) in &spec.env {
             script.push_str(&format!("export {k}={}; ", quote(v)));
         }
-        script.push_str(&spec.command);
+        // A session keeps its commands' stdin open (for its input endpoint): without this a
+        // command that reads stdin would wait forever. It reads an empty stdin instead, as
+        // with `ssh host cmd < /dev/null`.
+        script.push_str(&format!("{{ {}\n}} < /dev/null", spec.command));
         let exec_url = format!("{base}/process/session/{session}/exec");
         let body = json!({ "command": script, "runAsync": true, "async": true });
         let mut cmd = None;
