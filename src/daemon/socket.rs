@@ -1,7 +1,7 @@
 //! The daemon's Unix socket: its folder 0700 (when the daemon creates it), the socket 0600,
 //! and a lock beside it so that only one daemon serves a socket.
 
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tokio::net::UnixListener;
@@ -118,11 +118,13 @@ pub fn bind_unix(path: &Path) -> Result<BoundSocket, DaemonError> {
         std::fs::remove_file(path)
             .map_err(|e| setup(&format!("removing stale {}", path.display()), e))?;
     }
-    // Created 0600 from the start (not chmod-ed after, which another user could race).
-    let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let bound = UnixListener::bind(path);
-    nix::sys::stat::umask(old_umask);
-    let listener = bound.map_err(|e| setup(&format!("binding {}", path.display()), e))?;
+    // The folder is ours and private (checked above), so no one else can reach the socket
+    // between the bind and the chmod. (Not a umask around bind: the umask is the whole
+    // process's, and would race with anything else creating files at that moment.)
+    let listener =
+        UnixListener::bind(path).map_err(|e| setup(&format!("binding {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| setup(&format!("securing {}", path.display()), e))?;
     // What is at the path now must be the socket just bound, ours and private.
     let meta = std::fs::symlink_metadata(path)
         .map_err(|e| setup(&format!("checking {}", path.display()), e))?;
