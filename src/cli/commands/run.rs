@@ -163,6 +163,26 @@ fn event(v: &serde_json::Value) {
     let _ = out.flush();
 }
 
+/// The command's output as the chosen format wants it: an NDJSON event, kept for the
+/// `--json` document, or written through as it comes.
+fn deliver(
+    ndjson: bool,
+    json: bool,
+    kind: &str,
+    bytes: Vec<u8>,
+    captured: &mut Vec<u8>,
+    through: &mut dyn Write,
+) {
+    if ndjson {
+        event(&chunk(kind, &bytes));
+    } else if json {
+        captured.extend(bytes);
+    } else {
+        let _ = through.write_all(&bytes);
+        let _ = through.flush();
+    }
+}
+
 /// Output bytes as an event: `text` when they are UTF-8, else `base64` (never lossy).
 fn chunk(kind: &str, bytes: &[u8]) -> serde_json::Value {
     match std::str::from_utf8(bytes) {
@@ -270,26 +290,8 @@ async fn stream_run(
                 }
                 sync_seen = Some(s);
             }
-            Some(Event::Stdout(b)) => {
-                if ndjson {
-                    event(&chunk("stdout", &b));
-                } else if json {
-                    cap_out.extend(b);
-                } else {
-                    let _ = out.write_all(&b);
-                    let _ = out.flush();
-                }
-            }
-            Some(Event::Stderr(b)) => {
-                if ndjson {
-                    event(&chunk("stderr", &b));
-                } else if json {
-                    cap_err.extend(b);
-                } else {
-                    let _ = err.write_all(&b);
-                    let _ = err.flush();
-                }
-            }
+            Some(Event::Stdout(b)) => deliver(ndjson, json, "stdout", b, &mut cap_out, &mut out),
+            Some(Event::Stderr(b)) => deliver(ndjson, json, "stderr", b, &mut cap_err, &mut err),
             Some(Event::Exit(x)) => {
                 if x.stalled {
                     ctx.progress(format!(
