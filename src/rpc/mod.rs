@@ -19,8 +19,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::clock::now_ms;
 use crate::error::{Error, echo};
-use crate::lease::state::Amendment;
+use crate::lease::state::{Amendment, Event, step};
 use crate::lease::store::Store;
 use crate::lease::{LeaseHandle, LeaseMsg, LeaseRecord, LeaseState};
 use crate::pb::daemon_service_server::{DaemonService, DaemonServiceServer};
@@ -84,17 +85,24 @@ pub async fn amend(
         crate::registry::validate_label(k, v)?;
     }
     let before = lease.record();
-    let after = lease
-        .ask(|reply| LeaseMsg::Amend {
-            amendment: Amendment {
-                labels: spec.labels.clone(),
-                ttl_secs: spec.ttl_secs,
-                idle_timeout_secs: spec.idle_timeout_secs,
-                keep: spec.keep,
-            },
-            reply,
-        })
-        .await?;
+    let amendment = Amendment {
+        labels: spec.labels.clone(),
+        ttl_secs: spec.ttl_secs,
+        idle_timeout_secs: spec.idle_timeout_secs,
+        keep: spec.keep,
+    };
+    // Most runs ask for what the lease has already: the lifecycle's own (pure) decision
+    // says so without a trip through the actor's mailbox on every run.
+    let unchanged = step(&before, Event::Amend(amendment.clone()), now_ms())?
+        .effects
+        .is_empty();
+    let after = if unchanged {
+        before.clone()
+    } else {
+        lease
+            .ask(|reply| LeaseMsg::Amend { amendment, reply })
+            .await?
+    };
     let mut notes = Vec::new();
     let secs = crate::clock::human_secs;
     if after.idle_timeout_secs != before.idle_timeout_secs {
