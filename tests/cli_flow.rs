@@ -70,22 +70,23 @@ async fn warmup_run_list_stop() {
 
     // --env forwards a variable by name, or sets one.
     let out = d
-        .cli(r.path())
-        .env("CBX_FORWARDED", "from the laptop")
-        .args([
-            "run",
-            "--env",
-            "CBX_FORWARDED",
-            "--env",
-            "CBX_SET=x y",
-            "--",
-            "sh",
-            "-c",
-            "echo \"$CBX_FORWARDED|$CBX_SET\"",
-        ])
-        .output()
+        .run_env(
+            r.path(),
+            &[("CBX_FORWARDED", "from the laptop".as_ref())],
+            &[
+                "run",
+                "--env",
+                "CBX_FORWARDED",
+                "--env",
+                "CBX_SET=x y",
+                "--",
+                "sh",
+                "-c",
+                "echo \"$CBX_FORWARDED|$CBX_SET\"",
+            ],
+        )
         .await
-        .expect("ran");
+        .0;
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "from the laptop|x y\n"
@@ -375,12 +376,9 @@ async fn bad_input_gets_clear_errors_and_exit_codes() {
     let cfg = r.path().join("bad.yaml");
     std::fs::write(&cfg, "provder: local\n").expect("write");
     let out = d
-        .cli(r.path())
-        .env("CRABBOX_CONFIG", &cfg)
-        .args(["warmup"])
-        .output()
+        .run_env(r.path(), &[("CRABBOX_CONFIG", cfg.as_ref())], &["warmup"])
         .await
-        .expect("ran");
+        .0;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad.yaml"));
 
@@ -405,12 +403,13 @@ async fn bad_input_gets_clear_errors_and_exit_codes() {
 
     // No daemon on the socket, autostart off: a clear error.
     let out = d
-        .cli(r.path())
-        .env("CRABBOX_SOCKET", r.path().join("none.sock"))
-        .args(["list"])
-        .output()
+        .run_env(
+            r.path(),
+            &[("CRABBOX_SOCKET", r.path().join("none.sock").as_ref())],
+            &["list"],
+        )
         .await
-        .expect("ran");
+        .0;
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("crabbox daemon start"));
 }
@@ -650,35 +649,38 @@ async fn a_broken_config_and_odd_environments_get_clear_answers() {
     )
     .expect("write");
     let out = d
-        .cli(r.path())
-        .env("CRABBOX_CONFIG", &env_cfg)
-        .args(["warmup"])
-        .output()
+        .run_env(
+            r.path(),
+            &[("CRABBOX_CONFIG", env_cfg.as_ref())],
+            &["warmup"],
+        )
         .await
-        .expect("ran");
+        .0;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("10.0.0.0/33"), "{err}");
     std::fs::write(&env_cfg, "environment:\n  network: { mode: block }\n").expect("write");
     let out = d
-        .cli(r.path())
-        .env("CRABBOX_CONFIG", &env_cfg)
-        .args(["warmup"])
-        .output()
+        .run_env(
+            r.path(),
+            &[("CRABBOX_CONFIG", env_cfg.as_ref())],
+            &["warmup"],
+        )
         .await
-        .expect("ran");
+        .0;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(err.contains("apply to the daytona provider"), "{err}");
 
     // --env NAME whose value is not UTF-8 says so.
     let out = d
-        .cli(r.path())
-        .env("ODD", std::ffi::OsStr::from_bytes(b"\xff\xfe"))
-        .args(["run", "--env", "ODD", "--", "true"])
-        .output()
+        .run_env(
+            r.path(),
+            &[("ODD", std::ffi::OsStr::from_bytes(b"\xff\xfe"))],
+            &["run", "--env", "ODD", "--", "true"],
+        )
         .await
-        .expect("ran");
+        .0;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("not UTF-8"), "{err}");
@@ -731,12 +733,13 @@ async fn runs_start_where_you_are_and_never_sync_too_much() {
     let home = tempfile::tempdir().expect("home");
     std::fs::write(home.path().join("notes.txt"), "n").expect("write");
     let out = d
-        .cli(home.path())
-        .env("HOME", home.path())
-        .args(["run", "--", "true"])
-        .output()
+        .run_env(
+            home.path(),
+            &[("HOME", home.path().as_ref())],
+            &["run", "--", "true"],
+        )
         .await
-        .expect("ran");
+        .0;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
@@ -744,12 +747,13 @@ async fn runs_start_where_you_are_and_never_sync_too_much() {
         "{err}"
     );
     let out = d
-        .cli(home.path())
-        .env("HOME", home.path())
-        .args(["run", "--sync-root", ".", "--", "cat", "notes.txt"])
-        .output()
+        .run_env(
+            home.path(),
+            &[("HOME", home.path().as_ref())],
+            &["run", "--sync-root", ".", "--", "cat", "notes.txt"],
+        )
         .await
-        .expect("ran");
+        .0;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "n");
 }
 
@@ -764,12 +768,13 @@ async fn settings_for_a_reused_lease_apply_to_it_and_are_said() {
         .json();
     let id = lease["id"].as_str().expect("id").to_string();
     let out = d
-        .cli(r.path())
-        .env("CRABBOX_IDLE_TIMEOUT", "7m")
-        .args(["run", "--keep", "--label", "env=dev", "--", "true"])
-        .output()
+        .run_env(
+            r.path(),
+            &[("CRABBOX_IDLE_TIMEOUT", "7m".as_ref())],
+            &["run", "--keep", "--label", "env=dev", "--", "true"],
+        )
         .await
-        .expect("ran");
+        .0;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(
@@ -786,12 +791,13 @@ async fn settings_for_a_reused_lease_apply_to_it_and_are_said() {
     assert_eq!(st["labels"]["idle_timeout_secs"], "420");
     // The same again: nothing changes, nothing is said.
     let out = d
-        .cli(r.path())
-        .env("CRABBOX_IDLE_TIMEOUT", "7m")
-        .args(["run", "--keep", "--label", "env=dev", "--", "true"])
-        .output()
+        .run_env(
+            r.path(),
+            &[("CRABBOX_IDLE_TIMEOUT", "7m".as_ref())],
+            &["run", "--keep", "--label", "env=dev", "--", "true"],
+        )
         .await
-        .expect("ran");
+        .0;
     assert!(!String::from_utf8_lossy(&out.stderr).contains("now has"));
     // warmup in the repo applies its settings to the claimed lease too.
     let again = d
@@ -854,12 +860,13 @@ async fn a_stalled_command_is_stopped_and_output_keeps_it_alive() {
     let cfg = d.dir.path().join("stall.yaml");
     std::fs::write(&cfg, "run: { stall_timeout: 1s }\n").expect("write");
     let out = d
-        .cli(r.path())
-        .env("CRABBOX_CONFIG", &cfg)
-        .args(["run", "--", "sleep", "30"])
-        .output()
+        .run_env(
+            r.path(),
+            &[("CRABBOX_CONFIG", cfg.as_ref())],
+            &["run", "--", "sleep", "30"],
+        )
         .await
-        .expect("ran");
+        .0;
     assert_eq!(out.status.code(), Some(124));
 }
 

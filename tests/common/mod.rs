@@ -2,6 +2,7 @@
 //! `crabbox` binary as a subprocess.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
@@ -114,7 +115,16 @@ impl Daemon {
 
     /// Runs `crabbox ARGS` in `cwd` and waits for it.
     pub async fn run(&self, cwd: &Path, args: &[&str]) -> Out {
-        let out = tokio::time::timeout(Duration::from_secs(120), self.cli(cwd).args(args).output())
+        self.run_env(cwd, &[], args).await
+    }
+
+    /// [`Daemon::run`] with these environment variables set too.
+    pub async fn run_env(&self, cwd: &Path, env: &[(&str, &OsStr)], args: &[&str]) -> Out {
+        let mut c = self.cli(cwd);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = tokio::time::timeout(Duration::from_secs(120), c.args(args).output())
             .await
             .expect("crabbox finished within 120s")
             .expect("crabbox ran");
