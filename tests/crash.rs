@@ -109,6 +109,26 @@ impl ProcDaemon {
         })
     }
 
+    /// Warms a lease for `r`, starts `crabbox run -- sleep 30` on it (stderr piped), and
+    /// waits until the command runs; answers the lease id and the CLI process.
+    async fn sleeping_run(&self, r: &Path) -> (String, tokio::process::Child) {
+        let lease = self.json(r, &["warmup", "--json"]).await;
+        let id = lease["id"].as_str().expect("id").to_string();
+        let run = self
+            .cli(r)
+            .args(["run", "--", "sleep", "30"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run");
+        eventually(20, "the command to start", || async {
+            let st = self.json(r, &["status", &id, "--json"]).await;
+            (st["state"] == "running").then_some(())
+        })
+        .await;
+        (id, run)
+    }
+
     fn sandboxes(&self) -> Vec<String> {
         std::fs::read_dir(self.state.join("sandboxes"))
             .map(|d| {
@@ -181,20 +201,7 @@ async fn a_fresh_run_killed_with_the_daemon_releases_its_lease_at_restart() {
 async fn a_warm_lease_survives_a_kill_during_its_run() {
     let mut d = ProcDaemon::start().await;
     let r = repo();
-    let lease = d.json(r.path(), &["warmup", "--json"]).await;
-    let id = lease["id"].as_str().expect("id").to_string();
-    let mut run = d
-        .cli(r.path())
-        .args(["run", "--", "sleep", "30"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run");
-    eventually(20, "the command to start", || async {
-        let st = d.json(r.path(), &["status", &id, "--json"]).await;
-        (st["state"] == "running").then_some(())
-    })
-    .await;
+    let (id, mut run) = d.sleeping_run(r.path()).await;
     d.kill9().await;
     let _ = tokio::time::timeout(Duration::from_secs(20), run.wait()).await;
     d.spawn().await;
@@ -326,20 +333,7 @@ async fn a_lost_or_damaged_store_is_set_aside_and_its_leases_come_back_from_labe
 async fn a_daemon_stopped_under_a_run_says_it_stopped_the_command() {
     let mut d = ProcDaemon::start().await;
     let r = repo();
-    let lease = d.json(r.path(), &["warmup", "--json"]).await;
-    let id = lease["id"].as_str().expect("id").to_string();
-    let run = d
-        .cli(r.path())
-        .args(["run", "--", "sleep", "30"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run");
-    eventually(20, "the command to start", || async {
-        let st = d.json(r.path(), &["status", &id, "--json"]).await;
-        (st["state"] == "running").then_some(())
-    })
-    .await;
+    let (_, run) = d.sleeping_run(r.path()).await;
     d.term().await;
     let out = tokio::time::timeout(Duration::from_secs(20), run.wait_with_output())
         .await
