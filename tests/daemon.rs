@@ -65,10 +65,11 @@ impl Provider for Faulty {
         &self,
         s: &str,
         spec: &ExecSpec,
+        input: Option<mpsc::Receiver<Input>>,
         out: mpsc::Sender<ExecOutput>,
         cancel: CancellationToken,
     ) -> Result<ExecExit, ProviderError> {
-        self.inner.exec(s, spec, out, cancel).await
+        self.inner.exec(s, spec, input, out, cancel).await
     }
     async fn ssh_access(&self, s: &str, m: u32) -> Result<SshAccessInfo, ProviderError> {
         self.inner.ssh_access(s, m).await

@@ -917,37 +917,13 @@ async fn a_stalled_command_is_stopped_on_daytona_too() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stdin_that_daytona_cannot_take_is_said_not_dropped_silently() {
-    use tokio::io::AsyncWriteExt;
+async fn stdin_is_forwarded_byte_exact_with_eof_unless_n() {
     let w = world(Duration::from_secs(60)).await;
     let r = repo();
-    w.cb(r.path(), &["warmup"]).await.expect(0);
-    let mut child = w
-        .daemon
-        .cli(r.path())
-        .args([
-            "--provider",
-            "daytona",
-            "run",
-            "--no-sync",
-            "--",
-            "sh",
-            "-c",
-            "cat; echo end",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run");
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(b"data\n").await.expect("write");
-    drop(stdin);
-    let out = child.wait_with_output().await.expect("out");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "end\n");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("stdin is not forwarded to daytona sandboxes yet"),
-        "{err}"
-    );
+    common::stdio::stdin_is_forwarded_byte_exact_with_eof_unless_n(
+        &w.daemon,
+        r.path(),
+        &["--provider", "daytona"],
+    )
+    .await;
 }

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod commands;
 pub mod output;
+pub mod terminal;
 
 use std::path::PathBuf;
 
@@ -223,15 +224,23 @@ pub struct RunArgs {
     #[arg(long, value_parser = crate::config::parse_duration)]
     pub timeout: Option<std::time::Duration>,
     /// Do not send stdin to the command (it reads an empty stdin). By default a piped or
-    /// redirected stdin is sent, as ssh does; a terminal is not (until `-t` exists).
-    #[arg(short = 'n', long)]
+    /// redirected stdin is sent, as ssh does; a terminal only with -i or -t.
+    #[arg(short = 'n', long, conflicts_with_all = ["interactive", "tty"])]
     pub no_stdin: bool,
+    /// Send stdin even when it is a terminal (typed lines go to the command).
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Run the command on a pseudo-terminal in the sandbox (shells, REPLs, colours and
+    /// progress bars): this terminal goes raw and its keys (Ctrl-C too) go to the command.
+    /// Needs a terminal on stdin, else the command runs without one (as ssh does).
+    #[arg(short = 't', long)]
+    pub tty: bool,
     /// `ndjson`: one JSON object per line on stdout as things happen (lease, phase, sync,
     /// started, stdout, stderr, exit or error); `json`: one document at the end (as --json).
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub output: Option<RunOutput>,
-    /// Stop the command when it prints nothing for this long (exit 124); output resets it
-    /// [default: config run.stall_timeout, else off].
+    /// Stop the command when it prints nothing and is sent nothing for this long (exit 124);
+    /// output and input reset it [default: config run.stall_timeout, else off].
     #[arg(long, value_parser = crate::config::parse_duration)]
     pub stall_timeout: Option<std::time::Duration>,
     /// Use a lease claimed by another repo, taking its claim.

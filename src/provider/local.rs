@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    CreateSpec, ExecExit, ExecOutput, ExecSpec, Provider, ProviderError, ProviderErrorKind,
+    CreateSpec, ExecExit, ExecOutput, ExecSpec, Input, Provider, ProviderError, ProviderErrorKind,
     SandboxInfo, SandboxState, SshAccessInfo, UploadSpec,
 };
 use crate::sandbox::{self, Engine, EngineError, EngineState, SandboxMeta};
@@ -215,25 +215,11 @@ impl Provider for LocalProvider {
         &self,
         sandbox: &str,
         spec: &ExecSpec,
+        input: Option<mpsc::Receiver<Input>>,
         out: mpsc::Sender<ExecOutput>,
         cancel: CancellationToken,
     ) -> Result<ExecExit, ProviderError> {
-        self.run_in(sandbox, spec, None, out, cancel).await
-    }
-
-    fn forwards_stdin(&self) -> bool {
-        true
-    }
-
-    async fn exec_with_input(
-        &self,
-        sandbox: &str,
-        spec: &ExecSpec,
-        input: mpsc::Receiver<Vec<u8>>,
-        out: mpsc::Sender<ExecOutput>,
-        cancel: CancellationToken,
-    ) -> Result<ExecExit, ProviderError> {
-        self.run_in(sandbox, spec, Some(input), out, cancel).await
+        self.run_in(sandbox, spec, input, out, cancel).await
     }
 
     async fn ssh_access(
@@ -264,7 +250,7 @@ impl LocalProvider {
         &self,
         sandbox: &str,
         spec: &ExecSpec,
-        input: Option<mpsc::Receiver<Vec<u8>>>,
+        input: Option<mpsc::Receiver<Input>>,
         out: mpsc::Sender<ExecOutput>,
         cancel: CancellationToken,
     ) -> Result<ExecExit, ProviderError> {
@@ -288,8 +274,9 @@ impl LocalProvider {
             env: spec.env.clone(),
             timeout: spec.timeout,
             jail: None,
+            tty: spec.tty,
         };
-        sandbox::process::run_with_input(&process, input, out, cancel)
+        sandbox::process::run(&process, input, out, cancel)
             .await
             .map_err(|e| {
                 ProviderError::new(

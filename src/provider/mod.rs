@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::error::{ProviderError, ProviderErrorKind};
+pub use crate::sandbox::process::{Input, PtySize};
 pub use crate::sandbox::{ExecExit, ExecOutput};
 
 /// The providers a daemon offers, by name.
@@ -87,6 +88,9 @@ pub struct ExecSpec {
     pub cwd: String,
     pub env: BTreeMap<String, String>,
     pub timeout: Option<Duration>,
+    /// Run on a pseudo-terminal of this size (output then comes back as one stream, as a
+    /// terminal shows it; `TERM` is in `env`).
+    pub tty: Option<PtySize>,
 }
 
 /// SSH access to a sandbox.
@@ -141,36 +145,18 @@ pub trait Provider: Send + Sync + 'static {
     /// Removes `spec.remove`, then unpacks `spec.archive` into `spec.workdir`.
     async fn upload(&self, sandbox: &str, spec: &UploadSpec) -> Result<(), ProviderError>;
 
-    /// Runs a command, sending its output as it comes; `cancel` stops it (the whole process
+    /// Runs a command, sending its output as it comes; what arrives on `input` goes to its
+    /// stdin (data) or its terminal (window size), and the end of `input` is the end of its
+    /// stdin; without `input` it reads an empty stdin. `cancel` stops it (the whole process
     /// group). Answers with the exit once the command has ended.
     async fn exec(
         &self,
         sandbox: &str,
         spec: &ExecSpec,
+        input: Option<mpsc::Receiver<Input>>,
         out: mpsc::Sender<ExecOutput>,
         cancel: CancellationToken,
     ) -> Result<ExecExit, ProviderError>;
-
-    /// Does [`Provider::exec_with_input`] forward stdin? Without it a run's stdin is not
-    /// sent, and the run says so.
-    fn forwards_stdin(&self) -> bool {
-        false
-    }
-
-    /// [`Provider::exec`], with what arrives on `input` written to the command's stdin
-    /// (EOF when the sender is dropped). Providers that cannot answer `forwards_stdin() ==
-    /// false`; this default runs the command with an empty stdin.
-    async fn exec_with_input(
-        &self,
-        sandbox: &str,
-        spec: &ExecSpec,
-        input: mpsc::Receiver<Vec<u8>>,
-        out: mpsc::Sender<ExecOutput>,
-        cancel: CancellationToken,
-    ) -> Result<ExecExit, ProviderError> {
-        drop(input);
-        self.exec(sandbox, spec, out, cancel).await
-    }
 
     /// Mints SSH access for `minutes`.
     async fn ssh_access(&self, sandbox: &str, minutes: u32)

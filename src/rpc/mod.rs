@@ -348,16 +348,19 @@ impl LeaseService for LeaseSvc {
         };
         // A few chunks in flight, no more: when the command does not read, this stops
         // reading the client's stream, and HTTP/2 flow control holds the client back.
-        let (stdin_tx, stdin_rx) = mpsc::channel::<Vec<u8>>(8);
+        let (stdin_tx, stdin_rx) = mpsc::channel::<crate::provider::Input>(8);
         tokio::spawn(async move {
             while let Ok(Some(msg)) = inbound.message().await {
-                match msg.input {
-                    Some(Input::Stdin(bytes)) => {
-                        if stdin_tx.send(bytes).await.is_err() {
-                            return;
-                        }
+                let input = match msg.input {
+                    Some(Input::Stdin(bytes)) => crate::provider::Input::Data(bytes),
+                    // A size out of bounds is clamped: the terminal it came from is real.
+                    Some(Input::Resize(size)) => {
+                        crate::provider::Input::Resize(run::clamp_size(&size))
                     }
-                    Some(Input::Start(_)) | None => {}
+                    Some(Input::Start(_)) | None => continue,
+                };
+                if stdin_tx.send(input).await.is_err() {
+                    return;
                 }
             }
             // The client's stream ended: the command's stdin is closed (EOF).

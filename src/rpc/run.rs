@@ -26,7 +26,7 @@ use crate::lease::store::RunRecord;
 use crate::lease::{LeaseHandle, LeaseMsg, LeaseRecord, LeaseState, Phase};
 use crate::pb;
 use crate::pb::run_event::Event as RunEv;
-use crate::provider::{ExecExit, ExecOutput, ExecSpec};
+use crate::provider::{ExecExit, ExecOutput, ExecSpec, Input, PtySize};
 use crate::registry::index::Resolved;
 use crate::sync::{self, SyncRules};
 
@@ -48,7 +48,7 @@ pub async fn run(
     api: Arc<Api>,
     req: pb::RunRequest,
     tx: EventTx,
-    stdin: Option<mpsc::Receiver<Vec<u8>>>,
+    stdin: Option<mpsc::Receiver<Input>>,
 ) {
     let mut run = Run {
         api,
@@ -99,8 +99,8 @@ struct Run {
     lease: Option<LeaseHandle>,
     /// The lease was created for this run.
     fresh: bool,
-    /// The command's stdin, from the client (RunWithInput).
-    stdin: Option<mpsc::Receiver<Vec<u8>>>,
+    /// The command's stdin (and terminal sizes), from the client (RunWithInput).
+    stdin: Option<mpsc::Receiver<Input>>,
 }
 
 /// Sends `Finish` to the lease when a phase ends, however it ends (error, client gone).
@@ -135,6 +135,17 @@ impl Run {
         for name in self.req.env.keys() {
             validate_env_name(name)?;
         }
+        let term = match self.req.term.as_str() {
+            "" => "xterm-256color",
+            t if t.len() <= 64 && t.bytes().all(|b| b.is_ascii_graphic()) => t,
+            t => {
+                return Err(Error::InvalidArgument(format!(
+                    "term {} is not a terminal type: use a name such as xterm-256color",
+                    echo(t)
+                )));
+            }
+        }
+        .to_string();
         let repo_root = self.req.repo_root.clone();
         validate_repo_root(&repo_root)?;
         // `.` and `./x` mean the checkout and x below it.
@@ -328,6 +339,10 @@ impl Run {
         let mut env: BTreeMap<String, String> = self.req.env.clone().into_iter().collect();
         env.insert("CRABBOX".into(), "1".into());
         env.insert("CRABBOX_LEASE_ID".into(), record.id.clone());
+        let tty = self.req.tty.as_ref().map(clamp_size);
+        if tty.is_some() {
+            env.insert("TERM".into(), term);
+        }
         let spec = ExecSpec {
             command,
             cwd: match workdir.as_str() {
@@ -338,6 +353,7 @@ impl Run {
             env,
             timeout: (self.req.timeout_secs > 0)
                 .then(|| Duration::from_secs(self.req.timeout_secs)),
+            tty,
         };
         let _ = self
             .emit(RunEv::Started(pb::Started {
@@ -345,18 +361,21 @@ impl Run {
             }))
             .await;
         let exec_started = std::time::Instant::now();
-        let mut stdin = self.stdin.take();
-        if stdin.is_some() && !target.provider.forwards_stdin() {
-            self.phase(format!(
-                "note: stdin is not forwarded to {} sandboxes yet: the command reads an empty \
-                 stdin (pass -n to say you mean that)",
-                target.provider.name()
-            ))
-            .await;
-            stdin = None;
-        }
+        // The client's input goes through the watchdog below on its way to the command.
+        let stdin = self.stdin.take();
+        let (input_tx, input_rx) = match stdin.is_some() {
+            true => {
+                let (tx, rx) = mpsc::channel(4);
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
         let (exit, stalled) = self
-            .exec(&handle, Execution::start(&target, spec, stdin))
+            .exec(
+                &handle,
+                Execution::start(&target, spec, input_rx),
+                stdin.zip(input_tx),
+            )
             .await?;
         let elapsed_ms = exec_started.elapsed().as_millis() as u64;
         if exit.cancelled && self.api.shutdown.is_cancelled() {
@@ -423,12 +442,14 @@ impl Run {
 
     /// Streams the command's output to the client and keeps the lease touched until the
     /// command ends; a client that leaves cancels it.
-    /// With a stall timeout, a command that prints nothing for that long is stopped (its
-    /// whole process group); the answer says it stalled.
+    /// The client's input (when it sends some) is passed on to the command as the command
+    /// takes it. With a stall timeout, a command that prints nothing and is sent nothing for
+    /// that long is stopped (its whole process group); the answer says it stalled.
     async fn exec(
         &self,
         h: &LeaseHandle,
         mut execution: Execution,
+        input: Option<(mpsc::Receiver<Input>, mpsc::Sender<Input>)>,
     ) -> Result<(ExecExit, bool), Error> {
         let mut keepalive = tokio::time::interval(KEEPALIVE_EVERY);
         let stall = (self.req.stall_timeout_secs > 0)
@@ -437,8 +458,44 @@ impl Run {
         let watchdog = tokio::time::sleep(stall.unwrap_or(far));
         tokio::pin!(watchdog);
         let (mut client_gone, mut stalled) = (false, false);
+        let (mut from_client, mut to_command) = match input {
+            Some((rx, tx)) => (Some(rx), Some(tx)),
+            None => (None, None),
+        };
+        // One message at a time: while the command has not taken it, the client is not read
+        // (backpressure all the way back to the client's stdin).
+        let mut pending: Option<Input> = None;
         loop {
             tokio::select! {
+                msg = async { from_client.as_mut()?.recv().await },
+                    if from_client.is_some() && pending.is_none() => {
+                    match msg {
+                        Some(m) => {
+                            if let Some(d) = stall {
+                                watchdog.as_mut().reset(tokio::time::Instant::now() + d);
+                            }
+                            pending = Some(m);
+                        }
+                        // EOF from the client: the command's stdin closes.
+                        None => {
+                            from_client = None;
+                            to_command = None;
+                        }
+                    }
+                }
+                permit = async { to_command.clone()?.reserve_owned().await.ok() },
+                    if pending.is_some() && to_command.is_some() => {
+                    match (permit, pending.take()) {
+                        (Some(permit), Some(m)) => {
+                            permit.send(m);
+                        }
+                        // The command no longer reads its input: stop taking the client's.
+                        _ => {
+                            from_client = None;
+                            to_command = None;
+                        }
+                    }
+                }
                 out = execution.output.recv() => {
                     let event = match out {
                         Some(ExecOutput::Stdout(b)) => RunEv::Stdout(b),
@@ -501,6 +558,19 @@ impl Run {
             }
         })
         .await;
+    }
+}
+
+/// A client's terminal size as a command gets it: 0 (a terminal that does not say) is the
+/// customary 80x24, and neither side goes past Daytona's 1000.
+pub fn clamp_size(size: &pb::WindowSize) -> PtySize {
+    let pick = |v: u32, default: u16| match v {
+        0 => default,
+        v => v.min(1000) as u16,
+    };
+    PtySize {
+        rows: pick(size.rows, 24),
+        cols: pick(size.cols, 80),
     }
 }
 

@@ -13,6 +13,21 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// What a running command is sent: bytes for its stdin, or (on a terminal) a new window
+/// size. The end of the channel is the end of its stdin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    Data(Vec<u8>),
+    Resize(PtySize),
+}
+
+/// A terminal's window size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PtySize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
 /// A piece of a command's output, in the order it was read from each stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecOutput {
@@ -60,6 +75,9 @@ pub struct ProcessSpec {
     /// `home/` and `tmp/` (the rest of the system read-only), so that sandbox paths such as
     /// `/home/daytona` are real for the command. `daytona-sim` uses it.
     pub jail: Option<PathBuf>,
+    /// Run on a new pseudo-terminal of this size (its stdin, stdout and stderr; the output
+    /// comes back as one stream, as a terminal shows it) instead of pipes.
+    pub tty: Option<PtySize>,
 }
 
 /// Is bubblewrap available for [`ProcessSpec::jail`]?
@@ -129,53 +147,21 @@ pub fn prepared_command(spec: &ProcessSpec) -> io::Result<tokio::process::Comman
     Ok(cmd)
 }
 
-/// Runs the command; output goes to `out` as it is read. Ends when the command exits, the
-/// timeout passes, or `cancel` fires (the whole process group is then terminated).
+/// Runs the command; output goes to `out` as it is read, and what arrives on `input` goes to
+/// its stdin (closed when the sender is dropped; without `input` stdin is empty). Ends when
+/// the command exits, the timeout passes, or `cancel` fires (the whole process group is
+/// then terminated).
 pub async fn run(
     spec: &ProcessSpec,
+    input: Option<mpsc::Receiver<Input>>,
     out: mpsc::Sender<ExecOutput>,
     cancel: CancellationToken,
 ) -> io::Result<ExecExit> {
-    run_with_input(spec, None, out, cancel).await
-}
-
-/// [`run`], with what arrives on `input` written to the command's stdin (closed when the
-/// sender is dropped).
-pub async fn run_with_input(
-    spec: &ProcessSpec,
-    input: Option<mpsc::Receiver<Vec<u8>>>,
-    out: mpsc::Sender<ExecOutput>,
-    cancel: CancellationToken,
-) -> io::Result<ExecExit> {
-    let mut cmd = prepared_command(spec)?;
-    cmd.stdin(if input.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .process_group(0);
-    let mut child = cmd.spawn()?;
+    let (mut child, pumps) = match spec.tty {
+        Some(size) => spawn_on_pty(spec, size, input, out)?,
+        None => spawn_piped(spec, input, out)?,
+    };
     let pgid = child.id().map(|p| p as i32);
-    if let (Some(mut stdin), Some(mut input)) = (child.stdin.take(), input) {
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            while let Some(data) = input.recv().await {
-                if stdin.write_all(&data).await.is_err() || stdin.flush().await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    let pumps = tokio::spawn(async move {
-        tokio::join!(
-            pump(stdout, out.clone(), ExecOutput::Stdout),
-            pump(stderr, out, ExecOutput::Stderr)
-        );
-    });
 
     let timeout = async {
         match spec.timeout {
@@ -194,7 +180,7 @@ pub async fn run_with_input(
     let mut pumps = pumps;
     if tokio::time::timeout(DRAIN_GRACE, &mut pumps).await.is_err() {
         signal_group(pgid, Signal::SIGKILL);
-        let _ = pumps.await;
+        let _ = tokio::time::timeout(DRAIN_GRACE, pumps).await;
     }
 
     use std::os::unix::process::ExitStatusExt;
@@ -215,6 +201,84 @@ pub async fn run_with_input(
         timed_out,
         cancelled,
     })
+}
+
+/// The command on pipes, in its own process group: stdout and stderr apart.
+fn spawn_piped(
+    spec: &ProcessSpec,
+    input: Option<mpsc::Receiver<Input>>,
+    out: mpsc::Sender<ExecOutput>,
+) -> io::Result<(tokio::process::Child, tokio::task::JoinHandle<()>)> {
+    let mut cmd = prepared_command(spec)?;
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .process_group(0);
+    let mut child = cmd.spawn()?;
+    if let (Some(mut stdin), Some(mut input)) = (child.stdin.take(), input) {
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Some(msg) = input.recv().await {
+                // A window size means nothing to a pipe.
+                let Input::Data(data) = msg else { continue };
+                if stdin.write_all(&data).await.is_err() || stdin.flush().await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let pumps = tokio::spawn(async move {
+        tokio::join!(
+            pump(stdout, out.clone(), ExecOutput::Stdout),
+            pump(stderr, out, ExecOutput::Stderr)
+        );
+    });
+    Ok((child, pumps))
+}
+
+/// The command on a new pseudo-terminal, as the leader of its own session (and so of its
+/// process group), with the terminal as its controlling one: what it prints comes back as
+/// one stream, as on a screen.
+fn spawn_on_pty(
+    spec: &ProcessSpec,
+    size: PtySize,
+    input: Option<mpsc::Receiver<Input>>,
+    out: mpsc::Sender<ExecOutput>,
+) -> io::Result<(tokio::process::Child, tokio::task::JoinHandle<()>)> {
+    let (pty, pts) = pty_process::open().map_err(io::Error::other)?;
+    pty.resize(pty_process::Size::new(size.rows, size.cols))
+        .map_err(io::Error::other)?;
+    let cmd = pty_process::Command::from(prepared_command(spec)?);
+    // The terminal's other end is closed here once the command has it, so that reading
+    // ends (EIO) when the last process holding it is gone.
+    let child = cmd.spawn(pts).map_err(io::Error::other)?;
+    let (reader, mut writer) = pty.into_split();
+    if let Some(mut input) = input {
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            while let Some(msg) = input.recv().await {
+                let ok = match msg {
+                    Input::Data(d) => writer.write_all(&d).await.is_ok(),
+                    Input::Resize(s) => writer
+                        .resize(pty_process::Size::new(s.rows, s.cols))
+                        .is_ok(),
+                };
+                if !ok {
+                    break;
+                }
+            }
+            // The end of the client's input is not the end of the terminal (the reading
+            // half keeps it open): a terminal has no EOF of its own, a person types ^D.
+        });
+    }
+    let pumps = tokio::spawn(pump(Some(reader), out, ExecOutput::Stdout));
+    Ok((child, pumps))
 }
 
 /// SIGTERM to the group, SIGKILL after a grace period; waits for the leader.
@@ -269,7 +333,7 @@ mod tests {
 
     async fn collect(spec: ProcessSpec, cancel: CancellationToken) -> (ExecExit, Vec<u8>, Vec<u8>) {
         let (tx, mut rx) = mpsc::channel(16);
-        let run = tokio::spawn(async move { run(&spec, tx, cancel).await });
+        let run = tokio::spawn(async move { run(&spec, None, tx, cancel).await });
         let (mut so, mut se) = (Vec::new(), Vec::new());
         while let Some(o) = rx.recv().await {
             match o {
@@ -288,6 +352,7 @@ mod tests {
             env: BTreeMap::from([("CBX_T".to_string(), "v a l".to_string())]),
             timeout: None,
             jail: None,
+            tty: None,
         }
     }
 

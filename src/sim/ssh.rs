@@ -13,7 +13,7 @@ use russh::{Channel, ChannelId};
 use tokio::sync::mpsc;
 
 use super::Sim;
-use crate::sandbox::process::{self, ExecOutput, ProcessSpec};
+use crate::sandbox::process::{self, ExecOutput, Input, ProcessSpec, PtySize};
 
 /// The gateway's host key: an Ed25519 key from a seed kept in the state dir, so that it
 /// stays the same across restarts of the sim.
@@ -77,9 +77,8 @@ impl Server for Gateway {
             sim: self.sim.clone(),
             sandbox: None,
             env: HashMap::new(),
-            stdin: HashMap::new(),
+            input: HashMap::new(),
             pty: HashMap::new(),
-            pty_input: HashMap::new(),
         }
     }
 }
@@ -91,18 +90,11 @@ struct Conn {
     sandbox: Option<String>,
     /// Variables the client sent per channel (`SendEnv`).
     env: HashMap<ChannelId, BTreeMap<String, String>>,
-    /// Where a channel's input goes while its command runs.
-    stdin: HashMap<ChannelId, mpsc::Sender<Vec<u8>>>,
+    /// Where a channel's input (and, on a terminal, window sizes) goes while its command
+    /// runs.
+    input: HashMap<ChannelId, mpsc::Sender<Input>>,
     /// The terminal a channel asked for: (TERM, columns, rows).
     pty: HashMap<ChannelId, (String, u16, u16)>,
-    /// Input and resizes for a channel whose command runs on a PTY.
-    pty_input: HashMap<ChannelId, mpsc::Sender<PtyIn>>,
-}
-
-/// What goes to a PTY.
-enum PtyIn {
-    Data(Vec<u8>),
-    Resize(u16, u16),
 }
 
 /// A terminal size from the client's (0, as sent by `ssh -tt` without a terminal, means
@@ -139,34 +131,32 @@ impl Conn {
         env.insert("HOME".into(), format!("/home/{user}"));
         env.insert("USER".into(), user.clone());
         env.extend(self.env.remove(&channel).unwrap_or_default());
-        if let Some((term, cols, rows)) = self.pty.get(&channel).cloned() {
+        let tty = self.pty.get(&channel).cloned().map(|(term, cols, rows)| {
             env.insert("TERM".into(), term);
-            let spec = ProcessSpec {
-                command: command.unwrap_or_else(|| "exec /bin/sh -i".into()),
-                cwd: PathBuf::from(format!("/home/{user}")),
-                env,
-                timeout: None,
-                jail: Some(fs),
-            };
-            return self.spawn_pty(channel, spec, (cols, rows), procs, session);
-        }
+            PtySize { rows, cols }
+        });
+        let shell = if tty.is_some() {
+            "exec /bin/sh -i"
+        } else {
+            "exec /bin/sh"
+        };
         let spec = ProcessSpec {
-            command: command.unwrap_or_else(|| "exec /bin/sh".into()),
+            command: command.unwrap_or_else(|| shell.into()),
             cwd: PathBuf::from(format!("/home/{user}")),
             env,
             timeout: None,
             jail: Some(fs),
+            tty,
         };
         let (in_tx, in_rx) = mpsc::channel(32);
-        self.stdin.insert(channel, in_tx);
+        self.input.insert(channel, in_tx);
         session.channel_success(channel)?;
         let handle = session.handle();
         let cancel = procs.child_token();
         tokio::spawn(async move {
             let (tx, mut rx) = mpsc::channel(64);
-            let run = tokio::spawn(async move {
-                process::run_with_input(&spec, Some(in_rx), tx, cancel).await
-            });
+            let run =
+                tokio::spawn(async move { process::run(&spec, Some(in_rx), tx, cancel).await });
             while let Some(out) = rx.recv().await {
                 let sent = match out {
                     ExecOutput::Stdout(b) => handle.data(channel, b).await.is_ok(),
@@ -178,86 +168,12 @@ impl Conn {
             }
             let code = match run.await {
                 Ok(Ok(exit)) => exit.code,
-                _ => 255,
-            };
-            let _ = handle.exit_status_request(channel, code as u32).await;
-            let _ = handle.eof(channel).await;
-            let _ = handle.close(channel).await;
-        });
-        Ok(())
-    }
-}
-
-impl Conn {
-    /// Runs `spec` on a new PTY and pumps it to the channel (one stream: a terminal's).
-    fn spawn_pty(
-        &mut self,
-        channel: ChannelId,
-        spec: ProcessSpec,
-        (cols, rows): (u16, u16),
-        procs: tokio_util::sync::CancellationToken,
-        session: &mut Session,
-    ) -> Result<(), russh::Error> {
-        let started = (|| -> std::io::Result<_> {
-            let (pty, pts) = pty_process::open().map_err(std::io::Error::other)?;
-            pty.resize(pty_process::Size::new(rows, cols))
-                .map_err(std::io::Error::other)?;
-            let cmd = pty_process::Command::from(process::prepared_command(&spec)?);
-            let child = cmd.spawn(pts).map_err(std::io::Error::other)?;
-            Ok((pty, child))
-        })();
-        let (pty, mut child) = match started {
-            Ok(x) => x,
-            Err(err) => {
-                tracing::warn!(error = %err, "could not start a command on a pty");
-                return session.channel_failure(channel);
-            }
-        };
-        let (mut reader, mut writer) = pty.into_split();
-        let (in_tx, mut in_rx) = mpsc::channel::<PtyIn>(32);
-        self.pty_input.insert(channel, in_tx);
-        session.channel_success(channel)?;
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            while let Some(msg) = in_rx.recv().await {
-                let ok = match msg {
-                    PtyIn::Data(d) => writer.write_all(&d).await.is_ok(),
-                    PtyIn::Resize(c, r) => writer.resize(pty_process::Size::new(r, c)).is_ok(),
-                };
-                if !ok {
-                    break;
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, "could not start a command");
+                    255
                 }
-            }
-        });
-        let handle = session.handle();
-        tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            let pid = child.id().map(|p| p as i32);
-            let pump = async {
-                let mut buf = vec![0u8; 16 * 1024];
-                // EIO once the terminal's last writer is gone: the end of output.
-                while let Ok(n) = reader.read(&mut buf).await {
-                    if n == 0 || handle.data(channel, buf[..n].to_vec()).await.is_err() {
-                        break;
-                    }
-                }
+                Err(_) => 255,
             };
-            let status = tokio::select! {
-                ((), status) = async { tokio::join!(pump, child.wait()) } => status.ok(),
-                () = procs.cancelled() => {
-                    if let Some(pid) = pid {
-                        let _ = nix::sys::signal::killpg(
-                            nix::unistd::Pid::from_raw(pid),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                    child.wait().await.ok()
-                }
-            };
-            use std::os::unix::process::ExitStatusExt;
-            let code = status
-                .and_then(|s| s.code().or_else(|| s.signal().map(|n| 128 + n)))
-                .unwrap_or(255);
             let _ = handle.exit_status_request(channel, code as u32).await;
             let _ = handle.eof(channel).await;
             let _ = handle.close(channel).await;
@@ -317,8 +233,8 @@ impl russh::server::Handler for Conn {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         let (c, r) = size(cols, rows);
-        if let Some(tx) = self.pty_input.get(&channel) {
-            let _ = tx.send(PtyIn::Resize(c, r)).await;
+        if let Some(tx) = self.input.get(&channel) {
+            let _ = tx.send(Input::Resize(PtySize { rows: r, cols: c })).await;
         }
         Ok(())
     }
@@ -361,10 +277,8 @@ impl russh::server::Handler for Conn {
         data: &[u8],
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Some(tx) = self.pty_input.get(&channel) {
-            let _ = tx.send(PtyIn::Data(data.to_vec())).await;
-        } else if let Some(tx) = self.stdin.get(&channel) {
-            let _ = tx.send(data.to_vec()).await;
+        if let Some(tx) = self.input.get(&channel) {
+            let _ = tx.send(Input::Data(data.to_vec())).await;
         }
         Ok(())
     }
@@ -375,9 +289,12 @@ impl russh::server::Handler for Conn {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         // Dropping the sender closes the command's stdin; a terminal gets ^D instead.
-        self.stdin.remove(&channel);
-        if let Some(tx) = self.pty_input.get(&channel) {
-            let _ = tx.send(PtyIn::Data(vec![4])).await;
+        if self.pty.contains_key(&channel) {
+            if let Some(tx) = self.input.get(&channel) {
+                let _ = tx.send(Input::Data(vec![4])).await;
+            }
+        } else {
+            self.input.remove(&channel);
         }
         Ok(())
     }
@@ -387,10 +304,9 @@ impl russh::server::Handler for Conn {
         channel: ChannelId,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.stdin.remove(&channel);
+        self.input.remove(&channel);
         self.env.remove(&channel);
         self.pty.remove(&channel);
-        self.pty_input.remove(&channel);
         Ok(())
     }
 }

@@ -2,6 +2,8 @@
 //! `crabbox` binary as a subprocess.
 #![allow(dead_code)]
 
+pub mod stdio;
+
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Output;

@@ -69,6 +69,15 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
             .unwrap_or_default(),
     };
     let env = env_pairs(&args.env)?;
+    let stdin_is_terminal = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    // As ssh: a terminal is only made when there is one here to drive it.
+    let tty = args.tty && stdin_is_terminal;
+    if args.tty && !tty {
+        ctx.progress(
+            "no terminal is allocated because stdin is not a terminal (-t needs one): the \
+             command runs on pipes",
+        );
+    }
     let fresh = warmup_request(ctx, &args.lease, args.keep, args.reclaim)?;
     let req = pb::RunRequest {
         lease: args.id.clone().unwrap_or_default(),
@@ -94,9 +103,22 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
         reclaim: args.reclaim,
         fresh: Some(fresh),
         workdir,
+        tty: tty.then(|| {
+            let (rows, cols) = crate::cli::terminal::window_size();
+            pb::WindowSize {
+                rows: rows.into(),
+                cols: cols.into(),
+            }
+        }),
+        term: if tty {
+            std::env::var("TERM").unwrap_or_default()
+        } else {
+            String::new()
+        },
     };
+    let send_stdin = !args.no_stdin && (tty || args.interactive || stdin_has_input());
     let ndjson = args.output == Some(RunOutput::Ndjson);
-    let result = stream_run(ctx, &args, req, ndjson).await;
+    let result = stream_run(ctx, &args, req, send_stdin, ndjson).await;
     if ndjson && let Err(e) = &result {
         // The stream's last line says how it ended, whatever ended it.
         event(&json!({"event": "error", "exit_code": e.code, "message": e.message}));
@@ -123,10 +145,30 @@ fn stdin_has_input() -> bool {
 
 /// The RunWithInput request stream: the start, then stdin in chunks as it is read (a
 /// thread reads it, blocking when the daemon is not taking it: backpressure, not memory),
-/// then the end of the stream for EOF.
+/// then the end of the stream for EOF. On a terminal, window size changes go too.
 fn stdin_stream(start: pb::RunRequest) -> tokio_stream::wrappers::ReceiverStream<pb::RunInput> {
     use pb::run_input::Input;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
+    if start.tty.is_some()
+        && let Ok(mut winch) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+    {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while winch.recv().await.is_some() {
+                let (rows, cols) = crate::cli::terminal::window_size();
+                let msg = pb::RunInput {
+                    input: Some(Input::Resize(pb::WindowSize {
+                        rows: rows.into(),
+                        cols: cols.into(),
+                    })),
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     std::thread::spawn(move || {
         use std::io::Read;
         let first = pb::RunInput {
@@ -198,12 +240,14 @@ async fn stream_run(
     ctx: &Ctx,
     args: &RunArgs,
     req: pb::RunRequest,
+    send_stdin: bool,
     ndjson: bool,
 ) -> Result<i32, CliError> {
     let json = ctx.json || args.output == Some(RunOutput::Json);
     let begun = std::time::Instant::now();
+    let tty = req.tty.is_some();
     let mut c = ctx.clients().await?;
-    let mut stream = if !args.no_stdin && stdin_has_input() {
+    let mut stream = if send_stdin {
         c.leases
             .run_with_input(stdin_stream(req))
             .await?
@@ -218,13 +262,25 @@ async fn stream_run(
     let mut sync_seen = None;
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
+    // On a terminal in raw mode, the end of crabbox by a signal must put it back first.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup()).ok().filter(|_| tty);
+    let mut terminate = signal(SignalKind::terminate()).ok().filter(|_| tty);
+    let mut raw: Option<crate::cli::terminal::RawMode> = None;
     loop {
         let ev = tokio::select! {
             ev = stream.next() => ev,
+            code = stop_signal(&mut hangup, &mut terminate) => {
+                drop(stream);
+                drop(raw.take());
+                ctx.progress("stopped by a signal: the command is cancelled");
+                return Ok(code);
+            }
             _ = &mut interrupted => {
                 // Dropping the stream tells the daemon the client left: it cancels the
                 // command and releases a fresh, not-kept lease.
                 drop(stream);
+                drop(raw.take());
                 ctx.progress("interrupted: the command is cancelled");
                 if ndjson {
                     event(&json!({"event": "interrupted", "exit_code": exit::INTERRUPTED}));
@@ -264,10 +320,19 @@ async fn stream_run(
                 }
                 ctx.progress(p)
             }
-            Some(Event::Started(st)) if ndjson => {
-                event(&json!({"event": "started", "workdir": st.workdir}));
+            Some(Event::Started(st)) => {
+                if ndjson {
+                    event(&json!({"event": "started", "workdir": st.workdir}));
+                }
+                if tty {
+                    raw = Some(crate::cli::terminal::RawMode::enter().map_err(|e| {
+                        CliError::new(
+                            exit::INTERNAL,
+                            format!("could not put this terminal in raw mode for -t: {e}"),
+                        )
+                    })?);
+                }
             }
-            Some(Event::Started(_)) => {}
             Some(Event::Sync(s)) => {
                 ctx.progress(format!(
                     "synced {} files: {} sent ({}), {} deleted, in {} ms",
@@ -293,6 +358,7 @@ async fn stream_run(
             Some(Event::Stdout(b)) => deliver(ndjson, json, "stdout", b, &mut cap_out, &mut out),
             Some(Event::Stderr(b)) => deliver(ndjson, json, "stderr", b, &mut cap_err, &mut err),
             Some(Event::Exit(x)) => {
+                drop(raw.take());
                 if x.stalled {
                     ctx.progress(format!(
                         "the command printed nothing for {} and was stopped (--stall-timeout, \
@@ -340,6 +406,27 @@ async fn stream_run(
             }
             None => {}
         }
+    }
+}
+
+/// The exit code of the first SIGHUP or SIGTERM to arrive (128 + its number); never, without
+/// handlers.
+async fn stop_signal(
+    hangup: &mut Option<tokio::signal::unix::Signal>,
+    terminate: &mut Option<tokio::signal::unix::Signal>,
+) -> i32 {
+    async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+        let received = match s {
+            Some(s) => s.recv().await.is_some(),
+            None => false,
+        };
+        if !received {
+            std::future::pending::<()>().await;
+        }
+    }
+    tokio::select! {
+        () = next(hangup) => 128 + 1,
+        () = next(terminate) => 128 + 15,
     }
 }
 

@@ -6,7 +6,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::error::{Error, ProviderError};
 use crate::lease::handle::RunTarget;
-use crate::provider::{ExecExit, ExecOutput, ExecSpec};
+use crate::provider::{ExecExit, ExecOutput, ExecSpec, Input};
 
 /// A command running in a sandbox. Dropping it cancels the command (the whole process
 /// group), so a run whose client left cannot leave it behind.
@@ -19,12 +19,12 @@ pub struct Execution {
 }
 
 impl Execution {
-    /// Starts `spec` on the target's sandbox, its stdin fed from `stdin` when given. It
-    /// stops when the lease is released too.
+    /// Starts `spec` on the target's sandbox, its stdin (or terminal) fed from `input` when
+    /// given. It stops when the lease is released too.
     pub fn start(
         target: &RunTarget,
         spec: ExecSpec,
-        stdin: Option<mpsc::Receiver<Vec<u8>>>,
+        input: Option<mpsc::Receiver<Input>>,
     ) -> Execution {
         let (out_tx, output) = mpsc::channel(64);
         let cancel = target.cancel.child_token();
@@ -32,14 +32,9 @@ impl Execution {
         let sandbox = target.sandbox.clone();
         let task_cancel = cancel.clone();
         let task = tokio::spawn(async move {
-            match stdin {
-                Some(input) => {
-                    provider
-                        .exec_with_input(&sandbox, &spec, input, out_tx, task_cancel)
-                        .await
-                }
-                None => provider.exec(&sandbox, &spec, out_tx, task_cancel).await,
-            }
+            provider
+                .exec(&sandbox, &spec, input, out_tx, task_cancel)
+                .await
         });
         Execution {
             output,

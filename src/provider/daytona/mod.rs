@@ -12,6 +12,7 @@ pub mod auth;
 pub mod client;
 pub mod demux;
 mod exec;
+mod pty;
 mod snapshots;
 pub mod ssh;
 mod toolbox;
@@ -29,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    CreateSpec, ExecExit, ExecOutput, ExecSpec, Provider, ProviderError, ProviderErrorKind,
+    CreateSpec, ExecExit, ExecOutput, ExecSpec, Input, Provider, ProviderError, ProviderErrorKind,
     SandboxInfo, SandboxState, SshAccessInfo, UploadSpec,
 };
 use client::{Client, HttpError, Idempotent};
@@ -476,10 +477,17 @@ impl Provider for DaytonaProvider {
         &self,
         sandbox: &str,
         spec: &ExecSpec,
+        input: Option<mpsc::Receiver<Input>>,
         out: mpsc::Sender<ExecOutput>,
         cancel: CancellationToken,
     ) -> Result<ExecExit, ProviderError> {
-        self.exec_command(sandbox, spec, out, cancel).await
+        match spec.tty {
+            Some(size) => {
+                self.exec_on_pty(sandbox, spec, size, input, out, cancel)
+                    .await
+            }
+            None => self.exec_command(sandbox, spec, input, out, cancel).await,
+        }
     }
 
     async fn ssh_access(

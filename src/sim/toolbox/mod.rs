@@ -17,6 +17,7 @@ use crate::clock::now_ms;
 
 mod files;
 mod process;
+mod pty;
 
 use files::{
     bulk_download, bulk_upload, create_folder, delete_path, download, file_info, list_files,
@@ -54,6 +55,14 @@ pub fn router() -> Router<Arc<Sim>> {
             "/process/session/{sid}/command/{cid}/input",
             post(command_input),
         )
+        .route("/process/pty", post(pty::create_pty).get(pty::list_ptys))
+        .route("/process/pty/create-connect", get(pty::create_connect_pty))
+        .route(
+            "/process/pty/{sid}",
+            get(pty::get_pty).delete(pty::delete_pty),
+        )
+        .route("/process/pty/{sid}/resize", post(pty::resize_pty))
+        .route("/process/pty/{sid}/connect", get(pty::connect_pty))
 }
 
 /// What a toolbox call needs of its sandbox.

@@ -58,6 +58,7 @@ pub(super) fn spec(
         env: c.env(env),
         timeout,
         jail: Some(c.fs.clone()),
+        tty: None,
     })
 }
 
@@ -83,7 +84,7 @@ pub(super) async fn execute(
     )?;
     let (tx, mut rx) = mpsc::channel(64);
     let cancel = c.procs.child_token();
-    let run = tokio::spawn(async move { process::run(&p, tx, cancel).await });
+    let run = tokio::spawn(async move { process::run(&p, None, tx, cancel).await });
     let mut output = Vec::new();
     while let Some(o) = rx.recv().await {
         match o {
@@ -116,7 +117,10 @@ pub(super) struct Cmd {
     command: String,
     state: Mutex<CmdState>,
     changed: Notify,
-    input: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
+    /// The command's stdin while it runs (async commands only: a sync one reads EOF).
+    input: Mutex<Option<mpsc::Sender<process::Input>>>,
+    /// Input is not echoed into the command's output (Daytona echoes it by default).
+    suppress_echo: bool,
 }
 
 #[derive(Default)]
@@ -166,6 +170,8 @@ pub(super) struct Session {
 #[derive(Default)]
 pub struct Sessions {
     map: DashMap<(String, String), Arc<Session>>,
+    /// PTY sessions, by (sandbox, session id).
+    pub(super) ptys: DashMap<(String, String), Arc<super::pty::PtySession>>,
 }
 
 impl Sessions {
@@ -174,6 +180,14 @@ impl Sessions {
         self.map.retain(|(sb, _), s| {
             if sb == sandbox {
                 s.cancel.cancel();
+                false
+            } else {
+                true
+            }
+        });
+        self.ptys.retain(|(sb, _), s| {
+            if sb == sandbox {
+                s.cancel();
                 false
             } else {
                 true
@@ -272,6 +286,7 @@ pub(super) struct SessionExec {
     run_async: Option<bool>,
     #[serde(rename = "async")]
     is_async: Option<bool>,
+    suppress_input_echo: Option<bool>,
 }
 
 pub(super) async fn session_exec(
@@ -285,13 +300,23 @@ pub(super) async fn session_exec(
         return Err(ApiError::bad_request("command is required"));
     }
     let p = spec(&c, &req.command, None, &BTreeMap::new(), None)?;
-    let (in_tx, in_rx) = mpsc::channel(16);
+    let run_async = req.run_async.or(req.is_async).unwrap_or(false);
+    // As on Daytona: an async command's stdin stays open for the input endpoint (it never
+    // sees EOF from it); a sync one reads EOF at once.
+    let (in_tx, in_rx) = match run_async {
+        true => {
+            let (tx, rx) = mpsc::channel(16);
+            (Some(tx), Some(rx))
+        }
+        false => (None, None),
+    };
     let cmd = Arc::new(Cmd {
         id: crate::sim::control::uuid(),
         command: req.command.clone(),
         state: Mutex::new(CmdState::default()),
         changed: Notify::new(),
-        input: Mutex::new(Some(in_tx)),
+        input: Mutex::new(in_tx),
+        suppress_echo: req.suppress_input_echo.unwrap_or(false),
     });
     if let Ok(mut cmds) = session.commands.lock() {
         cmds.push(cmd.clone());
@@ -302,8 +327,7 @@ pub(super) async fn session_exec(
     let sim2 = sim.clone();
     let sandbox = c.id.clone();
     let done = tokio::spawn(async move {
-        let run =
-            tokio::spawn(async move { process::run_with_input(&p, Some(in_rx), tx, cancel).await });
+        let run = tokio::spawn(async move { process::run(&p, in_rx, tx, cancel).await });
         while let Some(o) = rx.recv().await {
             if let Ok(mut s) = runner.state.lock() {
                 s.chunks.push(o);
@@ -327,7 +351,7 @@ pub(super) async fn session_exec(
         }
         runner.changed.notify_waiters();
     });
-    if req.run_async.or(req.is_async).unwrap_or(false) {
+    if run_async {
         return Ok((StatusCode::ACCEPTED, Json(json!({ "cmdId": cmd.id }))).into_response());
     }
     let _ = done.await;
@@ -423,25 +447,48 @@ pub(super) async fn follow_logs(mut socket: WebSocket, cmd: Arc<Cmd>) {
 }
 
 #[derive(Deserialize)]
-pub(super) struct Input {
+pub(super) struct InputRequest {
     data: String,
 }
 
+/// Daytona's input endpoint: the data goes to the command's stdin with a newline added when
+/// it has none (for `read`), and is echoed into its output unless the command was started
+/// with `suppressInputEcho`. A command that has ended answers 410.
 pub(super) async fn command_input(
     State(sim): State<Arc<Sim>>,
     Path((id, sid, cid)): Path<(String, String, String)>,
-    ApiJson(req): ApiJson<Input>,
+    ApiJson(req): ApiJson<InputRequest>,
 ) -> Result<StatusCode, ApiError> {
     let c = ctx(&sim, &id)?;
     let cmd = find_cmd(&sim, &c, &sid, &cid)?;
-    let tx = cmd
-        .input
-        .lock()
-        .ok()
-        .and_then(|i| i.clone())
-        .ok_or_else(|| ApiError::bad_request(format!("command {cid} has exited")))?;
-    tx.send(req.data.into_bytes())
+    let gone = || {
+        let code = cmd.state.lock().ok().and_then(|s| s.exit_code).unwrap_or(0);
+        ApiError::new(
+            StatusCode::GONE,
+            format!("command has already completed with exit code {code}"),
+        )
+    };
+    let tx = cmd.input.lock().ok().and_then(|i| i.clone());
+    let Some(tx) = tx else {
+        if cmd.state.lock().ok().and_then(|s| s.exit_code).is_some() {
+            return Err(gone());
+        }
+        return Err(ApiError::bad_request(format!(
+            "command {cid} was not started with runAsync: it has no input"
+        )));
+    };
+    let mut data = req.data.into_bytes();
+    if !data.ends_with(b"\n") {
+        data.push(b'\n');
+    }
+    if !cmd.suppress_echo {
+        if let Ok(mut s) = cmd.state.lock() {
+            s.chunks.push(ExecOutput::Stdout(data.clone()));
+        }
+        cmd.changed.notify_waiters();
+    }
+    tx.send(process::Input::Data(data))
         .await
-        .map_err(|_| ApiError::bad_request(format!("command {cid} has exited")))?;
+        .map_err(|_| gone())?;
     Ok(StatusCode::NO_CONTENT)
 }
