@@ -10,6 +10,9 @@ command -v git >/dev/null || need_apt+=(git)
 command -v cc >/dev/null || need_apt+=(gcc)
 command -v bwrap >/dev/null || need_apt+=(bubblewrap)          # daytona-sim jails sandbox commands
 command -v ssh >/dev/null || need_apt+=(openssh-client)        # the SSH gateway is tested with OpenSSH
+command -v tmux >/dev/null || need_apt+=(tmux)                  # a real terminal and shell for `run -t`
+command -v setsid >/dev/null || need_apt+=(util-linux)         # daytona-sim gives a jailed command its terminal
+command -v python3 >/dev/null || need_apt+=(python3)           # the MCP test server; the sim's stdin decoder
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"

@@ -4,7 +4,8 @@
 mod common;
 
 use common::{Daemon, eventually, repo};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warmup_run_list_stop() {
@@ -952,4 +953,121 @@ async fn stdin_is_forwarded_byte_exact_with_eof_unless_n() {
     let d = Daemon::start().await;
     let r = repo();
     common::stdio::stdin_is_forwarded_byte_exact_with_eof_unless_n(&d, r.path(), &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tty_run_behaves_like_a_terminal() {
+    let d = Daemon::start().await;
+    let r = repo();
+    d.run(r.path(), &["warmup"]).await.expect(0);
+    common::tty::tty_run_behaves_like_a_terminal(&d, r.path(), &[]).await;
+}
+
+/// tmux on a private socket, for a real terminal with a real shell in it.
+struct Tmux(PathBuf);
+
+impl Tmux {
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("tmux")
+            .arg("-S")
+            .arg(&self.0)
+            .args(args)
+            .output()
+            .expect("tmux (apt-get install tmux)")
+    }
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.cmd(&["capture-pane", "-p"]).stdout).into_owned()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        self.cmd(&["kill-server"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_killed_in_raw_mode_leaves_a_sane_prompt() {
+    let d = Daemon::start().await;
+    let r = repo();
+    d.run(r.path(), &["warmup"]).await.expect(0);
+    let tmux = Tmux(d.dir.path().join("tmux.sock"));
+    let config = d.dir.path().join("no-config.yaml");
+    let env = [
+        format!("PATH={}", std::env::var("PATH").unwrap_or_default()),
+        format!("HOME={}", d.dir.path().display()),
+        "TERM=xterm".to_string(),
+        format!("CRABBOX_SOCKET={}", d.socket.display()),
+        format!("CRABBOX_STATE_DIR={}", d.state.display()),
+        "CRABBOX_NO_AUTOSTART=1".to_string(),
+        format!("CRABBOX_CONFIG={}", config.display()),
+    ];
+    let mut args = vec!["new-session", "-d", "-x", "100", "-y", "30", "env", "-i"];
+    args.extend(env.iter().map(String::as_str));
+    args.extend(["bash", "--norc", "--noprofile"]);
+    assert!(tmux.cmd(&args).status.success(), "tmux new-session");
+    let tty = String::from_utf8_lossy(&tmux.cmd(&["display", "-p", "#{pane_tty}"]).stdout)
+        .trim()
+        .to_string();
+    let stty = || {
+        let f = std::fs::File::open(&tty).expect("open the pane's tty");
+        String::from_utf8_lossy(
+            &std::process::Command::new("stty")
+                .arg("-a")
+                .stdin(f)
+                .output()
+                .expect("stty")
+                .stdout,
+        )
+        .into_owned()
+    };
+    let line = format!(
+        "cd {} && {} run -q -t -- sh -c 'echo rea''dy; sleep 60'",
+        r.path().display(),
+        env!("CARGO_BIN_EXE_crabbox")
+    );
+    tmux.cmd(&["send-keys", &line, "Enter"]);
+    eventually(30, "the command runs", || async {
+        tmux.screen().contains("ready").then_some(())
+    })
+    .await;
+    assert!(stty().contains("-icanon"), "raw while it runs:\n{}", stty());
+
+    // kill -9: crabbox cannot put anything back; the shell it was started from does.
+    let ps = std::process::Command::new("ps")
+        .args(["-t", &tty, "-o", "pid=,comm="])
+        .output()
+        .expect("ps");
+    let pid = String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .find(|l| l.contains("crabbox"))
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .expect("crabbox on the pane's tty");
+    std::process::Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .expect("kill");
+    let out = d.dir.path().join("after.txt");
+    let check = format!("stty -a > {}; echo checked", out.display());
+    eventually(30, "the prompt is back", || async {
+        tmux.cmd(&["send-keys", &check, "Enter"]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::fs::read_to_string(&out)
+            .is_ok_and(|s| s.contains("icanon"))
+            .then_some(())
+    })
+    .await;
+    let after = std::fs::read_to_string(&out).expect("stty output");
+    let words: Vec<&str> = after.split_whitespace().collect();
+    assert!(
+        words.contains(&"icanon") && words.contains(&"echo"),
+        "the next prompt has a sane terminal:\n{after}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_server_in_the_sandbox_is_a_stdio_transport() {
+    let d = Daemon::start().await;
+    let r = repo();
+    common::stdio::mcp_round_trips_through_a_fresh_run(&d, r.path(), &[]).await;
 }

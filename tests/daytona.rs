@@ -927,3 +927,24 @@ async fn stdin_is_forwarded_byte_exact_with_eof_unless_n() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tty_run_behaves_like_a_terminal() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    w.cb(r.path(), &["warmup"]).await.expect(0);
+    common::tty::tty_run_behaves_like_a_terminal(&w.daemon, r.path(), &["--provider", "daytona"])
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_server_in_the_sandbox_is_a_stdio_transport() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    common::stdio::mcp_round_trips_through_a_fresh_run(
+        &w.daemon,
+        r.path(),
+        &["--provider", "daytona"],
+    )
+    .await;
+}

@@ -332,9 +332,17 @@ impl Run {
         let command = if self.req.shell {
             self.req.argv.join(" ")
         } else {
-            shlex::try_join(self.req.argv.iter().map(String::as_str)).map_err(|e| {
+            let words = shlex::try_join(self.req.argv.iter().map(String::as_str)).map_err(|e| {
                 Error::InvalidArgument(format!("cannot quote the command for the shell: {e}"))
-            })?
+            })?;
+            // On a terminal the command replaces the shell that starts it, so that it alone
+            // gets the terminal's signals (Ctrl-C), as when typed at a prompt: a shell that
+            // waits for it would die of the SIGINT the command itself handled.
+            if self.req.tty.is_some() && execs(&self.req.argv[0]) {
+                format!("exec {words}")
+            } else {
+                words
+            }
         };
         let mut env: BTreeMap<String, String> = self.req.env.clone().into_iter().collect();
         env.insert("CRABBOX".into(), "1".into());
@@ -559,6 +567,17 @@ impl Run {
         })
         .await;
     }
+}
+
+/// Can a command whose first word is `word` replace its shell (`exec word ...`)? Not a
+/// shell builtin that only means something inside the shell, nor an assignment.
+fn execs(word: &str) -> bool {
+    const IN_SHELL: [&str; 31] = [
+        ".", ":", "alias", "bg", "break", "cd", "command", "continue", "eval", "exec", "exit",
+        "export", "fg", "getopts", "hash", "jobs", "local", "read", "readonly", "return", "set",
+        "shift", "source", "times", "trap", "type", "ulimit", "umask", "unalias", "unset", "wait",
+    ];
+    !word.is_empty() && !word.contains('=') && !IN_SHELL.contains(&word)
 }
 
 /// A client's terminal size as a command gets it: 0 (a terminal that does not say) is the

@@ -118,7 +118,18 @@ fn command_for(spec: &ProcessSpec) -> io::Result<tokio::process::Command> {
              bubblewrap)",
         ));
     }
-    let mut cmd = tokio::process::Command::new("bwrap");
+    // On a terminal, bwrap itself must not be in the terminal's foreground process group
+    // (a Ctrl-C would kill it rather than reach the command): it runs in a session of its
+    // own without a terminal, and the command inside takes the terminal in a new session
+    // (`setsid -c`), as the only thing on it.
+    let mut cmd = match spec.tty {
+        Some(_) => {
+            let mut c = tokio::process::Command::new("setsid");
+            c.arg("bwrap");
+            c
+        }
+        None => tokio::process::Command::new("bwrap"),
+    };
     cmd.args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
         .arg("--bind")
         .arg(fs.join("home"))
@@ -127,9 +138,11 @@ fn command_for(spec: &ProcessSpec) -> io::Result<tokio::process::Command> {
         .arg(fs.join("tmp"))
         .arg("/tmp")
         .args(["--die-with-parent", "--chdir"])
-        .arg(&spec.cwd)
-        .args(["/bin/sh", "-c"])
-        .arg(&spec.command);
+        .arg(&spec.cwd);
+    if spec.tty.is_some() {
+        cmd.args(["setsid", "-c"]);
+    }
+    cmd.args(["/bin/sh", "-c"]).arg(&spec.command);
     Ok(cmd)
 }
 
@@ -254,10 +267,21 @@ fn spawn_on_pty(
     let (pty, pts) = pty_process::open().map_err(io::Error::other)?;
     pty.resize(pty_process::Size::new(size.rows, size.cols))
         .map_err(io::Error::other)?;
-    let cmd = pty_process::Command::from(prepared_command(spec)?);
+    let child = if spec.jail.is_some() {
+        // The jail's own `setsid`s give the terminal to the command (see `command_for`).
+        use std::os::fd::AsFd;
+        let fd = || pts.as_fd().try_clone_to_owned().map(Stdio::from);
+        let mut cmd = prepared_command(spec)?;
+        cmd.stdin(fd()?).stdout(fd()?).stderr(fd()?);
+        cmd.spawn()?
+    } else {
+        pty_process::Command::from(prepared_command(spec)?)
+            .spawn_borrowed(&pts)
+            .map_err(io::Error::other)?
+    };
     // The terminal's other end is closed here once the command has it, so that reading
     // ends (EIO) when the last process holding it is gone.
-    let child = cmd.spawn(pts).map_err(io::Error::other)?;
+    drop(pts);
     let (reader, mut writer) = pty.into_split();
     if let Some(mut input) = input {
         tokio::spawn(async move {

@@ -125,3 +125,89 @@ pub async fn stdin_is_forwarded_byte_exact_with_eof_unless_n(
     let out = child.wait_with_output().await.expect("out");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "end\n");
 }
+
+/// The MCP server of the tests and benches (`tests/fixtures/mcp_echo_server.py`).
+pub const MCP_SERVER: &str = include_str!("../fixtures/mcp_echo_server.py");
+
+/// `crabbox run -- python3 server.py` as an MCP client on the host uses it: stdout carries
+/// the server's answers and nothing else (crabbox speaks on stderr), each answer arrives as
+/// soon as it is sent (1,000 round trips, each waiting for its answer), every byte as sent;
+/// closing stdin ends the server, the run and (a fresh lease) the lease.
+pub async fn mcp_round_trips_through_a_fresh_run(d: &Daemon, repo: &Path, prefix: &[&str]) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    std::fs::write(repo.join("mcp_server.py"), MCP_SERVER).expect("server");
+    let mut child = piped(d, repo, prefix, &["run", "--", "python3", "mcp_server.py"])
+        .spawn()
+        .expect("run");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    let mut ask = async |msg: serde_json::Value, line: &mut String| {
+        let mut bytes = serde_json::to_vec(&msg).expect("json");
+        bytes.push(b'\n');
+        stdin.write_all(&bytes).await.expect("send");
+        stdin.flush().await.expect("flush");
+        line.clear();
+        let n = tokio::time::timeout(std::time::Duration::from_secs(60), stdout.read_line(line))
+            .await
+            .expect("an answer within 60 s")
+            .expect("read");
+        assert!(n > 0, "stdout ended before the answer");
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("stdout carries only JSON-RPC ({e}): {line:?}"))
+    };
+    let init = ask(
+        serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize",
+            "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                       "clientInfo": {"name": "test", "version": "1"}}}),
+        &mut line,
+    )
+    .await;
+    assert_eq!(init["result"]["serverInfo"]["name"], "echo", "{init}");
+    for i in 1..=1000u32 {
+        // Every kind of character JSON carries: quotes, backslashes, non-ASCII, emoji, tabs.
+        let text = format!("call {i}: \"q\" \\ ü ✓ 🦀 \t end");
+        let answer = ask(
+            serde_json::json!({"jsonrpc": "2.0", "id": i, "method": "tools/call",
+                "params": {"name": "echo", "arguments": {"text": text}}}),
+            &mut line,
+        )
+        .await;
+        assert_eq!(answer["id"], i, "answers come in order: {answer}");
+        assert_eq!(
+            answer["result"]["content"][0]["text"].as_str(),
+            Some(text.as_str()),
+            "round trip {i} is byte-exact"
+        );
+    }
+    drop(stdin);
+    let rest = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the run ends when the client closes stdin")
+        .expect("wait");
+    assert_eq!(
+        rest.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&rest.stderr)
+    );
+    assert!(
+        rest.stdout.is_empty(),
+        "nothing after the last answer on stdout: {:?}",
+        String::from_utf8_lossy(&rest.stdout)
+    );
+    // The run's fresh lease went with it.
+    let list = d
+        .run(repo, &[prefix, &["list", "--json"]].concat())
+        .await
+        .expect(0);
+    let live: Vec<_> = list
+        .json()
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|l| l["state"] != "released")
+        .collect();
+    assert!(live.is_empty(), "the fresh lease was released: {live:?}");
+}

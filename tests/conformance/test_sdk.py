@@ -121,18 +121,73 @@ def test_session_async_exec_status_logs_follow_input(daytona):
         assert logs.stdout == "one\n" and logs.stderr == "two\n"
         sync = sb.process.execute_session_command("s1", SessionExecuteRequest(command="echo sync"))
         assert sync.exit_code == 0 and sync.stdout == "sync\n"
+        # Input: a newline is added when missing (for `read`), and it is echoed into the
+        # output unless the command was started with suppressInputEcho (as on Daytona).
         reader = sb.process.execute_session_command("s1", SessionExecuteRequest(command="read line; echo got $line", run_async=True))
-        sb.process.send_session_command_input("s1", reader.cmd_id, "typed\n")
-        for _ in range(100):
-            if sb.process.get_session_command("s1", reader.cmd_id).exit_code is not None:
-                break
-            time.sleep(0.05)
-        assert sb.process.get_session_command_logs("s1", reader.cmd_id).stdout == "got typed\n"
+        sb.process.send_session_command_input("s1", reader.cmd_id, "typed")
+        quiet = sb.process.execute_session_command(
+            "s1", SessionExecuteRequest(command="read a; read b; echo got $a $b", run_async=True, suppress_input_echo=True))
+        sb.process.send_session_command_input("s1", quiet.cmd_id, "one\n")
+        sb.process.send_session_command_input("s1", quiet.cmd_id, "two")
+        for c in (reader, quiet):
+            for _ in range(100):
+                if sb.process.get_session_command("s1", c.cmd_id).exit_code is not None:
+                    break
+                time.sleep(0.05)
+        assert sb.process.get_session_command_logs("s1", reader.cmd_id).stdout == "typed\ngot typed\n"
+        assert sb.process.get_session_command_logs("s1", quiet.cmd_id).stdout == "got one two\n"
+        with pytest.raises(DaytonaError, match="already completed"):
+            sb.process.send_session_command_input("s1", quiet.cmd_id, "late")
         session = sb.process.get_session("s1")
-        assert len(session.commands) == 3
+        assert len(session.commands) == 4
         sb.process.delete_session("s1")
         with pytest.raises(DaytonaNotFoundError):
             sb.process.get_session("s1")
+    finally:
+        daytona.delete(sb)
+
+
+def test_pty_sessions_create_connect_resize_input_exit(daytona):
+    from daytona.common.pty import PtySize
+    from daytona_toolbox_api_client import PtyCreateRequest
+    sb = create(daytona)
+    try:
+        # create-connect in one step (the SDK's create_pty_session), env through the
+        # subprotocol, input, the exit code from the exit-control message.
+        pty = sb.process.create_pty_session(id="p1", envs={"MARK": "m-1"}, pty_size=PtySize(rows=30, cols=100))
+        pty.send_input("test -t 0 && echo tty-$MARK; stty size; exit 7\n")
+        out = []
+        result = pty.wait(on_data=out.append, timeout=30)
+        text = b"".join(out).decode(errors="replace")
+        assert result.exit_code == 7, (result, text)
+        assert "tty-m-1" in text and "30 100" in text, text
+        with pytest.raises(DaytonaNotFoundError):
+            sb.process.get_pty_session_info("p1")  # an exited session is gone
+
+        # create, then connect; resize; list; kill.
+        sb.process._api_client.create_pty_session(PtyCreateRequest(id="p2", cols=80, rows=24))
+        handle = sb.process.connect_pty_session("p2")
+        info = handle.resize(PtySize(rows=40, cols=120))
+        assert (info.rows, info.cols, info.active) == (40, 120, True)
+        assert "p2" in [s.id for s in sb.process.list_pty_sessions()]
+        handle.send_input("stty size\n")
+        seen = b""
+        deadline = time.time() + 30
+        for data in handle:
+            seen += data
+            if b"40 120" in seen or time.time() > deadline:
+                break
+        assert b"40 120" in seen, seen
+        sb.process.kill_pty_session("p2")
+        result = handle.wait(timeout=30)
+        assert result.exit_code == 137, result
+        with pytest.raises(DaytonaNotFoundError):
+            sb.process.get_pty_session_info("p2")
+        with pytest.raises(DaytonaError):
+            sb.process.resize_pty_session("p2", PtySize(rows=10, cols=10))
+        from daytona_toolbox_api_client.exceptions import BadRequestException
+        with pytest.raises(BadRequestException, match="less than 1000"):
+            sb.process._api_client.create_pty_session(PtyCreateRequest(id="p3", cols=5000, rows=24))
     finally:
         daytona.delete(sb)
 

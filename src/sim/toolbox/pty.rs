@@ -43,6 +43,8 @@ pub(super) struct PtySession {
     lazy_start: bool,
     size: Mutex<PtySize>,
     active: AtomicBool,
+    /// Killed by `DELETE` (Daytona reports 137, SIGKILL, whatever the shell died of).
+    killed: AtomicBool,
     /// Input and resizes for the shell, once it runs.
     input: Mutex<Option<mpsc::Sender<Input>>>,
     /// The terminal's output, to every attached client.
@@ -101,6 +103,7 @@ impl PtySession {
                 let _ = session.output.send(b);
             }
             let code = match run.await {
+                _ if session.killed.load(Ordering::SeqCst) => 137,
                 Ok(Ok(exit)) => exit.code,
                 _ => 1,
             };
@@ -176,6 +179,7 @@ fn create(sim: &Arc<Sim>, c: &Ctx, req: CreatePty) -> Result<Arc<PtySession>, Ap
         lazy_start: req.lazy_start,
         size: Mutex::new(size),
         active: AtomicBool::new(false),
+        killed: AtomicBool::new(false),
         input: Mutex::new(None),
         output,
         exit: watch::channel(None).0,
@@ -237,6 +241,7 @@ pub(super) async fn delete_pty(
     let c = ctx(&sim, &id)?;
     let s = find(&sim, &c, &sid)?;
     sim.sessions.ptys.remove(&(c.id.clone(), sid));
+    s.killed.store(true, Ordering::SeqCst);
     s.cancel.cancel();
     if !s.active.load(Ordering::SeqCst) {
         // Never started (lazy): tell attached clients it is over.
