@@ -1071,3 +1071,11 @@ async fn an_mcp_server_in_the_sandbox_is_a_stdio_transport() {
     let r = repo();
     common::stdio::mcp_round_trips_through_a_fresh_run(&d, r.path(), &[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_fed_forever_ends_cleanly_when_its_lease_is_stopped() {
+    let d = Daemon::start().await;
+    let r = repo();
+    common::stdio::a_run_fed_forever_ends_cleanly_when_its_lease_is_stopped(&d, r.path(), &[])
+        .await;
+}

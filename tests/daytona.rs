@@ -948,3 +948,15 @@ async fn an_mcp_server_in_the_sandbox_is_a_stdio_transport() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_fed_forever_ends_cleanly_when_its_lease_is_stopped() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    common::stdio::a_run_fed_forever_ends_cleanly_when_its_lease_is_stopped(
+        &w.daemon,
+        r.path(),
+        &["--provider", "daytona"],
+    )
+    .await;
+}

@@ -211,3 +211,78 @@ pub async fn mcp_round_trips_through_a_fresh_run(d: &Daemon, repo: &Path, prefix
         .collect();
     assert!(live.is_empty(), "the fresh lease was released: {live:?}");
 }
+
+/// A run fed an endless stdin (1 GiB, written as it is taken) whose lease is stopped under
+/// it: the run ends at once with the lease's word (exit 7), the writer is told (a broken
+/// pipe, not a hang), and nothing of the command is left running.
+pub async fn a_run_fed_forever_ends_cleanly_when_its_lease_is_stopped(
+    d: &Daemon,
+    repo: &Path,
+    prefix: &[&str],
+) {
+    let marker = format!("stdin-forever-{}", std::process::id());
+    // The command's own process (the CLI's argv holds the marker too).
+    let pattern = format!("^sh -c cat > /dev/null; : {marker}");
+    let warm = d
+        .run(repo, &[prefix, &["warmup", "--json"]].concat())
+        .await
+        .expect(0);
+    let id = warm.json()["id"].as_str().expect("id").to_string();
+    let script = format!("cat > /dev/null; : {marker}");
+    let mut child = piped(
+        d,
+        repo,
+        prefix,
+        &["run", "--no-sync", "--", "sh", "-c", &script],
+    )
+    .spawn()
+    .expect("run");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; 1024 * 1024];
+        let mut sent = 0usize;
+        for _ in 0..1024 {
+            if stdin.write_all(&chunk).await.is_err() {
+                break;
+            }
+            sent += chunk.len();
+        }
+        sent
+    });
+    // Let it flow a while, then stop the lease under it.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let running = std::process::Command::new("pgrep")
+        .args(["-f", &pattern])
+        .output()
+        .expect("pgrep");
+    assert!(running.status.success(), "the command runs while fed");
+    d.run(repo, &[prefix, &["stop", &id]].concat())
+        .await
+        .expect(0);
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the run ended once its lease was stopped")
+        .expect("wait");
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "the run says its lease went: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent = tokio::time::timeout(std::time::Duration::from_secs(30), writer)
+        .await
+        .expect("the writer is not left blocked")
+        .expect("writer");
+    assert!(
+        sent < 1024 * 1024 * 1024,
+        "the writer was cut off, not drained: {sent}"
+    );
+    super::eventually(30, "the command is gone", || async {
+        let left = std::process::Command::new("pgrep")
+            .args(["-f", &pattern])
+            .output()
+            .expect("pgrep");
+        (!left.status.success()).then_some(())
+    })
+    .await;
+}
