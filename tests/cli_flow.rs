@@ -869,6 +869,39 @@ async fn a_stalled_command_is_stopped_and_output_keeps_it_alive() {
         .await
         .0;
     assert_eq!(out.status.code(), Some(124));
+
+    // Input resets it too: a command that prints nothing but is being fed is not hung.
+    use tokio::io::AsyncWriteExt;
+    let mut child = d
+        .cli(r.path())
+        .args([
+            "run",
+            "--stall-timeout",
+            "2s",
+            "--",
+            "sh",
+            "-c",
+            "n=0; while read x; do n=$((n+1)); done; echo read $n",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+    let mut stdin = child.stdin.take().expect("stdin");
+    for _ in 0..10 {
+        stdin.write_all(b"line\n").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    drop(stdin);
+    let out = child.wait_with_output().await.expect("out");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "read 10\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
