@@ -11,6 +11,7 @@
 //! real processes, jailed with bubblewrap so that sandbox paths are real paths.
 
 pub mod control;
+pub mod events;
 pub mod ssh;
 pub mod toolbox;
 
@@ -150,6 +151,8 @@ pub struct Sim {
     pub snapshots: Mutex<HashMap<String, control::SimSnapshot>>,
     pub ssh_tokens: Mutex<HashMap<String, control::SshToken>>,
     pub sessions: toolbox::Sessions,
+    /// The events channel (Socket.IO) and its clients.
+    pub events: events::Events,
     pub faults: Mutex<Faults>,
     pub started: Instant,
     pub shutdown: CancellationToken,
@@ -522,9 +525,18 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .layer(axum::middleware::from_fn_with_state(sim.clone(), gate));
     Router::new()
         .merge(gated)
+        // The events channel authenticates in its own connect packet, not in headers.
+        .route("/api/socket.io", axum::routing::get(events::socket_io))
+        .route("/api/socket.io/", axum::routing::get(events::socket_io))
         .route(
             "/_sim/faults",
             axum::routing::get(get_faults).post(set_faults),
+        )
+        .route(
+            "/_sim/events",
+            axum::routing::get(|State(sim): State<Arc<Sim>>| async move {
+                axum::Json(sim.events.stats())
+            }),
         )
         .fallback(not_found)
         .with_state(sim)
@@ -553,6 +565,7 @@ pub async fn start(
         snapshots: Mutex::new(HashMap::new()),
         ssh_tokens: Mutex::new(HashMap::new()),
         sessions: Default::default(),
+        events: Default::default(),
         started: Instant::now(),
         shutdown: shutdown.clone(),
     });

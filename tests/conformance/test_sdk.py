@@ -44,14 +44,43 @@ def test_create_from_snapshot_with_labels_env_network_autostop(daytona):
         daytona.delete(sb)
 
 
-@pytest.mark.parametrize("polling", [False, True], ids=["event-channel-absent", "deprecated-polling"])
+def sim_events(sim):
+    with urllib.request.urlopen(sim.url + "/_sim/events") as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["event-channel", "deprecated-polling"])
 def test_wait_for_started_in_both_modes(sim, polling):
+    before = sim_events(sim)
     client = Daytona(DaytonaConfig(api_key=API_KEY, api_url=sim.api, target="us", use_deprecated_polling=polling))
     sb = client.create(CreateSandboxFromSnapshotParams(snapshot="default"), timeout=60)
     try:
         assert sb.state.value == "started"
+        after = sim_events(sim)
+        if polling:
+            assert after["connected"] == before["connected"], "polling mode never connects"
+        else:
+            # The SDK's default mode waited on the events channel: it connected and was told.
+            assert after["connected"] > before["connected"], after
+            assert after["delivered"] > before["delivered"], after
+        sb.stop(timeout=60)
+        assert sb.state.value == "stopped"
+        sb.start(timeout=60)
+        assert sb.state.value == "started"
     finally:
         client.delete(sb)
+
+
+def test_the_events_channel_refuses_a_wrong_token(sim):
+    client = Daytona(DaytonaConfig(api_key="dtn_wrong", api_url=sim.api, target="us"))
+    with pytest.raises(DaytonaAuthenticationError):
+        client.create(CreateSandboxFromSnapshotParams(snapshot="default"), timeout=60)
+    # The channel is not the way in either: a connect with a wrong token is refused.
+    import socketio
+    sio = socketio.Client(reconnection=False)
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        sio.connect(sim.url, socketio_path="/api/socket.io/", auth={"token": "dtn_wrong"},
+                    transports=["websocket"], wait_timeout=5)
 
 
 def test_list_by_labels_across_pages(daytona):

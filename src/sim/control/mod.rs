@@ -93,10 +93,15 @@ impl SimSandbox {
         v
     }
 
-    fn set_state(&mut self, state: &str) {
-        self.state = state.to_string();
+    /// Moves the sandbox to `state`, telling the events channel.
+    pub(super) fn set_state(&mut self, sim: &Sim, state: &str) {
+        let old = std::mem::replace(&mut self.state, state.to_string());
         self.updated_ms = now_ms();
         self.generation += 1;
+        sim.events.emit(
+            "sandbox.state.updated",
+            json!({ "sandbox": self.to_json(sim, false), "oldState": old, "newState": state }),
+        );
     }
 
     /// The host folder behind the sandbox's `/home` and `/tmp`.
@@ -284,10 +289,10 @@ fn schedule(
             if sb.generation != generation {
                 return;
             }
-            sb.set_state(to);
             if to == "started" {
                 sb.last_activity_ms = now_ms();
             }
+            sb.set_state(&sim, to);
             sb.generation
         };
         let _ = sim.engine.update(&id, |m| {

@@ -177,6 +177,7 @@ pub(super) async fn create_sandbox(
             generation: 0,
         };
         map.insert(id.clone(), sb.clone());
+        sim.events.emit("sandbox.created", sb.to_json(&sim, false));
         sb
     };
     if build_failed.is_none() && !stuck {
@@ -264,7 +265,7 @@ pub(super) async fn delete_sandbox(
         }
         if sb.state != "destroying" {
             sb.procs.cancel();
-            sb.set_state("destroying");
+            sb.set_state(&sim, "destroying");
             sb.desired_state = "destroyed".into();
         }
         (sb.to_json(&sim, true), key)
@@ -278,8 +279,10 @@ pub(super) async fn delete_sandbox(
     let delay = sim.config.start_delay;
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
-        if let Ok(mut map) = sim2.sandboxes.lock() {
-            map.remove(&key);
+        if let Ok(mut map) = sim2.sandboxes.lock()
+            && let Some(mut sb) = map.remove(&key)
+        {
+            sb.set_state(&sim2, "destroyed");
         }
         let _ = sim2.engine.delete(&key);
         if let Ok(mut t) = sim2.ssh_tokens.lock() {
@@ -300,7 +303,7 @@ pub(super) async fn start_sandbox(
         match sb.state.as_str() {
             "started" | "starting" => {}
             "stopped" => {
-                sb.set_state("starting");
+                sb.set_state(&sim, "starting");
                 sb.desired_state = "started".into();
                 sb.procs = CancellationToken::new();
                 scheduled = Some((sb.id.clone(), sb.generation));
@@ -333,7 +336,7 @@ pub(super) fn stop_now(sim: &Arc<Sim>, sb: &mut SimSandbox) -> Option<(String, u
         return None;
     }
     sb.procs.cancel();
-    sb.set_state("stopping");
+    sb.set_state(&sim, "stopping");
     sb.desired_state = "stopped".into();
     sim.sessions.drop_sandbox(&sb.id);
     Some((sb.id.clone(), sb.generation))
@@ -483,7 +486,7 @@ pub(super) async fn toolbox_proxy_url(
 pub fn force_error(sim: &Sim, id: &str, reason: &str) -> Result<(), ApiError> {
     with_sandbox(sim, id, |sb| {
         sb.procs.cancel();
-        sb.set_state("error");
+        sb.set_state(&sim, "error");
         sb.error_reason = Some(reason.to_string());
         Ok(())
     })
