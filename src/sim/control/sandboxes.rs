@@ -336,7 +336,7 @@ pub(super) fn stop_now(sim: &Arc<Sim>, sb: &mut SimSandbox) -> Option<(String, u
         return None;
     }
     sb.procs.cancel();
-    sb.set_state(&sim, "stopping");
+    sb.set_state(sim, "stopping");
     sb.desired_state = "stopped".into();
     sim.sessions.drop_sandbox(&sb.id);
     Some((sb.id.clone(), sb.generation))
@@ -486,7 +486,7 @@ pub(super) async fn toolbox_proxy_url(
 pub fn force_error(sim: &Sim, id: &str, reason: &str) -> Result<(), ApiError> {
     with_sandbox(sim, id, |sb| {
         sb.procs.cancel();
-        sb.set_state(&sim, "error");
+        sb.set_state(sim, "error");
         sb.error_reason = Some(reason.to_string());
         Ok(())
     })
