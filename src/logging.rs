@@ -8,8 +8,10 @@ use tracing_subscriber::EnvFilter;
 /// `Authorization` header) and the SSH server's authentication (whose user name is the
 /// Daytona access token).
 pub const SECRET_BEARING_TARGETS: [&str; 3] = [
-    "tungstenite::handshake",
-    "tokio_tungstenite::handshake",
+    // Handshakes carry the Authorization header; frames at trace carry the events
+    // channel's token, stdin and terminal bytes.
+    "tungstenite",
+    "tokio_tungstenite",
     "russh",
 ];
 

@@ -70,6 +70,10 @@ struct Args {
     /// Fault: new sandboxes never leave `creating`.
     #[arg(long)]
     stuck_create: bool,
+    /// Do not serve the events channel (/api/socket.io/ answers 404, as an older Daytona
+    /// would): clients must poll.
+    #[arg(long)]
+    no_events: bool,
 }
 
 #[tokio::main]
@@ -92,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
     config.create_delay = args.create_delay;
     config.start_delay = args.start_delay;
     config.snapshot_delay = args.snapshot_delay;
+    config.events = !args.no_events;
     config.faults = Faults {
         latency_ms: args.latency_ms,
         error_rate: args.error_rate,

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
@@ -59,6 +59,9 @@ pub async fn socket_io(
     RawQuery(raw): RawQuery,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if !sim.config.events {
+        return super::ApiError::not_found("Cannot GET /api/socket.io/").into_response();
+    }
     let query: Vec<(String, String)> = raw
         .as_deref()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())

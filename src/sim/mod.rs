@@ -54,6 +54,8 @@ pub struct SimConfig {
     /// The SSH gateway's port, if one runs (printed in `sshCommand`).
     pub ssh_port: Option<u16>,
     pub faults: Faults,
+    /// Serve the events channel (Socket.IO) at /api/socket.io/.
+    pub events: bool,
 }
 
 impl SimConfig {
@@ -69,6 +71,7 @@ impl SimConfig {
             start_delay: Duration::from_millis(100),
             snapshot_delay: Duration::from_millis(200),
             ssh_port: None,
+            events: true,
             faults: Faults::default(),
         }
     }

@@ -236,6 +236,18 @@ impl Client {
         })
     }
 
+    /// What the events channel's connect packet carries: the token (a secret: never log
+    /// it) and, with a JWT, the organization.
+    pub fn event_credentials(&self) -> Option<(String, Option<String>)> {
+        self.credentials.as_ref().map(|c| match c {
+            Credentials::ApiKey(k) => (k.clone(), None),
+            Credentials::Jwt {
+                token,
+                organization_id,
+            } => (token.clone(), Some(organization_id.clone())),
+        })
+    }
+
     pub fn api_url(&self) -> &str {
         &self.api_url
     }

@@ -11,6 +11,7 @@
 pub mod auth;
 pub mod client;
 pub mod demux;
+mod events;
 mod exec;
 mod pty;
 mod snapshots;
@@ -73,6 +74,8 @@ pub struct DaytonaProvider {
     toolbox: DashMap<String, String>,
     /// Minted SSH access per sandbox, reused while it has 10 minutes left.
     ssh: DashMap<String, SshAccessInfo>,
+    /// Daytona's events channel (sandbox state changes, pushed).
+    events: events::Events,
 }
 
 /// The manifest a synced workdir keeps of itself.
@@ -86,6 +89,30 @@ const RELEASE_CONFLICT_WAIT: Duration = Duration::from_secs(60);
 
 fn e(kind: ProviderErrorKind, msg: impl Into<String>) -> ProviderError {
     ProviderError::new(kind, msg)
+}
+
+/// A sandbox state of Daytona's as crabbox cares about it; `v` is the sandbox (for its
+/// error reason). Unknown states (new ones appear) count as still coming up.
+fn parse_state(state: &str, v: &Value) -> SandboxState {
+    match state {
+        "started" => SandboxState::Started,
+        "stopped" | "archived" | "paused" => SandboxState::Stopped,
+        "error" | "build_failed" => SandboxState::Error(
+            v.get("errorReason")
+                .and_then(Value::as_str)
+                .unwrap_or("no reason given")
+                .to_string(),
+        ),
+        "destroyed" | "destroying" => SandboxState::Destroyed,
+        _ => SandboxState::Creating,
+    }
+}
+
+fn gone(sandbox: &str) -> ProviderError {
+    e(
+        ProviderErrorKind::Provisioning,
+        format!("sandbox {sandbox} disappeared while starting"),
+    )
 }
 
 fn quote(s: &str) -> String {
@@ -110,6 +137,7 @@ impl DaytonaProvider {
             credentials_error,
             toolbox: DashMap::new(),
             ssh: DashMap::new(),
+            events: Default::default(),
         })
     }
 
@@ -182,26 +210,37 @@ impl DaytonaProvider {
             self.toolbox
                 .insert(id.clone(), format!("{}/{id}", proxy.trim_end_matches('/')));
         }
-        let reason = || {
-            v.get("errorReason")
-                .and_then(Value::as_str)
-                .unwrap_or("no reason given")
-                .to_string()
-        };
-        // Unknown states (new ones appear) count as still coming up.
-        let state = match s("state").as_str() {
-            "started" => SandboxState::Started,
-            "stopped" | "archived" | "paused" => SandboxState::Stopped,
-            "error" | "build_failed" => SandboxState::Error(reason()),
-            "destroyed" | "destroying" => SandboxState::Destroyed,
-            _ => SandboxState::Creating,
-        };
         Ok(SandboxInfo {
             id,
             name: s("name"),
-            state,
+            state: parse_state(&s("state"), v),
             labels,
         })
+    }
+
+    /// What a waiting lease does with the sandbox as it now is: ready (started), a
+    /// failure (error, destroyed), or wait on (a stopped one is asked to start).
+    async fn settle(
+        &self,
+        sandbox: &str,
+        info: &SandboxInfo,
+    ) -> Result<Option<SandboxInfo>, ProviderError> {
+        match &info.state {
+            SandboxState::Started => Ok(Some(info.clone())),
+            SandboxState::Error(reason) => Err(e(
+                ProviderErrorKind::Provisioning,
+                format!("sandbox {sandbox} failed: {reason}"),
+            )),
+            SandboxState::Destroyed => Err(e(
+                ProviderErrorKind::Provisioning,
+                format!("sandbox {sandbox} was destroyed while starting"),
+            )),
+            SandboxState::Stopped => {
+                self.start(&info.id).await?;
+                Ok(None)
+            }
+            SandboxState::Creating => Ok(None),
+        }
     }
 
     /// The sandbox already named `spec.name`, when it carries this lease's labels (an
@@ -353,35 +392,18 @@ impl Provider for DaytonaProvider {
         deadline: Duration,
     ) -> Result<SandboxInfo, ProviderError> {
         let start = Instant::now();
-        let mut delay = Duration::from_millis(25);
+        // Told the moment the sandbox changes (subscribed before the first look, so no
+        // change falls in between); a look at it now and then all the same, often while
+        // the channel is down.
+        let mut events = self.events.subscribe(&self.client);
+        let mut info = self.get(sandbox).await?.ok_or_else(|| gone(sandbox))?;
+        let mut poll = Duration::from_millis(25);
         loop {
-            tokio::time::sleep(delay).await;
-            let info = self.get(sandbox).await?.ok_or_else(|| {
-                e(
-                    ProviderErrorKind::Provisioning,
-                    format!("sandbox {sandbox} disappeared while starting"),
-                )
-            })?;
-            match &info.state {
-                SandboxState::Started => return Ok(info),
-                SandboxState::Error(reason) => {
-                    return Err(e(
-                        ProviderErrorKind::Provisioning,
-                        format!("sandbox {sandbox} failed: {reason}"),
-                    ));
-                }
-                SandboxState::Destroyed => {
-                    return Err(e(
-                        ProviderErrorKind::Provisioning,
-                        format!("sandbox {sandbox} was destroyed while starting"),
-                    ));
-                }
-                SandboxState::Stopped => {
-                    self.start(&info.id).await?;
-                }
-                SandboxState::Creating => {}
+            if let Some(ready) = self.settle(sandbox, &info).await? {
+                return Ok(ready);
             }
-            if start.elapsed() >= deadline {
+            let left = deadline.saturating_sub(start.elapsed());
+            if left.is_zero() {
                 return Err(e(
                     ProviderErrorKind::Provisioning,
                     format!(
@@ -390,7 +412,31 @@ impl Provider for DaytonaProvider {
                     ),
                 ));
             }
-            delay = (delay.mul_f64(1.6)).min(Duration::from_secs(1));
+            let cap = if self.events.is_up() {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_millis(150)
+            };
+            poll = poll.min(cap);
+            let fresh = tokio::select! {
+                ev = events.recv() => match ev {
+                    Ok(ev) if ev.id == info.id => Some(self.parse_sandbox(&ev.sandbox).map(|mut i| {
+                        // The event's new state is the news; the DTO may lag it.
+                        i.state = parse_state(&ev.state, &ev.sandbox);
+                        i
+                    })?),
+                    Ok(_) => None,
+                    // Missed some: look.
+                    Err(_) => Some(self.get(sandbox).await?.ok_or_else(|| gone(sandbox))?),
+                },
+                () = tokio::time::sleep(poll.min(left)) => {
+                    poll = poll.mul_f64(1.6);
+                    Some(self.get(sandbox).await?.ok_or_else(|| gone(sandbox))?)
+                }
+            };
+            if let Some(i) = fresh {
+                info = i;
+            }
         }
     }
 
