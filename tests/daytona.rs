@@ -960,3 +960,18 @@ async fn a_run_fed_forever_ends_cleanly_when_its_lease_is_stopped() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_told_by_the_events_channel() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    w.cb(r.path(), &["warmup"]).await.expect(0);
+    // The provider connected once and was told of its sandbox's moves.
+    let stats = w.sim.events.stats();
+    assert_eq!(stats["connected"], 1, "{stats}");
+    assert!(stats["delivered"].as_u64() >= Some(2), "{stats}");
+    // A second lease rides the same link.
+    let r2 = repo();
+    w.cb(r2.path(), &["warmup"]).await.expect(0);
+    assert_eq!(w.sim.events.stats()["connected"], 1);
+}
