@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -645,4 +645,70 @@ async fn oversized_input_gets_a_bounded_clear_answer() {
     let out = d.run(r.path(), &["warmup", "--ttl", "100000000h"]).await;
     assert_eq!(out.code(), 2, "{}", out.stderr());
     assert!(out.stderr().contains("at most"), "{}", out.stderr());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_the_sandbox_is_checked_before_an_incremental_sync() {
+    let d = Daemon::start().await;
+    let r = repo();
+    d.run(r.path(), &["warmup"]).await.expect(0);
+    let first = d
+        .run(r.path(), &["run", "--json", "--", "true"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(first["sync"]["files_uploaded"], 2);
+    let (dir, socket, state) = d.shutdown().await;
+    let restart = |dir, socket, state| {
+        Daemon::start_in(
+            dir,
+            socket,
+            state,
+            |s| daemon::default_providers(s).expect("p"),
+            |_| {},
+        )
+    };
+    // Back, nothing touched: the sandbox's digest matches the store; nothing is sent.
+    let d = restart(dir, socket, state).await;
+    let again = d
+        .run(r.path(), &["run", "--json", "--", "cat", "README"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(again["sync"]["files_uploaded"], 0, "{again}");
+    assert_eq!(again["stdout"], "hello\n");
+    // Someone changed the sandbox's files while the daemon was down (its digest goes with
+    // them, as a sync cut short leaves it): the next sync sends everything.
+    let (dir, socket, state) = d.shutdown().await;
+    let digests: Vec<_> = walk(&state.join("sandboxes"))
+        .into_iter()
+        .filter(|p| p.ends_with(".crabbox-manifest.digest"))
+        .collect();
+    assert_eq!(digests.len(), 1, "{digests:?}");
+    let workdir = digests[0].parent().expect("workdir").to_path_buf();
+    std::fs::write(workdir.join("README"), "tampered\n").expect("tamper");
+    std::fs::remove_file(&digests[0]).expect("rm digest");
+    let d = restart(dir, socket, state).await;
+    let fixed = d
+        .run(r.path(), &["run", "--json", "--", "cat", "README"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(fixed["sync"]["files_uploaded"], 2, "a full sync: {fixed}");
+    assert_eq!(fixed["stdout"], "hello\n");
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() && !p.is_symlink() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }

@@ -260,28 +260,18 @@ async fn the_whole_flow_on_daytona_with_no_secret_in_any_output() {
         ),
         (Some("changed\n"), Some(1))
     );
-    // The workdir keeps its manifest, which names what was synced.
-    let doc = w
-        .cb(
-            r.path(),
-            &[
-                "run",
-                "--json",
-                "--no-sync",
-                "--",
-                "cat",
-                ".crabbox-manifest.json",
-            ],
-        )
-        .await
-        .expect(0)
-        .json();
-    let manifest: Value =
-        serde_json::from_str(doc["stdout"].as_str().expect("text")).expect("manifest JSON");
+    // The workdir keeps the digest of what it holds (the daemon keeps the manifest): a
+    // 64-digit hex BLAKE3, new after a change.
+    let digest_args = ["run", "--no-sync", "--", "cat", ".crabbox-manifest.digest"];
+    let before = w.cb(r.path(), &digest_args).await.expect(0).stdout();
     assert!(
-        manifest["files"]["README"]["hash"].is_string(),
-        "{manifest}"
+        before.len() == 64 && before.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{before:?}"
     );
+    std::fs::write(r.path().join("probe.txt"), "a new file\n").expect("write");
+    w.cb(r.path(), &["run", "--sync-only"]).await.expect(0);
+    let after = w.cb(r.path(), &digest_args).await.expect(0).stdout();
+    assert!(after.len() == 64 && after != before, "{before} -> {after}");
 
     // ssh: --print redacts; with --show-secret, the command runs a real OpenSSH client
     // through the sim's gateway.
@@ -788,11 +778,12 @@ async fn a_lost_answer_to_the_unpack_step_is_repeated_safely() {
     let r = repo();
     w.cb(r.path(), &["warmup"]).await.expect(0);
     w.cb(r.path(), &["run", "--", "true"]).await.expect(0);
-    // A change and a deletion: the sync prepares the workdir (one execute), then removes
-    // and unpacks (a second execute), whose answer is lost after it ran.
+    // A change and a deletion: the sync uploads the archive, then one execute removes and
+    // unpacks, whose answer is lost after it ran: it is sent again, and the repeat must not
+    // delete what the first one unpacked.
     std::fs::write(r.path().join("README"), "changed\n").expect("write");
     std::fs::remove_file(r.path().join("src/lib.txt")).expect("rm");
-    w.faults(json!({"drop_next": 1, "drop_skip": 1, "drop_path": "process/execute"}))
+    w.faults(json!({"drop_next": 1, "drop_path": "process/execute"}))
         .await;
     let doc = w
         .cb(
@@ -974,4 +965,61 @@ async fn readiness_is_told_by_the_events_channel() {
     let r2 = repo();
     w.cb(r2.path(), &["warmup"]).await.expect(0);
     assert_eq!(w.sim.events.stats()["connected"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_run_costs_two_requests_and_a_change_two_more() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    w.cb(r.path(), &["warmup"]).await.expect(0);
+    // The first run syncs and makes the lease's session.
+    w.cb(r.path(), &["run", "--", "true"]).await.expect(0);
+    let requests = |from: usize| -> Vec<String> {
+        w.sim.requests.lock().expect("log")[from..]
+            .iter()
+            .filter(|l| !l.contains("/_sim/"))
+            .cloned()
+            .collect()
+    };
+    let mark = w.sim.requests.lock().expect("log").len();
+    let out = w
+        .cb(r.path(), &["run", "--", "sh", "-c", "echo out; exit 3"])
+        .await
+        .expect(3);
+    assert_eq!(out.stdout(), "out\n", "the exit trailer is not output");
+    let seen = requests(mark);
+    assert_eq!(
+        seen.len(),
+        2,
+        "an unchanged tree and a command: the exec and its log stream only: {seen:#?}"
+    );
+    // A changed file adds its upload and one command that unpacks it.
+    std::fs::write(r.path().join("README"), "changed\n").expect("write");
+    let mark = w.sim.requests.lock().expect("log").len();
+    let out = w
+        .cb(r.path(), &["run", "--", "cat", "README"])
+        .await
+        .expect(0);
+    assert_eq!(out.stdout(), "changed\n");
+    let seen = requests(mark);
+    assert_eq!(
+        seen.len(),
+        4,
+        "a change costs 2 more (upload, unpack): {seen:#?}"
+    );
+    // A deletion too.
+    std::fs::remove_file(r.path().join("src/lib.txt")).expect("rm");
+    let mark = w.sim.requests.lock().expect("log").len();
+    w.cb(
+        r.path(),
+        &["run", "--", "sh", "-c", "test ! -e src/lib.txt"],
+    )
+    .await
+    .expect(0);
+    let seen = requests(mark);
+    assert_eq!(
+        seen.len(),
+        3,
+        "a deletion costs 1 more (one command): {seen:#?}"
+    );
 }

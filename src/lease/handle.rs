@@ -102,6 +102,9 @@ pub struct LeaseHandle {
     /// Set when what the store says the sandbox holds could not be forgotten after a failed
     /// upload: the next sync must send everything.
     pub manifest_untrusted: Arc<AtomicBool>,
+    /// The sandbox was seen, since this daemon started, to hold what the store says (its
+    /// digest checked once, or a sync by this daemon): later syncs trust the store.
+    pub remote_verified: Arc<AtomicBool>,
 }
 
 impl LeaseHandle {
@@ -112,6 +115,7 @@ impl LeaseHandle {
             state,
             run_lock: Arc::new(Mutex::new(())),
             manifest_untrusted: Arc::new(AtomicBool::new(false)),
+            remote_verified: Arc::new(AtomicBool::new(false)),
         }
     }
 

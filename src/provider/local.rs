@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    CreateSpec, ExecExit, ExecOutput, ExecSpec, Input, Provider, ProviderError, ProviderErrorKind,
-    SandboxInfo, SandboxState, SshAccessInfo, UploadSpec,
+    CreateSpec, DIGEST_FILE, ExecExit, ExecOutput, ExecSpec, Input, Provider, ProviderError,
+    ProviderErrorKind, SandboxInfo, SandboxState, SshAccessInfo, UploadSpec,
 };
 use crate::sandbox::{self, Engine, EngineError, EngineState, SandboxMeta};
 
@@ -196,19 +196,34 @@ impl Provider for LocalProvider {
                     .map_err(|e| sync_err("emptying the workdir", e))?;
             }
             std::fs::create_dir_all(&workdir).map_err(|e| sync_err("creating the workdir", e))?;
+            match std::fs::remove_file(workdir.join(DIGEST_FILE)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(sync_err("removing the old digest", e));
+                }
+                _ => {}
+            }
             sandbox::archive::remove_paths(&workdir, &spec.remove)
                 .map_err(|e| sync_err("removing old files", e))?;
             if let Some(archive) = &spec.archive {
                 sandbox::archive::unpack(archive, &workdir)
                     .map_err(|e| sync_err("unpacking the archive", e))?;
             }
-            if let Some(m) = &spec.manifest {
-                std::fs::write(workdir.join(".crabbox-manifest.json"), m)
-                    .map_err(|e| sync_err("writing the manifest", e))?;
-            }
+            std::fs::write(workdir.join(DIGEST_FILE), &spec.digest)
+                .map_err(|e| sync_err("writing the digest", e))?;
             Ok(())
         })
         .await
+    }
+
+    async fn synced_digest(
+        &self,
+        sandbox: &str,
+        workdir: &str,
+    ) -> Result<Option<String>, ProviderError> {
+        let path = self.inside(sandbox, workdir)?.join(DIGEST_FILE);
+        Ok(std::fs::read_to_string(path)
+            .ok()
+            .map(|s| s.trim().to_string()))
     }
 
     async fn exec(

@@ -75,10 +75,15 @@ pub struct UploadSpec {
     /// Empty the workdir first: the daemon has no trusted record of what it holds (first
     /// sync, full resync, or after a failed upload).
     pub clean: bool,
-    /// What the workdir holds after this upload (JSON), kept there as
-    /// `.crabbox-manifest.json` so the sandbox itself says what it was synced with.
-    pub manifest: Option<Vec<u8>>,
+    /// The digest of what the workdir holds after this upload (the daemon keeps the
+    /// manifest itself), kept there as `.crabbox-manifest.digest`: removed before anything
+    /// changes and written once everything is in place, so the sandbox says whether it
+    /// holds exactly what the daemon's record says.
+    pub digest: String,
 }
+
+/// Where a synced workdir keeps the digest of what it holds.
+pub const DIGEST_FILE: &str = ".crabbox-manifest.digest";
 
 /// A command to run in a sandbox.
 #[derive(Debug, Clone)]
@@ -144,6 +149,16 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Removes `spec.remove`, then unpacks `spec.archive` into `spec.workdir`.
     async fn upload(&self, sandbox: &str, spec: &UploadSpec) -> Result<(), ProviderError>;
+
+    /// The digest the workdir says it holds ([`UploadSpec::digest`]); `None` when it says
+    /// nothing (never synced, a sync cut short, or the provider cannot tell).
+    async fn synced_digest(
+        &self,
+        _sandbox: &str,
+        _workdir: &str,
+    ) -> Result<Option<String>, ProviderError> {
+        Ok(None)
+    }
 
     /// Runs a command, sending its output as it comes; what arrives on `input` goes to its
     /// stdin (data) or its terminal (window size), and the end of `input` is the end of its

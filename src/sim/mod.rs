@@ -156,6 +156,9 @@ pub struct Sim {
     pub sessions: toolbox::Sessions,
     /// The events channel (Socket.IO) and its clients.
     pub events: events::Events,
+    /// The last requests served (`METHOD /path`), for tests and benches counting round
+    /// trips (`GET /_sim/requests`).
+    pub requests: Mutex<Vec<String>>,
     pub faults: Mutex<Faults>,
     pub started: Instant,
     pub shutdown: CancellationToken,
@@ -347,6 +350,9 @@ fn authenticate(sim: &Sim, headers: &HeaderMap) -> Result<Principal, ApiError> {
     Err(unauthorized())
 }
 
+/// How many requests `/_sim/requests` remembers.
+const REQUEST_LOG: usize = 10_000;
+
 /// Faults, then auth; puts the [`Principal`] in the request's extensions.
 async fn gate(State(sim): State<Arc<Sim>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
@@ -358,6 +364,13 @@ async fn gate(State(sim): State<Arc<Sim>>, mut req: Request, next: Next) -> Resp
                 tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
             }
             let line = format!("{} {}", req.method(), req.uri().path());
+            if let Ok(mut log) = sim.requests.lock() {
+                // The last requests only: a long-running sim must not grow with its traffic.
+                if log.len() >= REQUEST_LOG {
+                    log.drain(..REQUEST_LOG / 2);
+                }
+                log.push(line.clone());
+            }
             if faults.rate_limit_count > 0
                 && faults
                     .rate_limit_path
@@ -536,6 +549,13 @@ pub fn router(sim: Arc<Sim>) -> Router {
             axum::routing::get(get_faults).post(set_faults),
         )
         .route(
+            "/_sim/requests",
+            axum::routing::get(|State(sim): State<Arc<Sim>>| async move {
+                let log = sim.requests.lock().map(|l| l.clone()).unwrap_or_default();
+                axum::Json(log)
+            }),
+        )
+        .route(
             "/_sim/events",
             axum::routing::get(|State(sim): State<Arc<Sim>>| async move {
                 axum::Json(sim.events.stats())
@@ -569,6 +589,7 @@ pub async fn start(
         ssh_tokens: Mutex::new(HashMap::new()),
         sessions: Default::default(),
         events: Default::default(),
+        requests: Mutex::new(Vec::new()),
         started: Instant::now(),
         shutdown: shutdown.clone(),
     });

@@ -117,6 +117,13 @@ pub struct Diff {
 }
 
 impl Manifest {
+    /// A digest of the whole record (hex BLAKE3 of its JSON), as a synced workdir keeps
+    /// it to say what it holds.
+    pub fn digest(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        blake3::hash(&json).to_hex().to_string()
+    }
+
     /// What to send and delete to turn `previous` into `self`.
     pub fn diff(&self, previous: &Manifest) -> Diff {
         let mut d = Diff::default();

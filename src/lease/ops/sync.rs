@@ -45,11 +45,33 @@ impl SyncJob<'_> {
         let started = Instant::now();
         let id = self.lease.record().id;
         let untrusted = self.lease.manifest_untrusted.load(Ordering::SeqCst);
-        let previous = if self.full || untrusted {
+        let mut previous = if self.full || untrusted {
             None
         } else {
             self.previous
         };
+        // The first sync by this daemon checks that the sandbox holds what the store says
+        // (the store may be older than the sandbox after a crash, or the other way round):
+        // one small read, then trusted until the daemon restarts.
+        if let Some(p) = &previous
+            && !self.lease.remote_verified.load(Ordering::SeqCst)
+        {
+            let remote = self
+                .target
+                .provider
+                .synced_digest(&self.target.sandbox, &self.workdir)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::debug!(lease = %id, error = %e, "could not read the sandbox's sync digest; sending everything");
+                    None
+                });
+            if remote.as_deref() == Some(p.digest().as_str()) {
+                self.lease.remote_verified.store(true, Ordering::SeqCst);
+            } else {
+                tracing::info!(lease = %id, "the sandbox does not hold what the store says; sending everything");
+                previous = None;
+            }
+        }
         // Without a trusted record of what the sandbox holds, its folder is cleaned and
         // everything is sent.
         let clean = previous.is_none();
@@ -92,7 +114,7 @@ impl SyncJob<'_> {
             archive: archive.as_ref().map(|f| f.path().to_path_buf()),
             remove: diff.remove.clone(),
             clean,
-            manifest: serde_json::to_vec(&self.manifest).ok(),
+            digest: self.manifest.digest(),
         };
         if let Err(e) = self
             .target
@@ -102,6 +124,7 @@ impl SyncJob<'_> {
         {
             // What the sandbox holds is unknown now: the next sync sends everything. When
             // the store cannot forget, the handle remembers not to trust it.
+            self.lease.remote_verified.store(false, Ordering::SeqCst);
             if let Err(store) = self.store.delete_manifest(&id) {
                 tracing::warn!(lease = %id, error = %store, "could not forget the sync manifest; the next sync sends everything");
                 self.lease.manifest_untrusted.store(true, Ordering::SeqCst);
@@ -110,6 +133,7 @@ impl SyncJob<'_> {
         }
         self.store.put_manifest(&id, &self.manifest)?;
         self.lease.manifest_untrusted.store(false, Ordering::SeqCst);
+        self.lease.remote_verified.store(true, Ordering::SeqCst);
         report.millis = started.elapsed().as_millis() as u64;
         Ok(report)
     }

@@ -1,6 +1,6 @@
-//! Commands: a private session per command, an async exec, and the logs WebSocket, so
-//! stdout and stderr arrive live and apart; cancel deletes the session, which ends the
-//! command.
+//! Commands: one session per lease, an async exec, and the logs WebSocket, so stdout and
+//! stderr arrive live and apart and the exit code comes at the stream's end; cancel deletes
+//! the session, which ends the command.
 
 use std::time::Duration;
 
@@ -15,18 +15,12 @@ use super::{DaytonaProvider, client, demux, e, quote};
 use crate::provider::{ExecExit, ExecOutput, ExecSpec, Input, ProviderError, ProviderErrorKind};
 
 impl DaytonaProvider {
-    /// Runs a command in a private session, streaming its output; the session is deleted
-    /// either way (which ends whatever still runs in it).
-    pub(super) async fn exec_command(
-        &self,
-        sandbox: &str,
-        spec: &ExecSpec,
-        input: Option<mpsc::Receiver<Input>>,
-        out: mpsc::Sender<ExecOutput>,
-        cancel: CancellationToken,
-    ) -> Result<ExecExit, ProviderError> {
-        self.ready()?;
-        let base = self.toolbox_url(sandbox).await?;
+    /// The lease's session (one per sandbox, made on first use and kept: a warm run costs
+    /// an exec and its log stream, nothing more).
+    async fn session_for(&self, sandbox: &str, base: &str) -> Result<String, ProviderError> {
+        if let Some(s) = self.sessions.get(sandbox) {
+            return Ok(s.clone());
+        }
         let session: String = format!("crabbox-{:016x}", rand::random::<u64>());
         // Creating a named session is idempotent: a 409 on a retry means it exists.
         match self
@@ -43,19 +37,55 @@ impl DaytonaProvider {
             Err(h) if h.status.map(|s| s.as_u16()) == Some(409) => {}
             Err(h) => return Err(h.error),
         }
-        let result = self
-            .exec_in_session(sandbox, &base, &session, spec, input, out, cancel)
+        self.sessions.insert(sandbox.to_string(), session.clone());
+        Ok(session)
+    }
+
+    /// Deletes the sandbox's session (which ends whatever still runs in it) and forgets it.
+    pub(super) async fn drop_session(&self, sandbox: &str, base: &str) {
+        if let Some((_, session)) = self.sessions.remove(sandbox) {
+            let _ = self
+                .client
+                .json(
+                    Method::DELETE,
+                    &format!("{base}/process/session/{session}"),
+                    None,
+                    Idempotent::Yes,
+                )
+                .await;
+        }
+    }
+
+    /// Runs a command in the lease's session, streaming its output. A command that did not
+    /// end by itself (cancelled, timed out, its stream broken) ends with the session, which
+    /// is deleted; the next command gets a new one.
+    pub(super) async fn exec_command(
+        &self,
+        sandbox: &str,
+        spec: &ExecSpec,
+        input: Option<mpsc::Receiver<Input>>,
+        out: mpsc::Sender<ExecOutput>,
+        cancel: CancellationToken,
+    ) -> Result<ExecExit, ProviderError> {
+        self.ready()?;
+        let base = self.toolbox_url(sandbox).await?;
+        let mut input = input;
+        let session = self.session_for(sandbox, &base).await?;
+        let mut result = self
+            .exec_in_session(sandbox, &base, &session, spec, &mut input, &out, &cancel)
             .await;
-        // The session goes either way (it ends whatever still runs in it).
-        let _ = self
-            .client
-            .json(
-                Method::DELETE,
-                &format!("{base}/process/session/{session}"),
-                None,
-                Idempotent::Yes,
-            )
-            .await;
+        // A kept session can be gone (the sandbox was stopped and started): the command
+        // did not start; once more in a new one.
+        if matches!(&result, Err(err) if err.kind == ProviderErrorKind::NotFound) {
+            self.sessions.remove(sandbox);
+            let session = self.session_for(sandbox, &base).await?;
+            result = self
+                .exec_in_session(sandbox, &base, &session, spec, &mut input, &out, &cancel)
+                .await;
+        }
+        if !matches!(&result, Ok(exit) if !exit.cancelled && !exit.timed_out) {
+            self.drop_session(sandbox, &base).await;
+        }
         result
     }
 }
@@ -156,11 +186,12 @@ impl DaytonaProvider {
         base: &str,
         session: &str,
         spec: &ExecSpec,
-        input: Option<mpsc::Receiver<Input>>,
-        out: mpsc::Sender<ExecOutput>,
-        cancel: CancellationToken,
+        input: &mut Option<mpsc::Receiver<Input>>,
+        out: &mpsc::Sender<ExecOutput>,
+        cancel: &CancellationToken,
     ) -> Result<ExecExit, ProviderError> {
-        let script = session_script(spec, input.is_some());
+        let nonce = format!("{:016x}", rand::random::<u64>());
+        let script = session_script(spec, input.is_some(), &nonce);
         let exec_url = format!("{base}/process/session/{session}/exec");
         // Input is not echoed into the command's output (Daytona's default echoes it).
         let body = json!({
@@ -230,13 +261,14 @@ impl DaytonaProvider {
             .await?;
         // The client's stdin, sent through the input endpoint as it comes; ended with the
         // command (dropping the task's handle does not stop it: it is aborted below).
-        let feeder = input.map(|input| {
+        let feeder = input.take().map(|input| {
             let client = self.client.clone();
             let url = format!("{base}/process/session/{session}/command/{cmd}/input");
             tokio::spawn(feed_input(client, url, input))
         });
         let _stop_feeder = feeder.map(AbortOnDrop);
         let mut demux = demux::Demux::default();
+        let mut trailer = ExitTrailer::new(&nonce);
         let timeout = async {
             match spec.timeout {
                 Some(d) => tokio::time::sleep(d).await,
@@ -244,16 +276,21 @@ impl DaytonaProvider {
             }
         };
         tokio::pin!(timeout);
-        let mut activity = tokio::time::interval(Duration::from_secs(60));
+        // Daytona's idle clock: the exec itself counts as activity; a long command keeps
+        // it fed once a minute.
+        let mut activity = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(60),
+            Duration::from_secs(60),
+        );
         let (mut cancelled, mut timed_out) = (false, false);
         loop {
             tokio::select! {
                 msg = ws.next() => match msg {
                     Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(b))) => {
-                        for o in demux.push(&b) { let _ = out.send(o).await; }
+                        for o in trailer.filter(demux.push(&b)) { let _ = out.send(o).await; }
                     }
                     Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
-                        for o in demux.push(t.as_bytes()) { let _ = out.send(o).await; }
+                        for o in trailer.filter(demux.push(t.as_bytes())) { let _ = out.send(o).await; }
                     }
                     Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) | None => break,
                     Some(Ok(_)) => {}
@@ -268,7 +305,10 @@ impl DaytonaProvider {
                 }
             }
         }
-        for o in demux.finish() {
+        for o in trailer.filter(demux.finish()) {
+            let _ = out.send(o).await;
+        }
+        for o in trailer.finish() {
             let _ = out.send(o).await;
         }
         if cancelled || timed_out {
@@ -285,7 +325,16 @@ impl DaytonaProvider {
                 cancelled,
             });
         }
-        // The stream closed at exit; the code may lag a moment behind.
+        // The command said its exit code at its end, in the stream.
+        if let Some(code) = trailer.code {
+            return Ok(ExecExit {
+                code,
+                signal: (code > 128).then(|| signal_name(code - 128)),
+                timed_out: false,
+                cancelled: false,
+            });
+        }
+        // It did not (its shell was killed): ask. The code may lag a moment behind.
         let url = format!("{base}/process/session/{session}/command/{cmd}");
         for _ in 0..100 {
             let v = self
@@ -343,11 +392,13 @@ for l in sys.stdin.buffer:
         os._exit(0)
 ";
 
-/// The shell text a session runs for `spec`: into the working folder, the environment, then
-/// the command, its stdin either empty or (with `stdin`) fed by the decoder through a FIFO.
-/// Never `exit`: Daytona sources it in the session's shell.
-pub(super) fn session_script(spec: &ExecSpec, stdin: bool) -> String {
-    let mut script = format!("cd {} && ", quote(&spec.cwd));
+/// The shell text a session runs for `spec`: in a subshell (a session's shell is kept
+/// for the lease's next commands: nothing of this one's `cd`, environment or `exit` may
+/// reach it), into the working folder, the environment, then the command, its stdin either
+/// empty or (with `stdin`) fed by the decoder through a FIFO; then the exit code, in the
+/// output stream, behind a marker with this run's `nonce` (see [`ExitTrailer`]).
+pub(super) fn session_script(spec: &ExecSpec, stdin: bool, nonce: &str) -> String {
+    let mut script = format!("( cd {} && ", quote(&spec.cwd));
     for (k, v) in &spec.env {
         script.push_str(&format!("export {k}={}; ", quote(v)));
     }
@@ -355,24 +406,120 @@ pub(super) fn session_script(spec: &ExecSpec, stdin: bool) -> String {
         // A session keeps its commands' stdin open (for its input endpoint): without this a
         // command that reads stdin would wait forever. It reads an empty stdin instead, as
         // with `ssh host cmd < /dev/null`.
-        script.push_str(&format!("{{ {}\n}} < /dev/null", spec.command));
-        return script;
+        script.push_str(&format!("{{ {}\n}} < /dev/null\n)", spec.command));
+    } else {
+        // The session's stdin (fd 3 here) only ever carries base64 lines and never ends
+        // while the command runs; the decoder turns them into the command's stdin and ends
+        // it at the end line. Without python3 the command reads an empty stdin, and is told.
+        script.push_str(&format!(
+            "if command -v python3 >/dev/null 2>&1 && __cbx_d=$(mktemp -d) && mkfifo \"$__cbx_d/in\"; then \
+             {{ python3 -c {decoder} <&3 > \"$__cbx_d/in\" & __cbx_p=$!; \
+             {{ {command}\n}} < \"$__cbx_d/in\"; __cbx_c=$?; \
+             kill $__cbx_p 2>/dev/null; rm -rf \"$__cbx_d\"; exit $__cbx_c; }} 3<&0; \
+             else echo 'crabbox: python3 is not in this sandbox image, so stdin is not forwarded: \
+             the command reads an empty stdin (use an image with python3, or pass -n)' >&2; \
+             {{ {command}\n}} < /dev/null; fi\n)",
+            decoder = quote(DECODER),
+            command = spec.command,
+        ));
     }
-    // The session's stdin (fd 3 here) only ever carries base64 lines and never ends while
-    // the command runs; the decoder turns them into the command's stdin and ends it at the
-    // end line. Without python3 the command reads an empty stdin, and is told so.
-    script.push_str(&format!(
-        "if command -v python3 >/dev/null 2>&1 && __cbx_d=$(mktemp -d) && mkfifo \"$__cbx_d/in\"; then \
-         {{ python3 -c {decoder} <&3 > \"$__cbx_d/in\" & __cbx_p=$!; \
-         {{ {command}\n}} < \"$__cbx_d/in\"; __cbx_c=$?; \
-         kill $__cbx_p 2>/dev/null; rm -rf \"$__cbx_d\"; (exit $__cbx_c); }} 3<&0; \
-         else echo 'crabbox: python3 is not in this sandbox image, so stdin is not forwarded: \
-         the command reads an empty stdin (use an image with python3, or pass -n)' >&2; \
-         {{ {command}\n}} < /dev/null; fi",
-        decoder = quote(DECODER),
-        command = spec.command,
-    ));
+    script.push_str(&format!("; printf '\\036crabbox-exit-{nonce}:%d\\036' $?"));
     script
+}
+
+/// Takes the exit code a command's script prints after it (`\x1ecrabbox-exit-NONCE:N\x1e`,
+/// then perhaps the newline Daytona's log writer adds to a last unterminated line) out of
+/// its stdout. Output is held back only while its end could be the marker's start, which
+/// ordinary output (it would have to end in a 0x1E byte) almost never is.
+pub(super) struct ExitTrailer {
+    marker: Vec<u8>,
+    held: Vec<u8>,
+    pub code: Option<i32>,
+}
+
+impl ExitTrailer {
+    pub fn new(nonce: &str) -> ExitTrailer {
+        ExitTrailer {
+            marker: format!("\x1ecrabbox-exit-{nonce}:").into_bytes(),
+            held: Vec::new(),
+            code: None,
+        }
+    }
+
+    /// The output to pass on now.
+    pub fn filter(&mut self, chunks: Vec<ExecOutput>) -> Vec<ExecOutput> {
+        let mut out = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            match chunk {
+                ExecOutput::Stdout(b) => {
+                    let shown = self.push(&b);
+                    if !shown.is_empty() {
+                        out.push(ExecOutput::Stdout(shown));
+                    }
+                }
+                other => out.push(other),
+            }
+        }
+        out
+    }
+
+    fn push(&mut self, bytes: &[u8]) -> Vec<u8> {
+        if self.code.is_some() {
+            // After the trailer only Daytona's added newline can come.
+            return if bytes == b"\n" {
+                Vec::new()
+            } else {
+                bytes.to_vec()
+            };
+        }
+        self.held.extend_from_slice(bytes);
+        if let Some(at) = find(&self.held, &self.marker) {
+            let rest = &self.held[at + self.marker.len()..];
+            if let Some(end) = rest.iter().position(|&b| b == 0x1e) {
+                if let Some(code) = std::str::from_utf8(&rest[..end])
+                    .ok()
+                    .and_then(|s| s.parse::<i32>().ok())
+                {
+                    self.code = Some(code);
+                    let shown = self.held[..at].to_vec();
+                    self.held.clear();
+                    return shown;
+                }
+                // Not ours after all: pass it on.
+                return std::mem::take(&mut self.held);
+            }
+            // The marker's end has not come yet.
+            let shown = self.held[..at].to_vec();
+            self.held.drain(..at);
+            return shown;
+        }
+        // Hold back only a tail that could start the marker.
+        let keep = (1..self.marker.len().min(self.held.len() + 1))
+            .rev()
+            .find(|&n| self.held.ends_with(&self.marker[..n]))
+            .unwrap_or(0);
+        let cut = self.held.len() - keep;
+        let shown = self.held[..cut].to_vec();
+        self.held.drain(..cut);
+        shown
+    }
+
+    /// Whatever is still held at the end of the stream.
+    pub fn finish(&mut self) -> Vec<ExecOutput> {
+        if self.held.is_empty() {
+            Vec::new()
+        } else {
+            vec![ExecOutput::Stdout(std::mem::take(&mut self.held))]
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn signal_name(n: i32) -> String {
+    nix::sys::signal::Signal::try_from(n).map_or_else(|_| format!("signal {n}"), |s| s.to_string())
 }
 
 /// Sends what arrives on `input` through the input endpoint, in order, one call at a time
@@ -406,4 +553,77 @@ async fn feed_input(client: client::Client, url: String, mut input: mpsc::Receiv
         }
     }
     let _ = send(INPUT_EOF.to_string()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(v: Vec<ExecOutput>) -> Vec<u8> {
+        v.into_iter()
+            .flat_map(|o| match o {
+                ExecOutput::Stdout(b) => b,
+                ExecOutput::Stderr(_) => Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_exit_code_is_taken_out_of_the_stream_even_when_split() {
+        let mut t = ExitTrailer::new("ab12");
+        let mut shown = out(t.filter(vec![ExecOutput::Stdout(b"hello\n\x1ecrab".to_vec())]));
+        assert_eq!(
+            shown, b"hello\n",
+            "only what could start the marker is held"
+        );
+        shown.extend(out(
+            t.filter(vec![ExecOutput::Stdout(b"box-exit-ab12:4".to_vec())])
+        ));
+        shown.extend(out(t.filter(vec![ExecOutput::Stdout(b"2\x1e".to_vec())])));
+        // Daytona's log writer ends a last unterminated line with a newline.
+        shown.extend(out(t.filter(vec![ExecOutput::Stdout(b"\n".to_vec())])));
+        shown.extend(out(t.finish()));
+        assert_eq!(shown, b"hello\n");
+        assert_eq!(t.code, Some(42));
+    }
+
+    #[test]
+    fn output_that_only_looks_like_the_marker_is_passed_on() {
+        let mut t = ExitTrailer::new("ab12");
+        let shown = out(t.filter(vec![
+            ExecOutput::Stdout(b"a\x1e".to_vec()),
+            ExecOutput::Stdout(b"b \x1ecrabbox-exit-zz99:1\x1e".to_vec()),
+        ]));
+        let mut all = shown;
+        all.extend(out(t.finish()));
+        assert_eq!(all, b"a\x1eb \x1ecrabbox-exit-zz99:1\x1e".to_vec());
+        assert_eq!(t.code, None, "another nonce is not ours");
+        // Stderr is never held.
+        let mut t = ExitTrailer::new("ab12");
+        let v = t.filter(vec![ExecOutput::Stderr(b"\x1e".to_vec())]);
+        assert_eq!(v, vec![ExecOutput::Stderr(b"\x1e".to_vec())]);
+    }
+
+    #[test]
+    fn the_script_runs_in_a_subshell_and_reports_its_code() {
+        let spec = ExecSpec {
+            command: "exit 3".into(),
+            cwd: "/w".into(),
+            env: Default::default(),
+            timeout: None,
+            tty: None,
+        };
+        let script = session_script(&spec, false, "n1");
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("cd / && {}", script.replace("cd /w", "cd /tmp")))
+            .output()
+            .expect("sh");
+        assert_eq!(out.stdout, b"\x1ecrabbox-exit-n1:3\x1e");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "the session's shell survives `exit`"
+        );
+    }
 }

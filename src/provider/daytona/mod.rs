@@ -76,10 +76,10 @@ pub struct DaytonaProvider {
     ssh: DashMap<String, SshAccessInfo>,
     /// Daytona's events channel (sandbox state changes, pushed).
     events: events::Events,
+    /// The session each sandbox's commands run in, kept for the lease's life.
+    sessions: DashMap<String, String>,
 }
 
-/// The manifest a synced workdir keeps of itself.
-const MANIFEST_FILE: &str = ".crabbox-manifest.json";
 /// How long a timed-out upload/extract command may take on the sandbox.
 const SYNC_COMMAND_TIMEOUT_SECS: u64 = 600;
 /// A cached SSH token is refreshed when it has less than this left.
@@ -138,6 +138,7 @@ impl DaytonaProvider {
             toolbox: DashMap::new(),
             ssh: DashMap::new(),
             events: Default::default(),
+            sessions: DashMap::new(),
         })
     }
 
@@ -519,6 +520,14 @@ impl Provider for DaytonaProvider {
         self.upload_checkout(sandbox, spec).await
     }
 
+    async fn synced_digest(
+        &self,
+        sandbox: &str,
+        workdir: &str,
+    ) -> Result<Option<String>, ProviderError> {
+        self.read_digest(sandbox, workdir).await
+    }
+
     async fn exec(
         &self,
         sandbox: &str,
@@ -656,6 +665,8 @@ impl Provider for DaytonaProvider {
     }
 
     async fn release(&self, sandbox: &str) -> Result<(), ProviderError> {
+        // Its session goes with it.
+        self.sessions.remove(sandbox);
         let started = Instant::now();
         let mut delay = Duration::from_millis(250);
         loop {

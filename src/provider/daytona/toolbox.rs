@@ -5,8 +5,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::client::Idempotent;
-use super::{DaytonaProvider, MANIFEST_FILE, SYNC_COMMAND_TIMEOUT_SECS, e, quote};
-use crate::provider::{ProviderError, ProviderErrorKind, UploadSpec};
+use super::{DaytonaProvider, SYNC_COMMAND_TIMEOUT_SECS, e, quote};
+use crate::provider::{DIGEST_FILE, ProviderError, ProviderErrorKind, UploadSpec};
 
 impl DaytonaProvider {
     /// The toolbox URL for a sandbox (asked of Daytona when the sandbox did not say).
@@ -132,74 +132,102 @@ impl DaytonaProvider {
             })
     }
 
-    /// Puts a sync into the sandbox: prepare the workdir, stream the removal list and the
-    /// archive to `upload-v2`, unpack with one command, keep the manifest beside it.
+    /// Puts a sync into the sandbox with one upload (the archive, streamed to `/tmp`) and
+    /// one command that does the rest: prepare the workdir, drop the digest, delete what
+    /// went (the list travels in the command itself, unless it is very long), unpack, write
+    /// the new digest. Each destructive step is guarded by the archive's presence and the
+    /// archive is removed when unpacked, so a repeat after a lost answer does no harm.
     pub(super) async fn upload_checkout(
         &self,
         sandbox: &str,
         spec: &UploadSpec,
     ) -> Result<(), ProviderError> {
         let dir = quote(&spec.workdir);
-        let prepare = if spec.clean {
+        let tag: u64 = rand::random();
+        let mut script = vec![if spec.clean {
             format!("rm -rf {dir} && mkdir -p {dir}")
         } else {
             format!("mkdir -p {dir}")
-        };
-        self.run_checked(sandbox, &prepare, "preparing the workdir")
-            .await?;
-        let tag: u64 = rand::random();
-        let mut script = vec![format!("cd {dir}")];
-        let mut _keep_alive = None;
-        if !spec.remove.is_empty() {
-            // The list goes as a file (it can be long), NUL-separated; every path is a plain
-            // relative path (checked when the manifest was made).
-            let list = tempfile::NamedTempFile::new()
-                .map_err(|err| e(ProviderErrorKind::Sync, format!("temp file: {err}")))?;
-            let mut bytes = Vec::new();
-            for p in &spec.remove {
-                if !crate::sandbox::archive::plain_relative(p) {
-                    return Err(e(
-                        ProviderErrorKind::Sync,
-                        format!("refusing to delete {p:?}: not a plain relative path"),
-                    ));
-                }
-                bytes.extend_from_slice(p.as_bytes());
-                bytes.push(0);
+        }];
+        script.push(format!("cd {dir}"));
+        script.push(format!("rm -f {DIGEST_FILE}"));
+        // The removal list, NUL-separated; every path is a plain relative path (checked
+        // when the manifest was made, and again here).
+        let mut list = Vec::new();
+        for p in &spec.remove {
+            if !crate::sandbox::archive::plain_relative(p) {
+                return Err(e(
+                    ProviderErrorKind::Sync,
+                    format!("refusing to delete {p:?}: not a plain relative path"),
+                ));
             }
-            std::fs::write(list.path(), bytes)
-                .map_err(|err| e(ProviderErrorKind::Sync, format!("temp file: {err}")))?;
-            let remote = format!(".crabbox-remove-{tag:x}");
-            self.put_file(sandbox, list.path(), &format!("{}/{remote}", spec.workdir))
-                .await?;
-            // Each step is guarded by its own input file, which it removes when done: a
-            // repeat after a lost answer skips what already happened.
-            script.push(format!(
-                "if [ -e {remote} ]; then xargs -0 rm -rf -- < {remote}; rm -f {remote}; fi"
-            ));
-            _keep_alive = Some(list);
+            list.extend_from_slice(p.as_bytes());
+            list.push(0);
         }
-        if let Some(archive) = &spec.archive {
-            let remote = format!(".crabbox-sync-{tag:x}.tgz");
-            self.put_file(sandbox, archive, &format!("{}/{remote}", spec.workdir))
-                .await?;
-            script.push(format!(
-                "if [ -e {remote} ]; then tar xzf {remote} && rm -f {remote}; fi"
-            ));
-        }
-        let mut _manifest_file = None;
-        if let Some(m) = &spec.manifest {
+        let mut _list_file = None;
+        let removal = if list.is_empty() {
+            None
+        } else if list.len() <= INLINE_REMOVALS {
+            use base64::Engine;
+            let b64 = base64::engine::general_purpose::STANDARD.encode(&list);
+            Some(format!("printf %s {b64} | base64 -d | xargs -0 rm -rf --"))
+        } else {
+            // Too long for a command line: a file of its own (one more upload).
             let f = tempfile::NamedTempFile::new()
                 .map_err(|err| e(ProviderErrorKind::Sync, format!("temp file: {err}")))?;
-            std::fs::write(f.path(), m)
+            std::fs::write(f.path(), &list)
                 .map_err(|err| e(ProviderErrorKind::Sync, format!("temp file: {err}")))?;
-            let path = format!("{}/{}", spec.workdir, MANIFEST_FILE);
-            self.put_file(sandbox, f.path(), &path).await?;
-            _manifest_file = Some(f);
+            let remote = format!("/tmp/.crabbox-remove-{tag:x}");
+            self.put_file(sandbox, f.path(), &remote).await?;
+            _list_file = Some(f);
+            Some(format!(
+                "if [ -e {remote} ]; then xargs -0 rm -rf -- < {remote}; rm -f {remote}; fi"
+            ))
+        };
+        match &spec.archive {
+            Some(archive) => {
+                let remote = format!("/tmp/.crabbox-sync-{tag:x}.tgz");
+                self.put_file(sandbox, archive, &remote).await?;
+                // Changed files are in the removal list too (a stale symlink is never
+                // written through): the removal only runs while the archive is there to
+                // put them back.
+                let mut step = format!("if [ -e {remote} ]; then ");
+                if let Some(r) = &removal {
+                    step.push_str(&format!("{r} && "));
+                }
+                step.push_str(&format!("tar xzf {remote} && rm -f {remote}; fi"));
+                script.push(step);
+            }
+            None => script.extend(removal),
         }
-        if script.len() > 1 {
-            self.run_checked(sandbox, &script.join(" && "), "unpacking the sync archive")
-                .await?;
+        script.push(format!("printf %s {} > {DIGEST_FILE}", quote(&spec.digest)));
+        self.run_checked(sandbox, &script.join(" && "), "putting the sync in place")
+            .await
+    }
+
+    /// The digest a synced workdir keeps (`None` when it has none).
+    pub(super) async fn read_digest(
+        &self,
+        sandbox: &str,
+        workdir: &str,
+    ) -> Result<Option<String>, ProviderError> {
+        self.ready()?;
+        let base = self.toolbox_url(sandbox).await?;
+        let url = format!("{base}/files/download");
+        let path = format!("{workdir}/{DIGEST_FILE}");
+        let client = self.client.clone();
+        match client
+            .send(Idempotent::Yes, || {
+                Ok(client.request(Method::GET, &url).query(&[("path", &path)]))
+            })
+            .await
+        {
+            Ok(body) => Ok(Some(String::from_utf8_lossy(&body).trim().to_string())),
+            Err(h) if h.status.map(|s| s.as_u16()) == Some(404) => Ok(None),
+            Err(h) => Err(h.error),
         }
-        Ok(())
     }
 }
+
+/// Removal lists up to this many bytes travel inside the command (as base64).
+const INLINE_REMOVALS: usize = 96 * 1024;
