@@ -156,8 +156,8 @@ pub struct Sim {
     pub sessions: toolbox::Sessions,
     /// The events channel (Socket.IO) and its clients.
     pub events: events::Events,
-    /// The last requests served (`METHOD /path`), for tests and benches counting round
-    /// trips (`GET /_sim/requests`).
+    /// The last requests served (`METHOD /path [body bytes]`), for tests and benches
+    /// counting round trips and bytes (`GET /_sim/requests`).
     pub requests: Mutex<Vec<String>>,
     pub faults: Mutex<Faults>,
     pub started: Instant,
@@ -364,12 +364,21 @@ async fn gate(State(sim): State<Arc<Sim>>, mut req: Request, next: Next) -> Resp
                 tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
             }
             let line = format!("{} {}", req.method(), req.uri().path());
+            // With the body's size when it says (for benches counting bytes on the wire).
+            let logged = match req
+                .headers()
+                .get(axum::http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(n) => format!("{line} {n}"),
+                None => line.clone(),
+            };
             if let Ok(mut log) = sim.requests.lock() {
                 // The last requests only: a long-running sim must not grow with its traffic.
                 if log.len() >= REQUEST_LOG {
                     log.drain(..REQUEST_LOG / 2);
                 }
-                log.push(line.clone());
+                log.push(logged);
             }
             if faults.rate_limit_count > 0
                 && faults

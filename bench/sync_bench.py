@@ -1,0 +1,136 @@
+"""What a run sends and what it costs, on a warm daytona lease (daytona-sim on loopback) with
+a 10,000-file, ~50 MB repo, in one run:
+
+- bytes on the wire per sync (request bodies as the sim counts them) and requests, for an
+  unchanged tree, a 1-file change (against that file gzipped alone) and a deletion;
+- the wall time of an unchanged run against a `--no-sync` run of the same lease (the scan);
+- locally: a warm `crabbox run -- true` and `crabbox --version` against `sh -c true`.
+
+Usage: python3 bench/sync_bench.py [FILES] [RUNS]   (after `cargo build --release`)
+"""
+import gzip
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+FILES = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
+RUNS = int(sys.argv[2]) if len(sys.argv) > 2 else 15
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+KEY = "dtn_bench_key"
+med = statistics.median
+work = tempfile.mkdtemp(prefix="crabbox-sync-bench-")
+procs = []
+
+
+def daemon(name, extra):
+    env = dict(os.environ, CRABBOX_SOCKET=f"{work}/{name}/run/d.sock",
+               CRABBOX_STATE_DIR=f"{work}/{name}/state", CRABBOX_CONFIG="/dev/null",
+               CRABBOX_NO_AUTOSTART="1", RUST_LOG="warn", **extra)
+    p = subprocess.Popen([f"{BIN}/crabboxd"], env=env, stderr=subprocess.DEVNULL)
+    procs.append(p)
+    for _ in range(200):
+        if os.path.exists(env["CRABBOX_SOCKET"]):
+            break
+        time.sleep(0.05)
+    return env
+
+
+def timed(cmd, cwd, env, runs=RUNS):
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, check=True)
+        out.append((time.perf_counter() - t) * 1000)
+    return med(out)
+
+
+try:
+    sim = subprocess.Popen([f"{BIN}/daytona-sim", "--listen", "127.0.0.1:0", "--state-dir",
+                            f"{work}/sim", "--api-key", KEY],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    procs.append(sim)
+    url = sim.stdout.readline().strip().split(" ", 2)[2]
+
+    def requests():
+        return json.loads(urllib.request.urlopen(f"{url}/_sim/requests").read())
+
+    def sent(cmd, cwd, env):
+        before = len(requests())
+        out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=True)
+        lines = [l for l in requests()[before:] if "/_sim/" not in l]
+        body = sum(int(l.split()[2]) for l in lines if len(l.split()) > 2)
+        sync = [l for l in lines if "/files/" in l or "/process/execute" in l]
+        sync_bytes = sum(int(l.split()[2]) for l in sync if len(l.split()) > 2)
+        return json.loads(out.stdout), len(lines), body, sync_bytes
+
+    repo = f"{work}/repo"
+    os.makedirs(repo)
+    subprocess.run(["git", "init", "-q", repo], check=True)
+    for i in range(FILES):
+        d = f"{repo}/d{i % 100:02d}"
+        os.makedirs(d, exist_ok=True)
+        with open(f"{d}/f{i:05d}.txt", "w") as f:
+            f.write(os.urandom(1900).hex()[:3800] + "\n" + ("line of text %d\n" % i) * 60)
+    subprocess.run(["git", "-C", repo, "add", "."], check=True)
+    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(repo) if ".git" not in dp for f in fs)
+
+    env = daemon("daytona", {"CRABBOX_PROVIDER": "daytona", "DAYTONA_API_URL": url + "/api",
+                             "DAYTONA_API_KEY": KEY})
+    cb = [f"{BIN}/crabbox", "--json", "run"]
+    subprocess.run([f"{BIN}/crabbox", "warmup"], cwd=repo, env=env, capture_output=True, check=True)
+    t = time.perf_counter()
+    doc, n, body, sync_bytes = sent(cb + ["--", "true"], repo, env)
+    first = (time.perf_counter() - t) * 1000
+    print(f"repo: {FILES} files, {size / 1e6:.1f} MB; first sync {first:.0f} ms, "
+          f"{sync_bytes / 1e6:.2f} MB sent in {n} requests")
+
+    doc, n, body, sync_bytes = sent(cb + ["--", "true"], repo, env)
+    print(f"unchanged tree:  {sync_bytes:8d} B of sync, {n} requests in all "
+          f"(files sent {doc['sync']['files_uploaded']})")
+
+    victim = f"{repo}/d07/f00007.txt"
+    with open(victim, "a") as f:
+        f.write("one more line\n")
+    alone = len(gzip.compress(open(victim, "rb").read()))
+    doc, n, body, sync_bytes = sent(cb + ["--", "true"], repo, env)
+    print(f"1-file change:   {sync_bytes:8d} B of sync, {n} requests in all; the file gzipped alone "
+          f"{alone} B (+{sync_bytes - alone} B)")
+
+    os.remove(f"{repo}/d08/f00008.txt")
+    doc, n, body, sync_bytes = sent(cb + ["--", "true"], repo, env)
+    print(f"1-file deletion: {sync_bytes:8d} B of sync, {n} requests in all")
+
+    synced = timed([f"{BIN}/crabbox", "run", "--", "true"], repo, env)
+    nosync = timed([f"{BIN}/crabbox", "run", "--no-sync", "--", "true"], repo, env)
+    print(f"unchanged run {synced:.1f} ms vs --no-sync run {nosync:.1f} ms (baseline): "
+          f"ratio {synced / nosync:.2f}x")
+
+    local = daemon("local", {})
+    small = f"{work}/small"
+    os.makedirs(small)
+    subprocess.run(["git", "init", "-q", small], check=True)
+    with open(f"{small}/a.txt", "w") as f:
+        f.write("a\n")
+    subprocess.run(["git", "-C", small, "add", "."], check=True)
+    subprocess.run([f"{BIN}/crabbox", "warmup"], cwd=small, env=local, capture_output=True, check=True)
+    subprocess.run([f"{BIN}/crabbox", "run", "--", "true"], cwd=small, env=local, capture_output=True, check=True)
+    sh = timed(["sh", "-c", "true"], small, local, RUNS * 3)
+    run = timed([f"{BIN}/crabbox", "run", "--", "true"], small, local, RUNS * 3)
+    run_ns = timed([f"{BIN}/crabbox", "run", "--no-sync", "--", "true"], small, local, RUNS * 3)
+    ver = timed([f"{BIN}/crabbox", "--version"], small, local, RUNS * 3)
+    print(f"local: sh -c true {sh:.2f} ms (baseline); crabbox run -- true {run:.2f} ms ({run / sh:.1f}x); "
+          f"--no-sync {run_ns:.2f} ms ({run_ns / sh:.1f}x); crabbox --version {ver:.2f} ms ({ver / sh:.1f}x)")
+finally:
+    for p in reversed(procs):
+        p.terminate()
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    subprocess.run(["rm", "-rf", work])
