@@ -1112,3 +1112,91 @@ async fn a_run_fed_forever_ends_cleanly_when_its_lease_is_stopped() {
     common::stdio::a_run_fed_forever_ends_cleanly_when_its_lease_is_stopped(&d, r.path(), &[])
         .await;
 }
+
+/// What the sandbox's checkout holds and what git says the repo holds (every file's path
+/// and digest) must be the same.
+async fn assert_synced(d: &Daemon, r: &Path, when: &str) {
+    let remote_list =
+        "find . -type f ! -name .crabbox-manifest.digest | LC_ALL=C sort | xargs -r sha256sum";
+    let remote = d
+        .run(r, &["run", "--", "sh", "-c", remote_list])
+        .await
+        .expect(0)
+        .stdout();
+    let local_list = "git ls-files -z --cached --others --exclude-standard | xargs -0 -r -n1 sh -c 'test -f \"$0\" && echo \"./$0\"' | LC_ALL=C sort -u | xargs -r sha256sum";
+    let local = std::process::Command::new("sh")
+        .args(["-c", local_list])
+        .current_dir(r)
+        .output()
+        .expect("sh");
+    assert_eq!(
+        remote,
+        String::from_utf8_lossy(&local.stdout),
+        "the sandbox holds the repo {when}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_checkout_syncs_exactly_what_changed_without_a_scan() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let p = r.path();
+    common::git(
+        p,
+        &[
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "user.name=t",
+            "commit",
+            "-qm",
+            "one",
+        ],
+    );
+    d.run(p, &["warmup"]).await.expect(0);
+    assert_synced(&d, p, "after the first sync").await;
+    // Saved just before the run: never missed.
+    std::fs::write(p.join("README"), "edited\n").expect("write");
+    assert_synced(&d, p, "after an edit").await;
+    std::fs::create_dir_all(p.join("new/deep")).expect("mkdir");
+    std::fs::write(p.join("new/deep/f.txt"), "f\n").expect("write");
+    assert_synced(&d, p, "after a new folder").await;
+    std::fs::rename(p.join("new"), p.join("moved")).expect("mv");
+    assert_synced(&d, p, "after a folder was renamed").await;
+    std::fs::remove_file(p.join("src/lib.txt")).expect("rm");
+    assert_synced(&d, p, "after a deletion").await;
+    // An ignore rule changes what goes.
+    std::fs::write(p.join(".gitignore"), "moved/\n").expect("write");
+    assert_synced(&d, p, "with moved/ ignored").await;
+    // Another branch.
+    let g = |args: &[&str]| common::git(p, args);
+    g(&["add", "-A"]);
+    g(&[
+        "-c",
+        "user.email=t@t",
+        "-c",
+        "user.name=t",
+        "commit",
+        "-qm",
+        "two",
+    ]);
+    g(&["checkout", "-q", "-b", "other", "HEAD~1"]);
+    assert_synced(&d, p, "after a checkout of another branch").await;
+    // A file replaced by a folder of the same name.
+    std::fs::remove_file(p.join("README")).expect("rm");
+    std::fs::create_dir(p.join("README")).expect("mkdir");
+    std::fs::write(p.join("README/inside"), "i\n").expect("write");
+    assert_synced(&d, p, "after a file became a folder").await;
+    // And across a daemon restart (the watch starts over with a scan).
+    let (dir, socket, state) = d.shutdown().await;
+    std::fs::write(p.join("late.txt"), "written while the daemon was down\n").expect("write");
+    let d = Daemon::start_in(
+        dir,
+        socket,
+        state,
+        |s| crabbox::daemon::default_providers(s).expect("p"),
+        |_| {},
+    )
+    .await;
+    assert_synced(&d, p, "after a restart").await;
+}

@@ -228,6 +228,7 @@ pub async fn run(
         state_dir: config.state_dir.clone(),
         started: Instant::now(),
         shutdown: token.clone(),
+        checkouts: Default::default(),
     });
     let router = rpc::router(api.clone(), Caller::local());
     tracing::info!(socket = %socket.path.display(), %daemon_id, "crabboxd serving");

@@ -46,6 +46,8 @@ pub struct Api {
     pub started: Instant,
     /// Cancelled at shutdown: streams end.
     pub shutdown: CancellationToken,
+    /// The checkouts runs sync, watched so that an unchanged one costs no scan.
+    pub checkouts: crate::sync::watch::Checkouts,
 }
 
 impl Api {

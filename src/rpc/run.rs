@@ -28,7 +28,7 @@ use crate::pb;
 use crate::pb::run_event::Event as RunEv;
 use crate::provider::{ExecExit, ExecOutput, ExecSpec, Input, PtySize};
 use crate::registry::index::Resolved;
-use crate::sync::{self, SyncRules};
+use crate::sync::SyncRules;
 
 /// Where a run's events go (the gRPC response stream).
 pub type EventTx = mpsc::Sender<Result<pb::RunEvent, Status>>;
@@ -214,13 +214,11 @@ impl Run {
                     .filter_map(|p| std::fs::canonicalize(p).ok())
                     .collect(),
             };
-            let root = repo_root.clone();
-            let cache = previous.clone();
-            let c = tokio::task::spawn_blocking(move || {
-                sync::manifest::collect(Path::new(&root), &rules, cache.as_ref())
-            })
-            .await
-            .map_err(|e| Error::Internal(format!("sync task: {e}")))??;
+            let c = self
+                .api
+                .checkouts
+                .collect(Path::new(&repo_root), rules, previous.clone())
+                .await?;
             for w in &c.warnings {
                 self.phase(format!("warning: {w}")).await;
             }

@@ -9,7 +9,7 @@
 //! Hashing reuses the previous manifest's hash when a file's size, mtime, inode and mode
 //! are unchanged, as git's index does, so an unchanged tree reads no file contents.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -264,6 +264,101 @@ pub fn collect(
     })
 }
 
+/// At most this many changed paths are listed one by one; more, and a scan is cheaper.
+pub const MAX_CHANGES: usize = 2_000;
+
+/// [`collect`] for a checkout known to differ from `base` (an earlier collect under the
+/// same rules) only at `changed` paths (files or folders, root-relative, as a watcher
+/// reports them): only those are listed (by git), stat-ed and hashed. `None` when it cannot
+/// tell that way (outside git, `include` rules, too many changes): the caller scans.
+pub fn collect_changes(
+    root: &Path,
+    rules: &SyncRules,
+    base: &Manifest,
+    changed: &BTreeSet<String>,
+) -> Result<Option<Collected>, SyncError> {
+    if !rules.include.is_empty() || changed.len() > MAX_CHANGES {
+        return Ok(None);
+    }
+    let mut warnings = Vec::new();
+    // The topmost changed paths: a folder covers what is below it.
+    let mut tops: Vec<&str> = Vec::new();
+    for p in changed {
+        if !tops
+            .last()
+            .is_some_and(|t| p.starts_with(&format!("{t}/")) || p == t)
+        {
+            tops.push(p);
+        }
+    }
+    let mut files = base.files.clone();
+    if !tops.is_empty() {
+        let Some(candidates) = git_list_in(root, false, &tops, &mut warnings)? else {
+            return Ok(None);
+        };
+        for top in &tops {
+            let below = format!("{top}/");
+            let gone: Vec<String> = files
+                .range(top.to_string()..)
+                .map(|(k, _)| k)
+                .take_while(|k| k.as_str() == *top || k.starts_with(&below))
+                .cloned()
+                .collect();
+            for k in gone {
+                files.remove(&k);
+            }
+        }
+        let exclude = matcher(root, &rules.exclude)?;
+        let include = matcher(root, &rules.include)?;
+        let crabboxignore = crabboxignore(root)?;
+        let never: Vec<String> = rules
+            .never
+            .iter()
+            .filter_map(|p| p.strip_prefix(root).ok())
+            .filter_map(|p| p.to_str())
+            .filter(|p| !p.is_empty())
+            .map(|p| format!("{p}/"))
+            .collect();
+        let mut vanished = 0;
+        for c in candidates {
+            if never.iter().any(|n| c.path.starts_with(n.as_str()))
+                || !keep(&c, &exclude, &crabboxignore, &include)
+            {
+                continue;
+            }
+            let full = root.join(&c.path);
+            let m = match std::fs::symlink_metadata(&full) {
+                Ok(m) if m.is_file() || m.file_type().is_symlink() => m,
+                Ok(_) => {
+                    warnings.push(format!("skipped {}: not a file or symlink", c.path));
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(SyncError::Io(format!("reading {}: {e}", full.display()))),
+            };
+            match hash_entry(root, &c.path, &m, base.files.get(&c.path)) {
+                Ok(entry) => {
+                    files.insert(c.path, entry);
+                }
+                Err(HashError::Vanished) => vanished += 1,
+                Err(HashError::Sync(e)) => return Err(e),
+            }
+        }
+        if vanished > 0 {
+            warnings.push(format!(
+                "skipped {vanished} file(s) that vanished while the checkout was read"
+            ));
+        }
+    }
+    let total_bytes = files.values().map(|f| f.size).sum();
+    warnings.extend(size_guard(files.len() as u64, total_bytes, rules)?);
+    Ok(Some(Collected {
+        manifest: Manifest { files },
+        total_bytes,
+        warnings,
+    }))
+}
+
 /// SPEC's size guard: warnings past the soft limits, an error past the hard ones unless
 /// forced.
 pub fn size_guard(files: u64, bytes: u64, rules: &SyncRules) -> Result<Vec<String>, SyncError> {
@@ -359,6 +454,17 @@ fn git_list(
     ignored: bool,
     warnings: &mut Vec<String>,
 ) -> Result<Option<Vec<Candidate>>, SyncError> {
+    git_list_in(root, ignored, &[], warnings)
+}
+
+/// `git ls-files` of the checkout, or only of `under` (root-relative files or folders)
+/// when given; `None` outside git.
+fn git_list_in(
+    root: &Path,
+    ignored: bool,
+    under: &[&str],
+    warnings: &mut Vec<String>,
+) -> Result<Option<Vec<Candidate>>, SyncError> {
     let inside = Command::new("git")
         .arg("-C")
         .arg(root)
@@ -374,6 +480,10 @@ fn git_list(
         cmd.args(["--others", "--ignored", "--exclude-standard"]);
     } else {
         cmd.args(["--cached", "--others", "--exclude-standard"]);
+    }
+    if !under.is_empty() {
+        cmd.arg("--");
+        cmd.args(under.iter().map(|p| format!(":(literal){p}")));
     }
     let out = cmd
         .output()

@@ -6,6 +6,7 @@
 
 pub mod archive;
 pub mod manifest;
+pub mod watch;
 
 pub use manifest::{Collected, Diff, FileEntry, Manifest, SyncLimits, SyncRules};
 

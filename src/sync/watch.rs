@@ -1,0 +1,305 @@
+//! Watching a checkout so that an unchanged tree costs no scan: the kernel (inotify, via
+//! `notify`) says which paths changed since the last collect, and only those are looked at
+//! ([`super::manifest::collect_changes`]).
+//!
+//! It never answers stale: whenever it cannot be sure it saw everything it says "unknown"
+//! and the caller scans. That is: before the first collect; after an overflow, an error or
+//! too many changes; when an ignore file (`.gitignore`, `.crabboxignore`,
+//! `.git/info/exclude`) or git's index (a checkout, an add, a commit) changed. And before
+//! answering it waits until it has read every event the kernel queued before the call (it
+//! writes a sentinel file in `.git` and waits for its event: inotify keeps one ordered
+//! queue), so a file saved just before `crabbox run` is never missed.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+
+use super::manifest::MAX_CHANGES;
+
+/// What the watcher knows.
+#[derive(Default)]
+struct State {
+    /// Root-relative paths (files or folders) changed since the last [`TreeWatch::take`].
+    changed: BTreeSet<String>,
+    /// Something was missed or invalidates the listing: the next answer is "unknown".
+    unknown: bool,
+    /// The highest sentinel seen (see [`TreeWatch::take`]).
+    sentinel: u64,
+    /// The last sentinel written.
+    written: u64,
+}
+
+/// A watch on one checkout (a git work tree).
+pub struct TreeWatch {
+    _watcher: notify::RecommendedWatcher,
+    state: Arc<(Mutex<State>, Condvar)>,
+    /// The folder sentinels are written in (`.git`).
+    git: PathBuf,
+}
+
+/// Sentinel files: `.git/crabbox-watch-<n>`, each new, so that the event that says "read
+/// up to here" is that file's and no earlier one's.
+const SENTINEL_PREFIX: &str = "crabbox-watch-";
+
+/// How long [`TreeWatch::take`] waits for its sentinel before answering "unknown".
+const SENTINEL_WAIT: Duration = Duration::from_secs(2);
+
+impl TreeWatch {
+    /// Starts watching `root` (recursively). Fails outside a git work tree (the incremental
+    /// listing needs git) or when the kernel refuses (e.g. its inotify watch limit).
+    pub fn start(root: &Path) -> Result<TreeWatch, String> {
+        let git = root.join(".git");
+        if !git.is_dir() {
+            return Err(format!("{} is not a git work tree's root", root.display()));
+        }
+        let state: Arc<(Mutex<State>, Condvar)> = Arc::default();
+        let root_buf = root.to_path_buf();
+        let handler_state = state.clone();
+        let git_dir = git.clone();
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            let (lock, cv) = &*handler_state;
+            let Ok(mut st) = lock.lock() else { return };
+            match res {
+                Ok(event) => {
+                    if event.need_rescan() {
+                        st.unknown = true;
+                    }
+                    // Reads (opens, accesses, closes without writing: our own hashing, git
+                    // reading its index) change nothing.
+                    use notify::event::{AccessKind, AccessMode, EventKind};
+                    if matches!(event.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write))
+                    {
+                        return;
+                    }
+                    for p in &event.paths {
+                        if p.parent() == Some(git_dir.as_path())
+                            && let Some(n) = p
+                                .file_name()
+                                .and_then(|n| n.to_str())
+                                .and_then(|n| n.strip_prefix(SENTINEL_PREFIX))
+                                .and_then(|n| n.parse::<u64>().ok())
+                        {
+                            st.sentinel = st.sentinel.max(n);
+                            cv.notify_all();
+                            continue;
+                        }
+                        note(&mut st, &root_buf, p);
+                    }
+                }
+                Err(_) => st.unknown = true,
+            }
+        })
+        .map_err(|e| format!("cannot watch {}: {e}", root.display()))?;
+        watcher
+            .watch(root, RecursiveMode::Recursive)
+            .map_err(|e| format!("cannot watch {}: {e}", root.display()))?;
+        // Nothing is known until a first scan: the caller scans, then takes from here on.
+        if let Ok(mut st) = state.0.lock() {
+            st.unknown = true;
+        }
+        Ok(TreeWatch {
+            _watcher: watcher,
+            state,
+            git,
+        })
+    }
+
+    /// What changed since the last call; `None` when unknown (the caller must scan).
+    /// Waits until every event queued before the call has been read.
+    pub fn take(&self) -> Option<BTreeSet<String>> {
+        let (lock, cv) = &*self.state;
+        let n = {
+            let mut st = lock.lock().ok()?;
+            st.written += 1;
+            st.written
+        };
+        let path = self.git.join(format!("{SENTINEL_PREFIX}{n}"));
+        if std::fs::write(&path, b"").is_err() {
+            self.forget();
+            return None;
+        }
+        let st = lock.lock().ok()?;
+        let waited = cv.wait_timeout_while(st, SENTINEL_WAIT, |s| s.sentinel < n);
+        let _ = std::fs::remove_file(&path);
+        let (mut st, timeout) = waited.ok()?;
+        let unknown = timeout.timed_out() || st.unknown;
+        st.unknown = false;
+        let changed = std::mem::take(&mut st.changed);
+        (!unknown).then_some(changed)
+    }
+
+    /// Whatever was noted is dropped and the next answer is "unknown" (a collect failed
+    /// after a take: what it took must not be lost).
+    pub fn forget(&self) {
+        if let Ok(mut st) = self.state.0.lock() {
+            st.changed.clear();
+            st.unknown = true;
+        }
+    }
+}
+
+/// Notes one changed path.
+fn note(st: &mut State, root: &Path, path: &Path) {
+    let Ok(rel) = path.strip_prefix(root) else {
+        st.unknown = true;
+        return;
+    };
+    let Some(rel) = rel.to_str() else {
+        // A name that is not UTF-8: the scan warns about it.
+        st.unknown = true;
+        return;
+    };
+    if rel.is_empty() {
+        st.unknown = true;
+        return;
+    }
+    if let Some(inside) = rel.strip_prefix(".git/") {
+        // (Sentinels are taken out before this.)
+        // git's own files do not sync; its index and ignore list decide what does.
+        if inside == "index" || inside == "info/exclude" {
+            st.unknown = true;
+        }
+        return;
+    }
+    if rel == ".git" {
+        st.unknown = true;
+        return;
+    }
+    let name = rel.rsplit('/').next().unwrap_or(rel);
+    if name == ".gitignore" || name == ".crabboxignore" {
+        st.unknown = true;
+        return;
+    }
+    if st.changed.len() >= MAX_CHANGES {
+        // A build or a checkout touching thousands of files: a scan is cheaper.
+        st.unknown = true;
+        st.changed.clear();
+        return;
+    }
+    if !st.unknown {
+        st.changed.insert(rel.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn git(r: &Path, args: &[&str]) {
+        let ok = std::process::Command::new("git")
+            .arg("-C")
+            .arg(r)
+            .args(args)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(ok, "git {args:?}");
+    }
+
+    #[test]
+    fn it_says_what_changed_and_unknown_when_it_cannot_know() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = dir.path();
+        git(r, &["init", "-q"]);
+        std::fs::write(r.join("a.txt"), "a").expect("write");
+        let w = TreeWatch::start(r).expect("watch");
+        assert_eq!(w.take(), None, "nothing is known before a first scan");
+        assert_eq!(w.take(), Some(BTreeSet::new()), "nothing changed since");
+        // A file saved just before the take is never missed.
+        std::fs::write(r.join("a.txt"), "b").expect("write");
+        std::fs::create_dir(r.join("d")).expect("mkdir");
+        std::fs::write(r.join("d/x"), "x").expect("write");
+        let got = w.take().expect("known");
+        assert!(got.contains("a.txt") && got.contains("d"), "{got:?}");
+        // An ignore file or git's index: unknown.
+        std::fs::write(r.join(".gitignore"), "*.log\n").expect("write");
+        assert_eq!(w.take(), None);
+        git(r, &["add", "a.txt"]);
+        assert_eq!(w.take(), None, "the index changed");
+        assert_eq!(w.take(), Some(BTreeSet::new()));
+        // A forgotten take: unknown next.
+        std::fs::write(r.join("a.txt"), "c").expect("write");
+        w.forget();
+        assert_eq!(w.take(), None);
+    }
+}
+
+/// The checkouts this daemon syncs, each watched (when it can be) with what its last
+/// collect found: an unchanged checkout is collected without a scan.
+#[derive(Default)]
+pub struct Checkouts {
+    map: dashmap::DashMap<PathBuf, Arc<Checkout>>,
+}
+
+struct Checkout {
+    watch: Option<TreeWatch>,
+    /// The last collect: under which rules, and what it found.
+    last: Arc<tokio::sync::Mutex<Option<(String, super::Manifest)>>>,
+}
+
+impl Checkouts {
+    /// Collects the checkout at `root` ([`super::manifest::collect`]): from what changed
+    /// since its last collect when its watch can say, else by a scan (with `cache`, what
+    /// the lease holds, as the stat cache). Collects of one checkout go one at a time.
+    pub async fn collect(
+        &self,
+        root: &Path,
+        rules: super::SyncRules,
+        cache: Option<super::Manifest>,
+    ) -> Result<super::Collected, crate::error::Error> {
+        let checkout = self
+            .map
+            .entry(root.to_path_buf())
+            .or_insert_with(|| {
+                let watch = TreeWatch::start(root)
+                    .inspect_err(|why| tracing::debug!(%why, "not watching; every sync scans"))
+                    .ok();
+                Arc::new(Checkout {
+                    watch,
+                    last: Arc::default(),
+                })
+            })
+            .clone();
+        let mut last = checkout.last.clone().lock_owned().await;
+        let root = root.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let key = format!(
+                "{:?}|{:?}|{:?}|{}",
+                rules.exclude, rules.include, rules.never, rules.force_large
+            );
+            let changed = checkout.watch.as_ref().and_then(TreeWatch::take);
+            tracing::debug!(
+                watched = checkout.watch.is_some(),
+                changes = changed.as_ref().map(|c| c.len()),
+                "collecting {}",
+                root.display()
+            );
+            let result = (|| {
+                if let (Some(changed), Some((k, base))) = (&changed, last.as_ref())
+                    && *k == key
+                    && let Some(c) = super::manifest::collect_changes(&root, &rules, base, changed)?
+                {
+                    return Ok(c);
+                }
+                let cache = cache.as_ref().or(last.as_ref().map(|(_, m)| m));
+                super::manifest::collect(&root, &rules, cache)
+            })();
+            match &result {
+                Ok(c) => *last = Some((key, c.manifest.clone())),
+                Err(_) => {
+                    // What was taken must not be lost: the next collect scans.
+                    *last = None;
+                    if let Some(w) = &checkout.watch {
+                        w.forget();
+                    }
+                }
+            }
+            result.map_err(crate::error::Error::from)
+        })
+        .await
+        .map_err(|e| crate::error::Error::Internal(format!("sync task: {e}")))?
+    }
+}
