@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -19,7 +20,7 @@ use super::{Api, validate_repo_root};
 use crate::clock::now_ms;
 use crate::error::{Error, echo};
 use crate::lease::ops::exec::Execution;
-use crate::lease::ops::sync::SyncJob;
+use crate::lease::ops::sync::{SyncJob, SyncReport};
 use crate::lease::record::FreshRun;
 use crate::lease::state::{Readiness, readiness};
 use crate::lease::store::RunRecord;
@@ -29,6 +30,7 @@ use crate::pb::run_event::Event as RunEv;
 use crate::provider::{ExecExit, ExecOutput, ExecSpec, Input, PtySize};
 use crate::registry::index::Resolved;
 use crate::sync::SyncRules;
+use crate::sync::watch::Collect;
 
 /// Where a run's events go (the gRPC response stream).
 pub type EventTx = mpsc::Sender<Result<pb::RunEvent, Status>>;
@@ -186,10 +188,9 @@ impl Run {
         };
 
         // 2. Collect the checkout first: the size guard must refuse before anything that
-        // costs money is created. What the lease holds is read once: it is the stat cache
-        // here and the base of the diff later.
+        // costs money is created. What the lease holds is read from the store only when it
+        // is needed: as the stat cache of a scan, and as the base of the diff later.
         let mut collected = None;
-        let mut previous = None;
         if !sync_opts.skip {
             if repo_root.is_empty() {
                 return Err(Error::InvalidArgument(
@@ -197,10 +198,6 @@ impl Run {
                         .into(),
                 ));
             }
-            previous = match &existing {
-                Some(h) => self.api.store.get_manifest(&h.record().id)?,
-                None => None,
-            };
             let rules = SyncRules {
                 exclude: sync_opts.exclude.clone(),
                 include: sync_opts.include.clone(),
@@ -214,10 +211,16 @@ impl Run {
                     .filter_map(|p| std::fs::canonicalize(p).ok())
                     .collect(),
             };
+            let store = self.api.store.clone();
+            let lease_id = existing.as_ref().map(|h| h.record().id);
+            let cache = move || {
+                let id = lease_id?;
+                store.get_manifest(&id).ok().flatten()
+            };
             let c = self
                 .api
                 .checkouts
-                .collect(Path::new(&repo_root), rules, previous.clone())
+                .collect(Path::new(&repo_root), rules, cache)
                 .await?;
             for w in &c.warnings {
                 self.phase(format!("warning: {w}")).await;
@@ -247,10 +250,6 @@ impl Run {
                 });
                 let acquired = self.api.registry.acquire(spec).await?;
                 self.fresh = acquired.fresh;
-                if !acquired.fresh {
-                    // Another run claimed one for this repo meanwhile.
-                    previous = self.api.store.get_manifest(&acquired.lease.record().id)?;
-                }
                 acquired.lease
             }
         };
@@ -288,32 +287,59 @@ impl Run {
         let mut files_uploaded = 0;
         // Ends the phase (back to ready) however this function ends.
         let mut phase_guard = None;
-        if let Some(collected) = collected {
-            let target = handle
-                .ask(|reply| LeaseMsg::Begin {
-                    phase: Phase::Sync,
-                    reply,
-                })
-                .await?;
-            phase_guard = Some(PhaseGuard(handle.clone()));
-            self.phase("syncing").await;
-            let report = SyncJob {
-                lease: &handle,
-                target: &target,
-                store: &self.api.store,
-                tmp_dir: self.api.state_dir.join("tmp"),
-                repo_root: Path::new(&repo_root),
-                workdir: format!("{}/{}", target.lease_dir, repo_name),
-                manifest: collected.manifest,
-                previous,
-                full: sync_opts.full_resync,
-            }
-            .run()
-            .await?;
-            files_uploaded = report.files_uploaded;
-            let _ = self
-                .emit(RunEv::Sync(sync_pb(&report, collected.warnings)))
+        if let Some(Collect {
+            manifest,
+            warnings,
+            generation,
+            ..
+        }) = collected
+        {
+            let root = Path::new(&repo_root);
+            let trusted = handle.remote_verified.load(Ordering::SeqCst)
+                && !handle.manifest_untrusted.load(Ordering::SeqCst);
+            if trusted
+                && !sync_opts.full_resync
+                && self.api.checkouts.in_sync(root, &record.id, generation)
+            {
+                // The lease holds exactly this checkout (this daemon synced it, and nothing
+                // changed since): nothing to read, compare or send.
+                let report = SyncReport {
+                    files_total: manifest.files.len() as u64,
+                    ..Default::default()
+                };
+                let _ = self.emit(RunEv::Sync(sync_pb(&report, warnings))).await;
+            } else {
+                let target = handle
+                    .ask(|reply| LeaseMsg::Begin {
+                        phase: Phase::Sync,
+                        reply,
+                    })
+                    .await?;
+                phase_guard = Some(PhaseGuard(handle.clone()));
+                self.phase("syncing").await;
+                let previous = self.api.store.get_manifest(&record.id)?;
+                let synced = SyncJob {
+                    lease: &handle,
+                    target: &target,
+                    store: &self.api.store,
+                    tmp_dir: self.api.state_dir.join("tmp"),
+                    repo_root: root,
+                    workdir: format!("{}/{}", target.lease_dir, repo_name),
+                    manifest: Arc::unwrap_or_clone(manifest),
+                    previous,
+                    full: sync_opts.full_resync,
+                }
+                .run()
                 .await;
+                self.api.checkouts.mark_synced(
+                    root,
+                    &record.id,
+                    synced.as_ref().ok().map(|_| generation),
+                );
+                let report = synced?;
+                files_uploaded = report.files_uploaded;
+                let _ = self.emit(RunEv::Sync(sync_pb(&report, warnings))).await;
+            }
         }
         if self.req.sync_only {
             return Ok(pb::Exit::default());

@@ -228,30 +228,46 @@ mod tests {
 }
 
 /// The checkouts this daemon syncs, each watched (when it can be) with what its last
-/// collect found: an unchanged checkout is collected without a scan.
+/// collect found: an unchanged checkout is collected without a scan, and a lease known to
+/// hold exactly that needs no sync at all.
 #[derive(Default)]
 pub struct Checkouts {
     map: dashmap::DashMap<PathBuf, Arc<Checkout>>,
 }
 
+/// What the last collect of a checkout found, and under which rules.
+struct Last {
+    rules: String,
+    manifest: Arc<super::Manifest>,
+    /// Changes whenever what the checkout holds changes.
+    generation: u64,
+}
+
 struct Checkout {
     watch: Option<TreeWatch>,
-    /// The last collect: under which rules, and what it found.
-    last: Arc<tokio::sync::Mutex<Option<(String, super::Manifest)>>>,
+    last: Arc<tokio::sync::Mutex<Option<Last>>>,
+    /// The generation each lease was last synced with, by this daemon.
+    synced: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+/// A collect ([`super::Collected`], its manifest shared with the checkout's record), and
+/// the generation of what it found ([`Checkouts::in_sync`]).
+pub struct Collect {
+    pub manifest: Arc<super::Manifest>,
+    pub total_bytes: u64,
+    pub warnings: Vec<String>,
+    pub generation: u64,
+}
+
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_generation() -> u64 {
+    GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
 }
 
 impl Checkouts {
-    /// Collects the checkout at `root` ([`super::manifest::collect`]): from what changed
-    /// since its last collect when its watch can say, else by a scan (with `cache`, what
-    /// the lease holds, as the stat cache). Collects of one checkout go one at a time.
-    pub async fn collect(
-        &self,
-        root: &Path,
-        rules: super::SyncRules,
-        cache: Option<super::Manifest>,
-    ) -> Result<super::Collected, crate::error::Error> {
-        let checkout = self
-            .map
+    fn checkout(&self, root: &Path) -> Arc<Checkout> {
+        self.map
             .entry(root.to_path_buf())
             .or_insert_with(|| {
                 let watch = TreeWatch::start(root)
@@ -260,9 +276,23 @@ impl Checkouts {
                 Arc::new(Checkout {
                     watch,
                     last: Arc::default(),
+                    synced: Default::default(),
                 })
             })
-            .clone();
+            .clone()
+    }
+
+    /// Collects the checkout at `root` ([`super::manifest::collect`]): from what changed
+    /// since its last collect when its watch can say, else by a scan (with what `cache`
+    /// loads, what the lease holds, as the stat cache). Collects of one checkout go one at
+    /// a time.
+    pub async fn collect(
+        &self,
+        root: &Path,
+        rules: super::SyncRules,
+        cache: impl FnOnce() -> Option<super::Manifest> + Send + 'static,
+    ) -> Result<Collect, crate::error::Error> {
+        let checkout = self.checkout(root);
         let mut last = checkout.last.clone().lock_owned().await;
         let root = root.to_path_buf();
         tokio::task::spawn_blocking(move || {
@@ -271,35 +301,90 @@ impl Checkouts {
                 rules.exclude, rules.include, rules.never, rules.force_large
             );
             let changed = checkout.watch.as_ref().and_then(TreeWatch::take);
-            tracing::debug!(
-                watched = checkout.watch.is_some(),
-                changes = changed.as_ref().map(|c| c.len()),
-                "collecting {}",
-                root.display()
-            );
+            let same_rules = last.as_ref().filter(|l| l.rules == key);
             let result = (|| {
-                if let (Some(changed), Some((k, base))) = (&changed, last.as_ref())
-                    && *k == key
-                    && let Some(c) = super::manifest::collect_changes(&root, &rules, base, changed)?
-                {
-                    return Ok(c);
+                if let (Some(changed), Some(l)) = (&changed, same_rules) {
+                    if changed.is_empty() {
+                        let total_bytes = l.manifest.files.values().map(|f| f.size).sum();
+                        let warnings = super::manifest::size_guard(
+                            l.manifest.files.len() as u64,
+                            total_bytes,
+                            &rules,
+                        )?;
+                        return Ok(Err(Collect {
+                            manifest: l.manifest.clone(),
+                            total_bytes,
+                            warnings,
+                            generation: l.generation,
+                        }));
+                    }
+                    if let Some(c) =
+                        super::manifest::collect_changes(&root, &rules, &l.manifest, changed)?
+                    {
+                        return Ok(Ok(c));
+                    }
                 }
-                let cache = cache.as_ref().or(last.as_ref().map(|(_, m)| m));
-                super::manifest::collect(&root, &rules, cache)
+                let cache = cache().or_else(|| last.as_ref().map(|l| (*l.manifest).clone()));
+                super::manifest::collect(&root, &rules, cache.as_ref()).map(Ok)
             })();
-            match &result {
-                Ok(c) => *last = Some((key, c.manifest.clone())),
-                Err(_) => {
+            match result {
+                // Nothing changed: what the checkout's record says, shared.
+                Ok(Err(same)) => Ok(same),
+                Ok(Ok(collected)) => {
+                    // The same as before (a scan of an unchanged tree): the same generation.
+                    let generation = match last.as_ref() {
+                        Some(l) if l.rules == key && *l.manifest == collected.manifest => {
+                            l.generation
+                        }
+                        _ => next_generation(),
+                    };
+                    let manifest = Arc::new(collected.manifest);
+                    *last = Some(Last {
+                        rules: key,
+                        manifest: manifest.clone(),
+                        generation,
+                    });
+                    Ok(Collect {
+                        manifest,
+                        total_bytes: collected.total_bytes,
+                        warnings: collected.warnings,
+                        generation,
+                    })
+                }
+                Err(e) => {
                     // What was taken must not be lost: the next collect scans.
                     *last = None;
                     if let Some(w) = &checkout.watch {
                         w.forget();
                     }
+                    Err(crate::error::Error::from(e))
                 }
             }
-            result.map_err(crate::error::Error::from)
         })
         .await
         .map_err(|e| crate::error::Error::Internal(format!("sync task: {e}")))?
+    }
+
+    /// Does `lease` hold exactly the checkout's `generation` (it was synced with it by this
+    /// daemon, and nothing changed since)?
+    pub fn in_sync(&self, root: &Path, lease: &str, generation: u64) -> bool {
+        self.map.get(root).is_some_and(|c| {
+            c.synced
+                .lock()
+                .is_ok_and(|s| s.get(lease) == Some(&generation))
+        })
+    }
+
+    /// Records that `lease` now holds the checkout's `generation` (`None`: unknown), and
+    /// nothing of any other checkout (a lease is synced from one repo at a time).
+    pub fn mark_synced(&self, root: &Path, lease: &str, generation: Option<u64>) {
+        for c in self.map.iter() {
+            if let Ok(mut s) = c.synced.lock() {
+                match generation {
+                    Some(g) if c.key() == root => s.insert(lease.to_string(), g),
+                    _ => s.remove(lease),
+                };
+            }
+        }
     }
 }
