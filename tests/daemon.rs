@@ -373,7 +373,10 @@ async fn reflection_health_and_grpc_error_codes() {
     assert_eq!(crabbox::error::status_kind(&e).exit_code(), 6);
     let list = c
         .leases
-        .list(pb::ListRequest { all: true })
+        .list(pb::ListRequest {
+            all: true,
+            ..Default::default()
+        })
         .await
         .expect("list")
         .into_inner();
@@ -635,7 +638,10 @@ async fn oversized_input_gets_a_bounded_clear_answer() {
     );
     let list = c
         .leases
-        .list(pb::ListRequest { all: true })
+        .list(pb::ListRequest {
+            all: true,
+            ..Default::default()
+        })
         .await
         .expect("list")
         .into_inner();
@@ -711,4 +717,97 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_filters_and_pages() {
+    let d = Daemon::start().await;
+    let repos: Vec<_> = (0..5).map(|_| repo()).collect();
+    for (i, r) in repos.iter().enumerate() {
+        let team = if i % 2 == 0 { "team=a" } else { "team=b" };
+        d.run(r.path(), &["warmup", "--label", team]).await.expect(0);
+    }
+    let mut c = d.client().await;
+    let list = |req: pb::ListRequest| {
+        let mut c = c.clone();
+        async move { c.leases.list(req).await }
+    };
+    // Pages of 2, oldest first, cover everything once.
+    let mut seen = Vec::new();
+    let mut req = pb::ListRequest {
+        page_size: 2,
+        ..Default::default()
+    };
+    loop {
+        let page = list(req.clone()).await.expect("list").into_inner();
+        assert!(page.leases.len() <= 2);
+        seen.extend(page.leases.into_iter().map(|l| l.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        req.page_token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    let unique: std::collections::BTreeSet<_> = seen.iter().collect();
+    assert_eq!(unique.len(), 5);
+    // Filters.
+    let by_label = list(pb::ListRequest {
+        labels: [("team".to_string(), "a".to_string())].into(),
+        ..Default::default()
+    })
+    .await
+    .expect("list")
+    .into_inner();
+    assert_eq!(by_label.leases.len(), 3);
+    let root = std::fs::canonicalize(repos[1].path()).expect("canonical");
+    let by_repo = list(pb::ListRequest {
+        repo_root: root.to_string_lossy().into_owned(),
+        ..Default::default()
+    })
+    .await
+    .expect("list")
+    .into_inner();
+    assert_eq!(by_repo.leases.len(), 1);
+    assert_eq!(by_repo.leases[0].repo_root, root.to_string_lossy());
+    let ready = list(pb::ListRequest {
+        states: vec!["ready".into()],
+        provider: "local".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("list")
+    .into_inner();
+    assert_eq!(ready.leases.len(), 5);
+    // Bad input is named.
+    let e = list(pb::ListRequest {
+        states: vec!["warm".into()],
+        ..Default::default()
+    })
+    .await
+    .expect_err("unknown state");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("ready"), "{}", e.message());
+    let e = list(pb::ListRequest {
+        page_token: "garbage".into(),
+        ..Default::default()
+    })
+    .await
+    .expect_err("bad token");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    // The CLI.
+    let out = d
+        .run(repos[0].path(), &["list", "--json", "--label", "team=b", "--limit", "1"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(out.as_array().map(Vec::len), Some(1));
+    let out = d.run(repos[0].path(), &["list", "--label", "team"]).await.expect(2);
+    assert!(out.stderr().contains("KEY=VALUE"), "{}", out.stderr());
+    let info = c
+        .daemon
+        .info(pb::InfoRequest {})
+        .await
+        .expect("info")
+        .into_inner();
+    assert_eq!(info.lease_counts.get("ready"), Some(&5));
 }

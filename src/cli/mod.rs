@@ -173,11 +173,7 @@ pub enum Command {
         wait: bool,
     },
     /// List the leases this daemon holds.
-    List {
-        /// Include released leases.
-        #[arg(long)]
-        all: bool,
-    },
+    List(ListArgs),
     /// Show which repository claims which lease.
     Claims,
     /// Check the daemon, the machine and the provider settings.
@@ -189,6 +185,29 @@ pub enum Command {
     },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Include released leases.
+    #[arg(long)]
+    pub all: bool,
+    /// Only leases in this state (repeatable): pending, creating, ready, syncing, running,
+    /// stopped, releasing, released, failed.
+    #[arg(long, value_name = "STATE")]
+    pub state: Vec<String>,
+    /// Only the lease claimed by this repository folder.
+    #[arg(long, value_name = "DIR")]
+    pub repo: Option<PathBuf>,
+    /// Only leases of this provider.
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// Only leases with this label (KEY=VALUE, repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub label: Vec<String>,
+    /// At most this many (oldest first).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
 }
 
 #[derive(Debug, Args)]

@@ -70,6 +70,17 @@ impl LeaseIndex {
         v
     }
 
+    /// How many leases with an actor are in each state (read in place, nothing copied).
+    pub fn count_by_state(&self) -> std::collections::HashMap<&'static str, u64> {
+        let mut counts = std::collections::HashMap::new();
+        for e in self.by_id.iter() {
+            *counts
+                .entry(e.value().state.borrow().state.as_str())
+                .or_insert(0) += 1;
+        }
+        counts
+    }
+
     pub fn len(&self) -> usize {
         self.by_id.len()
     }

@@ -286,8 +286,10 @@ impl LeaseService for LeaseSvc {
         &self,
         req: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
+        let req = req.into_inner();
+        let filter = wire::ListFilter::from_request(&req)?;
         let index = &self.0.registry.index;
-        let records = if req.into_inner().all {
+        let mut records = if req.all {
             let mut all = self.0.store.all_leases().map_err(Status::from)?;
             // The live view is fresher than the store for leases with an actor.
             for r in all.iter_mut() {
@@ -303,8 +305,12 @@ impl LeaseService for LeaseSvc {
                 .filter(|r| r.state != LeaseState::Released)
                 .collect()
         };
+        records.retain(|r| filter.matches(r));
+        records.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        let (page, next_page_token) = filter.page(records);
         Ok(Response::new(pb::ListResponse {
-            leases: records.iter().map(lease_pb).collect(),
+            leases: page.iter().map(lease_pb).collect(),
+            next_page_token,
         }))
     }
 
@@ -466,10 +472,13 @@ impl DaemonService for DaemonSvc {
         _req: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
         let api = &self.0;
-        let mut counts = std::collections::HashMap::new();
-        for r in api.registry.index.records() {
-            *counts.entry(r.state.as_str().to_string()).or_insert(0u64) += 1;
-        }
+        let counts = api
+            .registry
+            .index
+            .count_by_state()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
         let mut providers: Vec<String> = api.providers.keys().cloned().collect();
         providers.sort();
         Ok(Response::new(pb::InfoResponse {

@@ -1,5 +1,6 @@
 //! Conversions between the lease layer and the wire (`crabbox.v1`).
 
+use crate::error::{Error, echo};
 use crate::lease::ops::sync::SyncReport;
 use crate::lease::{LeaseRecord, LeaseState};
 use crate::pb::{self, timestamp};
@@ -72,5 +73,107 @@ pub fn sync_pb(r: &SyncReport, warnings: Vec<String>) -> pb::SyncStats {
         bytes_uploaded: r.bytes_uploaded,
         millis: r.millis,
         warnings,
+    }
+}
+
+/// The largest page `List` answers.
+pub const MAX_PAGE: usize = 1000;
+
+/// What a `List` asks for: filters and a page.
+pub struct ListFilter {
+    states: Vec<LeaseState>,
+    repo_root: String,
+    provider: String,
+    labels: Vec<(String, String)>,
+    page_size: usize,
+    /// The last lease of the previous page: (created ms, id).
+    after: Option<(u64, String)>,
+}
+
+const STATES: [LeaseState; 9] = [
+    LeaseState::Pending,
+    LeaseState::Creating,
+    LeaseState::Ready,
+    LeaseState::Syncing,
+    LeaseState::Running,
+    LeaseState::Stopped,
+    LeaseState::Releasing,
+    LeaseState::Released,
+    LeaseState::Failed,
+];
+
+impl ListFilter {
+    pub fn from_request(req: &pb::ListRequest) -> Result<ListFilter, Error> {
+        let mut states = Vec::new();
+        for s in &req.states {
+            let want = s.trim().to_ascii_lowercase();
+            match STATES.iter().find(|st| st.as_str() == want) {
+                Some(st) => states.push(*st),
+                None => {
+                    return Err(Error::InvalidArgument(format!(
+                        "unknown lease state {}: use one of {}",
+                        echo(s),
+                        STATES.map(|s| s.as_str()).join(", ")
+                    )));
+                }
+            }
+        }
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            let bad = || {
+                Error::InvalidArgument(format!(
+                    "page token {} is not one this daemon gave: start from the first page",
+                    echo(&req.page_token)
+                ))
+            };
+            let (ms, id) = req.page_token.split_once('.').ok_or_else(bad)?;
+            Some((ms.parse::<u64>().map_err(|_| bad())?, id.to_string()))
+        };
+        Ok(ListFilter {
+            states,
+            repo_root: req.repo_root.clone(),
+            provider: req.provider.clone(),
+            labels: req
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            page_size: match req.page_size as usize {
+                0 => usize::MAX,
+                n => n.min(MAX_PAGE),
+            },
+            after,
+        })
+    }
+
+    pub fn matches(&self, r: &LeaseRecord) -> bool {
+        (self.states.is_empty() || self.states.contains(&r.state))
+            && (self.repo_root.is_empty() || r.repo_root.as_deref() == Some(&self.repo_root))
+            && (self.provider.is_empty() || r.provider == self.provider)
+            && (self.labels.is_empty() || {
+                let have = r.labels();
+                self.labels
+                    .iter()
+                    .all(|(k, v)| have.get(k).is_some_and(|h| h == v))
+            })
+            && self
+                .after
+                .as_ref()
+                .is_none_or(|(ms, id)| (r.created_at_ms, &r.id) > (*ms, id))
+    }
+
+    /// The page out of `sorted` (oldest first, already filtered), and the token of the
+    /// next one when there is more.
+    pub fn page(&self, mut sorted: Vec<LeaseRecord>) -> (Vec<LeaseRecord>, String) {
+        if sorted.len() <= self.page_size {
+            return (sorted, String::new());
+        }
+        sorted.truncate(self.page_size);
+        let token = sorted
+            .last()
+            .map(|r| format!("{}.{}", r.created_at_ms, r.id))
+            .unwrap_or_default();
+        (sorted, token)
     }
 }

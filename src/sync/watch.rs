@@ -239,6 +239,7 @@ pub struct Checkouts {
 struct Last {
     rules: String,
     manifest: Arc<super::Manifest>,
+    total_bytes: u64,
     /// Changes whenever what the checkout holds changes.
     generation: u64,
 }
@@ -305,15 +306,14 @@ impl Checkouts {
             let result = (|| {
                 if let (Some(changed), Some(l)) = (&changed, same_rules) {
                     if changed.is_empty() {
-                        let total_bytes = l.manifest.files.values().map(|f| f.size).sum();
                         let warnings = super::manifest::size_guard(
                             l.manifest.files.len() as u64,
-                            total_bytes,
+                            l.total_bytes,
                             &rules,
                         )?;
                         return Ok(Err(Collect {
                             manifest: l.manifest.clone(),
-                            total_bytes,
+                            total_bytes: l.total_bytes,
                             warnings,
                             generation: l.generation,
                         }));
@@ -342,6 +342,7 @@ impl Checkouts {
                     *last = Some(Last {
                         rules: key,
                         manifest: manifest.clone(),
+                        total_bytes: collected.total_bytes,
                         generation,
                     });
                     Ok(Collect {

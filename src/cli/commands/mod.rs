@@ -11,7 +11,7 @@ mod run;
 
 use super::client::{self, Clients};
 use super::output::{self, lease_json, print_json, state_name};
-use super::{Cli, CliError, Command, LeaseOpts, RunArgs, exit};
+use super::{Cli, CliError, Command, LeaseOpts, ListArgs, RunArgs, exit};
 use crate::config::{self, Settings};
 use crate::pb;
 
@@ -137,7 +137,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         Command::Stop { lease } => stop(&ctx, &lease).await,
         Command::Touch { lease } => touch(&ctx, &lease).await,
         Command::Status { lease, wait } => status(&ctx, &lease, wait).await,
-        Command::List { all } => list(&ctx, all).await,
+        Command::List(args) => list(&ctx, args).await,
         Command::Claims => claims(&ctx).await,
         Command::Doctor => daemon::doctor(&ctx).await,
         Command::Daemon { action } => daemon::daemon(&ctx, action).await,
@@ -391,14 +391,46 @@ async fn status(ctx: &Ctx, name: &str, wait: bool) -> Result<i32, CliError> {
     Ok(exit::OK)
 }
 
-async fn list(ctx: &Ctx, all: bool) -> Result<i32, CliError> {
+async fn list(ctx: &Ctx, args: ListArgs) -> Result<i32, CliError> {
     let mut c = ctx.clients().await?;
-    let leases = c
-        .leases
-        .list(pb::ListRequest { all })
-        .await?
-        .into_inner()
-        .leases;
+    let mut labels = std::collections::HashMap::new();
+    for l in &args.label {
+        let (k, v) = l.split_once('=').ok_or_else(|| {
+            CliError::usage(format!(
+                "--label {l}: write it as KEY=VALUE, e.g. --label env=dev"
+            ))
+        })?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    let repo_root = match &args.repo {
+        Some(r) => std::fs::canonicalize(r)
+            .map_err(|e| CliError::usage(format!("--repo {}: {e}", r.display())))?
+            .to_string_lossy()
+            .into_owned(),
+        None => String::new(),
+    };
+    let mut req = pb::ListRequest {
+        all: args.all,
+        states: args.state.clone(),
+        repo_root,
+        provider: args.provider.clone().unwrap_or_default(),
+        labels,
+        page_size: 500,
+        page_token: String::new(),
+    };
+    // Every page, unless --limit says how many.
+    let mut leases = Vec::new();
+    loop {
+        let page = c.leases.list(req.clone()).await?.into_inner();
+        leases.extend(page.leases);
+        if page.next_page_token.is_empty() || args.limit.is_some_and(|n| leases.len() >= n) {
+            break;
+        }
+        req.page_token = page.next_page_token;
+    }
+    if let Some(n) = args.limit {
+        leases.truncate(n);
+    }
     if ctx.json {
         print_json(&serde_json::Value::Array(
             leases.iter().map(lease_json).collect(),
@@ -406,7 +438,7 @@ async fn list(ctx: &Ctx, all: bool) -> Result<i32, CliError> {
     } else if leases.is_empty() {
         println!(
             "no leases{}",
-            if all {
+            if args.all {
                 ""
             } else {
                 " (see --all for released ones)"
@@ -422,7 +454,7 @@ async fn claims(ctx: &Ctx) -> Result<i32, CliError> {
     let mut c = ctx.clients().await?;
     let leases = c
         .leases
-        .list(pb::ListRequest { all: false })
+        .list(pb::ListRequest::default())
         .await?
         .into_inner()
         .leases;
