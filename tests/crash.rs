@@ -133,7 +133,10 @@ impl ProcDaemon {
         std::fs::read_dir(self.state.join("sandboxes"))
             .map(|d| {
                 d.filter_map(|e| e.ok())
-                    .filter(|e| e.path().is_dir())
+                    // The engine's own index (`.names`) is not a sandbox.
+                    .filter(|e| {
+                        e.path().is_dir() && !e.file_name().to_string_lossy().starts_with('.')
+                    })
                     .map(|e| e.file_name().to_string_lossy().into_owned())
                     .collect()
             })

@@ -725,7 +725,9 @@ async fn list_filters_and_pages() {
     let repos: Vec<_> = (0..5).map(|_| repo()).collect();
     for (i, r) in repos.iter().enumerate() {
         let team = if i % 2 == 0 { "team=a" } else { "team=b" };
-        d.run(r.path(), &["warmup", "--label", team]).await.expect(0);
+        d.run(r.path(), &["warmup", "--label", team])
+            .await
+            .expect(0);
     }
     let mut c = d.client().await;
     let list = |req: pb::ListRequest| {
@@ -796,12 +798,18 @@ async fn list_filters_and_pages() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     // The CLI.
     let out = d
-        .run(repos[0].path(), &["list", "--json", "--label", "team=b", "--limit", "1"])
+        .run(
+            repos[0].path(),
+            &["list", "--json", "--label", "team=b", "--limit", "1"],
+        )
         .await
         .expect(0)
         .json();
     assert_eq!(out.as_array().map(Vec::len), Some(1));
-    let out = d.run(repos[0].path(), &["list", "--label", "team"]).await.expect(2);
+    let out = d
+        .run(repos[0].path(), &["list", "--label", "team"])
+        .await
+        .expect(2);
     assert!(out.stderr().contains("KEY=VALUE"), "{}", out.stderr());
     let info = c
         .daemon

@@ -72,12 +72,67 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Opens (creating) the engine root.
+    /// Opens (creating) the engine root. Sandboxes made before names were indexed get
+    /// their index entries now, once.
     pub fn open(root: impl Into<PathBuf>) -> Result<Engine, EngineError> {
         let root = root.into();
-        std::fs::create_dir_all(&root)
+        std::fs::create_dir_all(root.join(NAMES))
             .map_err(io_err(format!("creating sandbox root {}", root.display())))?;
-        Ok(Engine { root })
+        let engine = Engine { root };
+        let complete = engine.root.join(NAMES).join(".complete");
+        if !complete.exists() {
+            for meta in engine.list()? {
+                engine.write_name(&meta.name, &meta.id)?;
+            }
+            std::fs::write(&complete, b"")
+                .map_err(io_err(format!("writing {}", complete.display())))?;
+        }
+        Ok(engine)
+    }
+
+    /// Where the name index says which sandbox has `name` (the file holds its id).
+    fn name_path(&self, name: &str) -> PathBuf {
+        self.root
+            .join(NAMES)
+            .join(blake3::hash(name.as_bytes()).to_hex().as_str())
+    }
+
+    /// The sandbox the name index gives for `name`, if it is still that sandbox's name.
+    fn by_name(&self, name: &str) -> Result<Option<SandboxMeta>, EngineError> {
+        let id = match std::fs::read_to_string(self.name_path(name)) {
+            Ok(id) => id,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(format!("reading the name index of {name}"))(e)),
+        };
+        if check_component(&id).is_err() {
+            return Ok(None);
+        }
+        Ok(self.load(&id)?.filter(|m| m.name == name))
+    }
+
+    /// Points `name` at `id` in the name index; taken by another live sandbox: refused.
+    fn claim_name(&self, name: &str, id: &str) -> Result<(), EngineError> {
+        if let Some(other) = self.by_name(name)?
+            && other.id != id
+        {
+            return Err(EngineError::NameTaken(name.to_string()));
+        }
+        self.write_name(name, id)
+    }
+
+    fn write_name(&self, name: &str, id: &str) -> Result<(), EngineError> {
+        let path = self.name_path(name);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, id).map_err(io_err(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(io_err(format!("writing {}", path.display())))
+    }
+
+    /// Drops `name` from the index if it still points at `id`.
+    fn forget_name(&self, name: &str, id: &str) {
+        let path = self.name_path(name);
+        if std::fs::read_to_string(&path).is_ok_and(|have| have == id) {
+            let _ = std::fs::remove_file(&path);
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -104,9 +159,12 @@ impl Engine {
         state: EngineState,
     ) -> Result<SandboxMeta, EngineError> {
         check_component(id)?;
-        if self.find(name)?.is_some() || self.find(id)?.is_some() {
+        if self.load(id)?.is_some() {
             return Err(EngineError::NameTaken(name.to_string()));
         }
+        // The name first: a crash after it leaves an entry that points at nothing, which
+        // counts as free.
+        self.claim_name(name, id)?;
         let dir = self.dir(id);
         std::fs::create_dir_all(dir.join("home"))
             .map_err(io_err(format!("creating {}", dir.display())))?;
@@ -152,7 +210,7 @@ impl Engine {
         {
             return Ok(Some(meta));
         }
-        Ok(self.list()?.into_iter().find(|m| m.name == id_or_name))
+        self.by_name(id_or_name)
     }
 
     /// A sandbox by id or name, or [`EngineError::NotFound`].
@@ -168,6 +226,7 @@ impl Engine {
             .map_err(io_err(format!("listing {}", self.root.display())))?;
         for entry in entries.flatten() {
             if let Some(id) = entry.file_name().to_str()
+                && !id.starts_with('.')
                 && let Some(meta) = self.load(id)?
             {
                 out.push(meta);
@@ -184,8 +243,15 @@ impl Engine {
         f: impl FnOnce(&mut SandboxMeta),
     ) -> Result<SandboxMeta, EngineError> {
         let mut meta = self.get(id_or_name)?;
+        let old_name = meta.name.clone();
         f(&mut meta);
+        if meta.name != old_name {
+            self.claim_name(&meta.name, &meta.id)?;
+        }
         self.save(&meta)?;
+        if meta.name != old_name {
+            self.forget_name(&old_name, &meta.id);
+        }
         Ok(meta)
     }
 
@@ -201,9 +267,13 @@ impl Engine {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(format!("deleting {}", dir.display()))(e)),
         }
+        self.forget_name(&meta.name, &meta.id);
         archive::remove_tree(&dir).map_err(io_err(format!("deleting {}", dir.display())))
     }
 }
+
+/// The name index's folder under the engine root (`<blake3 of the name>` -> id).
+const NAMES: &str = ".names";
 
 /// A single path component: no separators, no `.`/`..`, not empty.
 fn check_component(s: &str) -> Result<(), EngineError> {
@@ -253,5 +323,48 @@ mod tests {
         engine.delete("id1").expect("delete twice is fine");
         assert!(matches!(engine.get("id1"), Err(EngineError::NotFound(_))));
         assert!(engine.find("../x").expect("find").is_none());
+        // The name is free again.
+        engine
+            .create(
+                "id3",
+                "name-one",
+                BTreeMap::new(),
+                BTreeMap::new(),
+                EngineState::Started,
+            )
+            .expect("name reused");
+    }
+
+    #[test]
+    fn names_follow_renames_and_survive_a_reopen() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("sb");
+        let engine = Engine::open(&root).expect("open");
+        engine
+            .create(
+                "id1",
+                "a",
+                BTreeMap::new(),
+                BTreeMap::new(),
+                EngineState::Started,
+            )
+            .expect("create");
+        engine.update("a", |m| m.name = "b".into()).expect("rename");
+        assert!(engine.find("a").expect("find").is_none());
+        assert_eq!(engine.get("b").expect("by new name").id, "id1");
+        engine
+            .create(
+                "id2",
+                "a",
+                BTreeMap::new(),
+                BTreeMap::new(),
+                EngineState::Started,
+            )
+            .expect("the old name is free");
+        // An engine from before the index: rebuilt at open.
+        std::fs::remove_dir_all(root.join(NAMES)).expect("rm index");
+        let engine = Engine::open(&root).expect("reopen");
+        assert_eq!(engine.get("b").expect("b").id, "id1");
+        assert_eq!(engine.get("a").expect("a").id, "id2");
     }
 }
