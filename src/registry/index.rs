@@ -70,6 +70,34 @@ impl LeaseIndex {
         v
     }
 
+    /// The leases with an actor that `keep` accepts, oldest first (by creation time, then
+    /// id), after `after` and at most `limit` of them (records copied for those only), and
+    /// whether more follow.
+    pub fn page(
+        &self,
+        keep: impl Fn(&LeaseRecord) -> bool,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> (Vec<LeaseRecord>, bool) {
+        let mut keys: Vec<(u64, String, LeaseHandle)> = Vec::new();
+        for e in self.by_id.iter() {
+            let r = e.value().state.borrow();
+            if after.is_some_and(|(ms, id)| (r.created_at_ms, r.id.as_str()) <= (ms, id)) {
+                continue;
+            }
+            if keep(&r) {
+                keys.push((r.created_at_ms, r.id.clone(), e.value().clone()));
+            }
+        }
+        let more = keys.len() > limit;
+        if more {
+            keys.select_nth_unstable_by(limit, |a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+            keys.truncate(limit);
+        }
+        keys.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        (keys.into_iter().map(|(_, _, h)| h.record()).collect(), more)
+    }
+
     /// How many leases with an actor are in each state (read in place, nothing copied).
     pub fn count_by_state(&self) -> std::collections::HashMap<&'static str, u64> {
         let mut counts = std::collections::HashMap::new();

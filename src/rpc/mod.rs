@@ -289,7 +289,7 @@ impl LeaseService for LeaseSvc {
         let req = req.into_inner();
         let filter = wire::ListFilter::from_request(&req)?;
         let index = &self.0.registry.index;
-        let mut records = if req.all {
+        let (page, next_page_token) = if req.all {
             let mut all = self.0.store.all_leases().map_err(Status::from)?;
             // The live view is fresher than the store for leases with an actor.
             for r in all.iter_mut() {
@@ -297,17 +297,19 @@ impl LeaseService for LeaseSvc {
                     *r = h.record();
                 }
             }
-            all
+            all.retain(|r| filter.matches(r));
+            all.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+            filter.page(all)
         } else {
-            index
-                .records()
-                .into_iter()
-                .filter(|r| r.state != LeaseState::Released)
-                .collect()
+            // Live leases only, read in place: only the page's records are copied.
+            let (page, more) = index.page(
+                |r| r.state != LeaseState::Released && filter.matches(r),
+                filter.after(),
+                filter.page_size(),
+            );
+            let token = wire::ListFilter::next_token(&page, more);
+            (page, token)
         };
-        records.retain(|r| filter.matches(r));
-        records.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
-        let (page, next_page_token) = filter.page(records);
         Ok(Response::new(pb::ListResponse {
             leases: page.iter().map(lease_pb).collect(),
             next_page_token,

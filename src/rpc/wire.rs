@@ -147,6 +147,24 @@ impl ListFilter {
         })
     }
 
+    /// The page size asked (`usize::MAX`: all).
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Where the page starts: after this (created ms, id).
+    pub fn after(&self) -> Option<(u64, &str)> {
+        self.after.as_ref().map(|(ms, id)| (*ms, id.as_str()))
+    }
+
+    /// The token of the page after `page`, when `more` follow.
+    pub fn next_token(page: &[LeaseRecord], more: bool) -> String {
+        match (more, page.last()) {
+            (true, Some(r)) => format!("{}.{}", r.created_at_ms, r.id),
+            _ => String::new(),
+        }
+    }
+
     pub fn matches(&self, r: &LeaseRecord) -> bool {
         (self.states.is_empty() || self.states.contains(&r.state))
             && (self.repo_root.is_empty() || r.repo_root.as_deref() == Some(&self.repo_root))
