@@ -187,6 +187,9 @@ pub enum Command {
     Completions { shell: clap_complete::Shell },
 }
 
+/// How many leases `crabbox list` asks for per call (the daemon's largest page).
+pub const LIST_PAGE: u32 = 1000;
+
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// Include released leases.

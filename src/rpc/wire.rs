@@ -169,11 +169,10 @@ impl ListFilter {
         (self.states.is_empty() || self.states.contains(&r.state))
             && (self.repo_root.is_empty() || r.repo_root.as_deref() == Some(&self.repo_root))
             && (self.provider.is_empty() || r.provider == self.provider)
-            && (self.labels.is_empty() || {
-                let have = r.labels();
-                self.labels
-                    .iter()
-                    .all(|(k, v)| have.get(k).is_some_and(|h| h == v))
+            && self.labels.iter().all(|(k, v)| match r.user_labels.get(k) {
+                Some(have) => have == v,
+                // A reserved label (crabbox, lease, created_by, ...): made when asked.
+                None => r.labels().get(k).is_some_and(|have| have == v),
             })
             && self
                 .after

@@ -415,7 +415,7 @@ async fn list(ctx: &Ctx, args: ListArgs) -> Result<i32, CliError> {
         repo_root,
         provider: args.provider.clone().unwrap_or_default(),
         labels,
-        page_size: 500,
+        page_size: crate::cli::LIST_PAGE,
         page_token: String::new(),
     };
     // Every page, unless --limit says how many.
