@@ -23,6 +23,10 @@ pub struct SyncConfig {
     pub exclude: Vec<String>,
     #[serde(default)]
     pub include: Vec<String>,
+    /// Refuse a sync that would delete more than this percentage of the lease's files
+    /// (1 to 100; 100 turns the guard off) [default: 50].
+    #[serde(default)]
+    pub delete_guard: Option<u32>,
 }
 
 /// `daytona:` in config (camelCase, as SPEC writes it).
@@ -423,7 +427,18 @@ fn from_file(file: FileConfig, sources: Vec<PathBuf>) -> Result<Settings, Config
         idle_timeout: dur(file.idle_timeout, "config idle_timeout")?,
         keep: file.keep.unwrap_or(false),
         labels: file.labels,
-        sync: file.sync,
+        sync: {
+            if let Some(p) = file.sync.delete_guard
+                && !(1..=100).contains(&p)
+            {
+                return Err(ConfigError(format!(
+                    "config sync.delete_guard is {p}: write a percentage from 1 to 100 (the \
+                     largest share of a lease's files one sync may delete; 100 turns the \
+                     guard off)"
+                )));
+            }
+            file.sync
+        },
         daytona: file.daytona,
         environment: file.environment,
         stall_timeout: dur(file.run.stall_timeout, "config run.stall_timeout")?,

@@ -1200,3 +1200,76 @@ async fn a_watched_checkout_syncs_exactly_what_changed_without_a_scan() {
     .await;
     assert_synced(&d, p, "after a restart").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_that_deletes_most_of_the_lease_is_refused_unless_forced() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let p = r.path();
+    for i in 0..30 {
+        std::fs::write(p.join(format!("f{i:02}.txt")), format!("{i}\n")).expect("write");
+    }
+    common::git(p, &["add", "."]);
+    d.run(p, &["run", "--keep", "--", "true"]).await.expect(0);
+    // 20 of 32 files gone: a wrong branch, most likely.
+    for i in 0..20 {
+        std::fs::remove_file(p.join(format!("f{i:02}.txt"))).expect("rm");
+    }
+    let out = d.run(p, &["run", "--", "ls"]).await.expect(6);
+    assert!(
+        out.stderr().contains("would delete 20 of the 32 files")
+            && out.stderr().contains("--force-sync-delete"),
+        "{}",
+        out.stderr()
+    );
+    // Nothing was deleted in the lease.
+    let listed = d
+        .run(
+            p,
+            &["run", "--no-sync", "--", "sh", "-c", "ls f*.txt | wc -l"],
+        )
+        .await
+        .expect(0)
+        .stdout();
+    assert_eq!(listed.trim(), "30");
+    // A guard set higher lets it through; so does the flag.
+    let cfg = d.dir.path().join("guard.yaml");
+    std::fs::write(&cfg, "sync: {delete_guard: 70}\n").expect("write");
+    let out = d
+        .run_env(
+            p,
+            &[("CRABBOX_CONFIG", cfg.as_ref())],
+            &["run", "--", "sh", "-c", "ls f*.txt | wc -l"],
+        )
+        .await
+        .expect(0);
+    assert_eq!(out.stdout().trim(), "10");
+    std::fs::write(&cfg, "sync: {delete_guard: 0}\n").expect("write");
+    let out = d
+        .run_env(
+            p,
+            &[("CRABBOX_CONFIG", cfg.as_ref())],
+            &["run", "--", "true"],
+        )
+        .await
+        .expect(2);
+    assert!(out.stderr().contains("delete_guard"), "{}", out.stderr());
+    for i in 20..28 {
+        std::fs::remove_file(p.join(format!("f{i:02}.txt"))).expect("rm");
+    }
+    let out = d
+        .run(
+            p,
+            &[
+                "run",
+                "--force-sync-delete",
+                "--",
+                "sh",
+                "-c",
+                "ls f*.txt | wc -l",
+            ],
+        )
+        .await
+        .expect(0);
+    assert_eq!(out.stdout().trim(), "2");
+}

@@ -236,6 +236,10 @@ pub struct RunArgs {
     /// Sync past the size limit (150,000 files or 20 GiB).
     #[arg(long)]
     pub force_sync_large: bool,
+    /// Sync even when it deletes more than sync.delete_guard (50%) of the lease's files
+    /// (usually a wrong folder or branch, so it is refused without this).
+    #[arg(long)]
+    pub force_sync_delete: bool,
     /// Pass an environment variable: NAME (its value here) or NAME=VALUE (repeatable).
     #[arg(long = "env", value_name = "NAME")]
     pub env: Vec<String>,

@@ -20,7 +20,7 @@ use super::{Api, validate_repo_root};
 use crate::clock::now_ms;
 use crate::error::{Error, echo};
 use crate::lease::ops::exec::Execution;
-use crate::lease::ops::sync::{SyncJob, SyncReport};
+use crate::lease::ops::sync::{DELETE_GUARD_DEFAULT, SyncJob, SyncReport};
 use crate::lease::record::FreshRun;
 use crate::lease::state::{Readiness, readiness};
 use crate::lease::store::RunRecord;
@@ -328,6 +328,11 @@ impl Run {
                     manifest: Arc::unwrap_or_clone(manifest),
                     previous,
                     full: sync_opts.full_resync,
+                    delete_guard: match (sync_opts.force_delete, sync_opts.delete_guard_percent) {
+                        (true, _) | (false, 100..) => None,
+                        (false, 0) => Some(f64::from(DELETE_GUARD_DEFAULT) / 100.0),
+                        (false, p) => Some(f64::from(p) / 100.0),
+                    },
                 }
                 .run()
                 .await;

@@ -37,7 +37,17 @@ pub struct SyncJob<'a> {
     pub previous: Option<Manifest>,
     /// Send everything, whatever the store says.
     pub full: bool,
+    /// Refuse to delete more than this share (0 to 1) of the files the lease holds;
+    /// `None`: no limit.
+    pub delete_guard: Option<f64>,
 }
+
+/// The deletion guard's default: half of a lease's files.
+pub const DELETE_GUARD_DEFAULT: u32 = 50;
+
+/// Below this many files in the lease the guard does not apply (a tiny checkout deleting
+/// 2 of 3 files is a normal edit).
+const DELETE_GUARD_MIN_FILES: usize = 20;
 
 impl SyncJob<'_> {
     /// Sends what changed and deletes what was removed; records what the sandbox holds.
@@ -78,6 +88,20 @@ impl SyncJob<'_> {
         let diff = self
             .manifest
             .diff(previous.as_ref().unwrap_or(&Manifest::default()));
+        if let (Some(guard), Some(prev)) = (self.delete_guard, previous.as_ref()) {
+            let held = prev.files.len();
+            if held >= DELETE_GUARD_MIN_FILES && diff.deleted as f64 > guard * held as f64 {
+                return Err(Error::Sync(format!(
+                    "this sync would delete {} of the {held} files the lease holds ({:.0}%), \
+                     more than the {:.0}% guard: that is usually a wrong folder or branch, not \
+                     an intent. Check where you are (and `git status`), or pass \
+                     --force-sync-delete (config sync.delete_guard sets the share)",
+                    diff.deleted,
+                    diff.deleted as f64 * 100.0 / held as f64,
+                    guard * 100.0
+                )));
+            }
+        }
         let mut report = SyncReport {
             files_total: self.manifest.files.len() as u64,
             files_uploaded: diff.changed.len() as u64,
