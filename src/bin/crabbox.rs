@@ -1,9 +1,19 @@
 //! `crabbox`: the CLI. Parses arguments and hands them to the library.
 use clap::Parser;
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // Arguments first (`--help` and `--version` need nothing else), then a runtime on
+    // this thread alone: a CLI waits on one daemon, worker threads would only cost start-up.
     let cli = crabbox::cli::Cli::parse();
-    let code = crabbox::cli::main(cli).await;
+    let code = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(crabbox::cli::main(cli)),
+        Err(e) => {
+            eprintln!("crabbox: error: cannot start the async runtime: {e}");
+            crabbox::error::exit::INTERNAL
+        }
+    };
     std::process::exit(code);
 }
