@@ -181,16 +181,7 @@ pub fn collect(
     let exclude = matcher(root, &rules.exclude)?;
     let include = matcher(root, &rules.include)?;
     let crabboxignore = crabboxignore(root)?;
-
-    // The daemon's own folders under the root, as root-relative prefixes.
-    let never: Vec<String> = rules
-        .never
-        .iter()
-        .filter_map(|p| p.strip_prefix(root).ok())
-        .filter_map(|p| p.to_str())
-        .filter(|p| !p.is_empty())
-        .map(|p| format!("{p}/"))
-        .collect();
+    let never = never_prefixes(root, rules);
     let inside_never = |path: &str| never.iter().any(|n| path.starts_with(n.as_str()));
     let mut chosen: Vec<String> = Vec::with_capacity(candidates.len());
     let mut seen = HashSet::new();
@@ -264,6 +255,18 @@ pub fn collect(
     })
 }
 
+/// The daemon's own folders under `root` (`rules.never`), as root-relative prefixes.
+fn never_prefixes(root: &Path, rules: &SyncRules) -> Vec<String> {
+    rules
+        .never
+        .iter()
+        .filter_map(|p| p.strip_prefix(root).ok())
+        .filter_map(|p| p.to_str())
+        .filter(|p| !p.is_empty())
+        .map(|p| format!("{p}/"))
+        .collect()
+}
+
 /// At most this many changed paths are listed one by one; more, and a scan is cheaper.
 pub const MAX_CHANGES: usize = 2_000;
 
@@ -311,14 +314,7 @@ pub fn collect_changes(
         let exclude = matcher(root, &rules.exclude)?;
         let include = matcher(root, &rules.include)?;
         let crabboxignore = crabboxignore(root)?;
-        let never: Vec<String> = rules
-            .never
-            .iter()
-            .filter_map(|p| p.strip_prefix(root).ok())
-            .filter_map(|p| p.to_str())
-            .filter(|p| !p.is_empty())
-            .map(|p| format!("{p}/"))
-            .collect();
+        let never = never_prefixes(root, rules);
         let mut vanished = 0;
         for c in candidates {
             if never.iter().any(|n| c.path.starts_with(n.as_str()))

@@ -314,16 +314,7 @@ impl DaytonaProvider {
         if cancelled || timed_out {
             let _ = ws.close(None).await;
             // Deleting the session (done by the caller) ends the command.
-            return Ok(ExecExit {
-                code: if timed_out {
-                    crate::sandbox::process::TIMEOUT_EXIT_CODE
-                } else {
-                    130
-                },
-                signal: None,
-                timed_out,
-                cancelled,
-            });
+            return Ok(stopped(timed_out));
         }
         // The command said its exit code at its end, in the stream.
         if let Some(code) = trailer.code {
@@ -518,7 +509,21 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-fn signal_name(n: i32) -> String {
+/// How a command that crabbox stopped (its timeout, or cancelled) ended.
+pub(super) fn stopped(timed_out: bool) -> ExecExit {
+    ExecExit {
+        code: if timed_out {
+            crate::sandbox::process::TIMEOUT_EXIT_CODE
+        } else {
+            130
+        },
+        signal: None,
+        timed_out,
+        cancelled: !timed_out,
+    }
+}
+
+pub(super) fn signal_name(n: i32) -> String {
     nix::sys::signal::Signal::try_from(n).map_or_else(|_| format!("signal {n}"), |s| s.to_string())
 }
 

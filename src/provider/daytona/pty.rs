@@ -255,16 +255,7 @@ impl DaytonaProvider {
         if cancelled || timed_out {
             let _ = ws.close(None).await;
             // Deleting the session (done by the caller) ends the command.
-            return Ok(ExecExit {
-                code: if timed_out {
-                    crate::sandbox::process::TIMEOUT_EXIT_CODE
-                } else {
-                    130
-                },
-                signal: None,
-                timed_out,
-                cancelled,
-            });
+            return Ok(super::exec::stopped(timed_out));
         }
         let code = exit_code.ok_or_else(|| {
             e(
@@ -274,7 +265,7 @@ impl DaytonaProvider {
         })?;
         Ok(ExecExit {
             code,
-            signal: (code > 128).then(|| signal_name(code - 128)),
+            signal: (code > 128).then(|| super::exec::signal_name(code - 128)),
             timed_out: false,
             cancelled: false,
         })
@@ -322,10 +313,6 @@ fn after_marker(
             None
         }
     }
-}
-
-fn signal_name(n: i32) -> String {
-    nix::sys::signal::Signal::try_from(n).map_or_else(|_| format!("signal {n}"), |s| s.to_string())
 }
 
 #[cfg(test)]
