@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path as FsPath, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::http::StatusCode;
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ApiError, Sim};
 use crate::clock::now_ms;
+use crate::sandbox::process::ProcessSpec;
 
 mod files;
 mod process;
@@ -162,6 +164,36 @@ impl Ctx {
         env.extend(extra.clone());
         env
     }
+}
+
+/// A command to run in the sandbox `c` (jailed), in `cwd` (a sandbox path; the user's home
+/// by default), with the sandbox's environment and `env` on top.
+fn spec(
+    c: &Ctx,
+    command: &str,
+    cwd: Option<&str>,
+    env: &BTreeMap<String, String>,
+    timeout: Option<Duration>,
+) -> Result<ProcessSpec, ApiError> {
+    let cwd = match cwd.filter(|s| !s.is_empty()) {
+        Some(p) => p.to_string(),
+        None => c.home(),
+    };
+    let guest = c.guest(&cwd)?;
+    let host = c.host(&cwd)?;
+    if !host.is_dir() {
+        return Err(ApiError::bad_request(format!(
+            "working directory {cwd} does not exist"
+        )));
+    }
+    Ok(ProcessSpec {
+        command: command.to_string(),
+        cwd: PathBuf::from(guest),
+        env: c.env(env),
+        timeout,
+        jail: Some(c.fs.clone()),
+        tty: None,
+    })
 }
 
 fn query(raw: &Option<String>) -> Vec<(String, String)> {

@@ -2,7 +2,6 @@
 //! status, logs as JSON and as a follow WebSocket, input).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,9 +16,9 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::{Ctx, ctx, param};
+use super::{Ctx, ctx, param, spec};
 use crate::clock::now_ms;
-use crate::sandbox::process::{self, ExecOutput, ProcessSpec};
+use crate::sandbox::process::{self, ExecOutput};
 use crate::sim::{ApiError, ApiJson, Sim};
 
 /// Default `process/execute` timeout when the request names none (Daytona documents 10 s).
@@ -32,34 +31,6 @@ pub(super) struct ExecuteRequest {
     cwd: Option<String>,
     envs: Option<BTreeMap<String, String>>,
     timeout: Option<u64>,
-}
-
-pub(super) fn spec(
-    c: &Ctx,
-    command: &str,
-    cwd: Option<&str>,
-    env: &BTreeMap<String, String>,
-    timeout: Option<Duration>,
-) -> Result<ProcessSpec, ApiError> {
-    let cwd = match cwd.filter(|s| !s.is_empty()) {
-        Some(p) => p.to_string(),
-        None => c.home(),
-    };
-    let guest = c.guest(&cwd)?;
-    let host = c.host(&cwd)?;
-    if !host.is_dir() {
-        return Err(ApiError::bad_request(format!(
-            "working directory {cwd} does not exist"
-        )));
-    }
-    Ok(ProcessSpec {
-        command: command.to_string(),
-        cwd: PathBuf::from(guest),
-        env: c.env(env),
-        timeout,
-        jail: Some(c.fs.clone()),
-        tty: None,
-    })
 }
 
 pub(super) async fn execute(

@@ -168,7 +168,7 @@ fn create(sim: &Arc<Sim>, c: &Ctx, req: CreatePty) -> Result<Arc<PtySession>, Ap
     } else {
         "exec /bin/sh -i -l"
     };
-    let mut spec = super::process::spec(c, shell, Some(&cwd), &envs, None)?;
+    let mut spec = super::spec(c, shell, Some(&cwd), &envs, None)?;
     spec.cwd = PathBuf::from(c.guest(&cwd)?);
     let (output, _) = broadcast::channel(1024);
     let session = Arc::new(PtySession {
