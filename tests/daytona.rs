@@ -1023,3 +1023,59 @@ async fn a_warm_run_costs_two_requests_and_a_change_two_more() {
         "a deletion costs 1 more (one command): {seen:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_runs_in_its_folder_or_not_at_all() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    let lease = w.cb(r.path(), &["warmup", "--json"]).await.expect(0).json();
+    // Never synced: the checkout's folder is made (as on local), not skipped.
+    let out = w
+        .cb(r.path(), &["run", "--no-sync", "--", "pwd"])
+        .await
+        .expect(0);
+    let id = lease["id"].as_str().expect("id");
+    assert!(
+        out.stdout()
+            .starts_with(&format!("/home/daytona/crabbox/{id}/")),
+        "{}",
+        out.stdout()
+    );
+    // A folder that cannot be made: the command does not run elsewhere.
+    let out = w
+        .cb(
+            r.path(),
+            &[
+                "run",
+                "--no-sync",
+                "--workdir",
+                "/proc/nope",
+                "--",
+                "echo",
+                "ran",
+            ],
+        )
+        .await;
+    assert_ne!(out.code(), 0);
+    assert!(!out.stdout().contains("ran"), "{}", out.stdout());
+    // The same on a terminal.
+    let mut t = common::tty::Term::spawn(
+        &w.daemon,
+        r.path(),
+        &["--provider", "daytona"],
+        &[
+            "run",
+            "-q",
+            "-t",
+            "--no-sync",
+            "--workdir",
+            "/proc/nope",
+            "--",
+            "echo",
+            "ran",
+        ],
+        (24, 80),
+    );
+    assert_ne!(t.exit_code().await, 0);
+    assert!(!t.screen().contains("ran\r\n"), "{}", t.screen());
+}

@@ -534,18 +534,18 @@ impl Run {
                     }
                 }
                 out = execution.output.recv() => {
-                    let event = match out {
-                        Some(ExecOutput::Stdout(b)) => RunEv::Stdout(b),
-                        Some(ExecOutput::Stderr(b)) => RunEv::Stderr(b),
-                        None => break,
-                    };
+                    let Some(first) = out else { break };
                     // Output resets the watchdog.
                     if let Some(d) = stall {
                         watchdog.as_mut().reset(tokio::time::Instant::now() + d);
                     }
-                    if self.emit(event).await.is_err() && !client_gone {
-                        client_gone = true;
-                        execution.cancel();
+                    // What is already queued behind it goes in the same messages (nothing
+                    // waits for more: a slow command's output is sent as it comes).
+                    for event in coalesce(first, &mut execution.output) {
+                        if self.emit(event).await.is_err() && !client_gone {
+                            client_gone = true;
+                            execution.cancel();
+                        }
                     }
                 }
                 _ = keepalive.tick() => h.tell(LeaseMsg::KeepAlive),
@@ -596,6 +596,35 @@ impl Run {
         })
         .await;
     }
+}
+
+/// The most output one message carries when it is merged from queued pieces.
+const MERGE_LIMIT: usize = 1024 * 1024;
+
+/// `first` and whatever output is already queued behind it (up to [`MERGE_LIMIT`]), as
+/// events with neighbouring pieces of the same stream merged, in order.
+fn coalesce(first: ExecOutput, queue: &mut mpsc::Receiver<ExecOutput>) -> Vec<RunEv> {
+    let mut events: Vec<RunEv> = Vec::new();
+    let mut size = 0;
+    let mut next = Some(first);
+    while let Some(piece) = next.take() {
+        let (bytes, stdout) = match piece {
+            ExecOutput::Stdout(b) => (b, true),
+            ExecOutput::Stderr(b) => (b, false),
+        };
+        size += bytes.len();
+        match (events.last_mut(), stdout) {
+            (Some(RunEv::Stdout(prev)), true) | (Some(RunEv::Stderr(prev)), false) => {
+                prev.extend_from_slice(&bytes)
+            }
+            (_, true) => events.push(RunEv::Stdout(bytes)),
+            (_, false) => events.push(RunEv::Stderr(bytes)),
+        }
+        if size < MERGE_LIMIT {
+            next = queue.try_recv().ok();
+        }
+    }
+    events
 }
 
 /// Can a command whose first word is `word` replace its shell (`exec word ...`)? Not a

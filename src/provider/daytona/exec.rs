@@ -389,7 +389,7 @@ for l in sys.stdin.buffer:
 /// empty or (with `stdin`) fed by the decoder through a FIFO; then the exit code, in the
 /// output stream, behind a marker with this run's `nonce` (see [`ExitTrailer`]).
 pub(super) fn session_script(spec: &ExecSpec, stdin: bool, nonce: &str) -> String {
-    let mut script = format!("( cd {} && ", quote(&spec.cwd));
+    let mut script = format!("( {}", enter(&spec.cwd));
     for (k, v) in &spec.env {
         script.push_str(&format!("export {k}={}; ", quote(v)));
     }
@@ -416,6 +416,13 @@ pub(super) fn session_script(spec: &ExecSpec, stdin: bool, nonce: &str) -> Strin
     }
     script.push_str(&format!("; printf '\\036crabbox-exit-{nonce}:%d\\036' $?"));
     script
+}
+
+/// The start of a command's script: into its working folder, made when missing (as the
+/// local provider does), or nothing else runs.
+pub(super) fn enter(cwd: &str) -> String {
+    let dir = quote(cwd);
+    format!("mkdir -p {dir} && cd {dir} || exit 1; ")
 }
 
 /// Takes the exit code a command's script prints after it (`\x1ecrabbox-exit-NONCE:N\x1e`,

@@ -54,8 +54,8 @@ impl DaytonaProvider {
         let id = format!("crabbox-{:016x}", rand::random::<u64>());
         let nonce = format!("{:016x}", rand::random::<u64>());
         let mut script = format!(
-            "printf '\\036crabbox-{nonce}\\036'; cd {} && ",
-            quote(&spec.cwd)
+            "printf '\\036crabbox-{nonce}\\036'; {}",
+            super::exec::enter(&spec.cwd)
         );
         for (k, v) in &spec.env {
             script.push_str(&format!("export {k}={}; ", quote(v)));
