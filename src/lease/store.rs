@@ -33,6 +33,9 @@ pub struct Store {
     db: Database,
 }
 
+/// redb's page cache.
+const STORE_CACHE: usize = 4 * 1024 * 1024;
+
 fn err(e: impl std::fmt::Display) -> Error {
     Error::Store(e.to_string())
 }
@@ -40,7 +43,11 @@ fn err(e: impl std::fmt::Display) -> Error {
 impl Store {
     /// Opens (creating) the database file and its tables.
     pub fn open(path: &Path) -> Result<Store, Error> {
-        let db = Database::create(path)
+        // A bounded page cache: the daemon reads its leases once at start and keeps them
+        // in memory itself (redb's default would let the cache grow with the file).
+        let db = redb::Builder::new()
+            .set_cache_size(STORE_CACHE)
+            .create(path)
             .map_err(|e| Error::Store(format!("opening {}: {e}", path.display())))?;
         let tx = db.begin_write().map_err(err)?;
         tx.open_table(LEASES).map_err(err)?;
