@@ -1273,3 +1273,71 @@ async fn a_sync_that_deletes_most_of_the_lease_is_refused_unless_forced() {
         .expect(0);
     assert_eq!(out.stdout().trim(), "2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_plan_says_what_a_run_would_send_without_leasing() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let p = r.path();
+    std::fs::write(p.join("big.bin"), vec![7u8; 300_000]).expect("write");
+    common::git(p, &["add", "."]);
+    let plan = d.run(p, &["--json", "sync-plan"]).await.expect(0).json();
+    assert_eq!(plan["lease"], serde_json::Value::Null);
+    assert_eq!(plan["full"], true);
+    assert_eq!(plan["files_to_send"], 3);
+    assert_eq!(plan["largest_files"][0]["path"], "big.bin");
+    assert_eq!(plan["largest_folders"][0]["path"], "src/");
+    let listed = d.run(p, &["list", "--json"]).await.expect(0).json();
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(0),
+        "a plan leases nothing"
+    );
+    d.run(p, &["run", "--keep", "--", "true"]).await.expect(0);
+    std::fs::write(p.join("README"), "changed\n").expect("write");
+    std::fs::write(p.join("new.txt"), "new\n").expect("write");
+    std::fs::remove_file(p.join("src/lib.txt")).expect("rm");
+    let plan = d.run(p, &["--json", "sync-plan"]).await.expect(0).json();
+    assert_eq!(plan["full"], false);
+    assert_eq!(
+        (
+            plan["files_to_send"].as_u64(),
+            plan["files_to_delete"].as_u64()
+        ),
+        (Some(2), Some(1))
+    );
+    let kinds: Vec<(String, String)> = plan["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|c| {
+            (
+                c["path"].as_str().unwrap_or("").into(),
+                c["kind"].as_str().unwrap_or("").into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("README".to_string(), "modified".to_string()),
+            ("new.txt".into(), "added".into()),
+            ("src/lib.txt".into(), "deleted".into())
+        ]
+    );
+    let text = d.run(p, &["sync-plan"]).await.expect(0).stdout();
+    assert!(
+        text.contains("2 files to send")
+            && text.contains("M README")
+            && text.contains("D src/lib.txt"),
+        "{text}"
+    );
+    // The run that follows sends exactly that.
+    let run = d
+        .run(p, &["run", "--json", "--", "true"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(run["sync"]["files_uploaded"], 2);
+    assert_eq!(run["sync"]["files_deleted"], 1);
+}

@@ -138,6 +138,8 @@ pub enum Command {
     },
     /// Sync this checkout into the lease and run a command there.
     Run(RunArgs),
+    /// Show what a run's sync would send and delete, without leasing or sending anything.
+    SyncPlan(SyncPlanArgs),
     /// Open a shell in the lease over SSH.
     Ssh {
         /// The lease (id, slug or sandbox name) [default: this repo's].
@@ -185,6 +187,22 @@ pub enum Command {
     },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Args)]
+pub struct SyncPlanArgs {
+    /// Plan against this lease (id, slug or sandbox name) [default: this repo's].
+    #[arg(long = "id", value_name = "LEASE")]
+    pub id: Option<String>,
+    /// The folder to sync, as with `run --sync-root`.
+    #[arg(long, value_name = "DIR")]
+    pub sync_root: Option<PathBuf>,
+    /// Plan a full resync.
+    #[arg(long)]
+    pub full_resync: bool,
+    /// Plan as with `run --force-sync-delete` (the deletion guard is off).
+    #[arg(long)]
+    pub force_sync_delete: bool,
 }
 
 /// How many leases `crabbox list` asks for per call (the daemon's largest page).

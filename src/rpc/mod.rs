@@ -4,6 +4,7 @@
 //!
 //! - [`wire`]: record <-> `crabbox.v1` conversions.
 
+pub mod plan;
 pub mod run;
 pub mod watch;
 pub mod wire;
@@ -446,6 +447,13 @@ impl LeaseService for LeaseSvc {
             Resolved::Stored(r) => *r,
         };
         Ok(Response::new(lease_pb(&record)))
+    }
+
+    async fn sync_plan(
+        &self,
+        req: Request<pb::SyncPlanRequest>,
+    ) -> Result<Response<pb::SyncPlanResponse>, Status> {
+        Ok(Response::new(plan::plan(&self.0, req.into_inner()).await?))
     }
 
     async fn claim(&self, req: Request<pb::ClaimRequest>) -> Result<Response<pb::Lease>, Status> {

@@ -198,19 +198,7 @@ impl Run {
                         .into(),
                 ));
             }
-            let rules = SyncRules {
-                exclude: sync_opts.exclude.clone(),
-                include: sync_opts.include.clone(),
-                force_large: sync_opts.force_large,
-                limits: Default::default(),
-                // The daemon's own state (its database, logs, local sandboxes) and socket are
-                // never part of a checkout, even when a sync root contains them.
-                never: [Some(self.api.state_dir.as_path()), self.api.socket.parent()]
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|p| std::fs::canonicalize(p).ok())
-                    .collect(),
-            };
+            let rules = sync_rules(&self.api, &sync_opts);
             let store = self.api.store.clone();
             let lease_id = existing.as_ref().map(|h| h.record().id);
             let cache = move || {
@@ -328,11 +316,7 @@ impl Run {
                     manifest: Arc::unwrap_or_clone(manifest),
                     previous,
                     full: sync_opts.full_resync,
-                    delete_guard: match (sync_opts.force_delete, sync_opts.delete_guard_percent) {
-                        (true, _) | (false, 100..) => None,
-                        (false, 0) => Some(f64::from(DELETE_GUARD_DEFAULT) / 100.0),
-                        (false, p) => Some(f64::from(p) / 100.0),
-                    },
+                    delete_guard: delete_guard(&sync_opts),
                 }
                 .run()
                 .await;
@@ -595,6 +579,32 @@ impl Run {
             }
         })
         .await;
+    }
+}
+
+/// The rules a sync of `opts` follows; the daemon's own state and socket folders are never
+/// part of a checkout, even when a sync root contains them.
+pub fn sync_rules(api: &Api, opts: &pb::SyncOptions) -> SyncRules {
+    SyncRules {
+        exclude: opts.exclude.clone(),
+        include: opts.include.clone(),
+        force_large: opts.force_large,
+        limits: Default::default(),
+        never: [Some(api.state_dir.as_path()), api.socket.parent()]
+            .into_iter()
+            .flatten()
+            .filter_map(|p| std::fs::canonicalize(p).ok())
+            .collect(),
+    }
+}
+
+/// The deletion guard of `opts`: the largest share of a lease's files one sync may delete
+/// (`None`: no limit).
+pub fn delete_guard(opts: &pb::SyncOptions) -> Option<f64> {
+    match (opts.force_delete, opts.delete_guard_percent) {
+        (true, _) | (false, 100..) => None,
+        (false, 0) => Some(f64::from(DELETE_GUARD_DEFAULT) / 100.0),
+        (false, p) => Some(f64::from(p) / 100.0),
     }
 }
 

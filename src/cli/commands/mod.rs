@@ -7,11 +7,12 @@ use serde_json::json;
 use tokio_stream::StreamExt;
 
 mod daemon;
+mod plan;
 mod run;
 
 use super::client::{self, Clients};
 use super::output::{self, lease_json, print_json, state_name};
-use super::{Cli, CliError, Command, LeaseOpts, ListArgs, RunArgs, exit};
+use super::{Cli, CliError, Command, LeaseOpts, ListArgs, RunArgs, SyncPlanArgs, exit};
 use crate::config::{self, Settings};
 use crate::pb;
 
@@ -59,10 +60,18 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
     }
     let needs_repo = matches!(
         cli.command,
-        Command::Warmup { .. } | Command::Run(_) | Command::Ssh { .. } | Command::Doctor
+        Command::Warmup { .. }
+            | Command::Run(_)
+            | Command::Ssh { .. }
+            | Command::Doctor
+            | Command::SyncPlan(_)
     );
     let repo_root = match &cli.command {
         Command::Run(RunArgs {
+            sync_root: Some(dir),
+            ..
+        })
+        | Command::SyncPlan(SyncPlanArgs {
             sync_root: Some(dir),
             ..
         }) => Some(
@@ -77,7 +86,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
     // doctor reports it.
     let needs_config = matches!(
         cli.command,
-        Command::Warmup { .. } | Command::Run(_) | Command::Ssh { .. }
+        Command::Warmup { .. } | Command::Run(_) | Command::Ssh { .. } | Command::SyncPlan(_)
     );
     let mut config_error = None;
     let mut settings = match config::load(repo_root.as_deref()) {
@@ -127,6 +136,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
             reclaim,
         } => warmup(&ctx, &lease, keep, reclaim).await,
         Command::Run(args) => run::run(&ctx, args).await,
+        Command::SyncPlan(args) => plan::sync_plan(&ctx, args).await,
         Command::Ssh {
             id,
             print,

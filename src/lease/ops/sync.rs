@@ -45,6 +45,23 @@ pub struct SyncJob<'a> {
 /// The deletion guard's default: half of a lease's files.
 pub const DELETE_GUARD_DEFAULT: u32 = 50;
 
+/// The deletion guard: refuses deleting `deleted` of the `held` files a lease holds when
+/// that is more than the `guard` share (and the lease holds enough files to tell).
+pub fn check_deletions(guard: Option<f64>, held: usize, deleted: u64) -> Result<(), Error> {
+    let Some(guard) = guard else { return Ok(()) };
+    if held >= DELETE_GUARD_MIN_FILES && deleted as f64 > guard * held as f64 {
+        return Err(Error::Sync(format!(
+            "this sync would delete {deleted} of the {held} files the lease holds ({:.0}%), \
+             more than the {:.0}% guard: that is usually a wrong folder or branch, not an \
+             intent. Check where you are (and `git status`), or pass --force-sync-delete \
+             (config sync.delete_guard sets the share)",
+            deleted as f64 * 100.0 / held as f64,
+            guard * 100.0
+        )));
+    }
+    Ok(())
+}
+
 /// Below this many files in the lease the guard does not apply (a tiny checkout deleting
 /// 2 of 3 files is a normal edit).
 const DELETE_GUARD_MIN_FILES: usize = 20;
@@ -88,19 +105,8 @@ impl SyncJob<'_> {
         let diff = self
             .manifest
             .diff(previous.as_ref().unwrap_or(&Manifest::default()));
-        if let (Some(guard), Some(prev)) = (self.delete_guard, previous.as_ref()) {
-            let held = prev.files.len();
-            if held >= DELETE_GUARD_MIN_FILES && diff.deleted as f64 > guard * held as f64 {
-                return Err(Error::Sync(format!(
-                    "this sync would delete {} of the {held} files the lease holds ({:.0}%), \
-                     more than the {:.0}% guard: that is usually a wrong folder or branch, not \
-                     an intent. Check where you are (and `git status`), or pass \
-                     --force-sync-delete (config sync.delete_guard sets the share)",
-                    diff.deleted,
-                    diff.deleted as f64 * 100.0 / held as f64,
-                    guard * 100.0
-                )));
-            }
+        if let Some(prev) = previous.as_ref() {
+            check_deletions(self.delete_guard, prev.files.len(), diff.deleted)?;
         }
         let mut report = SyncReport {
             files_total: self.manifest.files.len() as u64,
