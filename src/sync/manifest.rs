@@ -315,7 +315,8 @@ pub fn collect_changes(
         let include = matcher(root, &rules.include)?;
         let crabboxignore = crabboxignore(root)?;
         let never = never_prefixes(root, rules);
-        let mut vanished = 0;
+        // Stat first: the size guard must refuse before any content is read.
+        let mut stats = Vec::new();
         for c in candidates {
             if never.iter().any(|n| c.path.starts_with(n.as_str()))
                 || !keep(&c, &exclude, &crabboxignore, &include)
@@ -323,18 +324,25 @@ pub fn collect_changes(
                 continue;
             }
             let full = root.join(&c.path);
-            let m = match std::fs::symlink_metadata(&full) {
-                Ok(m) if m.is_file() || m.file_type().is_symlink() => m,
-                Ok(_) => {
-                    warnings.push(format!("skipped {}: not a file or symlink", c.path));
-                    continue;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            match std::fs::symlink_metadata(&full) {
+                Ok(m) if m.is_file() || m.file_type().is_symlink() => stats.push((c.path, m)),
+                Ok(_) => warnings.push(format!("skipped {}: not a file or symlink", c.path)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(SyncError::Io(format!("reading {}: {e}", full.display()))),
-            };
-            match hash_entry(root, &c.path, &m, base.files.get(&c.path)) {
+            }
+        }
+        let kept: u64 = files.values().map(|f| f.size).sum();
+        let added: u64 = stats
+            .iter()
+            .filter(|(_, m)| m.is_file())
+            .map(|(_, m)| m.len())
+            .sum();
+        size_guard((files.len() + stats.len()) as u64, kept + added, rules)?;
+        let mut vanished = 0;
+        for (path, m) in stats {
+            match hash_entry(root, &path, &m, base.files.get(&path)) {
                 Ok(entry) => {
-                    files.insert(c.path, entry);
+                    files.insert(path, entry);
                 }
                 Err(HashError::Vanished) => vanished += 1,
                 Err(HashError::Sync(e)) => return Err(e),
