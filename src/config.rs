@@ -27,6 +27,9 @@ pub struct SyncConfig {
     /// (1 to 100; 100 turns the guard off) [default: 50].
     #[serde(default)]
     pub delete_guard: Option<u32>,
+    /// Sync the repository's `.git` too, for builds that run git (`git describe`).
+    #[serde(default)]
+    pub git: bool,
 }
 
 /// `daytona:` in config (camelCase, as SPEC writes it).

@@ -1393,3 +1393,68 @@ async fn odd_trees_sync_exactly_or_are_refused_by_name() {
         out.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_git_brings_the_repository_for_builds_that_run_git() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let p = r.path();
+    let commit = |m: &str| {
+        common::git(
+            p,
+            &[
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "user.name=t",
+                "commit",
+                "-qm",
+                m,
+            ],
+        )
+    };
+    commit("one");
+    common::git(p, &["tag", "v1.0"]);
+    // Without sync.git the sandbox has no repository.
+    let out = d
+        .run(
+            p,
+            &[
+                "run",
+                "--keep",
+                "--",
+                "sh",
+                "-c",
+                "test -e .git || echo none",
+            ],
+        )
+        .await
+        .expect(0);
+    assert_eq!(out.stdout(), "none\n");
+    let cfg = d.dir.path().join("git.yaml");
+    std::fs::write(&cfg, "sync: {git: true}\n").expect("write");
+    let run = |args: &'static [&'static str]| {
+        let cfg = cfg.clone();
+        let d = &d;
+        async move {
+            d.run_env(p, &[("CRABBOX_CONFIG", cfg.as_ref())], args)
+                .await
+        }
+    };
+    let out = run(&["run", "--", "git", "describe", "--tags"])
+        .await
+        .expect(0);
+    assert_eq!(out.stdout(), "v1.0\n", "{}", out.stderr());
+    // Incremental: a new commit travels (its objects and refs), and describe sees it.
+    std::fs::write(p.join("README"), "two\n").expect("write");
+    common::git(p, &["add", "."]);
+    commit("two");
+    let out = run(&["run", "--", "git", "describe", "--tags"])
+        .await
+        .expect(0);
+    assert!(out.stdout().starts_with("v1.0-1-g"), "{}", out.stdout());
+    let out = run(&["run", "--", "git", "log", "--oneline"])
+        .await
+        .expect(0);
+    assert_eq!(out.stdout().lines().count(), 2, "{}", out.stdout());
+}

@@ -589,6 +589,7 @@ pub fn sync_rules(api: &Api, opts: &pb::SyncOptions) -> SyncRules {
         exclude: opts.exclude.clone(),
         include: opts.include.clone(),
         force_large: opts.force_large,
+        git: opts.git,
         limits: Default::default(),
         never: [Some(api.state_dir.as_path()), api.socket.parent()]
             .into_iter()

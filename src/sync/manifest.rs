@@ -71,6 +71,8 @@ pub struct SyncRules {
     /// Absolute folders never synced, whatever the rules say: the daemon's own state dir
     /// and socket folder, when a sync root contains them.
     pub never: Vec<std::path::PathBuf>,
+    /// Sync the repository's `.git` too (config `sync.git`), for builds that run git.
+    pub git: bool,
 }
 
 /// One synced file.
@@ -211,6 +213,15 @@ pub fn collect(
         }
     }
 
+    if rules.git {
+        // git's own files, but not its locks (held only while a git command runs).
+        for path in git_dir_files(root)? {
+            if seen.insert(path.clone()) && !inside_never(&path) {
+                chosen.push(path);
+            }
+        }
+    }
+
     // Stat everything first: the size guard must run before any content is read (and
     // before the caller creates anything that costs money).
     let mut stats = Vec::with_capacity(chosen.len());
@@ -255,6 +266,40 @@ pub fn collect(
     })
 }
 
+/// Every file under `root/.git` (root-relative), lock files aside; none outside a work
+/// tree whose `.git` is a folder.
+fn git_dir_files(root: &Path) -> Result<Vec<String>, SyncError> {
+    let git = root.join(".git");
+    if !git.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![git];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| SyncError::Io(format!("reading {}: {e}", dir.display())))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_some_and(|e| e == "lock") {
+                continue;
+            }
+            if let Some(rel) = path.strip_prefix(root).ok().and_then(|p| p.to_str())
+                && plain_relative(rel)
+            {
+                out.push(rel.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The daemon's own folders under `root` (`rules.never`), as root-relative prefixes.
 fn never_prefixes(root: &Path, rules: &SyncRules) -> Vec<String> {
     rules
@@ -280,7 +325,8 @@ pub fn collect_changes(
     base: &Manifest,
     changed: &BTreeSet<String>,
 ) -> Result<Option<Collected>, SyncError> {
-    if !rules.include.is_empty() || changed.len() > MAX_CHANGES {
+    // With `.git` synced, git's own changes matter, and the watch leaves them out.
+    if !rules.include.is_empty() || rules.git || changed.len() > MAX_CHANGES {
         return Ok(None);
     }
     let mut warnings = Vec::new();

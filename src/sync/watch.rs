@@ -298,8 +298,8 @@ impl Checkouts {
         let root = root.to_path_buf();
         tokio::task::spawn_blocking(move || {
             let key = format!(
-                "{:?}|{:?}|{:?}|{}",
-                rules.exclude, rules.include, rules.never, rules.force_large
+                "{:?}|{:?}|{:?}|{}|{}",
+                rules.exclude, rules.include, rules.never, rules.force_large, rules.git
             );
             let changed = checkout.watch.as_ref().and_then(TreeWatch::take);
             let same_rules = last.as_ref().filter(|l| l.rules == key);

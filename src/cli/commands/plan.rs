@@ -19,6 +19,7 @@ pub(super) async fn sync_plan(ctx: &Ctx, args: SyncPlanArgs) -> Result<i32, CliE
                 full_resync: args.full_resync,
                 force_delete: args.force_sync_delete,
                 delete_guard_percent: ctx.settings.sync.delete_guard.unwrap_or(0),
+                git: ctx.settings.sync.git,
                 exclude: ctx.settings.sync.exclude.clone(),
                 include: ctx.settings.sync.include.clone(),
                 ..Default::default()

@@ -91,6 +91,7 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
             force_large: args.force_sync_large,
             force_delete: args.force_sync_delete,
             delete_guard_percent: ctx.settings.sync.delete_guard.unwrap_or(0),
+            git: ctx.settings.sync.git,
             exclude: ctx.settings.sync.exclude.clone(),
             include: ctx.settings.sync.include.clone(),
         }),
