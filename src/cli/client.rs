@@ -215,21 +215,21 @@ pub fn repo_root() -> Result<PathBuf, CliError> {
     // The nearest folder up from here with a `.git` (a folder, or a file for a worktree or
     // submodule) is the work tree's top, as `git rev-parse --show-toplevel` says, without
     // starting git; when git is told otherwise by its environment, git is asked.
-    let top = if std::env::var_os("GIT_DIR").is_some() || std::env::var_os("GIT_WORK_TREE").is_some()
-    {
-        std::process::Command::new("git")
-            .args(["rev-parse", "--show-toplevel"])
-            .current_dir(&cwd)
-            .stderr(Stdio::null())
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
-    } else {
-        cwd.ancestors()
-            .find(|dir| dir.join(".git").exists())
-            .map(Path::to_path_buf)
-    };
+    let top =
+        if std::env::var_os("GIT_DIR").is_some() || std::env::var_os("GIT_WORK_TREE").is_some() {
+            std::process::Command::new("git")
+                .args(["rev-parse", "--show-toplevel"])
+                .current_dir(&cwd)
+                .stderr(Stdio::null())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        } else {
+            cwd.ancestors()
+                .find(|dir| dir.join(".git").exists())
+                .map(Path::to_path_buf)
+        };
     let root = top.unwrap_or(cwd);
     std::fs::canonicalize(&root).map_err(|e| {
         CliError::new(

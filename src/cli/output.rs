@@ -1,6 +1,6 @@
 //! Rendering for people (text) and programs (`--json`: one JSON document on stdout).
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::clock::rfc3339;
 use crate::pb;
@@ -22,34 +22,72 @@ pub fn state_name(l: &pb::Lease) -> &'static str {
     }
 }
 
-fn opt(s: &str) -> Value {
-    if s.is_empty() {
-        Value::Null
-    } else {
-        Value::String(s.to_string())
+/// SPEC's `--json` lease object (plus a few extra fields). Fields in alphabetical order:
+/// the same document as a JSON map of them.
+#[derive(serde::Serialize)]
+pub struct LeaseOut<'a> {
+    created_at: String,
+    expires_at: String,
+    id: &'a str,
+    idle_timeout_secs: u64,
+    keep: bool,
+    labels: std::collections::BTreeMap<&'a str, &'a str>,
+    last_touched_at: String,
+    provider: &'a str,
+    reason: Option<&'a str>,
+    repo_root: Option<&'a str>,
+    sandbox_id: Option<&'a str>,
+    sandbox_name: &'a str,
+    slug: &'a str,
+    state: &'static str,
+    ttl_secs: u64,
+    work_root: &'a str,
+}
+
+impl<'a> From<&'a pb::Lease> for LeaseOut<'a> {
+    fn from(l: &'a pb::Lease) -> Self {
+        let opt = |s: &'a str| (!s.is_empty()).then_some(s);
+        LeaseOut {
+            created_at: rfc3339(timestamp_ms(l.created_at.as_ref())),
+            expires_at: rfc3339(timestamp_ms(l.expires_at.as_ref())),
+            id: &l.id,
+            idle_timeout_secs: l.idle_timeout_secs,
+            keep: l.keep,
+            labels: l
+                .labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            last_touched_at: rfc3339(timestamp_ms(l.last_touched_at.as_ref())),
+            provider: &l.provider,
+            reason: opt(&l.reason),
+            repo_root: opt(&l.repo_root),
+            sandbox_id: opt(&l.sandbox_id),
+            sandbox_name: &l.sandbox_name,
+            slug: &l.slug,
+            state: state_name(l),
+            ttl_secs: l.ttl_secs,
+            work_root: &l.work_root,
+        }
     }
 }
 
-/// SPEC's `--json` lease object (plus a few extra fields).
 pub fn lease_json(l: &pb::Lease) -> Value {
-    json!({
-        "id": l.id,
-        "slug": l.slug,
-        "provider": l.provider,
-        "state": state_name(l),
-        "sandbox_id": opt(&l.sandbox_id),
-        "sandbox_name": l.sandbox_name,
-        "repo_root": opt(&l.repo_root),
-        "created_at": rfc3339(timestamp_ms(l.created_at.as_ref())),
-        "expires_at": rfc3339(timestamp_ms(l.expires_at.as_ref())),
-        "last_touched_at": rfc3339(timestamp_ms(l.last_touched_at.as_ref())),
-        "keep": l.keep,
-        "labels": l.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
-        "reason": opt(&l.reason),
-        "ttl_secs": l.ttl_secs,
-        "idle_timeout_secs": l.idle_timeout_secs,
-        "work_root": l.work_root,
-    })
+    serde_json::to_value(LeaseOut::from(l)).unwrap_or(Value::Null)
+}
+
+/// Prints leases as one JSON array, written as it is encoded (no document built first).
+pub fn print_leases_json(leases: &[pb::Lease]) {
+    use std::io::Write;
+    let out: Vec<LeaseOut<'_>> = leases.iter().map(LeaseOut::from).collect();
+    let mut w = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    let written = serde_json::to_writer_pretty(&mut w, &out)
+        .map_err(std::io::Error::other)
+        .and_then(|()| writeln!(w))
+        .and_then(|()| w.flush());
+    if let Err(e) = written {
+        eprintln!("crabbox: error: writing JSON: {e}");
+    }
 }
 
 /// Prints one JSON document.

@@ -34,6 +34,9 @@ impl Resolved {
 /// The index of live leases and the event feed.
 pub struct LeaseIndex {
     by_id: DashMap<String, LeaseHandle>,
+    /// The same leases in `List`'s order, (created ms, id): neither ever changes, so a page
+    /// is a range of this.
+    order: std::sync::Mutex<std::collections::BTreeSet<(u64, String)>>,
     events: broadcast::Sender<LeaseChange>,
 }
 
@@ -41,6 +44,7 @@ impl Default for LeaseIndex {
     fn default() -> Self {
         LeaseIndex {
             by_id: DashMap::new(),
+            order: Default::default(),
             events: broadcast::channel(1024).0,
         }
     }
@@ -48,11 +52,26 @@ impl Default for LeaseIndex {
 
 impl LeaseIndex {
     pub fn insert(&self, id: String, handle: LeaseHandle) {
-        self.by_id.insert(id, handle);
+        let created = handle.state.borrow().created_at_ms;
+        if let Ok(mut order) = self.order.lock() {
+            order.insert((created, id.clone()));
+        }
+        if let Some(old) = self.by_id.insert(id.clone(), handle) {
+            let was = old.state.borrow().created_at_ms;
+            if was != created
+                && let Ok(mut order) = self.order.lock()
+            {
+                order.remove(&(was, id));
+            }
+        }
     }
 
     pub fn remove(&self, id: &str) {
-        self.by_id.remove(id);
+        if let Some((_, h)) = self.by_id.remove(id)
+            && let Ok(mut order) = self.order.lock()
+        {
+            order.remove(&(h.state.borrow().created_at_ms, id.to_string()));
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<LeaseHandle> {
@@ -79,23 +98,30 @@ impl LeaseIndex {
         after: Option<(u64, &str)>,
         limit: usize,
     ) -> (Vec<LeaseRecord>, bool) {
-        let mut keys: Vec<(u64, String, LeaseHandle)> = Vec::new();
-        for e in self.by_id.iter() {
-            let r = e.value().state.borrow();
-            if after.is_some_and(|(ms, id)| (r.created_at_ms, r.id.as_str()) <= (ms, id)) {
+        use std::ops::Bound;
+        let Ok(order) = self.order.lock() else {
+            return (Vec::new(), false);
+        };
+        let start = match after {
+            Some((ms, id)) => Bound::Excluded((ms, id.to_string())),
+            None => Bound::Unbounded,
+        };
+        // In order from the page's start, until one past the page (the handles' shard
+        // locks are taken under this one; nothing takes them the other way round).
+        let mut page = Vec::new();
+        for (_, id) in order.range((start, Bound::Unbounded)) {
+            let Some(h) = self.by_id.get(id) else {
                 continue;
-            }
+            };
+            let r = h.state.borrow();
             if keep(&r) {
-                keys.push((r.created_at_ms, r.id.clone(), e.value().clone()));
+                if page.len() == limit {
+                    return (page, true);
+                }
+                page.push(r.clone());
             }
         }
-        let more = keys.len() > limit;
-        if more {
-            keys.select_nth_unstable_by(limit, |a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-            keys.truncate(limit);
-        }
-        keys.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        (keys.into_iter().map(|(_, _, h)| h.record()).collect(), more)
+        (page, false)
     }
 
     /// How many leases with an actor are in each state (read in place, nothing copied).

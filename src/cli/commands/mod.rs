@@ -442,9 +442,7 @@ async fn list(ctx: &Ctx, args: ListArgs) -> Result<i32, CliError> {
         leases.truncate(n);
     }
     if ctx.json {
-        print_json(&serde_json::Value::Array(
-            leases.iter().map(lease_json).collect(),
-        ));
+        output::print_leases_json(&leases);
     } else if leases.is_empty() {
         println!(
             "no leases{}",
