@@ -267,13 +267,25 @@ fn next_generation() -> u64 {
 }
 
 impl Checkouts {
-    fn checkout(&self, root: &Path) -> Arc<Checkout> {
+    /// The checkout's record, made (and its watch started, off the async threads: a big
+    /// tree takes a while to watch) on first use.
+    async fn checkout(&self, root: &Path) -> Arc<Checkout> {
+        if let Some(c) = self.map.get(root) {
+            return c.clone();
+        }
+        let dir = root.to_path_buf();
+        let watch = tokio::task::spawn_blocking(move || {
+            TreeWatch::start(&dir)
+                .inspect_err(|why| tracing::debug!(%why, "not watching; every sync scans"))
+                .ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        // Two first collects at once: the first record in wins, the other watch is dropped.
         self.map
             .entry(root.to_path_buf())
             .or_insert_with(|| {
-                let watch = TreeWatch::start(root)
-                    .inspect_err(|why| tracing::debug!(%why, "not watching; every sync scans"))
-                    .ok();
                 Arc::new(Checkout {
                     watch,
                     last: Arc::default(),
@@ -293,7 +305,7 @@ impl Checkouts {
         rules: super::SyncRules,
         cache: impl FnOnce() -> Option<super::Manifest> + Send + 'static,
     ) -> Result<Collect, crate::error::Error> {
-        let checkout = self.checkout(root);
+        let checkout = self.checkout(root).await;
         let mut last = checkout.last.clone().lock_owned().await;
         let root = root.to_path_buf();
         tokio::task::spawn_blocking(move || {
