@@ -60,6 +60,17 @@ impl Term {
         }
     }
 
+    /// `crabbox <prefix> run -q -t -- sh -c SCRIPT` on a terminal of `size`.
+    pub fn sh(d: &Daemon, repo: &Path, prefix: &[&str], script: &str, size: (u16, u16)) -> Term {
+        Term::spawn(
+            d,
+            repo,
+            prefix,
+            &["run", "-q", "-t", "--", "sh", "-c", script],
+            size,
+        )
+    }
+
     pub fn screen(&self) -> String {
         String::from_utf8_lossy(&self.screen.lock().expect("screen")).into_owned()
     }
@@ -111,19 +122,11 @@ impl Term {
 /// followed, Ctrl-C to the command as a byte, SIGTERM restoring the terminal.
 pub async fn tty_run_behaves_like_a_terminal(d: &Daemon, repo: &Path, prefix: &[&str]) {
     // A terminal, of this window's size, with this TERM; the code comes back.
-    let mut t = Term::spawn(
+    let mut t = Term::sh(
         d,
         repo,
         prefix,
-        &[
-            "run",
-            "-q",
-            "-t",
-            "--",
-            "sh",
-            "-c",
-            "test -t 0 && test -t 1 && test -t 2 && echo is-a-tty; stty size; echo term=$TERM; exit 3",
-        ],
+        "test -t 0 && test -t 1 && test -t 2 && echo is-a-tty; stty size; echo term=$TERM; exit 3",
         (30, 100),
     );
     assert_eq!(t.exit_code().await, 3, "{}", t.screen());
@@ -135,19 +138,11 @@ pub async fn tty_run_behaves_like_a_terminal(d: &Daemon, repo: &Path, prefix: &[
 
     // Raw here while it runs (the command's terminal echoes and edits), typed lines arrive,
     // window changes are followed, ^D ends input as on a terminal.
-    let mut t = Term::spawn(
+    let mut t = Term::sh(
         d,
         repo,
         prefix,
-        &[
-            "run",
-            "-q",
-            "-t",
-            "--",
-            "sh",
-            "-c",
-            "echo ready; while read x; do echo got:$x; stty size; done; echo bye",
-        ],
+        "echo ready; while read x; do echo got:$x; stty size; done; echo bye",
         (24, 80),
     );
     t.wait_for("ready").await;
@@ -172,19 +167,11 @@ pub async fn tty_run_behaves_like_a_terminal(d: &Daemon, repo: &Path, prefix: &[
 
     // Ctrl-C is the command's: it gets SIGINT from its terminal, crabbox goes on and passes
     // the command's own exit code back.
-    let mut t = Term::spawn(
+    let mut t = Term::sh(
         d,
         repo,
         prefix,
-        &[
-            "run",
-            "-q",
-            "-t",
-            "--",
-            "sh",
-            "-c",
-            "trap 'echo got-int; exit 42' INT; echo ready; while :; do sleep 1; done",
-        ],
+        "trap 'echo got-int; exit 42' INT; echo ready; while :; do sleep 1; done",
         (24, 80),
     );
     t.wait_for("ready").await;
@@ -194,13 +181,7 @@ pub async fn tty_run_behaves_like_a_terminal(d: &Daemon, repo: &Path, prefix: &[
     assert!(t.is_cooked());
 
     // SIGTERM to crabbox in raw mode: the terminal is put back, the command is cancelled.
-    let mut t = Term::spawn(
-        d,
-        repo,
-        prefix,
-        &["run", "-q", "-t", "--", "sh", "-c", "echo ready; sleep 60"],
-        (24, 80),
-    );
+    let mut t = Term::sh(d, repo, prefix, "echo ready; sleep 60", (24, 80));
     t.wait_for("ready").await;
     assert!(!t.is_cooked());
     let pid = t.child.id().expect("pid") as i32;

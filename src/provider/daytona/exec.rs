@@ -389,10 +389,7 @@ for l in sys.stdin.buffer:
 /// empty or (with `stdin`) fed by the decoder through a FIFO; then the exit code, in the
 /// output stream, behind a marker with this run's `nonce` (see [`ExitTrailer`]).
 pub(super) fn session_script(spec: &ExecSpec, stdin: bool, nonce: &str) -> String {
-    let mut script = format!("( {}", enter(&spec.cwd));
-    for (k, v) in &spec.env {
-        script.push_str(&format!("export {k}={}; ", quote(v)));
-    }
+    let mut script = format!("( {}", prelude(spec));
     if !stdin {
         // A session keeps its commands' stdin open (for its input endpoint): without this a
         // command that reads stdin would wait forever. It reads an empty stdin instead, as
@@ -418,11 +415,16 @@ pub(super) fn session_script(spec: &ExecSpec, stdin: bool, nonce: &str) -> Strin
     script
 }
 
-/// The start of a command's script: into its working folder, made when missing (as the
-/// local provider does), or nothing else runs.
-pub(super) fn enter(cwd: &str) -> String {
-    let dir = quote(cwd);
-    format!("mkdir -p {dir} && cd {dir} || exit 1; ")
+/// The start of a command's script (a session's or a terminal's): into its working
+/// folder, made when missing (as the local provider does) or nothing else runs; then its
+/// environment.
+pub(super) fn prelude(spec: &ExecSpec) -> String {
+    let dir = quote(&spec.cwd);
+    let mut s = format!("mkdir -p {dir} && cd {dir} || exit 1; ");
+    for (k, v) in &spec.env {
+        s.push_str(&format!("export {k}={}; ", quote(v)));
+    }
+    s
 }
 
 /// Takes the exit code a command's script prints after it (`\x1ecrabbox-exit-NONCE:N\x1e`,
@@ -620,7 +622,7 @@ mod tests {
     fn the_script_runs_in_a_subshell_and_reports_its_code() {
         let spec = ExecSpec {
             command: "exit 3".into(),
-            cwd: "/w".into(),
+            cwd: std::env::temp_dir().display().to_string(),
             env: Default::default(),
             timeout: None,
             tty: None,
@@ -628,7 +630,7 @@ mod tests {
         let script = session_script(&spec, false, "n1");
         let out = std::process::Command::new("sh")
             .arg("-c")
-            .arg(format!("cd / && {}", script.replace("cd /w", "cd /tmp")))
+            .arg(format!("cd / && {script}"))
             .output()
             .expect("sh");
         assert_eq!(out.stdout, b"\x1ecrabbox-exit-n1:3\x1e");

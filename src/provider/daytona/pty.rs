@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::client::Idempotent;
-use super::{DaytonaProvider, e, quote};
+use super::{DaytonaProvider, e};
 use crate::provider::{
     ExecExit, ExecOutput, ExecSpec, Input, ProviderError, ProviderErrorKind, PtySize,
 };
@@ -55,11 +55,8 @@ impl DaytonaProvider {
         let nonce = format!("{:016x}", rand::random::<u64>());
         let mut script = format!(
             "printf '\\036crabbox-{nonce}\\036'; {}",
-            super::exec::enter(&spec.cwd)
+            super::exec::prelude(spec)
         );
-        for (k, v) in &spec.env {
-            script.push_str(&format!("export {k}={}; ", quote(v)));
-        }
         script.push_str(&format!("{{ {}\n}}", spec.command));
         let mut envs: BTreeMap<String, String> = BTreeMap::new();
         envs.insert(SCRIPT_VAR.into(), script);
