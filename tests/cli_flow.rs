@@ -1458,3 +1458,10 @@ async fn sync_git_brings_the_repository_for_builds_that_run_git() {
         .expect(0);
     assert_eq!(out.stdout().lines().count(), 2, "{}", out.stdout());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_file_change_sends_about_the_chunks_it_touched() {
+    let d = Daemon::start().await;
+    let r = repo();
+    common::sync::a_large_file_change_sends_about_the_chunks_it_touched(&d, r.path(), &[]).await;
+}

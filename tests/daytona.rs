@@ -1079,3 +1079,54 @@ async fn a_command_runs_in_its_folder_or_not_at_all() {
     assert_ne!(t.exit_code().await, 0);
     assert!(!t.screen().contains("ran\r\n"), "{}", t.screen());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_file_change_sends_about_the_chunks_it_touched() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    common::sync::a_large_file_change_sends_about_the_chunks_it_touched(
+        &w.daemon,
+        r.path(),
+        &["--provider", "daytona"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_to_a_delta_sync_is_repeated_safely() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    let big = r.path().join("big.bin");
+    let mut data = common::sync::noise(8 << 20, 5);
+    std::fs::write(&big, &data).expect("write");
+    w.cb(r.path(), &["warmup"]).await.expect(0);
+    w.cb(r.path(), &["run", "--", "true"]).await.expect(0);
+    // The delta is put together, moved into place, and the answer lost: the repeat must not
+    // put it together again from the already new file.
+    data[4 << 20] ^= 1;
+    data.splice(100..100, *b"more");
+    std::fs::write(&big, &data).expect("write");
+    let want = blake3::hash(&data).to_hex().to_string();
+    w.faults(json!({"drop_next": 1, "drop_path": "process/execute"}))
+        .await;
+    let doc = w
+        .cb(r.path(), &["run", "--json", "--", "ls", "-A"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(
+        w.get_faults().await["drop_next"],
+        0,
+        "the answer was dropped"
+    );
+    let sent = doc["sync"]["bytes_uploaded"].as_u64().unwrap_or(u64::MAX);
+    assert!(sent < 1 << 20, "a delta: {sent} bytes");
+    let out = doc["stdout"].as_str().unwrap_or("");
+    assert!(!out.contains("crabbox-delta"), "{out}");
+    // The content, compared here (the sandbox may have no b3sum).
+    let again = w
+        .cb(r.path(), &["run", "--", "cat", "big.bin"])
+        .await
+        .expect(0);
+    assert_eq!(blake3::hash(&again.0.stdout).to_hex().to_string(), want);
+}

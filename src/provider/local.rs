@@ -208,6 +208,17 @@ impl Provider for LocalProvider {
                 sandbox::archive::unpack(archive, &workdir)
                     .map_err(|e| sync_err("unpacking the archive", e))?;
             }
+            if !spec.deltas.is_empty() {
+                sandbox::archive::apply_deltas(&workdir, &spec.deltas)
+                    .map_err(|e| sync_err("putting changed files together", e))?;
+                let dirs: std::collections::BTreeSet<String> = spec
+                    .deltas
+                    .iter()
+                    .filter_map(|d| d.literal.split_once('/').map(|(dir, _)| dir.to_string()))
+                    .collect();
+                sandbox::archive::remove_paths(&workdir, &dirs.into_iter().collect::<Vec<_>>())
+                    .map_err(|e| sync_err("removing the changes' folder", e))?;
+            }
             std::fs::write(workdir.join(DIGEST_FILE), &spec.digest)
                 .map_err(|e| sync_err("writing the digest", e))?;
             Ok(())

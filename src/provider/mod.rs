@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::error::{ProviderError, ProviderErrorKind};
+pub use crate::sandbox::archive::{DeltaOp, DeltaSource, FileDelta};
 pub use crate::sandbox::process::{Input, PtySize};
 pub use crate::sandbox::{ExecExit, ExecOutput};
 
@@ -69,6 +70,9 @@ pub struct UploadSpec {
     pub workdir: String,
     /// A gzip tar of relative paths, on local disk; `None` when there is nothing to add.
     pub archive: Option<PathBuf>,
+    /// Changed files sent as deltas against the version the workdir holds (their literal
+    /// bytes are in the archive): put together after unpacking, then moved into place.
+    pub deltas: Vec<FileDelta>,
     /// Relative paths to delete before unpacking (removed files, and changed ones so that a
     /// stale symlink is never written through).
     pub remove: Vec<String>,

@@ -51,7 +51,7 @@ pub async fn plan(api: &Api, req: pb::SyncPlanRequest) -> Result<pb::SyncPlanRes
     let empty = Manifest::default();
     let before = previous.as_ref().unwrap_or(&empty);
     let manifest = &collected.manifest;
-    let diff = manifest.diff(before);
+    let mut diff = manifest.diff(before);
 
     let mut changes: Vec<pb::PlannedChange> = diff
         .changed
@@ -85,17 +85,25 @@ pub async fn plan(api: &Api, req: pb::SyncPlanRequest) -> Result<pb::SyncPlanRes
     {
         warnings.push(e.to_string());
     }
+    // Large files the lease holds an earlier version of go as deltas: only their new
+    // chunks count.
+    let deltas = if full {
+        Vec::new()
+    } else {
+        crate::sync::delta::plan_all(&mut diff, before, manifest)
+    };
     let bytes_to_send = diff
         .changed
         .iter()
         .filter_map(|p| manifest.files.get(p))
         .map(|f| f.size)
-        .sum();
+        .sum::<u64>()
+        + deltas.iter().map(|d| d.literal_bytes()).sum::<u64>();
     Ok(pb::SyncPlanResponse {
         lease: lease.as_ref().map(lease_pb),
         files_total: manifest.files.len() as u64,
         bytes_total: collected.total_bytes,
-        files_to_send: diff.changed.len() as u64,
+        files_to_send: (diff.changed.len() + deltas.len()) as u64,
         bytes_to_send,
         files_to_delete: diff.deleted,
         largest_files: largest(manifest.files.iter().map(|(p, f)| (p.clone(), f.size))),

@@ -102,6 +102,114 @@ pub fn unpack(archive: &Path, dest: &Path) -> io::Result<u64> {
     Ok(count)
 }
 
+/// A changed file sent as the difference from the version the sandbox holds: the new
+/// content is a sequence of byte ranges, each from the old file or from the delta's
+/// literal bytes (which travel in the sync archive at `literal`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDelta {
+    /// The file, relative to the workdir; the sandbox holds its previous version there.
+    pub path: String,
+    /// Where the literal bytes land when the archive is unpacked (workdir-relative).
+    pub literal: String,
+    pub ops: Vec<DeltaOp>,
+    /// The new content's length, checked once it is put together.
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time, seconds since the epoch (as the archive keeps it for whole files).
+    pub mtime: i64,
+}
+
+impl FileDelta {
+    /// The delta as text files that travel in the archive beside the literal bytes, for a
+    /// sandbox that has nothing but a POSIX shell to put it together: `<literal>.ops` holds
+    /// `size mode(octal) mtime` on its first line, then one `o|l offset len` line per range
+    /// (`o`: the old file, `l`: the literal bytes); `<literal>.path` holds the file's path
+    /// followed by an `x` (so that a trailing newline survives `$(cat ...)`).
+    pub fn recipe(&self) -> [(String, Vec<u8>); 2] {
+        let mut ops = format!("{} {:o} {}\n", self.size, self.mode & 0o7777, self.mtime);
+        for op in &self.ops {
+            let from = match op.from {
+                DeltaSource::Old => 'o',
+                DeltaSource::Literal => 'l',
+            };
+            ops.push_str(&format!("{from} {} {}\n", op.offset, op.len));
+        }
+        [
+            (format!("{}.ops", self.literal), ops.into_bytes()),
+            (
+                format!("{}.path", self.literal),
+                format!("{}x", self.path).into_bytes(),
+            ),
+        ]
+    }
+}
+
+/// Where a range of a delta's new content comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeltaSource {
+    /// The file's previous version, in place.
+    Old,
+    /// The delta's literal bytes.
+    Literal,
+}
+
+/// `len` bytes at `offset` of `from`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaOp {
+    pub from: DeltaSource,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Puts each delta's new content together beside its old version (as `<literal>.new`),
+/// then, once every one is built, moves them into place: a failure before the moves leaves
+/// every old file as it was.
+pub fn apply_deltas(root: &Path, deltas: &[FileDelta]) -> io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut built = Vec::with_capacity(deltas.len());
+    for d in deltas {
+        let target = safe_join(root, &d.path)?;
+        let literal = safe_join(root, &d.literal)?;
+        let new_path = safe_join(root, &format!("{}.new", d.literal))?;
+        let mut old = File::open(&target)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", d.path)))?;
+        let mut lit = File::open(&literal)?;
+        let mut out = io::BufWriter::new(File::create(&new_path)?);
+        for op in &d.ops {
+            let src = match op.from {
+                DeltaSource::Old => &mut old,
+                DeltaSource::Literal => &mut lit,
+            };
+            src.seek(SeekFrom::Start(op.offset))?;
+            let copied = io::copy(&mut Read::by_ref(src).take(op.len), &mut out)?;
+            if copied != op.len {
+                return Err(invalid(format!(
+                    "{}: the sandbox's previous version is shorter than the sync expects",
+                    d.path
+                )));
+            }
+        }
+        let mut file = out.into_inner().map_err(|e| e.into_error())?;
+        file.flush()?;
+        if file.metadata()?.len() != d.size {
+            return Err(invalid(format!(
+                "{}: rebuilt with the wrong length",
+                d.path
+            )));
+        }
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(d.mode & 0o7777))?;
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(d.mtime.max(0) as u64);
+        file.set_modified(mtime)?;
+        built.push((new_path, target));
+    }
+    for (new_path, target) in built {
+        std::fs::rename(new_path, target)?;
+    }
+    Ok(())
+}
+
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }

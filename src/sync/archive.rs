@@ -4,13 +4,15 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
+use super::delta::{LiteralReader, Planned};
 use super::{Manifest, SyncError};
 
-/// Writes the archive of `paths` (relative to `root`, all in `manifest`) to `out`; answers
-/// its size in bytes.
+/// Writes the archive of `paths` (relative to `root`, all in `manifest`) and of the
+/// `deltas`' literal bytes to `out`; answers its size in bytes.
 pub fn build(
     root: &Path,
     paths: &[String],
+    deltas: &[Planned],
     manifest: &Manifest,
     out: &Path,
 ) -> Result<u64, SyncError> {
@@ -46,6 +48,33 @@ pub fn build(
             None => tar
                 .append_path_with_name(&full, rel)
                 .map_err(io(format!("archiving {}", full.display())))?,
+        }
+    }
+    for planned in deltas {
+        let d = &planned.delta;
+        if !crate::sandbox::archive::plain_relative(&d.literal) {
+            return Err(SyncError::Io(format!(
+                "refusing to archive {:?}: not a plain relative path",
+                d.literal
+            )));
+        }
+        let full = root.join(&d.path);
+        let file = File::open(&full).map_err(io(format!("reading {}", full.display())))?;
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(planned.literal_bytes());
+        header.set_mode(0o600);
+        header.set_mtime(0);
+        tar.append_data(&mut header, &d.literal, LiteralReader::new(file, planned))
+            .map_err(|e| SyncError::Io(format!("archiving the changes of {}: {e}", d.path)))?;
+        for (name, data) in d.recipe() {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_size(data.len() as u64);
+            header.set_mode(0o600);
+            header.set_mtime(0);
+            tar.append_data(&mut header, &name, &data[..])
+                .map_err(io(format!("archiving the changes of {}", d.path)))?;
         }
     }
     let gz = tar
@@ -85,7 +114,7 @@ mod tests {
         let paths: Vec<String> = m.files.keys().cloned().collect();
         let out = tempfile::tempdir().expect("tempdir");
         let archive = out.path().join("a.tgz");
-        let size = build(r, &paths, &m, &archive).expect("build");
+        let size = build(r, &paths, &[], &m, &archive).expect("build");
         assert!(size > 0);
         let dest = out.path().join("dest");
         let n = crate::sandbox::archive::unpack(&archive, &dest).expect("unpack");
@@ -111,8 +140,14 @@ mod tests {
     fn refuses_escaping_paths() {
         let m = Manifest::default();
         let out = tempfile::tempdir().expect("tempdir");
-        let err = build(out.path(), &["../x".into()], &m, &out.path().join("a.tgz"))
-            .expect_err("refused");
+        let err = build(
+            out.path(),
+            &["../x".into()],
+            &[],
+            &m,
+            &out.path().join("a.tgz"),
+        )
+        .expect_err("refused");
         assert!(err.to_string().contains("plain relative"));
     }
 }

@@ -89,6 +89,10 @@ pub struct FileEntry {
     /// Stat cache: when these match, the hash is reused without reading the file.
     pub mtime_ns: i64,
     pub ino: u64,
+    /// A large file's content-defined chunks (empty for small files and links), so that a
+    /// change sends only the chunks it touched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<super::delta::Chunk>,
 }
 
 /// What a lease holds (or will hold): relative path -> entry.
@@ -649,6 +653,7 @@ fn hash_entry(
             link: Some(target),
             mtime_ns,
             ino: m.ino(),
+            chunks: Vec::new(),
         });
     }
     if let Some(prev) = previous
@@ -660,16 +665,25 @@ fn hash_entry(
     {
         return Ok(prev.clone());
     }
-    let mut hasher = blake3::Hasher::new();
     let file = std::fs::File::open(&full).map_err(io)?;
-    hasher.update_reader(file).map_err(io)?;
+    let (hash, chunks) = if m.len() >= super::delta::CHUNKED_MIN {
+        let (hash, chunks, _) =
+            super::delta::hash_chunked(std::io::BufReader::with_capacity(1 << 20, file))
+                .map_err(io)?;
+        (hash, chunks)
+    } else {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update_reader(file).map_err(io)?;
+        (hasher.finalize().to_hex().to_string(), Vec::new())
+    };
     Ok(FileEntry {
-        hash: hasher.finalize().to_hex().to_string(),
+        hash,
         size: m.len(),
         mode,
         link: None,
         mtime_ns,
         ino: m.ino(),
+        chunks,
     })
 }
 

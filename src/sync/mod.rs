@@ -3,8 +3,11 @@
 //! - [`manifest`]: which files go (git-aware list, excludes, `.crabboxignore`), their
 //!   content hashes, the size guard, and the diff against what a lease already holds.
 //! - [`archive`]: the gzip tar of what changed.
+//! - [`delta`]: large files as content-defined chunks; a changed one sent as a delta.
+//! - [`watch`]: what changed in a claimed checkout, without a scan.
 
 pub mod archive;
+pub mod delta;
 pub mod manifest;
 pub mod watch;
 

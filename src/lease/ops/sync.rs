@@ -102,25 +102,32 @@ impl SyncJob<'_> {
         // Without a trusted record of what the sandbox holds, its folder is cleaned and
         // everything is sent.
         let clean = previous.is_none();
-        let diff = self
+        let mut diff = self
             .manifest
             .diff(previous.as_ref().unwrap_or(&Manifest::default()));
+        let mut deltas = Vec::new();
         if let Some(prev) = previous.as_ref() {
             check_deletions(self.delete_guard, prev.files.len(), diff.deleted)?;
+            deltas = sync::delta::plan_all(&mut diff, prev, &self.manifest);
         }
         let mut report = SyncReport {
             files_total: self.manifest.files.len() as u64,
-            files_uploaded: diff.changed.len() as u64,
+            files_uploaded: (diff.changed.len() + deltas.len()) as u64,
             files_deleted: diff.deleted,
             ..Default::default()
         };
-        if diff.changed.is_empty() && diff.remove.is_empty() && !clean {
+        if diff.changed.is_empty() && diff.remove.is_empty() && deltas.is_empty() && !clean {
             report.millis = started.elapsed().as_millis() as u64;
             return Ok(report);
         }
         std::fs::create_dir_all(&self.tmp_dir)
             .map_err(|e| Error::Sync(format!("creating {}: {e}", self.tmp_dir.display())))?;
-        let archive = if diff.changed.is_empty() {
+        if !deltas.is_empty() {
+            let literal: u64 = deltas.iter().map(|d| d.literal_bytes()).sum();
+            let whole: u64 = deltas.iter().map(|d| d.delta.size).sum();
+            tracing::debug!(lease = %id, files = deltas.len(), literal, whole, "large files sent as deltas");
+        }
+        let archive = if diff.changed.is_empty() && deltas.is_empty() {
             None
         } else {
             let file = tempfile::Builder::new()
@@ -132,16 +139,19 @@ impl SyncJob<'_> {
             let paths = diff.changed.clone();
             let m = self.manifest.clone();
             let path = file.path().to_path_buf();
-            let size =
-                tokio::task::spawn_blocking(move || sync::archive::build(&root, &paths, &m, &path))
-                    .await
-                    .map_err(|e| Error::Internal(format!("archive task: {e}")))??;
+            let planned = deltas.clone();
+            let size = tokio::task::spawn_blocking(move || {
+                sync::archive::build(&root, &paths, &planned, &m, &path)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("archive task: {e}")))??;
             report.bytes_uploaded = size;
             Some(file)
         };
         let upload = UploadSpec {
             workdir: self.workdir,
             archive: archive.as_ref().map(|f| f.path().to_path_buf()),
+            deltas: deltas.into_iter().map(|d| d.delta).collect(),
             remove: diff.remove.clone(),
             clean,
             digest: self.manifest.digest(),

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use super::client::Idempotent;
 use super::{DaytonaProvider, SYNC_COMMAND_TIMEOUT_SECS, e, quote};
-use crate::provider::{DIGEST_FILE, ProviderError, ProviderErrorKind, UploadSpec};
+use crate::provider::{DIGEST_FILE, FileDelta, ProviderError, ProviderErrorKind, UploadSpec};
 
 impl DaytonaProvider {
     /// The toolbox URL for a sandbox (asked of Daytona when the sandbox did not say).
@@ -195,8 +195,20 @@ impl DaytonaProvider {
                 if let Some(r) = &removal {
                     step.push_str(&format!("{r} && "));
                 }
-                step.push_str(&format!("tar xzf {remote} && rm -f {remote}; fi"));
+                step.push_str(&format!("tar xzf {remote} && "));
+                let deltas = delta_folder(&spec.deltas)?;
+                if let Some(dir) = &deltas {
+                    // Every changed large file is put together beside its old version
+                    // before the archive goes: a repeat until then starts over from the
+                    // old files.
+                    step.push_str(&format!("{} && ", build_deltas(dir)));
+                }
+                step.push_str(&format!("rm -f {remote}; fi"));
                 script.push(step);
+                if let Some(dir) = &deltas {
+                    // Then moved into place; a repeat finishes what is left to move.
+                    script.push(finish_deltas(dir));
+                }
             }
             None => script.extend(removal),
         }
@@ -227,6 +239,51 @@ impl DaytonaProvider {
             Err(h) => Err(h.error),
         }
     }
+}
+
+/// The one folder the deltas' files arrive in (workdir-relative, quoted), if any.
+fn delta_folder(deltas: &[FileDelta]) -> Result<Option<String>, ProviderError> {
+    let mut dirs = deltas
+        .iter()
+        .map(|d| d.literal.split_once('/').map(|(dir, _)| dir));
+    let Some(first) = dirs.next() else {
+        return Ok(None);
+    };
+    match first {
+        Some(dir) if crate::sandbox::archive::plain_relative(dir) && dirs.all(|d| d == first) => {
+            Ok(Some(quote(dir)))
+        }
+        _ => Err(e(
+            ProviderErrorKind::Sync,
+            "the sync's deltas are not in one folder of the workdir",
+        )),
+    }
+}
+
+/// Puts each delta together from its recipe ([`FileDelta::recipe`]) as `<literal>.new`,
+/// with nothing but a POSIX shell, `tail -c` and `head -c`; checks its length; sets its mode
+/// and mtime.
+fn build_deltas(dir: &str) -> String {
+    format!(
+        "( for r in {dir}/*.ops; do i=${{r%.ops}}; p=$(cat \"$i.path\"); p=${{p%x}}; \
+         {{ read -r size mode mtime; while read -r s off len; do \
+         if [ \"$s\" = o ]; then f=$p; else f=$i; fi; \
+         tail -c +$((off + 1)) -- \"$f\" | head -c \"$len\" || exit 1; done; }} \
+         < \"$r\" > \"$i.new\" || exit 1; \
+         read -r size mode mtime < \"$r\"; \
+         [ \"$(wc -c < \"$i.new\")\" -eq \"$size\" ] || {{ echo \"$p: rebuilt with the wrong length\" >&2; exit 1; }}; \
+         chmod \"$mode\" \"$i.new\" && {{ touch -m -d \"@$mtime\" \"$i.new\" 2>/dev/null || :; }} || exit 1; \
+         done )"
+    )
+}
+
+/// Moves every delta built by [`build_deltas`] into place, then drops their folder.
+fn finish_deltas(dir: &str) -> String {
+    format!(
+        "( for n in {dir}/*.new; do [ -e \"$n\" ] || continue; i=${{n%.new}}; \
+         p=$(cat \"$i.path\"); p=${{p%x}}; mv -f -- \"$n\" \"$p\" || exit 1; done ) \
+         && rm -rf {dir}"
+    )
 }
 
 /// Removal lists up to this many bytes travel inside the command (as base64).
