@@ -236,6 +236,178 @@ pub struct FileConfig {
     pub environment: Option<EnvironmentConfig>,
     #[serde(default)]
     pub run: RunConfig,
+    /// Warm pools, kept by the daemon (read from the daemon's own config file).
+    #[serde(default)]
+    pub pool: Vec<PoolConfig>,
+}
+
+/// One `pool:` entry as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Defaults to the provider's name (then `-2`, `-3`... when taken).
+    pub name: Option<String>,
+    /// Defaults to the config's provider.
+    pub provider: Option<String>,
+    /// Started sandboxes to keep ready.
+    pub size: u32,
+    /// The most sandboxes the pool holds at once, ready or being made [default: size].
+    pub max: Option<u32>,
+    /// A pooled sandbox older than this is replaced [default: 30m].
+    pub idle_ttl: Option<String>,
+    /// Daytona: the sandbox's snapshot, target and user (default: `daytona:`'s).
+    pub snapshot: Option<String>,
+    pub target: Option<String>,
+    pub user: Option<String>,
+    /// Daytona: an image and resources, as `environment:` writes them.
+    pub environment: Option<EnvironmentConfig>,
+    /// Checkouts given in advance to pooled sandboxes, so a fresh run sends only what
+    /// changed since.
+    #[serde(default)]
+    pub repos: Vec<String>,
+}
+
+/// A warm pool, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub name: String,
+    pub provider: String,
+    pub size: u32,
+    pub max: u32,
+    pub idle_ttl: Duration,
+    /// The provider options of its sandboxes: a fresh lease asking exactly these (and this
+    /// provider) takes one.
+    pub options: BTreeMap<String, String>,
+    pub repos: Vec<PathBuf>,
+}
+
+/// The largest pool the daemon keeps.
+pub const MAX_POOL: u32 = 100;
+
+fn resolve_pools(
+    pools: Vec<PoolConfig>,
+    provider: &str,
+    daytona: &DaytonaConfig,
+) -> Result<Vec<PoolSettings>, ConfigError> {
+    let mut out: Vec<PoolSettings> = Vec::new();
+    for (i, p) in pools.into_iter().enumerate() {
+        let at = |what: &str| format!("config pool[{i}]{what}");
+        let provider = p.provider.unwrap_or_else(|| provider.to_string());
+        let name = match p.name {
+            Some(n) => {
+                let ok = !n.is_empty()
+                    && n.len() <= 63
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+                if !ok {
+                    return Err(ConfigError(format!(
+                        "{}: {n:?} is not a pool name: use 1-63 letters, digits, '-', '_' or '.'",
+                        at(".name")
+                    )));
+                }
+                if out.iter().any(|o| o.name == n) {
+                    return Err(ConfigError(format!(
+                        "{}: two pools are named {n:?}; give each its own name",
+                        at(".name")
+                    )));
+                }
+                n
+            }
+            None => {
+                let mut n = provider.clone();
+                let mut k = 2;
+                while out.iter().any(|o| o.name == n) {
+                    n = format!("{provider}-{k}");
+                    k += 1;
+                }
+                n
+            }
+        };
+        let max = p.max.unwrap_or(p.size);
+        if max < p.size || max > MAX_POOL {
+            return Err(ConfigError(format!(
+                "{}: max is {max} with size {}: max must be at least size and at most {MAX_POOL}",
+                at(".max"),
+                p.size
+            )));
+        }
+        let idle_ttl = match p.idle_ttl {
+            Some(t) => {
+                parse_duration(&t).map_err(|e| ConfigError(format!("{}: {e}", at(".idle_ttl"))))?
+            }
+            None => Duration::from_secs(30 * 60),
+        };
+        if idle_ttl < Duration::from_secs(60) || idle_ttl > Duration::from_secs(30 * 24 * 3600) {
+            return Err(ConfigError(format!(
+                "{}: write a duration from 1m to 30d (how long a pooled sandbox may wait)",
+                at(".idle_ttl")
+            )));
+        }
+        let mut options = BTreeMap::new();
+        let daytona_only = [
+            ("snapshot", p.snapshot.is_some()),
+            ("target", p.target.is_some()),
+            ("user", p.user.is_some()),
+            ("environment", p.environment.is_some()),
+        ];
+        if provider == "daytona" {
+            for (k, v) in [
+                ("snapshot", p.snapshot.or_else(|| daytona.snapshot.clone())),
+                ("target", p.target.or_else(|| daytona.target.clone())),
+                ("user", p.user.or_else(|| daytona.user.clone())),
+            ] {
+                if let Some(v) = v {
+                    options.insert(k.to_string(), v);
+                }
+            }
+            if let Some(env) = &p.environment {
+                let extra = env
+                    .provider_options(None)
+                    .map_err(|e| ConfigError(format!("{}: {e}", at(".environment"))))?;
+                if extra.contains_key("dockerfile") && options.contains_key("snapshot") {
+                    return Err(ConfigError(format!(
+                        "{}: snapshot and environment.image both choose the image: keep one",
+                        at("")
+                    )));
+                }
+                options.extend(extra);
+            }
+        } else if let Some((key, _)) = daytona_only.iter().find(|(_, set)| *set) {
+            return Err(ConfigError(format!(
+                "{}: {key} applies to daytona pools; a {provider} pool's sandboxes are made as \
+                 its provider makes them (remove {key}, or set provider: daytona)",
+                at("")
+            )));
+        }
+        let mut repos = Vec::new();
+        for r in p.repos {
+            let path = expand_home(&r);
+            if !path.is_absolute() {
+                return Err(ConfigError(format!(
+                    "{}: {r:?} is not an absolute path (write the repository's full path, or ~/...)",
+                    at(".repos")
+                )));
+            }
+            repos.push(path);
+        }
+        out.push(PoolSettings {
+            name,
+            provider,
+            size: p.size,
+            max,
+            idle_ttl,
+            options,
+            repos,
+        });
+    }
+    Ok(out)
+}
+
+fn expand_home(p: &str) -> PathBuf {
+    match (p.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => PathBuf::from(p),
+    }
 }
 
 /// `run:` in config.
@@ -259,6 +431,9 @@ pub struct Settings {
     pub environment: Option<EnvironmentConfig>,
     /// `run.stall_timeout`.
     pub stall_timeout: Option<Duration>,
+    /// `pool:`: the warm pools (the daemon keeps them; a CLI only says when a repo's file
+    /// has some, since those are not read from there).
+    pub pools: Vec<PoolSettings>,
     /// The files that were read, lowest first.
     pub sources: Vec<PathBuf>,
 }
@@ -276,6 +451,7 @@ impl Settings {
             daytona: DaytonaConfig::default(),
             environment: None,
             stall_timeout: None,
+            pools: Vec::new(),
             sources: Vec::new(),
         }
     }
@@ -445,6 +621,7 @@ fn from_file(file: FileConfig, sources: Vec<PathBuf>) -> Result<Settings, Config
         daytona: file.daytona,
         environment: file.environment,
         stall_timeout: dur(file.run.stall_timeout, "config run.stall_timeout")?,
+        pools: Vec::new(),
         sources,
     };
     if let Some(p) = non_empty_env("CRABBOX_PROVIDER") {
@@ -479,6 +656,11 @@ fn from_file(file: FileConfig, sources: Vec<PathBuf>) -> Result<Settings, Config
         })?);
     }
     check_provider(&s.provider)?;
+    s.pools = resolve_pools(file.pool, &s.provider, &s.daytona)?;
+    for p in &s.pools {
+        check_provider(&p.provider)
+            .map_err(|e| ConfigError(format!("config pool {:?}: {e}", p.name)))?;
+    }
     Ok(s)
 }
 

@@ -180,6 +180,11 @@ pub enum Command {
     Claims,
     /// Check the daemon, the machine and the provider settings.
     Doctor,
+    /// The daemon's warm pools of started sandboxes (`pool:` in its config).
+    Pool {
+        #[command(subcommand)]
+        action: PoolAction,
+    },
     /// Start, stop or inspect crabboxd.
     Daemon {
         #[command(subcommand)]
@@ -317,11 +322,29 @@ pub enum RunOutput {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum PoolAction {
+    /// Each pool: ready and filling sandboxes, handouts, the last failure.
+    Status,
+    /// Fill every pool to its size now (also past a backoff after failures).
+    Fill,
+    /// Release the pooled sandboxes of one pool, or of every pool.
+    Drain {
+        /// The pool's name [default: every pool].
+        pool: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum DaemonAction {
     /// Start crabboxd in the background (no-op when running).
     Start,
-    /// Stop crabboxd (SIGTERM; leases are kept in the store).
-    Stop,
+    /// Stop crabboxd (SIGTERM; leases are kept in the store, and so are pooled sandboxes,
+    /// for the next start within their idle ttl).
+    Stop {
+        /// Release the pooled sandboxes first (and wait for that).
+        #[arg(long)]
+        drain: bool,
+    },
     /// Is crabboxd running? (exit 1 when not)
     Status,
 }

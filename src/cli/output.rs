@@ -18,6 +18,7 @@ pub fn state_name(l: &pb::Lease) -> &'static str {
         pb::LeaseState::Releasing => "releasing",
         pb::LeaseState::Released => "released",
         pb::LeaseState::Failed => "failed",
+        pb::LeaseState::Pooled => "pooled",
         pb::LeaseState::Unspecified => "unknown",
     }
 }

@@ -41,6 +41,8 @@ pub struct DaemonConfig {
     pub provision_deadline: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_deadline: Duration,
+    /// Warm pools to keep (`pool:` in the daemon's config).
+    pub pools: Vec<crate::config::PoolSettings>,
 }
 
 impl DaemonConfig {
@@ -55,6 +57,7 @@ impl DaemonConfig {
             sweep_interval: Duration::from_secs(5),
             provision_deadline: Duration::from_secs(600),
             shutdown_deadline: Duration::from_secs(10),
+            pools: Vec::new(),
         }
     }
 }
@@ -198,6 +201,7 @@ pub async fn run(
         defaults: config.defaults,
         provision_deadline: config.provision_deadline,
         shutdown: token.clone(),
+        pools: config.pools.clone(),
     })
     .await?;
 

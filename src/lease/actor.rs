@@ -98,6 +98,7 @@ impl Actor for LeaseActor {
             LeaseMsg::Amend { amendment, reply } => {
                 st.answer(&myself, Event::Amend(amendment), reply)
             }
+            LeaseMsg::Take { taking, reply } => st.answer(&myself, Event::Take(taking), reply),
             LeaseMsg::Touch(reply) => st.answer(&myself, Event::Touch, reply),
             LeaseMsg::Prepare(reply) => st.answer(&myself, Event::Prepare, reply),
             LeaseMsg::Claim { repo_root, reply } => {

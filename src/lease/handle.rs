@@ -11,7 +11,7 @@ use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::record::LeaseRecord;
-use super::state::{Amendment, Phase};
+use super::state::{Amendment, Phase, Taking};
 use crate::error::{Error, ProviderError};
 use crate::provider::{Provider, SandboxInfo};
 
@@ -54,6 +54,11 @@ pub enum LeaseMsg {
     Release {
         reason: String,
         reply: Option<RpcReplyPort<Result<LeaseRecord, Error>>>,
+    },
+    /// Sent by the registry: a fresh lease takes this pooled one.
+    Take {
+        taking: Box<Taking>,
+        reply: RpcReplyPort<Result<LeaseRecord, Error>>,
     },
     /// Sent by the run that created the lease when it ends and keeps it.
     Kept,

@@ -31,11 +31,14 @@ pub enum LeaseState {
     /// Something failed; the reason is kept on the lease and its sandbox is deleted
     /// (`sandbox_cleaned` once done). Only a release moves it on.
     Failed,
+    /// A started sandbox waiting in a warm pool (`pool:` in config), claimed by nobody:
+    /// the next fresh lease that matches its pool takes it (and it becomes `ready`).
+    Pooled,
 }
 
 impl LeaseState {
     /// Every state, for tests and counts.
-    pub const ALL: [LeaseState; 9] = [
+    pub const ALL: [LeaseState; 10] = [
         LeaseState::Pending,
         LeaseState::Creating,
         LeaseState::Ready,
@@ -45,6 +48,7 @@ impl LeaseState {
         LeaseState::Releasing,
         LeaseState::Released,
         LeaseState::Failed,
+        LeaseState::Pooled,
     ];
 
     /// The lowercase name used in JSON, labels and messages.
@@ -59,6 +63,7 @@ impl LeaseState {
             LeaseState::Releasing => "releasing",
             LeaseState::Released => "released",
             LeaseState::Failed => "failed",
+            LeaseState::Pooled => "pooled",
         }
     }
 
@@ -71,7 +76,8 @@ impl LeaseState {
             | LeaseState::Ready
             | LeaseState::Syncing
             | LeaseState::Running
-            | LeaseState::Stopped => true,
+            | LeaseState::Stopped
+            | LeaseState::Pooled => true,
             LeaseState::Releasing | LeaseState::Released | LeaseState::Failed => false,
         }
     }
@@ -86,16 +92,19 @@ impl LeaseState {
             | LeaseState::Stopped
             | LeaseState::Releasing
             | LeaseState::Released
-            | LeaseState::Failed => false,
+            | LeaseState::Failed
+            | LeaseState::Pooled => false,
         }
     }
 
     /// Has the lease reached a state where waiting for it makes no more sense?
     pub fn is_settled(self) -> bool {
         match self {
-            LeaseState::Ready | LeaseState::Stopped | LeaseState::Released | LeaseState::Failed => {
-                true
-            }
+            LeaseState::Ready
+            | LeaseState::Stopped
+            | LeaseState::Released
+            | LeaseState::Failed
+            | LeaseState::Pooled => true,
             LeaseState::Pending
             | LeaseState::Creating
             | LeaseState::Syncing
@@ -180,6 +189,14 @@ pub struct LeaseRecord {
     /// run releases the lease when it comes back instead of leaving it claimed and live.
     #[serde(default)]
     pub fresh_run: Option<FreshRun>,
+    /// The warm pool this lease was made for (its `pool` label): set while it waits there,
+    /// cleared when a fresh lease takes it.
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// The repo root whose checkout a pooled sandbox was given in advance (its sync
+    /// manifest is in the store): the fresh lease of that repo sends only what changed.
+    #[serde(default)]
+    pub seeded_for: Option<String>,
     /// The provider work in flight. Never persisted: a new actor has none.
     #[serde(skip)]
     pub task: Task,
@@ -228,6 +245,9 @@ impl LeaseRecord {
         let mut l = self.user_labels.clone();
         for (k, v) in self.reserved_labels() {
             l.insert(k.to_string(), v);
+        }
+        if let Some(pool) = &self.pool {
+            l.insert("pool".into(), pool.clone());
         }
         l
     }
@@ -293,9 +313,11 @@ impl LeaseRecord {
             .filter(|id| crate::ids::is_lease_id(id))?
             .clone();
         let created_at_ms = secs("created_at")?.saturating_mul(1000);
+        let pool = get("pool").cloned();
         let state = match get("state").map(String::as_str) {
             // A release or failure was under way: finish it.
             Some("releasing" | "failed") => LeaseState::Releasing,
+            Some("pooled") if pool.is_some() => LeaseState::Pooled,
             _ => LeaseState::Ready,
         };
         let mut record = LeaseRecord {
@@ -323,6 +345,12 @@ impl LeaseRecord {
             sandbox_cleaned: false,
             provider_options: BTreeMap::new(),
             fresh_run: None,
+            pool: if state == LeaseState::Pooled {
+                pool
+            } else {
+                None
+            },
+            seeded_for: None,
             task: Task::Idle,
             attempts: 0,
         };
@@ -330,7 +358,7 @@ impl LeaseRecord {
         let reserved = record.reserved_labels().map(|(k, _)| k);
         record.user_labels = labels
             .iter()
-            .filter(|(k, _)| !reserved.contains(&k.as_str()))
+            .filter(|(k, _)| !reserved.contains(&k.as_str()) && k.as_str() != "pool")
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         Some(record)
@@ -362,6 +390,8 @@ impl LeaseRecord {
             sandbox_cleaned: false,
             provider_options: BTreeMap::new(),
             fresh_run: None,
+            pool: None,
+            seeded_for: None,
             task: Task::Idle,
             attempts: 0,
         }

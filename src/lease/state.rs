@@ -77,6 +77,9 @@ pub enum Event {
     /// (never removed), a non-zero ttl or idle timeout replaces the lease's, keep is set when
     /// asked (never unset).
     Amend(Amendment),
+    /// A fresh lease takes this pooled one: it leaves its pool and becomes that lease
+    /// (claim, timeouts, labels, run), as if created now.
+    Take(Box<Taking>),
     /// The delete task's outcome: the sandbox is gone.
     Deleted,
     /// The delete task's outcome: it failed, and is retried with backoff.
@@ -88,6 +91,17 @@ pub enum Event {
     /// The registry: the lease's actor crashed. The lease fails and its sandbox is deleted
     /// by the actor started after it.
     Crashed { why: String },
+}
+
+/// What the fresh lease that takes a pooled one asks of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Taking {
+    pub repo_root: Option<String>,
+    pub ttl_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub keep: bool,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub fresh_run: Option<super::record::FreshRun>,
 }
 
 /// Settings a request asks of a lease that already exists.
@@ -168,6 +182,10 @@ pub fn readiness(r: &LeaseRecord) -> Readiness {
         LeaseState::Releasing | LeaseState::Released => {
             Readiness::Unusable(r.not_usable("run again to get a new one"))
         }
+        LeaseState::Pooled => Readiness::Unusable(r.not_usable(
+            "it waits in a warm pool; a fresh `crabbox warmup` or `run` takes it \
+             (`crabbox pool status` lists the pools)",
+        )),
     }
 }
 
@@ -196,7 +214,8 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
             | S::Stopped
             | S::Releasing
             | S::Released
-            | S::Failed => {
+            | S::Failed
+            | S::Pooled => {
                 return Err(Error::Internal(format!(
                     "lease {} cannot start: it is {} already",
                     r.id, r.state
@@ -236,7 +255,7 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
                     fx.extend([F::Persist, F::Announce("recovered after a restart")]);
                     observe(&mut r, &mut fx);
                 }
-                S::Ready | S::Stopped => observe(&mut r, &mut fx),
+                S::Ready | S::Stopped | S::Pooled => observe(&mut r, &mut fx),
                 S::Releasing => delete(&mut r, &mut fx, Duration::ZERO),
                 S::Failed => {
                     if !r.sandbox_cleaned {
@@ -262,7 +281,13 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
                             delete(&mut r, &mut fx, Duration::ZERO);
                         }
                     }
-                    S::Pending | S::Ready | S::Syncing | S::Running | S::Stopped | S::Released => {}
+                    S::Pending
+                    | S::Ready
+                    | S::Syncing
+                    | S::Running
+                    | S::Stopped
+                    | S::Released
+                    | S::Pooled => {}
                 }
             }
         }
@@ -273,12 +298,17 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
         },
         Event::Provisioned { sandbox_id } => match r.state {
             S::Creating => {
-                r.state = S::Ready;
                 r.sandbox_id = Some(sandbox_id);
                 r.reason = None;
                 r.last_touched_ms = now_ms;
                 r.task = Task::Idle;
-                fx.extend([F::Persist, F::Announce("ready"), F::PushLabels]);
+                if r.pool.is_some() {
+                    r.state = S::Pooled;
+                    fx.extend([F::Persist, F::Announce("pooled"), F::PushLabels]);
+                } else {
+                    r.state = S::Ready;
+                    fx.extend([F::Persist, F::Announce("ready"), F::PushLabels]);
+                }
             }
             // Released or failed while the create was in flight: the delete owns the
             // sandbox now.
@@ -289,7 +319,8 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
             | S::Stopped
             | S::Releasing
             | S::Released
-            | S::Failed => {}
+            | S::Failed
+            | S::Pooled => {}
         },
         Event::ProvisionFailed { error, auth } => match r.state {
             S::Creating => {
@@ -311,10 +342,11 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
             | S::Stopped
             | S::Releasing
             | S::Released
-            | S::Failed => {}
+            | S::Failed
+            | S::Pooled => {}
         },
         Event::Touch => {
-            if !r.state.is_live() {
+            if !r.state.is_live() || r.state == S::Pooled {
                 return Err(r.not_usable("nothing to touch"));
             }
             r.last_touched_ms = now_ms;
@@ -323,7 +355,7 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
         Event::KeepAlive => {
             // Every few seconds while a command runs: keep the store current, spare the
             // event feed.
-            if r.state.is_live() {
+            if r.state.is_live() && r.state != S::Pooled {
                 r.last_touched_ms = now_ms;
                 fx.push(F::Persist);
             }
@@ -341,7 +373,8 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
                     | S::Stopped
                     | S::Releasing
                     | S::Released
-                    | S::Failed,
+                    | S::Failed
+                    | S::Pooled,
                 )
                 | (
                     Phase::Exec,
@@ -351,7 +384,8 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
                     | S::Stopped
                     | S::Releasing
                     | S::Released
-                    | S::Failed,
+                    | S::Failed
+                    | S::Pooled,
                 ) => return Err(r.not_usable("it is not ready; wait for it or run again")),
             };
             if r.sandbox_id.is_none() {
@@ -378,10 +412,11 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
             | S::Stopped
             | S::Releasing
             | S::Released
-            | S::Failed => {}
+            | S::Failed
+            | S::Pooled => {}
         },
         Event::Claim { repo_root } => {
-            if repo_root.is_some() && !r.state.is_live() {
+            if repo_root.is_some() && (!r.state.is_live() || r.state == S::Pooled) {
                 return Err(r.not_usable("it cannot be claimed"));
             }
             r.repo_root = repo_root;
@@ -406,7 +441,13 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
                     delete(&mut r, &mut fx, Duration::ZERO);
                 }
             }
-            S::Pending | S::Creating | S::Ready | S::Syncing | S::Running | S::Stopped => {
+            S::Pending
+            | S::Creating
+            | S::Ready
+            | S::Syncing
+            | S::Running
+            | S::Stopped
+            | S::Pooled => {
                 r.state = S::Releasing;
                 r.reason = Some(reason);
                 fx.extend([F::Persist, F::Announce("releasing"), F::CancelRuns]);
@@ -414,7 +455,7 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
             }
         },
         Event::Amend(a) => {
-            if !r.state.is_live() {
+            if !r.state.is_live() || r.state == S::Pooled {
                 return Err(r.not_usable("its settings cannot change"));
             }
             for (k, v) in a.labels {
@@ -430,6 +471,44 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
             if r != *record {
                 fx.extend([F::Persist, F::Announce("settings changed"), F::PushLabels]);
             }
+        }
+        Event::Take(t) => {
+            if r.state != S::Pooled {
+                return Err(r.not_usable("it is no longer in the pool"));
+            }
+            let Taking {
+                repo_root,
+                ttl_secs,
+                idle_timeout_secs,
+                keep,
+                labels,
+                fresh_run,
+            } = *t;
+            // A checkout given in advance is another repo's: what the sandbox holds for
+            // this one is unknown.
+            if r.seeded_for.is_some() && r.seeded_for != repo_root {
+                r.seeded_for = None;
+                fx.push(F::ForgetManifest);
+            }
+            r.state = S::Ready;
+            r.pool = None;
+            r.repo_root = repo_root;
+            r.created_at_ms = now_ms;
+            r.last_touched_ms = now_ms;
+            r.ttl_secs = ttl_secs;
+            r.idle_timeout_secs = idle_timeout_secs;
+            r.keep = keep;
+            r.user_labels = labels;
+            r.fresh_run = fresh_run;
+            r.reason = None;
+            fx.splice(
+                0..0,
+                [
+                    F::Persist,
+                    F::Announce("taken from the pool"),
+                    F::PushLabels,
+                ],
+            );
         }
         Event::Kept => {
             if r.fresh_run.take().is_some() {
@@ -453,7 +532,8 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
             | S::Syncing
             | S::Running
             | S::Stopped
-            | S::Released => {}
+            | S::Released
+            | S::Pooled => {}
         },
         Event::DeleteFailed { error } => match r.state {
             S::Releasing => {
@@ -474,10 +554,11 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
             | S::Syncing
             | S::Running
             | S::Stopped
-            | S::Released => {}
+            | S::Released
+            | S::Pooled => {}
         },
         Event::Reconcile => match r.state {
-            S::Ready | S::Stopped => {
+            S::Ready | S::Stopped | S::Pooled => {
                 if r.task == Task::Idle {
                     observe(&mut r, &mut fx);
                 }
@@ -500,7 +581,7 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
             }
             r.task = Task::Idle;
             match r.state {
-                S::Ready | S::Stopped => observed(&mut r, &mut fx, seen),
+                S::Ready | S::Stopped | S::Pooled => observed(&mut r, &mut fx, seen),
                 S::Pending
                 | S::Creating
                 | S::Syncing
@@ -519,7 +600,8 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
             | S::Running
             | S::Stopped
             | S::Releasing
-            | S::Failed => {
+            | S::Failed
+            | S::Pooled => {
                 r.state = S::Failed;
                 r.task = Task::Idle;
                 r.sandbox_cleaned = false;
@@ -597,12 +679,27 @@ fn observed(r: &mut LeaseRecord, fx: &mut Vec<Effect>, seen: Observation) {
             false,
             "sandbox in error",
         ),
-        Observation::Stopped => {
-            if r.state == LeaseState::Ready {
+        Observation::Stopped => match r.state {
+            LeaseState::Ready => {
                 r.state = LeaseState::Stopped;
                 fx.extend([F::Persist, F::Announce("stopped by the provider")]);
             }
-        }
+            // A pooled sandbox is only worth keeping started: the pool makes another.
+            LeaseState::Pooled => {
+                r.state = LeaseState::Releasing;
+                r.reason = Some("stopped by the provider while it waited in the pool".into());
+                fx.extend([F::Persist, F::Announce("releasing")]);
+                delete(r, fx, Duration::ZERO);
+            }
+            LeaseState::Pending
+            | LeaseState::Creating
+            | LeaseState::Syncing
+            | LeaseState::Running
+            | LeaseState::Stopped
+            | LeaseState::Releasing
+            | LeaseState::Released
+            | LeaseState::Failed => {}
+        },
         Observation::Creating | Observation::Started | Observation::Unreachable => {}
     }
 }

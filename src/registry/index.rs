@@ -66,6 +66,17 @@ impl LeaseIndex {
         }
     }
 
+    /// A lease's creation time changed (a pooled lease taken by a fresh one): its place in
+    /// `List`'s order follows.
+    pub fn reorder(&self, id: &str, was: u64, now: u64) {
+        if was != now
+            && let Ok(mut order) = self.order.lock()
+        {
+            order.remove(&(was, id.to_string()));
+            order.insert((now, id.to_string()));
+        }
+    }
+
     pub fn remove(&self, id: &str) {
         if let Some((_, h)) = self.by_id.remove(id)
             && let Ok(mut order) = self.order.lock()

@@ -9,8 +9,10 @@
 //!
 //! - [`index`]: id -> live lease handle, name resolution, the event feed.
 //! - [`sweep`]: expiry, retries, reconcile cadence, the orphan scan.
+//! - [`pool`]: warm pools of started sandboxes, filled by the sweep, taken by acquires.
 
 pub mod index;
+pub mod pool;
 pub mod sweep;
 
 use std::collections::{BTreeMap, HashMap};
@@ -67,6 +69,8 @@ pub struct RegistryCtx {
     pub provision_deadline: Duration,
     /// Cancelled at shutdown; every lease's run token is a child of it.
     pub shutdown: CancellationToken,
+    /// Warm pools to keep.
+    pub pools: Vec<crate::config::PoolSettings>,
 }
 
 /// What a new lease should be.
@@ -115,6 +119,19 @@ pub enum RegistryMsg {
     /// Sent by the orphan scan: a sandbox this daemon owns whose lease the store does not
     /// know (the store was lost or damaged), rebuilt from its labels.
     Adopt(Box<LeaseRecord>),
+    /// `crabbox pool status`.
+    PoolStatus {
+        reply: RpcReplyPort<Result<Vec<pool::PoolView>, Error>>,
+    },
+    /// `crabbox pool fill`: fill now, past any backoff.
+    PoolFill {
+        reply: RpcReplyPort<Result<(), Error>>,
+    },
+    /// `crabbox pool drain [NAME]`, and `daemon stop --drain`: release pooled sandboxes.
+    PoolDrain {
+        pool: Option<String>,
+        reply: RpcReplyPort<Result<u64, Error>>,
+    },
 }
 
 /// The registry as the rest of the daemon holds it: its actor and its index.
@@ -138,6 +155,7 @@ impl Registry {
                 actors: HashMap::new(),
                 sweeps: 0,
                 myself: None,
+                pool_health: HashMap::new(),
             },
         )
         .await
@@ -165,6 +183,31 @@ impl Registry {
             lease_id,
             repo_root,
             reclaim,
+            reply,
+        })
+        .await
+    }
+
+    /// Each pool with its counts and health.
+    pub async fn pool_status(&self) -> Result<Vec<pool::PoolView>, Error> {
+        ask(&self.actor, "registry", |reply| RegistryMsg::PoolStatus {
+            reply,
+        })
+        .await
+    }
+
+    /// Fills every pool to its size now.
+    pub async fn pool_fill(&self) -> Result<(), Error> {
+        ask(&self.actor, "registry", |reply| RegistryMsg::PoolFill {
+            reply,
+        })
+        .await
+    }
+
+    /// Releases the pooled sandboxes of one pool, or of all; answers how many.
+    pub async fn pool_drain(&self, pool: Option<String>) -> Result<u64, Error> {
+        ask(&self.actor, "registry", |reply| RegistryMsg::PoolDrain {
+            pool,
             reply,
         })
         .await
@@ -200,6 +243,8 @@ pub struct RegistryState {
     sweeps: u64,
     /// The registry itself, for the orphan scan's task to send adoptions to (set at start).
     myself: Option<ActorRef<RegistryMsg>>,
+    /// What each pool's fills did lately.
+    pool_health: HashMap<String, pool::PoolHealth>,
 }
 
 impl Actor for RegistryActor {
@@ -231,6 +276,7 @@ impl Actor for RegistryActor {
             tracing::info!(recovered, "recovered leases from the store");
         }
         st.scan_orphans();
+        st.fill_pools(&myself, false).await;
         Ok(st)
     }
 
@@ -254,8 +300,28 @@ impl Actor for RegistryActor {
                 let r = st.claim(&lease_id, &repo_root, reclaim).await;
                 let _ = reply.send(r);
             }
-            RegistryMsg::Sweep => st.sweep(),
+            RegistryMsg::Sweep => {
+                st.sweep();
+                st.fill_pools(&myself, false).await;
+            }
             RegistryMsg::Adopt(record) => st.adopt(&myself, *record).await,
+            RegistryMsg::PoolStatus { reply } => {
+                let _ = reply.send(Ok(st.pool_status()));
+            }
+            RegistryMsg::PoolFill { reply } => {
+                st.fill_pools(&myself, true).await;
+                let _ = reply.send(Ok(()));
+            }
+            RegistryMsg::PoolDrain { pool, reply } => {
+                let r = match &pool {
+                    Some(name) if st.pool(name).is_none() => Err(Error::NotFound(format!(
+                        "no pool is named {}; `crabbox pool status` lists them",
+                        echo(name)
+                    ))),
+                    _ => Ok(st.drain_pools(pool.as_deref())),
+                };
+                let _ = reply.send(r);
+            }
         }
         Ok(())
     }
@@ -412,8 +478,58 @@ impl RegistryState {
         for (k, v) in &spec.labels {
             validate_label(k, v)?;
         }
+        let pick = |v: u64, d: u64| if v == 0 { d } else { v };
+        let ttl_secs = pick(spec.ttl_secs, self.ctx.defaults.ttl.as_secs());
+        let idle_timeout_secs = pick(spec.idle_timeout_secs, self.ctx.defaults.idle.as_secs());
+        // A warm pool that holds what this lease asks for hands one out (not for a chosen
+        // slug: pooled sandboxes have theirs).
+        if spec.slug.is_none()
+            && let Some(acquired) = self
+                .take_pooled(myself, &provider_name, &spec, ttl_secs, idle_timeout_secs)
+                .await?
+        {
+            return Ok(acquired);
+        }
+        let mut provider_options = spec.provider_options;
+        // Let the provider stop an idle sandbox by itself if this daemon is gone (crabbox
+        // releases it first when it is not).
+        provider_options
+            .entry("auto_stop_minutes".into())
+            .or_insert_with(|| (idle_timeout_secs.div_ceil(60) + 15).to_string());
+        let mut record = self.new_record(
+            &provider_name,
+            provider.as_ref(),
+            spec.slug.as_deref(),
+            provider_options,
+        )?;
+        if let Some(repo) = &spec.repo_root {
+            self.unclaim_others(repo, &record.id).await;
+        }
+        record.repo_root = spec.repo_root;
+        record.ttl_secs = ttl_secs;
+        record.idle_timeout_secs = idle_timeout_secs;
+        record.keep = spec.keep;
+        record.user_labels = spec.labels;
+        record.fresh_run = spec.fresh_run;
+        // Persist before the actor exists and before anything is created: a crash from here
+        // on finds the record (and the sandbox by its name).
+        self.ctx.store.put_lease(&record)?;
+        self.index.publish(record.clone(), "leased");
+        let lease = self.spawn_lease(myself, record, LeaseMsg::Start).await?;
+        Ok(Acquired { lease, fresh: true })
+    }
+
+    /// A new lease's record (pending, owned by this daemon, defaults for the rest), with a
+    /// fresh id, its slug (`slug`, or one made from the id) and its sandbox's name.
+    fn new_record(
+        &self,
+        provider_name: &str,
+        provider: &dyn Provider,
+        slug: Option<&str>,
+        provider_options: BTreeMap<String, String>,
+    ) -> Result<LeaseRecord, Error> {
         let id = ids::new_lease_id();
-        let slug = match &spec.slug {
+        let slug = match slug {
             Some(slug) => {
                 ids::validate_slug(slug).map_err(Error::InvalidArgument)?;
                 if self.index.slug_taken(slug) {
@@ -422,7 +538,7 @@ impl RegistryState {
                          that lease first"
                     )));
                 }
-                slug.clone()
+                slug.to_string()
             }
             None => {
                 let base = ids::slug_for(&id);
@@ -435,47 +551,32 @@ impl RegistryState {
         };
         let sandbox_name = ids::sandbox_name(&slug, &id);
         let now = now_ms();
-        let pick = |v: u64, d: u64| if v == 0 { d } else { v };
-        let idle_timeout_secs = pick(spec.idle_timeout_secs, self.ctx.defaults.idle.as_secs());
-        if let Some(repo) = &spec.repo_root {
-            self.unclaim_others(repo, &id).await;
-        }
-        let mut provider_options = spec.provider_options;
-        // Let the provider stop an idle sandbox by itself if this daemon is gone (crabbox
-        // releases it first when it is not).
-        provider_options
-            .entry("auto_stop_minutes".into())
-            .or_insert_with(|| (idle_timeout_secs.div_ceil(60) + 15).to_string());
-        let record = LeaseRecord {
+        Ok(LeaseRecord {
             work_root: provider.work_root(&sandbox_name),
             id,
             slug,
-            provider: provider_name,
+            provider: provider_name.to_string(),
             state: LeaseState::Pending,
             reason: None,
             sandbox_id: None,
             sandbox_name,
-            repo_root: spec.repo_root,
+            repo_root: None,
             created_at_ms: now,
             last_touched_ms: now,
-            ttl_secs: pick(spec.ttl_secs, self.ctx.defaults.ttl.as_secs()),
-            idle_timeout_secs,
-            keep: spec.keep,
-            user_labels: spec.labels,
+            ttl_secs: self.ctx.defaults.ttl.as_secs(),
+            idle_timeout_secs: self.ctx.defaults.idle.as_secs(),
+            keep: false,
+            user_labels: BTreeMap::new(),
             owner: self.ctx.daemon_id.clone(),
             failed_on_auth: false,
             sandbox_cleaned: false,
             provider_options,
-            fresh_run: spec.fresh_run,
+            fresh_run: None,
+            pool: None,
+            seeded_for: None,
             task: Task::Idle,
             attempts: 0,
-        };
-        // Persist before the actor exists and before anything is created: a crash from here
-        // on finds the record (and the sandbox by its name).
-        self.ctx.store.put_lease(&record)?;
-        self.index.publish(record.clone(), "leased");
-        let lease = self.spawn_lease(myself, record, LeaseMsg::Start).await?;
-        Ok(Acquired { lease, fresh: true })
+        })
     }
 
     async fn claim(

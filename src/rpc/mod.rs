@@ -302,9 +302,16 @@ impl LeaseService for LeaseSvc {
             all.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
             filter.page(all)
         } else {
-            // Live leases only, read in place: only the page's records are copied.
+            // Live leases only, read in place: only the page's records are copied. Pooled
+            // sandboxes are nobody's lease yet: shown by --all, --state pooled and
+            // `crabbox pool status`.
+            let pooled = filter.names(LeaseState::Pooled);
             let (page, more) = index.page(
-                |r| r.state != LeaseState::Released && filter.matches(r),
+                |r| {
+                    r.state != LeaseState::Released
+                        && (r.state != LeaseState::Pooled || pooled)
+                        && filter.matches(r)
+                },
                 filter.after(),
                 filter.page_size(),
             );
@@ -529,4 +536,63 @@ impl DaemonService for DaemonSvc {
             .collect();
         Ok(Response::new(pb::DoctorResponse { checks }))
     }
+
+    async fn pool_status(
+        &self,
+        _req: Request<pb::PoolStatusRequest>,
+    ) -> Result<Response<pb::PoolStatusResponse>, Status> {
+        Ok(Response::new(pool_status(&self.0).await?))
+    }
+
+    async fn pool_fill(
+        &self,
+        _req: Request<pb::PoolFillRequest>,
+    ) -> Result<Response<pb::PoolStatusResponse>, Status> {
+        self.0.registry.pool_fill().await?;
+        Ok(Response::new(pool_status(&self.0).await?))
+    }
+
+    async fn pool_drain(
+        &self,
+        req: Request<pb::PoolDrainRequest>,
+    ) -> Result<Response<pb::PoolDrainResponse>, Status> {
+        let pool = Some(req.into_inner().pool).filter(|p| !p.is_empty());
+        let released = self.0.registry.pool_drain(pool).await?;
+        Ok(Response::new(pb::PoolDrainResponse { released }))
+    }
+}
+
+/// Every pool with its counts, health and leases.
+async fn pool_status(api: &Api) -> Result<pb::PoolStatusResponse, Error> {
+    let views = api.registry.pool_status().await?;
+    let records = api.registry.index.records();
+    let pools = views
+        .into_iter()
+        .map(|(p, count, health)| pb::Pool {
+            leases: records
+                .iter()
+                .filter(|r| {
+                    r.pool.as_deref() == Some(p.name.as_str())
+                        && (r.state.is_live() || r.state == LeaseState::Releasing)
+                })
+                .map(lease_pb)
+                .collect(),
+            name: p.name,
+            provider: p.provider,
+            size: p.size,
+            max: p.max,
+            idle_ttl_secs: p.idle_ttl.as_secs(),
+            options: p.options.into_iter().collect(),
+            repos: p.repos.iter().map(|r| r.display().to_string()).collect(),
+            ready: count.ready,
+            filling: count.filling,
+            taken: health.taken,
+            drained: health.drained,
+            failures: health.failures,
+            last_error: health.last_error.unwrap_or_default(),
+            retry_at: (health.retry_at_ms > crate::clock::now_ms())
+                .then(|| crate::pb::timestamp(health.retry_at_ms)),
+        })
+        .collect();
+    Ok(pb::PoolStatusResponse { pools })
 }

@@ -18,6 +18,7 @@ pub fn state_pb(s: LeaseState) -> pb::LeaseState {
         LeaseState::Releasing => pb::LeaseState::Releasing,
         LeaseState::Released => pb::LeaseState::Released,
         LeaseState::Failed => pb::LeaseState::Failed,
+        LeaseState::Pooled => pb::LeaseState::Pooled,
     }
 }
 
@@ -90,19 +91,14 @@ pub struct ListFilter {
     after: Option<(u64, String)>,
 }
 
-const STATES: [LeaseState; 9] = [
-    LeaseState::Pending,
-    LeaseState::Creating,
-    LeaseState::Ready,
-    LeaseState::Syncing,
-    LeaseState::Running,
-    LeaseState::Stopped,
-    LeaseState::Releasing,
-    LeaseState::Released,
-    LeaseState::Failed,
-];
+const STATES: [LeaseState; 10] = LeaseState::ALL;
 
 impl ListFilter {
+    /// Does the request name this state (`--state`)?
+    pub fn names(&self, state: LeaseState) -> bool {
+        self.states.contains(&state)
+    }
+
     pub fn from_request(req: &pb::ListRequest) -> Result<ListFilter, Error> {
         let mut states = Vec::new();
         for s in &req.states {

@@ -101,7 +101,10 @@ pub async fn a_large_file_change_sends_about_the_chunks_it_touched(
             .json();
         assert_eq!(plan["files_to_send"], 1, "{what}: {plan}");
         let planned = plan["bytes_to_send"].as_u64().unwrap_or(u64::MAX);
-        assert!(planned < 1 << 20, "{what}: the plan counts the delta: {plan}");
+        assert!(
+            planned < 1 << 20,
+            "{what}: the plan counts the delta: {plan}"
+        );
         let (got, out, sent) = remote(d, repo, prefix, "big.bin").await;
         assert_eq!(got, format!("{} 755", sha256(&big)), "{what}: {out}");
         assert!(

@@ -208,7 +208,7 @@ pub(super) async fn daemon(ctx: &Ctx, action: DaemonAction) -> Result<i32, CliEr
             }
             Ok(exit::OK)
         }
-        DaemonAction::Stop => {
+        DaemonAction::Stop { drain } => {
             let Some(i) = info else {
                 if ctx.json {
                     print_json(&json!({"running": false}));
@@ -217,6 +217,9 @@ pub(super) async fn daemon(ctx: &Ctx, action: DaemonAction) -> Result<i32, CliEr
                 }
                 return Ok(exit::OK);
             };
+            if drain {
+                drain_pools(ctx).await?;
+            }
             let pid = nix::unistd::Pid::from_raw(i.pid as i32);
             nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).map_err(|e| {
                 CliError::new(
@@ -241,5 +244,46 @@ pub(super) async fn daemon(ctx: &Ctx, action: DaemonAction) -> Result<i32, CliEr
             }
             Ok(exit::OK)
         }
+    }
+}
+
+/// Releases every pooled sandbox and waits (up to a minute) until none is left.
+async fn drain_pools(ctx: &Ctx) -> Result<(), CliError> {
+    let mut c = ctx.clients().await?;
+    let r = c
+        .daemon
+        .pool_drain(pb::PoolDrainRequest::default())
+        .await?
+        .into_inner();
+    if r.released == 0 {
+        return Ok(());
+    }
+    ctx.progress(format!(
+        "releasing {} pooled sandbox{}",
+        r.released,
+        if r.released == 1 { "" } else { "es" }
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = c
+            .daemon
+            .pool_status(pb::PoolStatusRequest {})
+            .await?
+            .into_inner();
+        let left: usize = status.pools.iter().map(|p| p.leases.len()).sum();
+        if left == 0 {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(CliError::new(
+                exit::INTERNAL,
+                format!(
+                    "{left} pooled sandbox(es) were still being released after 60s; the \
+                     daemon was not stopped. Run `crabbox pool status` to see them, and stop \
+                     it again"
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

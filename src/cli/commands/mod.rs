@@ -8,6 +8,7 @@ use tokio_stream::StreamExt;
 
 mod daemon;
 mod plan;
+mod pool;
 mod run;
 
 use super::client::{self, Clients};
@@ -150,6 +151,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         Command::List(args) => list(&ctx, args).await,
         Command::Claims => claims(&ctx).await,
         Command::Doctor => daemon::doctor(&ctx).await,
+        Command::Pool { action } => pool::pool(&ctx, action).await,
         Command::Daemon { action } => daemon::daemon(&ctx, action).await,
         Command::Completions { .. } => Ok(exit::OK),
     }
