@@ -434,6 +434,9 @@ pub struct Settings {
     /// `pool:`: the warm pools (the daemon keeps them; a CLI only says when a repo's file
     /// has some, since those are not read from there).
     pub pools: Vec<PoolSettings>,
+    /// Repo config files with `pool:` entries: pools are the daemon's, read from its own
+    /// config, so a CLI says these are not used.
+    pub ignored_pools: Vec<PathBuf>,
     /// The files that were read, lowest first.
     pub sources: Vec<PathBuf>,
 }
@@ -452,6 +455,7 @@ impl Settings {
             environment: None,
             stall_timeout: None,
             pools: Vec::new(),
+            ignored_pools: Vec::new(),
             sources: Vec::new(),
         }
     }
@@ -561,6 +565,7 @@ pub fn config_files(repo_root: Option<&Path>) -> Vec<(PathBuf, bool)> {
 pub fn load(repo_root: Option<&Path>) -> Result<Settings, ConfigError> {
     let mut merged = serde_yaml_ng::Value::Mapping(Default::default());
     let mut sources = Vec::new();
+    let mut ignored_pools = Vec::new();
     for (path, required) in config_files(repo_root) {
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -585,14 +590,19 @@ pub fn load(repo_root: Option<&Path>) -> Result<Settings, ConfigError> {
             continue;
         }
         // Check this file alone, so the error names it.
-        serde_yaml_ng::from_value::<FileConfig>(value.clone())
+        let alone = serde_yaml_ng::from_value::<FileConfig>(value.clone())
             .map_err(|e| ConfigError(format!("config {}: {e}", path.display())))?;
+        if !alone.pool.is_empty() && repo_root.is_some_and(|root| path.starts_with(root)) {
+            ignored_pools.push(path.clone());
+        }
         merge(&mut merged, value);
         sources.push(path);
     }
     let file: FileConfig =
         serde_yaml_ng::from_value(merged).map_err(|e| ConfigError(format!("config: {e}")))?;
-    from_file(file, sources)
+    let mut s = from_file(file, sources)?;
+    s.ignored_pools = ignored_pools;
+    Ok(s)
 }
 
 fn from_file(file: FileConfig, sources: Vec<PathBuf>) -> Result<Settings, ConfigError> {
@@ -622,6 +632,7 @@ fn from_file(file: FileConfig, sources: Vec<PathBuf>) -> Result<Settings, Config
         environment: file.environment,
         stall_timeout: dur(file.run.stall_timeout, "config run.stall_timeout")?,
         pools: Vec::new(),
+        ignored_pools: Vec::new(),
         sources,
     };
     if let Some(p) = non_empty_env("CRABBOX_PROVIDER") {
@@ -727,6 +738,71 @@ mod tests {
             serde_yaml_ng::from_str("idle_timeout: 1m\nidleTimeout: 2m\n").expect("yaml");
         let e = normalize_aliases(&mut both, dir.path()).expect_err("both spellings in one file");
         assert!(e.0.contains("keep one"), "{}", e.0);
+    }
+
+    fn pools(yaml: &str) -> Result<Vec<PoolSettings>, String> {
+        let f: FileConfig = serde_yaml_ng::from_str(yaml).map_err(|e| e.to_string())?;
+        let daytona = DaytonaConfig {
+            snapshot: Some("base".into()),
+            ..Default::default()
+        };
+        resolve_pools(f.pool, "local", &daytona).map_err(|e| e.0)
+    }
+
+    #[test]
+    fn pools_resolve_with_defaults_and_refuse_what_cannot_work() {
+        let p = pools(
+            "pool:\n  - size: 2\n  - provider: daytona\n    size: 1\n    max: 3\n    idle_ttl: 10m\n    \
+             target: eu\n    repos: [/src/app]\n  - size: 0\n",
+        )
+        .expect("pools");
+        assert_eq!(p.len(), 3);
+        assert_eq!(
+            (p[0].name.as_str(), p[0].provider.as_str()),
+            ("local", "local")
+        );
+        assert_eq!((p[0].size, p[0].max), (2, 2));
+        assert_eq!(p[0].idle_ttl, Duration::from_secs(1800));
+        assert!(p[0].options.is_empty());
+        assert_eq!(p[1].name, "daytona");
+        assert_eq!(p[1].idle_ttl, Duration::from_secs(600));
+        assert_eq!(
+            p[1].options,
+            BTreeMap::from([
+                ("snapshot".to_string(), "base".to_string()),
+                ("target".to_string(), "eu".to_string())
+            ]),
+            "the daytona: defaults fill what the entry does not say"
+        );
+        assert_eq!(p[1].repos, vec![PathBuf::from("/src/app")]);
+        assert_eq!(p[2].name, "local-2", "names stay unique");
+        for (yaml, says) in [
+            (
+                "pool:\n  - size: 3\n    max: 2\n",
+                "max must be at least size",
+            ),
+            ("pool:\n  - size: 1\n    max: 1000\n", "at most 100"),
+            ("pool:\n  - size: 1\n    idle_ttl: 10s\n", "from 1m to 30d"),
+            ("pool:\n  - size: 1\n    idle_ttl: soon\n", "idle_ttl"),
+            (
+                "pool:\n  - size: 1\n    snapshot: x\n",
+                "snapshot applies to daytona pools",
+            ),
+            (
+                "pool:\n  - size: 1\n    repos: [src/app]\n",
+                "not an absolute path",
+            ),
+            (
+                "pool:\n  - name: a\n    size: 1\n  - name: a\n    size: 1\n",
+                "two pools are named",
+            ),
+            ("pool:\n  - name: \"a b\"\n    size: 1\n", "not a pool name"),
+            ("pool:\n  - size: 1\n    sise: 2\n", "unknown field `sise`"),
+            ("pool:\n  - max: 2\n", "missing field `size`"),
+        ] {
+            let e = pools(yaml).expect_err(yaml);
+            assert!(e.contains(says), "{yaml}: {e}");
+        }
     }
 
     #[test]

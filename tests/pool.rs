@@ -249,3 +249,32 @@ async fn a_pooled_sandbox_gone_behind_the_daemons_back_is_skipped() {
         .json();
     assert_eq!(old["state"], "released", "{old}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_entries_in_a_repos_config_are_said_to_be_unused() {
+    let d = Daemon::start().await;
+    let r = repo();
+    std::fs::write(r.path().join("crabbox.yaml"), "pool:\n  - size: 1\n").expect("write");
+    let home = tempfile::tempdir().expect("home");
+    let out = d
+        .cli(r.path())
+        .env_remove("CRABBOX_CONFIG")
+        .env("XDG_CONFIG_HOME", home.path())
+        .args(["run", "--", "true"])
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("crabbox.yaml has pool: entries, which are not used"),
+        "{err}"
+    );
+    // No pool was made from it.
+    let s = d
+        .run(r.path(), &["--json", "pool", "status"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(s, serde_json::json!([]));
+}

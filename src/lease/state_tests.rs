@@ -4,7 +4,7 @@ use super::Effect as F;
 use super::LeaseState as S;
 use super::*;
 use crate::lease::record::{FreshRun, LeaseState, Task};
-use crate::lease::state::Amendment;
+use crate::lease::state::{Amendment, Taking};
 
 const NOW: u64 = 5_000_000;
 
@@ -64,6 +64,14 @@ fn events() -> Vec<Event> {
         Event::Crashed {
             why: "the lease actor crashed (boom)".into(),
         },
+        Event::Take(Box::new(Taking {
+            repo_root: Some("/repo2".into()),
+            ttl_secs: 600,
+            idle_timeout_secs: 300,
+            keep: false,
+            labels: Default::default(),
+            fresh_run: None,
+        })),
     ]
 }
 
@@ -177,6 +185,7 @@ fn the_table_of_moves() {
         (S::Syncing, "Finish", S::Ready),
         (S::Running, "Finish", S::Ready),
         (S::Releasing, "Deleted", S::Released),
+        (S::Pooled, "Take(Taking", S::Ready),
     ];
     for state in S::ALL {
         for event in events() {
@@ -241,7 +250,9 @@ fn recovery_from_each_persisted_state() {
         (S::Releasing, S::Releasing, Task::Deleting),
         (S::Released, S::Released, Task::Idle),
         (S::Failed, S::Failed, Task::Deleting),
+        (S::Pooled, S::Pooled, Task::Observing),
     ];
+    assert_eq!(want.len(), S::ALL.len(), "every state");
     for (from, to, task) in want {
         // Whatever task the dead actor had, the new one starts from nothing.
         for stale in tasks() {
@@ -475,4 +486,107 @@ fn json_names_are_lowercase() {
         let back: LeaseState = serde_json::from_str(&json).expect("parse");
         assert_eq!(back, s);
     }
+}
+
+#[test]
+fn a_pooled_lease_waits_then_becomes_the_lease_that_takes_it() {
+    // Made for a pool: provisioned into `pooled`, not `ready`, with its pool label.
+    let mut r = record(S::Creating);
+    r.pool = Some("local".into());
+    r.repo_root = None;
+    let s = step(
+        &r,
+        Event::Provisioned {
+            sandbox_id: "sb-9".into(),
+        },
+        NOW,
+    )
+    .expect("ok");
+    assert_eq!(s.record.state, S::Pooled);
+    assert_eq!(
+        s.record.labels().get("pool").map(String::as_str),
+        Some("local")
+    );
+    assert_eq!(
+        s.record.labels().get("state").map(String::as_str),
+        Some("pooled")
+    );
+    let pooled = s.record;
+    // Nobody uses, touches, claims or amends it while it waits.
+    for e in [
+        Event::Touch,
+        Event::Prepare,
+        Event::Begin(Phase::Sync),
+        Event::Claim {
+            repo_root: Some("/repo".into()),
+        },
+        Event::Amend(Amendment::default()),
+    ] {
+        let err = step(&pooled, e.clone(), NOW).expect_err("refused");
+        assert!(err.to_string().contains(&pooled.slug), "{e:?}: {err}");
+    }
+    // Stopped by the provider while it waits: released (the pool makes another).
+    let mut observing = pooled.clone();
+    observing.task = Task::Observing;
+    let s = step(&observing, Event::Observed(Observation::Stopped), NOW).expect("ok");
+    assert_eq!(s.record.state, S::Releasing);
+    // Taken: the lease the taker asked for, created now, out of the pool.
+    let mut seeded = pooled.clone();
+    seeded.seeded_for = Some("/repo".into());
+    let take = |repo: &str| {
+        Event::Take(Box::new(Taking {
+            repo_root: Some(repo.into()),
+            ttl_secs: 600,
+            idle_timeout_secs: 300,
+            keep: true,
+            labels: [("team".to_string(), "infra".to_string())].into(),
+            fresh_run: Some(FreshRun {
+                keep_on_failure: false,
+            }),
+        }))
+    };
+    let s = step(&seeded, take("/repo"), NOW + 7).expect("ok");
+    let t = &s.record;
+    assert_eq!(t.state, S::Ready);
+    assert_eq!(
+        (t.pool.clone(), t.repo_root.as_deref()),
+        (None, Some("/repo"))
+    );
+    assert_eq!((t.created_at_ms, t.last_touched_ms), (NOW + 7, NOW + 7));
+    assert_eq!((t.ttl_secs, t.idle_timeout_secs, t.keep), (600, 300, true));
+    assert_eq!(t.labels().get("team").map(String::as_str), Some("infra"));
+    assert_eq!(t.labels().get("pool"), None);
+    assert_eq!(
+        s.effects[..3],
+        [
+            F::Persist,
+            F::Announce("taken from the pool"),
+            F::PushLabels
+        ]
+    );
+    assert!(
+        !s.effects.contains(&F::ForgetManifest),
+        "its own seed is kept"
+    );
+    // Another repo's seed is forgotten.
+    let s = step(&seeded, take("/other"), NOW).expect("ok");
+    assert!(s.effects.contains(&F::ForgetManifest));
+    assert_eq!(s.record.seeded_for, None);
+    // Only once.
+    let err = step(&s.record, take("/repo"), NOW).expect_err("not pooled");
+    assert!(err.to_string().contains("no longer in the pool"), "{err}");
+    // Rebuilt from its labels after the store lost it: still pooled, in its pool.
+    let back = LeaseRecord::from_labels(
+        "local",
+        &pooled.owner,
+        "sb-9",
+        &pooled.sandbox_name,
+        &pooled.labels(),
+    )
+    .expect("rebuilt");
+    assert_eq!(
+        (back.state, back.pool.as_deref()),
+        (S::Pooled, Some("local"))
+    );
+    assert!(back.user_labels.is_empty(), "{:?}", back.user_labels);
 }

@@ -122,6 +122,17 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
             }));
         }
     }
+    if needs_config && !cli.quiet {
+        for f in &settings.ignored_pools {
+            eprintln!(
+                "crabbox: note: {} has pool: entries, which are not used from a repository's \
+                 config: the daemon keeps pools, from its own config \
+                 (~/.config/crabbox/config.yaml). Move them there and restart it \
+                 (`crabbox daemon stop`)",
+                f.display()
+            );
+        }
+    }
     let ctx = Ctx {
         json: cli.json,
         quiet: cli.quiet,
