@@ -34,14 +34,36 @@ impl ProcDaemon {
         d
     }
 
+    /// A daemon whose own config is `yaml`.
+    async fn start_with_config(yaml: &str) -> ProcDaemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("daemon.yaml"), yaml).expect("config");
+        let socket = dir.path().join("run/d.sock");
+        let state = dir.path().join("state");
+        let mut d = ProcDaemon {
+            dir,
+            socket,
+            state,
+            child: None,
+        };
+        d.spawn().await;
+        d
+    }
+
     async fn spawn(&mut self) {
+        let own = self.dir.path().join("daemon.yaml");
+        let config = if own.exists() {
+            own
+        } else {
+            PathBuf::from("/dev/null")
+        };
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"))
             .arg("--socket")
             .arg(&self.socket)
             .arg("--state-dir")
             .arg(&self.state)
             .args(["--sweep-interval", "100ms"])
-            .env("CRABBOX_CONFIG", "/dev/null")
+            .env("CRABBOX_CONFIG", config)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -348,4 +370,123 @@ async fn a_daemon_stopped_under_a_run_says_it_stopped_the_command() {
         err.contains("crabboxd was stopped while the command ran") && !err.contains("killed by"),
         "{err}"
     );
+}
+
+/// The pool's lease ids by state, from `pool status --json`.
+async fn pool_leases(d: &ProcDaemon, cwd: &Path) -> Vec<(String, String, String)> {
+    d.json(cwd, &["pool", "status", "--json"])
+        .await
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["leases"].as_array().cloned().unwrap_or_default())
+        .map(|l| {
+            (
+                l["id"].as_str().unwrap_or("").to_string(),
+                l["state"].as_str().unwrap_or("").to_string(),
+                l["sandbox_name"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Every sandbox on disk is held by exactly one live lease (no leak, no double handout).
+async fn one_lease_per_sandbox(d: &ProcDaemon, cwd: &Path) {
+    let all = d.json(cwd, &["list", "--all", "--json"]).await;
+    let live: Vec<&Value> = all
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| !matches!(l["state"].as_str(), Some("released")))
+        .collect();
+    let mut held: Vec<String> = live
+        .iter()
+        .map(|l| l["sandbox_name"].as_str().unwrap_or("").to_string())
+        .collect();
+    held.sort();
+    let mut on_disk = d.sandboxes();
+    on_disk.sort();
+    assert_eq!(on_disk, held, "sandboxes on disk vs live leases: {all}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_a_pool_fill_leaks_nothing_and_the_pool_fills_after() {
+    let r = repo();
+    for delay_ms in [0u64, 3, 10, 30] {
+        let mut d =
+            ProcDaemon::start_with_config("pool:\n  - provider: local\n    size: 3\n").await;
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        d.kill9().await;
+        d.spawn().await;
+        eventually(30, "the pool to be full again", || async {
+            let leases = pool_leases(&d, r.path()).await;
+            let ready = leases.iter().filter(|l| l.1 == "pooled").count();
+            (ready == 3 && leases.len() == 3).then_some(())
+        })
+        .await;
+        // Released leftovers may take a sweep to go: then one lease per sandbox.
+        eventually(30, "no sandbox without its lease", || async {
+            let on_disk = d.sandboxes().len();
+            (on_disk == 3).then_some(())
+        })
+        .await;
+        one_lease_per_sandbox(&d, r.path()).await;
+        d.kill9().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_a_take_from_the_pool_hands_the_sandbox_out_once() {
+    let mut d = ProcDaemon::start_with_config("pool:\n  - provider: local\n    size: 2\n").await;
+    let r = repo();
+    let pooled = eventually(30, "the pool to fill", || async {
+        let leases = pool_leases(&d, r.path()).await;
+        (leases.iter().filter(|l| l.1 == "pooled").count() == 2).then_some(leases)
+    })
+    .await;
+    // A warmup takes one; the daemon dies as it answers.
+    let warm = d
+        .cli(r.path())
+        .args(["warmup", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("warmup");
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    d.kill9().await;
+    let _ = warm.wait_with_output().await;
+    d.spawn().await;
+    // The repo has at most one lease; every sandbox is one lease's; the pool fills again.
+    let claimed = eventually(30, "the pool to be full again", || async {
+        let leases = pool_leases(&d, r.path()).await;
+        (leases.iter().filter(|l| l.1 == "pooled").count() == 2).then_some(())
+    })
+    .await;
+    let _ = claimed;
+    let live = d.json(r.path(), &["list", "--json"]).await;
+    let mine: Vec<&Value> = live
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["repo_root"].is_string())
+        .collect();
+    assert!(mine.len() <= 1, "{live}");
+    if let Some(l) = mine.first() {
+        assert!(
+            pooled.iter().any(|p| p.0 == l["id"].as_str().unwrap_or("")),
+            "the claimed lease came from the pool: {l}"
+        );
+        assert_ne!(l["state"], "pooled");
+    }
+    eventually(30, "no sandbox without its lease", || async {
+        let want = 2 + mine.len();
+        (d.sandboxes().len() == want).then_some(())
+    })
+    .await;
+    one_lease_per_sandbox(&d, r.path()).await;
+    // And a run works on the repo (its lease, or a fresh one from the pool).
+    let doc = d
+        .json(r.path(), &["run", "--json", "--", "cat", "README"])
+        .await;
+    assert_eq!(doc["stdout"], "hello\n", "{doc}");
 }

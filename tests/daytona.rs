@@ -70,6 +70,15 @@ async fn world(provision_deadline: Duration) -> World {
 
 /// A world whose daemon holds `key` (the sim accepts only [`KEY`]).
 async fn world_with_key(provision_deadline: Duration, key: &'static str) -> World {
+    world_with(provision_deadline, key, Vec::new()).await
+}
+
+/// A world whose daemon keeps these warm pools.
+async fn world_with(
+    provision_deadline: Duration,
+    key: &'static str,
+    pools: Vec<crabbox::config::PoolSettings>,
+) -> World {
     logs();
     let sim_dir = tempfile::tempdir().expect("tempdir");
     let mut config = SimConfig::new(sim_dir.path().to_path_buf());
@@ -107,7 +116,10 @@ async fn world_with_key(provision_deadline: Duration, key: &'static str) -> Worl
             p.insert("daytona".into(), Arc::new(d));
             p
         },
-        |c| c.provision_deadline = provision_deadline,
+        |c| {
+            c.provision_deadline = provision_deadline;
+            c.pools = pools;
+        },
     )
     .await;
     World {
@@ -1129,4 +1141,113 @@ async fn a_lost_answer_to_a_delta_sync_is_repeated_safely() {
         .await
         .expect(0);
     assert_eq!(blake3::hash(&again.0.stdout).to_hex().to_string(), want);
+}
+
+fn daytona_pool(name: &str, size: u32, options: &[(&str, &str)]) -> crabbox::config::PoolSettings {
+    crabbox::config::PoolSettings {
+        name: name.into(),
+        provider: "daytona".into(),
+        size,
+        max: size,
+        idle_ttl: Duration::from_secs(600),
+        options: options
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        repos: Vec::new(),
+    }
+}
+
+async fn pool_status(w: &World, cwd: &Path, name: &str) -> Value {
+    let all = w
+        .cb(cwd, &["--json", "pool", "status"])
+        .await
+        .expect(0)
+        .json();
+    all.as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_run_takes_a_pooled_sandbox_and_a_broken_pool_backs_off() {
+    let w = world_with(
+        Duration::from_secs(60),
+        KEY,
+        vec![
+            daytona_pool("warm", 1, &[]),
+            daytona_pool("broken", 1, &[("snapshot", "no-such-snapshot")]),
+        ],
+    )
+    .await;
+    let r = repo();
+    let pooled = common::eventually(30, "the pool to fill", || async {
+        let p = pool_status(&w, r.path(), "warm").await;
+        (p["ready"] == 1).then(|| p["leases"][0]["id"].as_str().unwrap_or("").to_string())
+    })
+    .await;
+    let sandbox_count = w.sim_sandboxes().len();
+    let doc = w
+        .cb(r.path(), &["run", "--json", "--", "cat", "README"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(
+        doc["lease"]["id"],
+        pooled.as_str(),
+        "taken from the pool: {doc}"
+    );
+    assert_eq!(doc["stdout"], "hello\n");
+    // The sandbox's labels are the lease's now (pushed in the background).
+    let id = doc["lease"]["sandbox_id"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let labels = common::eventually(10, "the relabel", || async {
+        let sb = w.sim.sandboxes.lock().ok()?.get(&id).cloned()?;
+        (sb.labels.get("pool").is_none()
+            && sb.labels.get("state").map(String::as_str) != Some("pooled"))
+        .then_some(sb.labels)
+    })
+    .await;
+    assert_eq!(
+        labels.get("lease").map(String::as_str),
+        Some(pooled.as_str())
+    );
+    // Refilled (one new sandbox), and the fresh run's sandbox released.
+    common::eventually(30, "the refill", || async {
+        let p = pool_status(&w, r.path(), "warm").await;
+        (p["ready"] == 1 && p["leases"][0]["id"] != pooled.as_str()).then_some(())
+    })
+    .await;
+    assert!(w.sim_sandboxes().len() >= sandbox_count);
+
+    // The pool whose snapshot does not exist says so and backs off (no retry storm).
+    let broken = common::eventually(30, "the broken pool to report", || async {
+        let p = pool_status(&w, r.path(), "broken").await;
+        (p["failures"].as_u64() >= Some(1)).then_some(p)
+    })
+    .await;
+    let err = broken["last_error"].as_str().unwrap_or("");
+    assert!(err.contains("no-such-snapshot"), "{broken}");
+    assert!(broken["retry_at"].is_string(), "{broken}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = pool_status(&w, r.path(), "broken").await;
+    assert!(
+        later["failures"].as_u64() <= Some(3),
+        "backing off, not retrying every sweep: {later}"
+    );
+    let text = w.cb(r.path(), &["pool", "status"]).await.expect(0).stdout();
+    assert!(
+        text.contains("broken") && text.contains("failing ("),
+        "{text}"
+    );
+    let doctor = w.cb(r.path(), &["doctor"]).await.stdout();
+    assert!(
+        doctor.contains("pool broken") && doctor.contains("no-such-snapshot"),
+        "{doctor}"
+    );
 }

@@ -50,6 +50,25 @@ pub(super) async fn doctor(ctx: &Ctx) -> Result<i32, CliError> {
                     format!("answers but Info failed: {}", s.message()),
                 )),
             }
+            // Each warm pool: filling as it should, or why not.
+            if let Ok(status) = c.daemon.pool_status(pb::PoolStatusRequest {}).await {
+                for p in status.into_inner().pools {
+                    let ok = p.last_error.is_empty() || p.failures == 0;
+                    checks.push((
+                        format!("pool {}", p.name),
+                        ok,
+                        if ok {
+                            format!("{} of {} ready ({})", p.ready, p.size, p.provider)
+                        } else {
+                            format!(
+                                "failing ({} in a row, backing off): {}; fix the pool's entry \
+                                 in the daemon's config and run `crabbox pool fill`",
+                                p.failures, p.last_error
+                            )
+                        },
+                    ));
+                }
+            }
         }
         Err(e) => checks.push((
             "daemon".into(),
