@@ -457,12 +457,11 @@ async fn a_kill_during_a_take_from_the_pool_hands_the_sandbox_out_once() {
     let _ = warm.wait_with_output().await;
     d.spawn().await;
     // The repo has at most one lease; every sandbox is one lease's; the pool fills again.
-    let claimed = eventually(30, "the pool to be full again", || async {
+    eventually(30, "the pool to be full again", || async {
         let leases = pool_leases(&d, r.path()).await;
         (leases.iter().filter(|l| l.1 == "pooled").count() == 2).then_some(())
     })
     .await;
-    let _ = claimed;
     let live = d.json(r.path(), &["list", "--json"]).await;
     let mine: Vec<&Value> = live
         .as_array()
