@@ -1208,7 +1208,7 @@ async fn a_fresh_run_takes_a_pooled_sandbox_and_a_broken_pool_backs_off() {
         .to_string();
     let labels = common::eventually(10, "the relabel", || async {
         let sb = w.sim.sandboxes.lock().ok()?.get(&id).cloned()?;
-        (sb.labels.get("pool").is_none()
+        (!sb.labels.contains_key("pool")
             && sb.labels.get("state").map(String::as_str) != Some("pooled"))
         .then_some(sb.labels)
     })
