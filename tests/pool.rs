@@ -278,3 +278,88 @@ async fn pool_entries_in_a_repos_config_are_said_to_be_unused() {
         .json();
     assert_eq!(s, serde_json::json!([]));
 }
+
+async fn with_seeded_pool(repo: &std::path::Path) -> Daemon {
+    let mut pool = local_pool(1, 1);
+    pool.repos = vec![repo.to_path_buf()];
+    Daemon::start_with(
+        |state| crabbox::daemon::default_providers(state).expect("providers"),
+        |c| c.pools = vec![pool],
+    )
+    .await
+}
+
+/// A repo of `n` files, committed.
+fn big_repo(n: usize) -> tempfile::TempDir {
+    let r = repo();
+    for i in 0..n {
+        std::fs::write(
+            r.path().join(format!("src/f{i}.txt")),
+            format!("file {i}\n"),
+        )
+        .expect("w");
+    }
+    common::git(r.path(), &["add", "."]);
+    r
+}
+
+async fn seeded(d: &Daemon, cwd: &std::path::Path, repo: &std::path::Path) -> String {
+    let want = std::fs::canonicalize(repo).expect("canonical");
+    eventually(30, "a pooled sandbox seeded with the repo", || async {
+        let s = status(d, cwd).await;
+        s["seeded"].as_object().and_then(|m| {
+            m.iter()
+                .find(|(_, v)| v.as_str() == want.to_str())
+                .map(|(k, _)| k.clone())
+        })
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_run_on_a_seeded_sandbox_sends_only_what_changed() {
+    let r = big_repo(200);
+    let d = with_seeded_pool(r.path()).await;
+    let id = seeded(&d, r.path(), r.path()).await;
+    std::fs::write(r.path().join("src/f7.txt"), "changed since the seed\n").expect("w");
+    std::fs::remove_file(r.path().join("src/f8.txt")).expect("rm");
+    let doc = d
+        .run(
+            r.path(),
+            &[
+                "run",
+                "--json",
+                "--",
+                "sh",
+                "-c",
+                "cat src/f7.txt; ls src | wc -l",
+            ],
+        )
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(doc["lease"]["id"], id.as_str(), "{doc}");
+    assert_eq!(doc["stdout"], "changed since the seed\n200\n", "{doc}");
+    assert_eq!(doc["sync"]["files_uploaded"], 1, "only the change: {doc}");
+    assert_eq!(doc["sync"]["files_deleted"], 1, "{doc}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_repo_taking_a_seeded_sandbox_gets_its_own_tree_whole() {
+    let seededrepo = big_repo(50);
+    let d = with_seeded_pool(seededrepo.path()).await;
+    let id = seeded(&d, seededrepo.path(), seededrepo.path()).await;
+    let other = repo();
+    std::fs::write(other.path().join("README"), "the other repo\n").expect("w");
+    let doc = d
+        .run(
+            other.path(),
+            &["run", "--json", "--", "sh", "-c", "cat README; ls src"],
+        )
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(doc["lease"]["id"], id.as_str(), "{doc}");
+    assert_eq!(doc["stdout"], "the other repo\nlib.txt\n", "{doc}");
+    assert_eq!(doc["sync"]["files_uploaded"], 2, "its whole tree: {doc}");
+}

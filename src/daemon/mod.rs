@@ -234,6 +234,7 @@ pub async fn run(
         shutdown: token.clone(),
         checkouts: Default::default(),
     });
+    rpc::seed::spawn(api.clone(), config.pools.clone());
     let router = rpc::router(api.clone(), Caller::local());
     tracing::info!(socket = %socket.path.display(), %daemon_id, "crabboxd serving");
     let uds = {

@@ -99,6 +99,9 @@ impl Actor for LeaseActor {
                 st.answer(&myself, Event::Amend(amendment), reply)
             }
             LeaseMsg::Take { taking, reply } => st.answer(&myself, Event::Take(taking), reply),
+            LeaseMsg::Seeded { repo_root, reply } => {
+                st.answer(&myself, Event::Seeded { repo_root }, reply)
+            }
             LeaseMsg::Touch(reply) => st.answer(&myself, Event::Touch, reply),
             LeaseMsg::Prepare(reply) => st.answer(&myself, Event::Prepare, reply),
             LeaseMsg::Claim { repo_root, reply } => {

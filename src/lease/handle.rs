@@ -55,6 +55,11 @@ pub enum LeaseMsg {
         reason: String,
         reply: Option<RpcReplyPort<Result<LeaseRecord, Error>>>,
     },
+    /// Sent by the seeder once a pooled sandbox holds a repo's checkout.
+    Seeded {
+        repo_root: String,
+        reply: RpcReplyPort<Result<LeaseRecord, Error>>,
+    },
     /// Sent by the registry: a fresh lease takes this pooled one.
     Take {
         taking: Box<Taking>,

@@ -77,6 +77,9 @@ pub enum Event {
     /// (never removed), a non-zero ttl or idle timeout replaces the lease's, keep is set when
     /// asked (never unset).
     Amend(Amendment),
+    /// A pooled lease's sandbox was given `repo_root`'s checkout in advance (its manifest is
+    /// in the store); ignored once the lease left the pool.
+    Seeded { repo_root: String },
     /// A fresh lease takes this pooled one: it leaves its pool and becomes that lease
     /// (claim, timeouts, labels, run), as if created now.
     Take(Box<Taking>),
@@ -470,6 +473,12 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
             r.keep |= a.keep;
             if r != *record {
                 fx.extend([F::Persist, F::Announce("settings changed"), F::PushLabels]);
+            }
+        }
+        Event::Seeded { repo_root } => {
+            if r.state == S::Pooled && r.seeded_for.as_deref() != Some(repo_root.as_str()) {
+                r.seeded_for = Some(repo_root);
+                fx.push(F::Persist);
             }
         }
         Event::Take(t) => {

@@ -64,6 +64,9 @@ fn events() -> Vec<Event> {
         Event::Crashed {
             why: "the lease actor crashed (boom)".into(),
         },
+        Event::Seeded {
+            repo_root: "/repo".into(),
+        },
         Event::Take(Box::new(Taking {
             repo_root: Some("/repo2".into()),
             ttl_secs: 600,

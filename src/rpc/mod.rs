@@ -6,6 +6,7 @@
 
 pub mod plan;
 pub mod run;
+pub mod seed;
 pub mod watch;
 pub mod wire;
 
@@ -569,6 +570,11 @@ async fn pool_status(api: &Api) -> Result<pb::PoolStatusResponse, Error> {
     let pools = views
         .into_iter()
         .map(|(p, count, health)| pb::Pool {
+            seeded: records
+                .iter()
+                .filter(|r| r.pool.as_deref() == Some(p.name.as_str()))
+                .filter_map(|r| Some((r.id.clone(), r.seeded_for.clone()?)))
+                .collect(),
             leases: records
                 .iter()
                 .filter(|r| {

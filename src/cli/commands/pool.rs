@@ -69,6 +69,7 @@ fn show(ctx: &Ctx, status: &pb::PoolStatusResponse) {
                     "filling": p.filling,
                     "taken": p.taken,
                     "drained": p.drained,
+                    "seeded": p.seeded,
                     "failures": p.failures,
                     "last_error": (!p.last_error.is_empty()).then_some(&p.last_error),
                     "retry_at": p.retry_at.as_ref().map(|t| rfc3339(timestamp_ms(Some(t)))),
@@ -117,7 +118,8 @@ fn show(ctx: &Ctx, status: &pb::PoolStatusResponse) {
             println!("  for leases asking {}", o.join(", "));
         }
         for r in &p.repos {
-            println!("  seeded with {r}");
+            let n = p.seeded.values().filter(|s| *s == r).count();
+            println!("  seeds {r} ({n} ready with it)");
         }
         if !p.last_error.is_empty() {
             let when = p
