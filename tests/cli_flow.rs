@@ -1465,3 +1465,11 @@ async fn a_large_file_change_sends_about_the_chunks_it_touched() {
     let r = repo();
     common::sync::a_large_file_change_sends_about_the_chunks_it_touched(&d, r.path(), &[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_lease_keeps_its_disk_and_the_next_run_resumes_it() {
+    let d = Daemon::start().await;
+    let r = repo();
+    common::pause::a_paused_lease_keeps_its_disk_and_the_next_run_resumes_it(&d, r.path(), &[])
+        .await;
+}

@@ -1251,3 +1251,35 @@ async fn a_fresh_run_takes_a_pooled_sandbox_and_a_broken_pool_backs_off() {
         "{doctor}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_lease_keeps_its_disk_and_the_next_run_resumes_it() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    common::pause::a_paused_lease_keeps_its_disk_and_the_next_run_resumes_it(
+        &w.daemon,
+        r.path(),
+        &["--provider", "daytona"],
+    )
+    .await;
+    // On Daytona a pause is a real stop: the sandbox is stopped until the next use.
+    let r2 = repo();
+    let lease = w
+        .cb(r2.path(), &["--json", "warmup"])
+        .await
+        .expect(0)
+        .json();
+    let sandbox = lease["sandbox_id"].as_str().unwrap_or_default().to_string();
+    w.cb(r2.path(), &["pause"]).await.expect(0);
+    let state = |w: &World| {
+        w.sim_sandboxes()
+            .into_iter()
+            .find(|(id, _)| *id == sandbox)
+            .map(|(_, s)| s)
+    };
+    assert_eq!(state(&w).as_deref(), Some("stopped"));
+    w.cb(r2.path(), &["run", "--no-sync", "--", "true"])
+        .await
+        .expect(0);
+    assert_eq!(state(&w).as_deref(), Some("started"));
+}

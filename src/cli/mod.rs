@@ -164,6 +164,17 @@ pub enum Command {
         /// Id, slug or sandbox name.
         lease: String,
     },
+    /// Pause a lease: its sandbox is stopped and its disk kept (Daytona stop). The next
+    /// run or ssh (or `resume`) starts it again; its expiry still runs.
+    Pause {
+        /// Id, slug or sandbox name [default: this repo's lease].
+        lease: Option<String>,
+    },
+    /// Start a paused lease's sandbox again and wait until it is ready.
+    Resume {
+        /// Id, slug or sandbox name [default: this repo's lease].
+        lease: Option<String>,
+    },
     /// Mark a lease used now, pushing back its idle expiry.
     #[command(alias = "heartbeat")]
     Touch { lease: String },

@@ -99,6 +99,7 @@ impl Actor for LeaseActor {
                 st.answer(&myself, Event::Amend(amendment), reply)
             }
             LeaseMsg::Take { taking, reply } => st.answer(&myself, Event::Take(taking), reply),
+            LeaseMsg::Pause(reply) => st.answer(&myself, Event::Pause, reply),
             LeaseMsg::Seeded { repo_root, reply } => {
                 st.answer(&myself, Event::Seeded { repo_root }, reply)
             }
@@ -137,6 +138,7 @@ impl Actor for LeaseActor {
                         }
                     }
                     Outcome::Observed(seen) => Event::Observed(observation(&st.record.id, seen)),
+                    Outcome::Paused(r) => Event::Paused(r.map_err(|e| e.to_string())),
                 };
                 st.quietly(&myself, event);
             }
@@ -221,6 +223,13 @@ impl LeaseActorState {
                     let sandbox = self.record.sandbox_ref().to_string();
                     spawn_task(myself, Outcome::Observed, async move {
                         provider.get(&sandbox).await
+                    });
+                }
+                Effect::Pause => {
+                    let provider = self.ctx.provider.clone();
+                    let sandbox = self.record.sandbox_ref().to_string();
+                    spawn_task(myself, Outcome::Paused, async move {
+                        provider.stop(&sandbox).await
                     });
                 }
                 Effect::PushLabels => self.push_labels(),

@@ -55,6 +55,9 @@ pub enum LeaseMsg {
         reason: String,
         reply: Option<RpcReplyPort<Result<LeaseRecord, Error>>>,
     },
+    /// `crabbox pause`: stop the sandbox, keep the lease; answers once the stop is under
+    /// way (follow the lease's task to know when it is done).
+    Pause(RpcReplyPort<Result<LeaseRecord, Error>>),
     /// Sent by the seeder once a pooled sandbox holds a repo's checkout.
     Seeded {
         repo_root: String,
@@ -81,6 +84,7 @@ pub enum Outcome {
     Provisioned(Result<SandboxInfo, ProviderError>),
     Deleted(Result<(), ProviderError>),
     Observed(Result<Option<SandboxInfo>, ProviderError>),
+    Paused(Result<(), ProviderError>),
 }
 
 /// What a run needs to act on the sandbox, handed out by [`LeaseMsg::Begin`].

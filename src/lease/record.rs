@@ -133,6 +133,8 @@ pub enum Task {
     Deleting,
     /// Asking the provider how the sandbox is.
     Observing,
+    /// Stopping the sandbox for a pause (its disk is kept).
+    Pausing,
 }
 
 /// How the run that created a lease wants it handled when the run ends.

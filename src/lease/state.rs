@@ -80,6 +80,10 @@ pub enum Event {
     /// A pooled lease's sandbox was given `repo_root`'s checkout in advance (its manifest is
     /// in the store); ignored once the lease left the pool.
     Seeded { repo_root: String },
+    /// `crabbox pause`: stop the sandbox, keep its disk; the next use starts it again.
+    Pause,
+    /// The pause task's outcome (`Err`: the provider's error).
+    Paused(Result<(), String>),
     /// A fresh lease takes this pooled one: it leaves its pool and becomes that lease
     /// (claim, timeouts, labels, run), as if created now.
     Take(Box<Taking>),
@@ -133,6 +137,8 @@ pub enum Effect {
     Delete { after: Duration },
     /// Start the observing task.
     Observe,
+    /// Start the task that stops the sandbox for a pause.
+    Pause,
     /// Push the record's labels to the sandbox (in the background).
     PushLabels,
     /// Stop the lease's running command.
@@ -169,6 +175,8 @@ pub fn readiness(r: &LeaseRecord) -> Readiness {
     match r.state {
         LeaseState::Ready | LeaseState::Syncing | LeaseState::Running => Readiness::Usable,
         LeaseState::Pending | LeaseState::Creating => Readiness::Wait,
+        // A pause still stopping it: start it once it is stopped.
+        LeaseState::Stopped if r.task == Task::Pausing => Readiness::Wait,
         LeaseState::Stopped => Readiness::Start,
         LeaseState::Failed => Readiness::Unusable(Error::Provider(ProviderError::new(
             if r.failed_on_auth {
@@ -473,6 +481,45 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
             r.keep |= a.keep;
             if r != *record {
                 fx.extend([F::Persist, F::Announce("settings changed"), F::PushLabels]);
+            }
+        }
+        Event::Pause => match r.state {
+            S::Stopped => {}
+            S::Ready if matches!(r.task, Task::Idle | Task::Observing) => {
+                r.state = S::Stopped;
+                r.task = Task::Pausing;
+                r.reason = Some("paused: its sandbox is stopped, its disk kept".into());
+                fx.extend([F::Persist, F::Announce("pausing"), F::Pause]);
+            }
+            S::Ready => {
+                return Err(
+                    r.not_usable("the provider is busy with it; pause it again in a moment")
+                );
+            }
+            S::Syncing | S::Running => {
+                return Err(r.not_usable("a run is using it; pause it when the run has ended"));
+            }
+            S::Pending | S::Creating => {
+                return Err(r.not_usable("its sandbox is not ready yet; pause it once it is"));
+            }
+            S::Pooled => {
+                return Err(r.not_usable("it waits in a pool; `crabbox pool drain` releases it"));
+            }
+            S::Releasing | S::Released | S::Failed => {
+                return Err(r.not_usable("there is nothing to pause"));
+            }
+        },
+        Event::Paused(outcome) => {
+            if r.task == Task::Pausing {
+                r.task = Task::Idle;
+                match outcome {
+                    Ok(()) => fx.push(F::Announce("paused")),
+                    Err(error) => {
+                        r.state = S::Ready;
+                        r.reason = Some(format!("pause failed: {error}"));
+                        fx.extend([F::Persist, F::Announce("pause failed")]);
+                    }
+                }
             }
         }
         Event::Seeded { repo_root } => {

@@ -156,6 +156,15 @@ impl Provider for LocalProvider {
         Ok(info(meta))
     }
 
+    async fn stop(&self, sandbox: &str) -> Result<(), ProviderError> {
+        // Nothing runs in a local sandbox between commands (a run is refused a pause): the
+        // folder stays, and commands are refused until it is started again.
+        self.engine
+            .update(sandbox, |m| m.state = EngineState::Stopped)
+            .map_err(engine_err)?;
+        Ok(())
+    }
+
     async fn set_labels(
         &self,
         sandbox: &str,

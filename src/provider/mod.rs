@@ -138,6 +138,15 @@ pub trait Provider: Send + Sync + 'static {
     /// Starts a stopped sandbox (answers once the start was accepted).
     async fn start(&self, sandbox: &str) -> Result<SandboxInfo, ProviderError>;
 
+    /// Stops a started sandbox and keeps its disk (a pause); answers once it is stopped.
+    /// [`Provider::start`] brings it back.
+    async fn stop(&self, _sandbox: &str) -> Result<(), ProviderError> {
+        Err(ProviderError::new(
+            ProviderErrorKind::Other,
+            format!("the {} provider cannot pause a sandbox", self.name()),
+        ))
+    }
+
     /// Replaces the sandbox's labels.
     async fn set_labels(
         &self,

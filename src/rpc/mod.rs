@@ -457,6 +457,64 @@ impl LeaseService for LeaseSvc {
         Ok(Response::new(lease_pb(&record)))
     }
 
+    async fn pause(&self, req: Request<pb::LeaseRef>) -> Result<Response<pb::Lease>, Status> {
+        let h = match self.0.resolve(&req.into_inner().name)? {
+            Resolved::Live(h) => h,
+            Resolved::Stored(r) => return Err(r.not_usable("there is nothing to pause").into()),
+        };
+        h.ask(LeaseMsg::Pause).await?;
+        // Until the stop is done (or failed: the lease is ready again and says why).
+        let mut rx = h.state.clone();
+        let record = loop {
+            let r = rx.borrow_and_update().clone();
+            if r.task != crate::lease::Task::Pausing {
+                break r;
+            }
+            if rx.changed().await.is_err() {
+                break h.record();
+            }
+        };
+        if record.state == LeaseState::Ready
+            && let Some(why) = record
+                .reason
+                .as_deref()
+                .filter(|r| r.starts_with("pause failed"))
+        {
+            return Err(Error::Provider(crate::error::ProviderError::new(
+                crate::error::ProviderErrorKind::Other,
+                format!("lease {}: {why}; it is still running", record.slug),
+            ))
+            .into());
+        }
+        Ok(Response::new(lease_pb(&record)))
+    }
+
+    async fn resume(&self, req: Request<pb::LeaseRef>) -> Result<Response<pb::Lease>, Status> {
+        let h = match self.0.resolve(&req.into_inner().name)? {
+            Resolved::Live(h) => h,
+            Resolved::Stored(r) => {
+                return Err(r.not_usable("run again to get a new one").into());
+            }
+        };
+        let mut rx = h.state.clone();
+        loop {
+            let r = rx.borrow_and_update().clone();
+            match crate::lease::state::readiness(&r) {
+                crate::lease::state::Readiness::Usable => {
+                    return Ok(Response::new(lease_pb(&r)));
+                }
+                crate::lease::state::Readiness::Unusable(e) => return Err(e.into()),
+                crate::lease::state::Readiness::Start => {
+                    h.ask(LeaseMsg::Prepare).await?;
+                }
+                crate::lease::state::Readiness::Wait => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(h.record().not_usable("run again to get a new one").into());
+            }
+        }
+    }
+
     async fn sync_plan(
         &self,
         req: Request<pb::SyncPlanRequest>,

@@ -2,6 +2,7 @@
 //! `crabbox` binary as a subprocess.
 #![allow(dead_code)]
 
+pub mod pause;
 pub mod stdio;
 pub mod sync;
 pub mod tty;

@@ -66,6 +66,8 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
             | Command::Ssh { .. }
             | Command::Doctor
             | Command::SyncPlan(_)
+            | Command::Pause { lease: None }
+            | Command::Resume { lease: None }
     );
     let repo_root = match &cli.command {
         Command::Run(RunArgs {
@@ -158,6 +160,8 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         } => run::ssh(&ctx, id, print, show_secret, ttl, command).await,
         Command::Stop { lease } => stop(&ctx, &lease).await,
         Command::Touch { lease } => touch(&ctx, &lease).await,
+        Command::Pause { lease } => pause(&ctx, lease, true).await,
+        Command::Resume { lease } => pause(&ctx, lease, false).await,
         Command::Status { lease, wait } => status(&ctx, &lease, wait).await,
         Command::List(args) => list(&ctx, args).await,
         Command::Claims => claims(&ctx).await,
@@ -367,6 +371,61 @@ async fn stop(ctx: &Ctx, name: &str) -> Result<i32, CliError> {
         print_json(&lease_json(&last));
     } else {
         println!("released {} ({})", last.id, last.slug);
+    }
+    Ok(exit::OK)
+}
+
+/// `pause` (or `resume` when `!pause`) of `lease`, or of the repo's lease.
+async fn pause(ctx: &Ctx, lease: Option<String>, pause: bool) -> Result<i32, CliError> {
+    let mut c = ctx.clients().await?;
+    let name = match lease {
+        Some(l) => l,
+        None => {
+            let repo = ctx.repo();
+            let page = c
+                .leases
+                .list(pb::ListRequest {
+                    repo_root: repo.clone(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            match page.leases.first() {
+                Some(l) => l.id.clone(),
+                None => {
+                    return Err(CliError::new(
+                        exit::NOT_FOUND,
+                        format!(
+                            "no lease is claimed by {repo}; name one (`crabbox list` shows them)"
+                        ),
+                    ));
+                }
+            }
+        }
+    };
+    if pause {
+        ctx.progress(format!("pausing {name}: stopping its sandbox"));
+    } else {
+        ctx.progress(format!("resuming {name}: starting its sandbox"));
+    }
+    let started = std::time::Instant::now();
+    let l = if pause {
+        c.leases.pause(pb::LeaseRef { name }).await?
+    } else {
+        c.leases.resume(pb::LeaseRef { name }).await?
+    }
+    .into_inner();
+    if ctx.json {
+        print_json(&lease_json(&l));
+    } else {
+        println!(
+            "{} {} ({}) in {} ms: {}",
+            if pause { "paused" } else { "resumed" },
+            l.slug,
+            l.id,
+            started.elapsed().as_millis(),
+            state_name(&l)
+        );
     }
     Ok(exit::OK)
 }

@@ -453,6 +453,45 @@ impl Provider for DaytonaProvider {
         self.parse_sandbox(&v)
     }
 
+    async fn stop(&self, sandbox: &str) -> Result<(), ProviderError> {
+        self.call(
+            Method::POST,
+            &format!("/sandbox/{sandbox}/stop"),
+            None,
+            Idempotent::Yes,
+        )
+        .await?;
+        // Daytona stops in the background: answer once it says stopped.
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            match self.get(sandbox).await? {
+                Some(sb) if sb.state == SandboxState::Stopped => return Ok(()),
+                Some(SandboxInfo {
+                    state: SandboxState::Error(reason),
+                    ..
+                }) => {
+                    return Err(e(
+                        ProviderErrorKind::Other,
+                        format!("sandbox {sandbox} went into error while stopping: {reason}"),
+                    ));
+                }
+                None => {
+                    return Err(e(
+                        ProviderErrorKind::Other,
+                        format!("sandbox {sandbox} vanished while stopping"),
+                    ));
+                }
+                Some(_) if std::time::Instant::now() > deadline => {
+                    return Err(e(
+                        ProviderErrorKind::Other,
+                        format!("sandbox {sandbox} did not stop within 120s"),
+                    ));
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(150)).await,
+            }
+        }
+    }
+
     async fn set_labels(
         &self,
         sandbox: &str,
