@@ -513,6 +513,7 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
             if r.task == Task::Pausing {
                 r.task = Task::Idle;
                 match outcome {
+                    _ if r.state != S::Stopped => {}
                     Ok(()) => fx.push(F::Announce("paused")),
                     Err(error) => {
                         r.state = S::Ready;

@@ -67,6 +67,9 @@ fn events() -> Vec<Event> {
         Event::Seeded {
             repo_root: "/repo".into(),
         },
+        Event::Pause,
+        Event::Paused(Ok(())),
+        Event::Paused(Err("409 conflict".into())),
         Event::Take(Box::new(Taking {
             repo_root: Some("/repo2".into()),
             ttl_secs: 600,
@@ -78,12 +81,13 @@ fn events() -> Vec<Event> {
     ]
 }
 
-fn tasks() -> [Task; 4] {
+fn tasks() -> [Task; 5] {
     [
         Task::Idle,
         Task::Provisioning,
         Task::Deleting,
         Task::Observing,
+        Task::Pausing,
     ]
 }
 
@@ -128,6 +132,9 @@ fn every_pair_obeys_the_laws() {
                 }
                 if fx.contains(&F::Observe) {
                     assert_eq!(after.task, Task::Observing, "{what}");
+                }
+                if fx.contains(&F::Pause) {
+                    assert_eq!(after.task, Task::Pausing, "{what}");
                 }
                 // Released is terminal, and only a finished delete reaches it.
                 if before.state == S::Released {
@@ -189,6 +196,7 @@ fn the_table_of_moves() {
         (S::Running, "Finish", S::Ready),
         (S::Releasing, "Deleted", S::Released),
         (S::Pooled, "Take(Taking", S::Ready),
+        (S::Ready, "Pause", S::Stopped),
     ];
     for state in S::ALL {
         for event in events() {
@@ -592,4 +600,45 @@ fn a_pooled_lease_waits_then_becomes_the_lease_that_takes_it() {
         (S::Pooled, Some("local"))
     );
     assert!(back.user_labels.is_empty(), "{:?}", back.user_labels);
+}
+
+#[test]
+fn a_pause_stops_then_settles_and_a_failed_one_says_why() {
+    let s = step(&record(S::Ready), Event::Pause, NOW).expect("ok");
+    assert_eq!((s.record.state, s.record.task), (S::Stopped, Task::Pausing));
+    assert_eq!(
+        s.effects,
+        vec![F::Persist, F::Announce("pausing"), F::Pause]
+    );
+    // While it stops, a run waits instead of starting it.
+    assert!(matches!(readiness(&s.record), Readiness::Wait));
+    let done = step(&s.record, Event::Paused(Ok(())), NOW).expect("ok");
+    assert_eq!(
+        (done.record.state, done.record.task),
+        (S::Stopped, Task::Idle)
+    );
+    assert!(matches!(readiness(&done.record), Readiness::Start));
+    let failed = step(&s.record, Event::Paused(Err("boom".into())), NOW).expect("ok");
+    assert_eq!(failed.record.state, S::Ready);
+    assert!(
+        failed
+            .record
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("pause failed: boom")
+    );
+    // A stale answer (released meanwhile) changes nothing.
+    let releasing = step(&s.record, Event::Release { reason: "x".into() }, NOW).expect("ok");
+    let stale = step(&releasing.record, Event::Paused(Ok(())), NOW).expect("ok");
+    assert_eq!(stale.record, releasing.record);
+    // Paused twice is fine; a running lease is refused with what to do.
+    assert!(
+        step(&done.record, Event::Pause, NOW)
+            .expect("ok")
+            .effects
+            .is_empty()
+    );
+    let e = step(&record(S::Running), Event::Pause, NOW).expect_err("busy");
+    assert!(e.to_string().contains("a run is using it"), "{e}");
 }
