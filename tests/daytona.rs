@@ -1283,3 +1283,94 @@ async fn a_paused_lease_keeps_its_disk_and_the_next_run_resumes_it() {
         .expect(0);
     assert_eq!(state(&w).as_deref(), Some("started"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_past_the_accounts_quota_keeps_what_fits_and_says_so() {
+    let w = world_with(
+        Duration::from_secs(60),
+        KEY,
+        vec![daytona_pool("big", 3, &[])],
+    )
+    .await;
+    let r = repo();
+    common::eventually(30, "the pool to fill", || async {
+        (pool_status(&w, r.path(), "big").await["ready"] == 3).then_some(())
+    })
+    .await;
+    w.cb(r.path(), &["pool", "drain"]).await.expect(0);
+    common::eventually(30, "the pool to drain", || async {
+        let p = pool_status(&w, r.path(), "big").await;
+        p["leases"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+            .then_some(())
+    })
+    .await;
+    // Two CPUs in all, a CPU each: the third create is refused as Daytona does.
+    w.faults(json!({"cpu_quota": 2})).await;
+    w.cb(r.path(), &["pool", "fill"]).await.expect(0);
+    let p = common::eventually(30, "the quota to show", || async {
+        let p = pool_status(&w, r.path(), "big").await;
+        (p["ready"] == 2 && p["failures"].as_u64() >= Some(1)).then_some(p)
+    })
+    .await;
+    let err = p["last_error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("Total CPU limit exceeded") && err.contains("the account's quota"),
+        "{p}"
+    );
+    // What is ready still serves a fresh run.
+    let doc = w
+        .cb(r.path(), &["run", "--json", "--", "true"])
+        .await
+        .expect(0)
+        .json();
+    let leases: Vec<&str> = p["leases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["id"].as_str())
+        .collect();
+    assert!(
+        leases.contains(&doc["lease"]["id"].as_str().unwrap_or("")),
+        "{doc}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_storm_while_filling_leaves_takes_working() {
+    let w = world_with(
+        Duration::from_secs(60),
+        KEY,
+        vec![daytona_pool("warm", 1, &[])],
+    )
+    .await;
+    let r = repo();
+    let pooled = common::eventually(30, "the pool to fill", || async {
+        let p = pool_status(&w, r.path(), "warm").await;
+        (p["ready"] == 1).then(|| p["leases"][0]["id"].as_str().unwrap_or("").to_string())
+    })
+    .await;
+    // Every create is rate limited from now on: the refill waits, takes do not.
+    w.faults(json!({"rate_limit_count": 100000, "retry_after_secs": 1, "rate_limit_path": "POST /api/sandbox"}))
+        .await;
+    let doc = w
+        .cb(r.path(), &["run", "--json", "--", "echo", "served"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(doc["lease"]["id"], pooled.as_str());
+    assert_eq!(doc["stdout"], "served\n");
+    let p = pool_status(&w, r.path(), "warm").await;
+    assert_eq!(
+        (p["ready"].clone(), p["filling"].clone()),
+        (json!(0), json!(1)),
+        "{p}"
+    );
+    // The storm passes: the pool fills.
+    w.faults(json!({"rate_limit_count": 0})).await;
+    common::eventually(30, "the pool to fill again", || async {
+        (pool_status(&w, r.path(), "warm").await["ready"] == 1).then_some(())
+    })
+    .await;
+}

@@ -17,7 +17,8 @@ use crabbox::sim::{self, Faults, SimConfig};
 /// and rate_limit_path (only requests whose `METHOD /path` contains it),
 /// drop_rate (fraction of connections dropped mid-answer), drop_next + drop_path (drop
 /// the next N requests whose `METHOD /path` contains a string; drop_skip lets that many
-/// matching requests through first), stuck_create (new sandboxes
+/// matching requests through first), cpu_quota (the organization's total CPUs: a create
+/// past it is refused as Daytona does; 0 lifts it), stuck_create (new sandboxes
 /// never leave `creating`), sandbox_error + error_reason (push a sandbox into `error`).
 /// GET /_sim/faults shows the current faults.
 #[derive(Debug, Parser)]

@@ -113,9 +113,20 @@ impl RegistryState {
             let r = h.record();
             let Some(pool) = r.pool.clone() else { continue };
             if r.state == LeaseState::Failed {
+                let ready = self.pool_count(&pool).ready;
                 let health = self.pool_health.entry(pool.clone()).or_default();
                 health.failures = health.failures.saturating_add(1);
-                health.last_error = r.reason.clone();
+                health.last_error = r.reason.as_deref().map(|why| {
+                    let lower = why.to_ascii_lowercase();
+                    if lower.contains("limit exceeded") || lower.contains("quota") {
+                        format!(
+                            "{why} (the account's quota: the pool keeps the {ready} that fit; \
+                             raise the quota or lower the pool's size)"
+                        )
+                    } else {
+                        why.to_string()
+                    }
+                });
                 health.retry_at_ms = now + fill_backoff(health.failures).as_millis() as u64;
                 tracing::warn!(pool = %pool, lease = %r.id, reason = ?r.reason,
                     failures = health.failures, "a pooled sandbox failed; the pool backs off");

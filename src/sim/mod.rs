@@ -119,6 +119,10 @@ pub struct Faults {
     pub drop_skip: u64,
     /// New sandboxes stay `creating` forever.
     pub stuck_create: bool,
+    /// The organization's total CPU quota: a create that would take the CPUs of the
+    /// sandboxes not stopped past it is refused as Daytona does (400, "Total CPU limit
+    /// exceeded. Maximum allowed: N."). None: no quota.
+    pub cpu_quota: Option<i64>,
 }
 
 /// A runtime fault request: the [`Faults`] fields to change, plus one-shot actions.
@@ -138,6 +142,8 @@ pub struct FaultsUpdate {
     drop_path: Option<String>,
     drop_skip: Option<u64>,
     stuck_create: Option<bool>,
+    /// 0 lifts the quota.
+    cpu_quota: Option<i64>,
     /// Push this sandbox (id or name) into `error`.
     sandbox_error: Option<String>,
     /// The `errorReason` for `sandbox_error`.
@@ -535,6 +541,9 @@ async fn set_faults(
     }
     if let Some(v) = u.drop_skip {
         f.drop_skip = v;
+    }
+    if let Some(v) = u.cpu_quota {
+        f.cpu_quota = (v > 0).then_some(v);
     }
     if let Some(v) = u.stuck_create {
         f.stuck_create = v;

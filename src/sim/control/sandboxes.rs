@@ -116,10 +116,30 @@ pub(super) async fn create_sandbox(
     if user.contains('/') || user == "." || user == ".." {
         return Err(ApiError::bad_request(format!("invalid user {user:?}")));
     }
-    let stuck = lock(&sim.faults)?.stuck_create;
+    let (stuck, quota) = {
+        let f = lock(&sim.faults)?;
+        (f.stuck_create, f.cpu_quota)
+    };
     let now = now_ms();
     let sb = {
         let mut map = lock(&sim.sandboxes)?;
+        if let Some(quota) = quota {
+            let used: i64 = map
+                .values()
+                .filter(|s| {
+                    !matches!(
+                        s.state.as_str(),
+                        "stopped" | "archived" | "destroyed" | "error" | "build_failed"
+                    )
+                })
+                .map(|s| s.cpu)
+                .sum();
+            if used + resources.0 > quota {
+                return Err(ApiError::bad_request(format!(
+                    "Total CPU limit exceeded. Maximum allowed: {quota}."
+                )));
+            }
+        }
         if find_id(&map, &name).is_some() {
             return Err(ApiError::conflict(format!(
                 "Sandbox with name {name} already exists"
