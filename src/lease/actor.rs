@@ -310,9 +310,19 @@ impl LeaseActorState {
         let sandbox = self.record.sandbox_ref().to_string();
         let labels = self.record.labels();
         let id = self.record.id.clone();
+        let record = self.record.clone();
         tokio::spawn(async move {
             if let Err(e) = provider.set_labels(&sandbox, &labels).await {
                 tracing::debug!(lease = %id, error = %e, "could not update sandbox labels");
+                return;
+            }
+            // Read back: the sandbox must still say it is this lease's (a relabel of a
+            // pooled sandbox is checked before and after).
+            match provider.get(&sandbox).await {
+                Ok(Some(sb)) if !record.owns(&sb.labels) => {
+                    tracing::error!(lease = %id, %sandbox, "after a relabel the sandbox does not carry this lease's ownership labels; crabbox will not delete it");
+                }
+                _ => {}
             }
         });
     }
