@@ -14,6 +14,10 @@ command -v tmux >/dev/null || need_apt+=(tmux)                  # a real termina
 command -v setsid >/dev/null || need_apt+=(util-linux)         # daytona-sim gives a jailed command its terminal
 command -v python3 >/dev/null || need_apt+=(python3)           # the MCP test server; the sim's stdin decoder
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+# team mode is tested against a real PostgreSQL the tests start themselves (initdb +
+# postgres in a temp dir, as the package's `postgres` user when run as root)
+command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+  || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}";

@@ -239,6 +239,154 @@ pub struct FileConfig {
     /// Warm pools, kept by the daemon (read from the daemon's own config file).
     #[serde(default)]
     pub pool: Vec<PoolConfig>,
+    /// Team mode: a registry shared by every daemon of a team, on PostgreSQL.
+    pub team: Option<TeamConfig>,
+}
+
+/// `team:` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeamConfig {
+    /// `postgres://user:password@host:5432/db?sslmode=require` (or
+    /// `CRABBOX_TEAM_DATABASE_URL`). A secret: never printed with its password.
+    pub database_url: Option<String>,
+    /// The team's name: daemons of one team share leases, quotas and the reaper.
+    pub name: Option<String>,
+    /// Who this daemon's leases belong to in the team view [default: $USER].
+    pub user: Option<String>,
+    /// A PEM file of CA certificates to trust for the database (besides the system's).
+    pub ca_file: Option<String>,
+    #[serde(default)]
+    pub quota: QuotaConfig,
+    /// How long a daemon may be silent before the reaper releases its leases even within
+    /// their expiry [default: 2h].
+    pub orphan_grace: Option<String>,
+    /// How often a daemon says it is alive [default: 5s].
+    pub heartbeat: Option<String>,
+}
+
+/// `team.quota:`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// The team's live sandboxes at most.
+    pub sandboxes: Option<u32>,
+    /// Each user's live sandboxes at most.
+    pub per_user: Option<u32>,
+}
+
+/// Team mode, resolved.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TeamSettings {
+    pub database_url: String,
+    pub name: String,
+    pub user: String,
+    pub ca_file: Option<PathBuf>,
+    pub quota: QuotaConfig,
+    pub orphan_grace: Duration,
+    pub heartbeat: Duration,
+}
+
+impl std::fmt::Debug for TeamSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TeamSettings")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("name", &self.name)
+            .field("user", &self.user)
+            .field("quota", &self.quota)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A database URL with its password (and any `password=` parameter) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest_start = scheme_end + 3;
+        let authority_end = out[rest_start..]
+            .find(['/', '?'])
+            .map_or(out.len(), |i| rest_start + i);
+        if let Some(at) = out[rest_start..authority_end].rfind('@') {
+            let userinfo = &out[rest_start..rest_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                let start = rest_start + colon + 1;
+                out.replace_range(start..rest_start + at, "***");
+            }
+        }
+    }
+    if let Some(i) = out.find("password=") {
+        let start = i + "password=".len();
+        let end = out[start..]
+            .find(['&', ' '])
+            .map_or(out.len(), |j| start + j);
+        out.replace_range(start..end, "***");
+    }
+    out
+}
+
+fn resolve_team(team: Option<TeamConfig>) -> Result<Option<TeamSettings>, ConfigError> {
+    let env_url = non_empty_env("CRABBOX_TEAM_DATABASE_URL");
+    let Some(mut t) = team.or_else(|| env_url.as_ref().map(|_| TeamConfig::default())) else {
+        return Ok(None);
+    };
+    if let Some(url) = env_url {
+        t.database_url = Some(url);
+    }
+    let Some(url) = t.database_url.filter(|u| !u.is_empty()) else {
+        return Err(ConfigError(
+            "config team: needs database_url (postgres://user:password@host/db), or \
+             CRABBOX_TEAM_DATABASE_URL"
+                .into(),
+        ));
+    };
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(ConfigError(format!(
+            "config team.database_url {} is not a postgres:// URL",
+            redact_url(&url)
+        )));
+    }
+    let name = t.name.unwrap_or_else(|| "default".into());
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !ok {
+        return Err(ConfigError(format!(
+            "config team.name {name:?}: use 1-63 letters, digits, '-', '_' or '.'"
+        )));
+    }
+    let user = t
+        .user
+        .or_else(|| non_empty_env("USER"))
+        .unwrap_or_else(|| "unknown".into());
+    let dur = |v: Option<String>, what: &str, default: u64| -> Result<Duration, ConfigError> {
+        match v {
+            Some(s) => {
+                parse_duration(&s).map_err(|e| ConfigError(format!("config team.{what}: {e}")))
+            }
+            None => Ok(Duration::from_secs(default)),
+        }
+    };
+    for (what, v) in [
+        ("sandboxes", t.quota.sandboxes),
+        ("per_user", t.quota.per_user),
+    ] {
+        if v == Some(0) {
+            return Err(ConfigError(format!(
+                "config team.quota.{what} is 0: that allows nothing; leave it out for no limit"
+            )));
+        }
+    }
+    Ok(Some(TeamSettings {
+        database_url: url,
+        name,
+        user,
+        ca_file: t.ca_file.map(|p| expand_home(&p)),
+        quota: t.quota,
+        orphan_grace: dur(t.orphan_grace, "orphan_grace", 2 * 3600)?,
+        heartbeat: dur(t.heartbeat, "heartbeat", 5)?,
+    }))
 }
 
 /// One `pool:` entry as written.
@@ -434,6 +582,8 @@ pub struct Settings {
     /// `pool:`: the warm pools (the daemon keeps them; a CLI only says when a repo's file
     /// has some, since those are not read from there).
     pub pools: Vec<PoolSettings>,
+    /// `team:`: team mode (the daemon's).
+    pub team: Option<TeamSettings>,
     /// Repo config files with `pool:` entries: pools are the daemon's, read from its own
     /// config, so a CLI says these are not used.
     pub ignored_pools: Vec<PathBuf>,
@@ -455,6 +605,7 @@ impl Settings {
             environment: None,
             stall_timeout: None,
             pools: Vec::new(),
+            team: None,
             ignored_pools: Vec::new(),
             sources: Vec::new(),
         }
@@ -632,6 +783,7 @@ fn from_file(file: FileConfig, sources: Vec<PathBuf>) -> Result<Settings, Config
         environment: file.environment,
         stall_timeout: dur(file.run.stall_timeout, "config run.stall_timeout")?,
         pools: Vec::new(),
+        team: None,
         ignored_pools: Vec::new(),
         sources,
     };
@@ -668,6 +820,7 @@ fn from_file(file: FileConfig, sources: Vec<PathBuf>) -> Result<Settings, Config
     }
     check_provider(&s.provider)?;
     s.pools = resolve_pools(file.pool, &s.provider, &s.daytona)?;
+    s.team = resolve_team(file.team)?;
     for p in &s.pools {
         check_provider(&p.provider)
             .map_err(|e| ConfigError(format!("config pool {:?}: {e}", p.name)))?;

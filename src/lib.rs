@@ -39,3 +39,4 @@ pub mod rpc;
 pub mod sandbox;
 pub mod sim;
 pub mod sync;
+pub mod team;

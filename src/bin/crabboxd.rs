@@ -60,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
     };
     config.provision_deadline = args.provision_timeout;
     config.pools = settings.pools.clone();
+    config.team = settings.team.clone();
     let providers = daemon::providers_from_config(&state_dir, &settings.daytona)?;
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

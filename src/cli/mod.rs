@@ -245,6 +245,12 @@ pub struct ListArgs {
     /// At most this many (oldest first).
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
+    /// Every lease of the team (team mode), from every machine.
+    #[arg(long, conflicts_with_all = ["state", "repo", "provider", "label"])]
+    pub team: bool,
+    /// With --team: only this user's leases.
+    #[arg(long, requires = "team")]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -213,6 +213,59 @@ pub fn lease_details(l: &pb::Lease) -> String {
     s
 }
 
+/// `list --team`: a table, or a JSON array.
+pub fn team_leases(json: bool, team: &str, leases: &[pb::TeamLease]) {
+    let ms = |t: &Option<prost_types::Timestamp>| timestamp_ms(t.as_ref());
+    if json {
+        let v: Vec<Value> = leases
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "id": l.id,
+                    "slug": l.slug,
+                    "user": l.user,
+                    "host": l.host,
+                    "daemon_id": l.daemon_id,
+                    "repo_name": l.repo_name,
+                    "provider": l.provider,
+                    "sandbox_id": l.sandbox_id,
+                    "sandbox_name": l.sandbox_name,
+                    "state": l.state,
+                    "created_at": rfc3339(ms(&l.created_at)),
+                    "expires_at": rfc3339(ms(&l.expires_at)),
+                    "generation": l.generation,
+                    "reason": (!l.reason.is_empty()).then_some(&l.reason),
+                    "released_by": (!l.released_by.is_empty()).then_some(&l.released_by),
+                    "heartbeat_at": l.heartbeat_at.as_ref().map(|_| rfc3339(ms(&l.heartbeat_at))),
+                })
+            })
+            .collect();
+        print_json(&Value::Array(v));
+        return;
+    }
+    if leases.is_empty() {
+        println!("no leases in team {team}");
+        return;
+    }
+    println!(
+        "{:<18} {:<22} {:<12} {:<16} {:<10} {:<9} {:<16} EXPIRES",
+        "ID", "SLUG", "USER", "HOST", "PROVIDER", "STATE", "REPO"
+    );
+    for l in leases {
+        println!(
+            "{:<18} {:<22} {:<12} {:<16} {:<10} {:<9} {:<16} {}",
+            l.id,
+            l.slug,
+            l.user,
+            l.host,
+            l.provider,
+            l.state,
+            l.repo_name,
+            until(ms(&l.expires_at))
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

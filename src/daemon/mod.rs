@@ -6,6 +6,7 @@
 //! - [`socket`]: binding the socket safely, one daemon per socket.
 
 pub mod socket;
+mod team;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -43,6 +44,8 @@ pub struct DaemonConfig {
     pub shutdown_deadline: Duration,
     /// Warm pools to keep (`pool:` in the daemon's config).
     pub pools: Vec<crate::config::PoolSettings>,
+    /// Team mode (`team:` in the daemon's config).
+    pub team: Option<crate::config::TeamSettings>,
 }
 
 impl DaemonConfig {
@@ -58,6 +61,7 @@ impl DaemonConfig {
             provision_deadline: Duration::from_secs(600),
             shutdown_deadline: Duration::from_secs(10),
             pools: Vec::new(),
+            team: None,
         }
     }
 }
@@ -193,6 +197,18 @@ pub async fn run(
     let daemon_id = store.daemon_id_kept_in(&config.state_dir.join("daemon-id"))?;
     // One token fans out: runs, watches, the ticker and the servers all end with it.
     let token = CancellationToken::new();
+    let team = config
+        .team
+        .clone()
+        .map(|t| crate::team::Team::new(t, daemon_id.clone()));
+    if let Some(team) = &team {
+        // Bounded: a database that does not answer must not hold the daemon's start.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(3),
+            team::reconcile_at_start(team, &store),
+        )
+        .await;
+    }
     let (registry, registry_join) = Registry::start(RegistryCtx {
         store: store.clone(),
         providers: providers.clone(),
@@ -202,8 +218,18 @@ pub async fn run(
         provision_deadline: config.provision_deadline,
         shutdown: token.clone(),
         pools: config.pools.clone(),
+        team: team.clone(),
     })
     .await?;
+    if let Some(team) = &team {
+        tracing::info!(team = %team.settings.name, registry = %crate::config::redact_url(&team.settings.database_url), "team mode");
+        team::spawn(
+            team.clone(),
+            registry.clone(),
+            providers.clone(),
+            token.clone(),
+        );
+    }
 
     // The sweep ticker: expiry, retries, reconcile, orphans.
     let ticker = {
@@ -233,6 +259,7 @@ pub async fn run(
         started: Instant::now(),
         shutdown: token.clone(),
         checkouts: Default::default(),
+        team,
     });
     rpc::seed::spawn(api.clone(), config.pools.clone());
     let router = rpc::router(api.clone(), Caller::local());

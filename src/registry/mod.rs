@@ -71,6 +71,8 @@ pub struct RegistryCtx {
     pub shutdown: CancellationToken,
     /// Warm pools to keep.
     pub pools: Vec<crate::config::PoolSettings>,
+    /// Team mode: quotas are checked (and the lease's slot reserved) before a create.
+    pub team: Option<Arc<crate::team::Team>>,
 }
 
 /// What a new lease should be.
@@ -511,6 +513,10 @@ impl RegistryState {
         record.keep = spec.keep;
         record.user_labels = spec.labels;
         record.fresh_run = spec.fresh_run;
+        // The team's quotas first: refused, nothing is created.
+        if let Some(team) = &self.ctx.team {
+            team.reserve(&record).await?;
+        }
         // Persist before the actor exists and before anything is created: a crash from here
         // on finds the record (and the sandbox by its name).
         self.ctx.store.put_lease(&record)?;

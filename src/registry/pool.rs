@@ -183,6 +183,9 @@ impl RegistryState {
         record.ttl_secs = idle;
         record.idle_timeout_secs = idle;
         record.pool = Some(pool.name.clone());
+        if let Some(team) = &self.ctx.team {
+            team.reserve(&record).await?;
+        }
         self.ctx.store.put_lease(&record)?;
         self.index.publish(record.clone(), "made for the pool");
         self.spawn_lease(myself, record, LeaseMsg::Start).await

@@ -50,6 +50,8 @@ pub struct Api {
     pub shutdown: CancellationToken,
     /// The checkouts runs sync, watched so that an unchanged one costs no scan.
     pub checkouts: crate::sync::watch::Checkouts,
+    /// Team mode's registry, when configured.
+    pub team: Option<Arc<crate::team::Team>>,
 }
 
 impl Api {
@@ -609,6 +611,58 @@ impl DaemonService for DaemonSvc {
     ) -> Result<Response<pb::PoolStatusResponse>, Status> {
         self.0.registry.pool_fill().await?;
         Ok(Response::new(pool_status(&self.0).await?))
+    }
+
+    async fn team_list(
+        &self,
+        req: Request<pb::TeamListRequest>,
+    ) -> Result<Response<pb::TeamListResponse>, Status> {
+        let req = req.into_inner();
+        let team = self.0.team.as_ref().ok_or_else(|| {
+            Status::from(Error::InvalidArgument(
+                "team mode is off in this daemon: set team: (database_url, name) in its config \
+                 (~/.config/crabbox/config.yaml) or CRABBOX_TEAM_DATABASE_URL, then restart it"
+                    .into(),
+            ))
+        })?;
+        let leases = if req.name.is_empty() {
+            let user = Some(req.user.as_str()).filter(|u| !u.is_empty());
+            team.list(user, req.all).await?
+        } else {
+            let found = team.find(&req.name).await?.ok_or_else(|| {
+                Status::from(Error::NotFound(format!(
+                    "no lease of team {} is named {}; see `crabbox list --team`",
+                    team.settings.name,
+                    echo(&req.name)
+                )))
+            })?;
+            vec![found]
+        };
+        let ts = |ms: u64| (ms > 0).then(|| crate::pb::timestamp(ms));
+        Ok(Response::new(pb::TeamListResponse {
+            team: team.settings.name.clone(),
+            leases: leases
+                .into_iter()
+                .map(|l| pb::TeamLease {
+                    created_at: ts(l.created_at_ms),
+                    expires_at: ts(l.expires_at_ms),
+                    heartbeat_at: ts(l.heartbeat_ms),
+                    id: l.id,
+                    slug: l.slug,
+                    user: l.user,
+                    host: l.host,
+                    daemon_id: l.daemon_id,
+                    repo_name: l.repo_name,
+                    provider: l.provider,
+                    sandbox_id: l.sandbox_id,
+                    sandbox_name: l.sandbox_name,
+                    state: l.state,
+                    generation: l.generation,
+                    reason: l.reason,
+                    released_by: l.released_by,
+                })
+                .collect(),
+        }))
     }
 
     async fn pool_drain(

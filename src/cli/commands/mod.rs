@@ -475,6 +475,23 @@ async fn status(ctx: &Ctx, name: &str, wait: bool) -> Result<i32, CliError> {
 
 async fn list(ctx: &Ctx, args: ListArgs) -> Result<i32, CliError> {
     let mut c = ctx.clients().await?;
+    if args.team {
+        let r = c
+            .daemon
+            .team_list(pb::TeamListRequest {
+                user: args.user.clone().unwrap_or_default(),
+                all: args.all,
+                name: String::new(),
+            })
+            .await?
+            .into_inner();
+        let mut leases = r.leases;
+        if let Some(n) = args.limit {
+            leases.truncate(n);
+        }
+        output::team_leases(ctx.json, &r.team, &leases);
+        return Ok(exit::OK);
+    }
     let mut labels = std::collections::HashMap::new();
     for l in &args.label {
         let (k, v) = l.split_once('=').ok_or_else(|| {

@@ -1,0 +1,378 @@
+//! Team mode: real crabboxd processes sharing a real PostgreSQL (and one daytona-sim).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::pg::Pg;
+use common::{eventually, repo};
+use serde_json::Value;
+use tempfile::TempDir;
+
+const PASSWORD: &str = "not-a-real-secret-pw";
+const KEY: &str = "dtn_team_test_key";
+
+/// `crabboxd` as a child process with its own config.
+struct Daemon {
+    dir: TempDir,
+    socket: PathBuf,
+    state: PathBuf,
+    config: String,
+    env: Vec<(String, String)>,
+    child: Option<tokio::process::Child>,
+}
+
+impl Daemon {
+    async fn start(config: &str, env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut d = Daemon {
+            socket: dir.path().join("run/d.sock"),
+            state: dir.path().join("state"),
+            dir,
+            config: config.to_string(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            child: None,
+        };
+        d.spawn().await;
+        d
+    }
+
+    async fn spawn(&mut self) {
+        let cfg = self.dir.path().join("daemon.yaml");
+        std::fs::write(&cfg, &self.config).expect("config");
+        let log = std::fs::File::create(self.dir.path().join("crabboxd.log")).expect("log");
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(["--sweep-interval", "200ms"])
+            .env("CRABBOX_CONFIG", &cfg)
+            .env("RUST_LOG", "crabbox=debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("crabboxd");
+        self.child = Some(child);
+        let socket = self.socket.clone();
+        eventually(20, "crabboxd to answer", || {
+            let socket = socket.clone();
+            async move {
+                crabbox::cli::client::connect_once(&socket)
+                    .await
+                    .ok()
+                    .map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    async fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("crabboxd.log")).unwrap_or_default()
+    }
+
+    async fn cb(&self, cwd: &Path, args: &[&str]) -> (i32, String, String) {
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"))
+                .current_dir(cwd)
+                .env("CRABBOX_SOCKET", &self.socket)
+                .env("CRABBOX_NO_AUTOSTART", "1")
+                .env("CRABBOX_CONFIG", "/dev/null")
+                .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .args(args)
+                .output(),
+        )
+        .await
+        .expect("in time")
+        .expect("ran");
+        let (o, e) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        for text in [&o, &e] {
+            assert!(
+                !text.contains(PASSWORD),
+                "the database password leaked: {text}"
+            );
+        }
+        (out.status.code().unwrap_or(-1), o, e)
+    }
+
+    async fn json(&self, cwd: &Path, args: &[&str]) -> Value {
+        let (code, out, err) = self.cb(cwd, args).await;
+        assert_eq!(code, 0, "{args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}\n{err}"))
+    }
+}
+
+fn team_yaml(url: &str, user: &str, extra: &str) -> String {
+    format!(
+        "team:\n  database_url: \"{url}\"\n  name: platform\n  user: {user}\n  heartbeat: 200ms\n{extra}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_are_exact_across_daemons() {
+    let pg = Pg::start();
+    let url = pg.database().await;
+    let quota = "  quota:\n    sandboxes: 5\n";
+    let mut daemons = Vec::new();
+    for user in ["alice", "bob", "carol"] {
+        daemons.push(Daemon::start(&team_yaml(&url, user, quota), &[]).await);
+    }
+    // 20 warmups at once, from 3 daemons, in 20 repos: exactly 5 get a sandbox.
+    let repos: Vec<TempDir> = (0..20).map(|_| repo()).collect();
+    let runs = repos
+        .iter()
+        .enumerate()
+        .map(|(i, r)| daemons[i % 3].cb(r.path(), &["--json", "warmup"]));
+    let outcomes = futures_util::future::join_all(runs).await;
+    let ok = outcomes.iter().filter(|o| o.0 == 0).count();
+    assert_eq!(ok, 5, "exactly the quota: {outcomes:#?}");
+    for (code, _, err) in outcomes.iter().filter(|o| o.0 != 0) {
+        assert_eq!(*code, 5, "{err}");
+        assert!(
+            err.contains("team platform's quota of 5 sandboxes is used"),
+            "{err}"
+        );
+    }
+    // Nothing was created for the refused ones: 5 sandboxes on disk in all.
+    let on_disk: usize = daemons
+        .iter()
+        .map(|d| {
+            std::fs::read_dir(d.state.join("sandboxes"))
+                .map(|it| {
+                    it.flatten()
+                        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                        .count()
+                })
+                .unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(on_disk, 5);
+    // The team view, from any daemon: the 5, with who holds them.
+    let listed = daemons[2]
+        .json(repos[0].path(), &["--json", "list", "--team"])
+        .await;
+    let live: Vec<&Value> = listed.as_array().into_iter().flatten().collect();
+    assert_eq!(live.len(), 5, "{listed}");
+    for l in &live {
+        assert!(["alice", "bob", "carol"].contains(&l["user"].as_str().unwrap_or("")));
+        assert!(!l["host"].as_str().unwrap_or("").is_empty(), "{l}");
+    }
+    let (code, text, _) = daemons[0]
+        .cb(repos[0].path(), &["list", "--team", "--user", "alice"])
+        .await;
+    assert_eq!(code, 0);
+    assert!(text.contains("alice") && !text.contains(" bob "), "{text}");
+    // Releasing one frees a slot.
+    let first = live[0]["id"].as_str().unwrap_or("").to_string();
+    let owner = daemons
+        .iter()
+        .find(|d| d.state.join("sandboxes").exists() && d.log().contains(&first))
+        .expect("its daemon");
+    let (code, _, err) = owner.cb(repos[0].path(), &["stop", &first]).await;
+    assert_eq!(code, 0, "{err}");
+    let extra = repo();
+    eventually(20, "the freed slot to be usable", || async {
+        let (code, _, _) = daemons[1].cb(extra.path(), &["warmup"]).await;
+        (code == 0).then_some(())
+    })
+    .await;
+    for d in &daemons {
+        assert!(
+            !d.log().contains(PASSWORD),
+            "the password reached a daemon log"
+        );
+    }
+}
+
+/// An in-process daytona-sim on loopback; answers (the sim, its base URL, its stopper).
+async fn sim() -> (
+    std::sync::Arc<crabbox::sim::Sim>,
+    String,
+    tokio_util::sync::CancellationToken,
+    TempDir,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = crabbox::sim::SimConfig::new(dir.path().to_path_buf());
+    config.api_keys = vec![KEY.into()];
+    config.create_delay = Duration::from_millis(20);
+    config.start_delay = Duration::from_millis(20);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (sim, addr, _) = crabbox::sim::start(config, listener, stop.clone())
+        .await
+        .expect("sim");
+    (sim, format!("http://{addr}"), stop, dir)
+}
+
+fn sandbox_states(sim: &crabbox::sim::Sim) -> std::collections::BTreeMap<String, String> {
+    sim.sandboxes
+        .lock()
+        .map(|m| {
+            m.values()
+                .map(|s| (s.id.clone(), s.state.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reaper_releases_a_dead_daemons_expired_leases_and_nothing_else() {
+    let pg = Pg::start();
+    let url = pg.database().await;
+    let (sim, sim_url, _stop, _sim_dir) = sim().await;
+    let api = format!("{sim_url}/api");
+    let env = [
+        ("CRABBOX_PROVIDER", "daytona"),
+        ("DAYTONA_API_URL", api.as_str()),
+        ("DAYTONA_API_KEY", KEY),
+    ];
+    let mut alice = Daemon::start(&team_yaml(&url, "alice", ""), &env).await;
+    let bob = Daemon::start(&team_yaml(&url, "bob", ""), &env).await;
+
+    // Alice holds 3 short leases; Bob one long one.
+    let repos: Vec<TempDir> = (0..3).map(|_| repo()).collect();
+    let mut alices = Vec::new();
+    for r in &repos {
+        let l = alice
+            .json(r.path(), &["--json", "warmup", "--ttl", "4s"])
+            .await;
+        alices.push(l["id"].as_str().unwrap_or("").to_string());
+    }
+    let bobs_repo = repo();
+    let bobs = bob.json(bobs_repo.path(), &["--json", "warmup"]).await;
+    eventually(20, "the 4 leases to be ready", || async {
+        let l = bob
+            .json(bobs_repo.path(), &["--json", "list", "--team"])
+            .await;
+        let ready = l
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["state"] == "ready")
+            .count();
+        (ready == 4).then_some(())
+    })
+    .await;
+    // A stranger's sandbox: not in the team registry, not this team's labels.
+    let stranger: Value = reqwest::Client::new()
+        .post(format!("{api}/sandbox"))
+        .bearer_auth(KEY)
+        .json(&serde_json::json!({"name": "not-crabbox", "labels": {"crabbox": "true", "owner": "someone"}}))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    let stranger_id = stranger["id"].as_str().unwrap_or("").to_string();
+    let team_row = |id: &str, l: &Value| {
+        l.as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["id"] == id)
+            .cloned()
+    };
+    let sandbox_of = |id: &str, l: &Value| {
+        team_row(id, l)
+            .and_then(|x| x["sandbox_id"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    let before = bob
+        .json(bobs_repo.path(), &["--json", "list", "--team"])
+        .await;
+    let alice_sandboxes: Vec<String> = alices.iter().map(|id| sandbox_of(id, &before)).collect();
+    let bob_sandbox = sandbox_of(bobs["id"].as_str().unwrap_or(""), &before);
+
+    // Alice's machine dies; her leases expire while it is away.
+    alice.kill9().await;
+    let killed = std::time::Instant::now();
+    eventually(30, "the reaper to delete alice's 3 sandboxes", || async {
+        let states = sandbox_states(&sim);
+        alice_sandboxes
+            .iter()
+            .all(|s| states.get(s).is_none_or(|st| st == "destroyed"))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        killed.elapsed() < Duration::from_secs(4 + 10),
+        "reaped within 10 s of expiry"
+    );
+    let states = sandbox_states(&sim);
+    assert_eq!(
+        states.get(&bob_sandbox).map(String::as_str),
+        Some("started")
+    );
+    assert!(
+        states.contains_key(&stranger_id),
+        "a stranger's sandbox is never touched"
+    );
+    assert_ne!(
+        states.get(&stranger_id).map(String::as_str),
+        Some("destroyed")
+    );
+    let after = bob
+        .json(bobs_repo.path(), &["--json", "list", "--team", "--all"])
+        .await;
+    for id in &alices {
+        let row = team_row(id, &after).expect("row");
+        assert_eq!(row["state"], "released", "{row}");
+        assert!(
+            row["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("released by the team reaper on"),
+            "{row}"
+        );
+    }
+
+    // Alice comes back: her leases are released, and say why.
+    alice.spawn().await;
+    eventually(30, "alice's leases to be released locally", || async {
+        let all = alice
+            .json(repos[0].path(), &["--json", "list", "--all"])
+            .await;
+        let done = alices.iter().all(|id| {
+            team_row(id, &all).is_some_and(|l| {
+                l["state"] == "released"
+                    && l["reason"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("released by the team reaper")
+            })
+        });
+        done.then_some(())
+    })
+    .await;
+    // Bob's lease is still his and usable.
+    let (code, out, err) = bob
+        .cb(bobs_repo.path(), &["run", "--", "echo", "still here"])
+        .await;
+    assert_eq!((code, out.as_str()), (0, "still here\n"), "{err}");
+    for d in [&alice, &bob] {
+        assert!(
+            !d.log().contains(PASSWORD),
+            "the password reached a daemon log"
+        );
+    }
+}
