@@ -376,3 +376,74 @@ async fn the_reaper_releases_a_dead_daemons_expired_leases_and_nothing_else() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_users_lease_is_seen_and_stopped_only_with_force() {
+    let pg = Pg::start();
+    let url = pg.database().await;
+    let (sim, sim_url, _stop, _sim_dir) = sim().await;
+    let api = format!("{sim_url}/api");
+    let env = [
+        ("CRABBOX_PROVIDER", "daytona"),
+        ("DAYTONA_API_URL", api.as_str()),
+        ("DAYTONA_API_KEY", KEY),
+    ];
+    let alice = Daemon::start(&team_yaml(&url, "alice", ""), &env).await;
+    let bob = Daemon::start(&team_yaml(&url, "bob", ""), &env).await;
+    let r = repo();
+    let lease = alice.json(r.path(), &["--json", "warmup"]).await;
+    let id = lease["id"].as_str().unwrap_or("").to_string();
+    let slug = lease["slug"].as_str().unwrap_or("").to_string();
+    // Bob sees it by id or slug, with whose it is.
+    let elsewhere = repo();
+    let seen = eventually(20, "the lease to be mirrored ready", || async {
+        let (code, out, _) = bob.cb(elsewhere.path(), &["--json", "status", &slug]).await;
+        let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        (code == 0 && v["state"] == "ready").then_some(v)
+    })
+    .await;
+    assert_eq!(
+        (seen["id"].as_str(), seen["user"].as_str()),
+        (Some(id.as_str()), Some("alice"))
+    );
+    // Not without --force.
+    let (code, _, err) = bob.cb(elsewhere.path(), &["stop", &id]).await;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("is alice's") && err.contains("--force"),
+        "{err}"
+    );
+    // With it: the sandbox goes, the stop is recorded, and alice's daemon follows.
+    let sandbox = seen["sandbox_id"].as_str().unwrap_or("").to_string();
+    let done = bob
+        .json(elsewhere.path(), &["--json", "stop", &id, "--force"])
+        .await;
+    assert_eq!(done["state"], "released", "{done}");
+    assert!(
+        done["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("stopped by bob"),
+        "{done}"
+    );
+    eventually(10, "the sandbox to be deleted", || async {
+        sandbox_states(&sim)
+            .get(&sandbox)
+            .is_none_or(|s| s == "destroyed")
+            .then_some(())
+    })
+    .await;
+    eventually(20, "alice's daemon to release it", || async {
+        let l = alice.json(r.path(), &["--json", "status", &id]).await;
+        (l["state"] == "released"
+            && l["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("stopped by bob"))
+        .then_some(())
+    })
+    .await;
+    // An unknown name is still "not found".
+    let (code, _, err) = bob.cb(elsewhere.path(), &["status", "no-such-lease"]).await;
+    assert_eq!(code, 4, "{err}");
+}

@@ -161,8 +161,11 @@ pub enum Command {
     /// Release a lease: its sandbox is deleted.
     #[command(alias = "release")]
     Stop {
-        /// Id, slug or sandbox name.
+        /// Id, slug or sandbox name (team mode: any of the team's leases).
         lease: String,
+        /// Team mode: stop another user's lease (recorded).
+        #[arg(long)]
+        force: bool,
     },
     /// Pause a lease: its sandbox is stopped and its disk kept (Daytona stop). The next
     /// run or ssh (or `resume`) starts it again; its expiry still runs.

@@ -213,14 +213,14 @@ pub fn lease_details(l: &pb::Lease) -> String {
     s
 }
 
-/// `list --team`: a table, or a JSON array.
-pub fn team_leases(json: bool, team: &str, leases: &[pb::TeamLease]) {
+/// One team lease as JSON (`status` of another machine's lease).
+pub fn team_lease_json(l: &pb::TeamLease) {
+    print_json(&team_lease_value(l));
+}
+
+fn team_lease_value(l: &pb::TeamLease) -> Value {
     let ms = |t: &Option<prost_types::Timestamp>| timestamp_ms(t.as_ref());
-    if json {
-        let v: Vec<Value> = leases
-            .iter()
-            .map(|l| {
-                serde_json::json!({
+    serde_json::json!({
                     "id": l.id,
                     "slug": l.slug,
                     "user": l.user,
@@ -237,10 +237,14 @@ pub fn team_leases(json: bool, team: &str, leases: &[pb::TeamLease]) {
                     "reason": (!l.reason.is_empty()).then_some(&l.reason),
                     "released_by": (!l.released_by.is_empty()).then_some(&l.released_by),
                     "heartbeat_at": l.heartbeat_at.as_ref().map(|_| rfc3339(ms(&l.heartbeat_at))),
-                })
-            })
-            .collect();
-        print_json(&Value::Array(v));
+    })
+}
+
+/// `list --team`: a table, or a JSON array.
+pub fn team_leases(json: bool, team: &str, leases: &[pb::TeamLease]) {
+    let ms = |t: &Option<prost_types::Timestamp>| timestamp_ms(t.as_ref());
+    if json {
+        print_json(&Value::Array(leases.iter().map(team_lease_value).collect()));
         return;
     }
     if leases.is_empty() {

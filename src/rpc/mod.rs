@@ -594,7 +594,16 @@ impl DaemonService for DaemonSvc {
             .await
             .into_iter()
             .map(|(name, ok, detail)| pb::Check { name, ok, detail })
-            .collect();
+            .collect::<Vec<_>>();
+        let mut checks = checks;
+        if let Some(team) = &self.0.team {
+            checks.extend(
+                team.doctor()
+                    .await
+                    .into_iter()
+                    .map(|(name, ok, detail)| pb::Check { name, ok, detail }),
+            );
+        }
         Ok(Response::new(pb::DoctorResponse { checks }))
     }
 
@@ -638,31 +647,49 @@ impl DaemonService for DaemonSvc {
             })?;
             vec![found]
         };
-        let ts = |ms: u64| (ms > 0).then(|| crate::pb::timestamp(ms));
         Ok(Response::new(pb::TeamListResponse {
             team: team.settings.name.clone(),
-            leases: leases
-                .into_iter()
-                .map(|l| pb::TeamLease {
-                    created_at: ts(l.created_at_ms),
-                    expires_at: ts(l.expires_at_ms),
-                    heartbeat_at: ts(l.heartbeat_ms),
-                    id: l.id,
-                    slug: l.slug,
-                    user: l.user,
-                    host: l.host,
-                    daemon_id: l.daemon_id,
-                    repo_name: l.repo_name,
-                    provider: l.provider,
-                    sandbox_id: l.sandbox_id,
-                    sandbox_name: l.sandbox_name,
-                    state: l.state,
-                    generation: l.generation,
-                    reason: l.reason,
-                    released_by: l.released_by,
-                })
-                .collect(),
+            leases: leases.into_iter().map(team_lease_pb).collect(),
         }))
+    }
+
+    async fn team_stop(
+        &self,
+        req: Request<pb::TeamStopRequest>,
+    ) -> Result<Response<pb::TeamLease>, Status> {
+        let req = req.into_inner();
+        let team = self.0.team.as_ref().ok_or_else(|| {
+            Status::from(Error::InvalidArgument(
+                "team mode is off in this daemon".into(),
+            ))
+        })?;
+        let lease = team.find(&req.name).await?.ok_or_else(|| {
+            Status::from(Error::NotFound(format!(
+                "no lease of team {} is named {}; see `crabbox list --team`",
+                team.settings.name,
+                echo(&req.name)
+            )))
+        })?;
+        if lease.daemon_id == self.0.daemon_id {
+            return Err(Error::InvalidArgument(format!(
+                "lease {} is this daemon's: stop it with `crabbox stop {}`",
+                lease.slug, lease.id
+            ))
+            .into());
+        }
+        if lease.state == "released" {
+            return Ok(Response::new(team_lease_pb(lease)));
+        }
+        if lease.user != team.settings.user && !req.force {
+            return Err(Error::InvalidArgument(format!(
+                "lease {} is {}'s (on {}): pass --force to stop another user's lease (who \
+                 stopped it, and when, is recorded)",
+                lease.slug, lease.user, lease.host
+            ))
+            .into());
+        }
+        let done = team.stop_remote(&lease, &self.0.providers).await?;
+        Ok(Response::new(team_lease_pb(done)))
     }
 
     async fn pool_drain(
@@ -672,6 +699,29 @@ impl DaemonService for DaemonSvc {
         let pool = Some(req.into_inner().pool).filter(|p| !p.is_empty());
         let released = self.0.registry.pool_drain(pool).await?;
         Ok(Response::new(pb::PoolDrainResponse { released }))
+    }
+}
+
+/// A team lease as the wire shows it.
+fn team_lease_pb(l: crate::team::TeamLease) -> pb::TeamLease {
+    let ts = |ms: u64| (ms > 0).then(|| crate::pb::timestamp(ms));
+    pb::TeamLease {
+        created_at: ts(l.created_at_ms),
+        expires_at: ts(l.expires_at_ms),
+        heartbeat_at: ts(l.heartbeat_ms),
+        id: l.id,
+        slug: l.slug,
+        user: l.user,
+        host: l.host,
+        daemon_id: l.daemon_id,
+        repo_name: l.repo_name,
+        provider: l.provider,
+        sandbox_id: l.sandbox_id,
+        sandbox_name: l.sandbox_name,
+        state: l.state,
+        generation: l.generation,
+        reason: l.reason,
+        released_by: l.released_by,
     }
 }
 

@@ -447,17 +447,16 @@ impl Team {
             .await?;
         let mut deleted = 0;
         for row in rows {
-            let id: String = row.get(0);
-            let generation: i64 = row.get(1);
-            let provider: String = row.get(2);
-            let sandbox_id: String = row.get(3);
-            let sandbox_name: String = row.get(4);
-            let owner: String = row.get(5);
+            let target = Fenced {
+                id: row.get(0),
+                generation: row.get(1),
+                provider: row.get(2),
+                sandbox_id: row.get(3),
+                sandbox_name: row.get(4),
+                owner: row.get(5),
+            };
             let owner_host: String = row.get(6);
             let expired: bool = row.get(7);
-            let Some(p) = providers.get(&provider) else {
-                continue;
-            };
             let reason = format!(
                 "released by the team reaper on {} {} while {owner_host} was offline",
                 self.host,
@@ -467,79 +466,132 @@ impl Team {
                     "after its daemon's orphan grace"
                 }
             );
-            // The fence: only the generation the scan saw, and only once.
-            let fenced = self
-                .timed(c.execute(
-                    "UPDATE crabbox_leases SET state = 'releasing', released_by = $3,
-                       reason = $4, generation = generation + 1, updated_at = now()
-                     WHERE id = $1 AND generation = $2 AND released_by = ''",
-                    &[&id, &generation, &self.host, &reason],
-                ))
-                .await?;
-            if fenced != 1 {
-                continue;
-            }
-            let name = if sandbox_id.is_empty() {
-                &sandbox_name
-            } else {
-                &sandbox_id
-            };
-            let outcome = match p.get(name).await {
-                Ok(Some(sb)) => {
-                    let ours = crate::lease::record::owned_by(&sb.labels, &owner)
-                        && sb.labels.get("lease") == Some(&id);
-                    if ours {
-                        match p.release(&sb.id).await {
-                            Ok(()) => {
-                                deleted += 1;
-                                Ok(())
-                            }
-                            Err(e) if e.is_not_found() => Ok(()),
-                            Err(e) => Err(e.to_string()),
-                        }
-                    } else {
-                        tracing::warn!(lease = %id, sandbox = %sb.name,
-                            "team reaper: the sandbox does not carry the lease's ownership labels; not touching it");
-                        Ok(())
-                    }
-                }
-                Ok(None) => Ok(()),
-                Err(e) => Err(e.to_string()),
-            };
-            match outcome {
-                Ok(()) => {
-                    tracing::info!(lease = %id, owner = %owner_host, "team reaper released a lease");
-                    self.timed(c.execute(
-                        "UPDATE crabbox_leases SET state = 'released', generation = generation + 1,
-                           updated_at = now() WHERE id = $1",
-                        &[&id],
-                    ))
-                    .await?;
-                }
+            match self.release_row(&c, &target, &reason, providers).await {
+                Ok(true) => deleted += 1,
+                Ok(false) => {}
                 Err(e) => {
-                    // Given back to the next pass.
-                    tracing::warn!(lease = %id, error = %e, "team reaper could not delete a sandbox");
-                    self.timed(c.execute(
-                        "UPDATE crabbox_leases SET state = 'releasing', released_by = '',
-                           generation = generation + 1 WHERE id = $1",
-                        &[&id],
-                    ))
-                    .await?;
+                    tracing::warn!(lease = %target.id, error = %e, "team reaper could not release a lease");
                 }
             }
         }
         Ok(deleted)
     }
 
-    /// Records that `by` stopped another user's lease.
-    pub async fn record_stop(&self, id: &str, by: &str) -> Result<(), Error> {
+    /// Releases one team lease from this daemon: the row is fenced (only at the
+    /// generation seen, only once), then the sandbox is deleted when it carries the
+    /// lease's ownership labels (a sandbox that does not is never touched), then the row
+    /// says released with `reason`; its own daemon releases it locally when it next looks.
+    /// Answers whether a sandbox was deleted. A failed delete gives the row back.
+    async fn release_row(
+        &self,
+        c: &Client,
+        t: &Fenced,
+        reason: &str,
+        providers: &Providers,
+    ) -> Result<bool, Error> {
+        let p = providers.get(&t.provider).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "lease {} is on provider {}, which this daemon does not have",
+                t.id, t.provider
+            ))
+        })?;
+        let fenced = self
+            .timed(c.execute(
+                "UPDATE crabbox_leases SET state = 'releasing', released_by = $3,
+                   reason = $4, generation = generation + 1, updated_at = now()
+                 WHERE id = $1 AND generation = $2 AND released_by = ''",
+                &[&t.id, &t.generation, &self.host, &reason],
+            ))
+            .await?;
+        if fenced != 1 {
+            return Ok(false);
+        }
+        let name = if t.sandbox_id.is_empty() {
+            &t.sandbox_name
+        } else {
+            &t.sandbox_id
+        };
+        let mut deleted = false;
+        let outcome = match p.get(name).await {
+            Ok(Some(sb)) => {
+                let ours = crate::lease::record::owned_by(&sb.labels, &t.owner)
+                    && sb.labels.get("lease") == Some(&t.id);
+                if ours {
+                    match p.release(&sb.id).await {
+                        Ok(()) => {
+                            deleted = true;
+                            Ok(())
+                        }
+                        Err(e) if e.is_not_found() => Ok(()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                } else {
+                    tracing::warn!(lease = %t.id, sandbox = %sb.name,
+                        "the sandbox does not carry the team lease's ownership labels; not touching it");
+                    Ok(())
+                }
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(()) => {
+                tracing::info!(lease = %t.id, %reason, "team lease released");
+                self.timed(c.execute(
+                    "UPDATE crabbox_leases SET state = 'released', generation = generation + 1,
+                       updated_at = now() WHERE id = $1",
+                    &[&t.id],
+                ))
+                .await?;
+                Ok(deleted)
+            }
+            Err(e) => {
+                self.timed(c.execute(
+                    "UPDATE crabbox_leases SET released_by = '', generation = generation + 1
+                     WHERE id = $1",
+                    &[&t.id],
+                ))
+                .await?;
+                Err(Error::Provider(ProviderError::new(
+                    ProviderErrorKind::Other,
+                    format!("deleting the sandbox of team lease {}: {e}", t.id),
+                )))
+            }
+        }
+    }
+
+    /// Stops a lease another daemon holds (`crabbox stop --force` from any machine):
+    /// released as the reaper would, with who stopped it and when recorded.
+    pub async fn stop_remote(
+        &self,
+        lease: &TeamLease,
+        providers: &Providers,
+    ) -> Result<TeamLease, Error> {
+        if lease.provider == "local" {
+            return Err(Error::InvalidArgument(format!(
+                "lease {} is a local sandbox on {}: stop it there",
+                lease.slug, lease.host
+            )));
+        }
         let c = self.client().await?;
+        let reason = format!("stopped by {} on {}", self.settings.user, self.host);
+        let target = Fenced {
+            id: lease.id.clone(),
+            generation: lease.generation,
+            provider: lease.provider.clone(),
+            sandbox_id: lease.sandbox_id.clone(),
+            sandbox_name: lease.sandbox_name.clone(),
+            owner: lease.daemon_id.clone(),
+        };
+        self.release_row(&c, &target, &reason, providers).await?;
         self.timed(c.execute(
             "UPDATE crabbox_leases SET stopped_by = $2, stopped_at = now() WHERE id = $1",
-            &[&id, &by],
+            &[&lease.id, &self.settings.user],
         ))
-        .await
-        .map(|_| ())
+        .await?;
+        self.find(&lease.id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("team lease {} vanished", lease.id)))
     }
 
     /// Facts for `doctor`: (check, ok, detail).
@@ -635,6 +687,16 @@ async fn upsert(
         ],
     )
     .await
+}
+
+/// A team lease as a fenced release sees it.
+struct Fenced {
+    id: String,
+    generation: i64,
+    provider: String,
+    sandbox_id: String,
+    sandbox_name: String,
+    owner: String,
 }
 
 const SELECT_LEASES: &str = "SELECT l.id, l.slug, l.\"user\", coalesce(d.host, ''), l.daemon_id,

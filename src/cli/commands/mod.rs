@@ -158,7 +158,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
             ttl,
             command,
         } => run::ssh(&ctx, id, print, show_secret, ttl, command).await,
-        Command::Stop { lease } => stop(&ctx, &lease).await,
+        Command::Stop { lease, force } => stop(&ctx, &lease, force).await,
         Command::Touch { lease } => touch(&ctx, &lease).await,
         Command::Pause { lease } => pause(&ctx, lease, true).await,
         Command::Resume { lease } => pause(&ctx, lease, false).await,
@@ -355,13 +355,37 @@ async fn warmup(ctx: &Ctx, opts: &LeaseOpts, keep: bool, reclaim: bool) -> Resul
     Ok(exit::OK)
 }
 
-async fn stop(ctx: &Ctx, name: &str) -> Result<i32, CliError> {
+async fn stop(ctx: &Ctx, name: &str, force: bool) -> Result<i32, CliError> {
     let mut c = ctx.clients().await?;
-    let lease = c
-        .leases
-        .stop(pb::LeaseRef { name: name.into() })
-        .await?
-        .into_inner();
+    let lease = match c.leases.stop(pb::LeaseRef { name: name.into() }).await {
+        Ok(l) => l.into_inner(),
+        // Not this daemon's: a team lease of another machine, in team mode.
+        Err(s) if s.code() == tonic::Code::NotFound => {
+            match c
+                .daemon
+                .team_stop(pb::TeamStopRequest {
+                    name: name.into(),
+                    force,
+                })
+                .await
+            {
+                Ok(t) => {
+                    let t = t.into_inner();
+                    if ctx.json {
+                        output::team_lease_json(&t);
+                    } else {
+                        println!("released {} ({}) of {} on {}", t.id, t.slug, t.user, t.host);
+                    }
+                    return Ok(exit::OK);
+                }
+                Err(t) if t.code() == tonic::Code::NotFound || is_team_off(&t) => {
+                    return Err(s.into());
+                }
+                Err(t) => return Err(t.into()),
+            }
+        }
+        Err(s) => return Err(s.into()),
+    };
     let last = if state_name(&lease) == "released" {
         lease
     } else {
@@ -452,13 +476,42 @@ async fn touch(ctx: &Ctx, name: &str) -> Result<i32, CliError> {
     Ok(exit::OK)
 }
 
+/// The daemon said team mode is off.
+fn is_team_off(s: &tonic::Status) -> bool {
+    s.message().starts_with("team mode is off")
+}
+
 async fn status(ctx: &Ctx, name: &str, wait: bool) -> Result<i32, CliError> {
     let mut c = ctx.clients().await?;
-    let mut l = c
-        .leases
-        .get(pb::LeaseRef { name: name.into() })
-        .await?
-        .into_inner();
+    let mut l = match c.leases.get(pb::LeaseRef { name: name.into() }).await {
+        Ok(l) => l.into_inner(),
+        // Not this daemon's: a team lease of another machine, in team mode.
+        Err(s) if s.code() == tonic::Code::NotFound && !wait => {
+            let found = c
+                .daemon
+                .team_list(pb::TeamListRequest {
+                    name: name.into(),
+                    ..Default::default()
+                })
+                .await;
+            return match found {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if ctx.json {
+                        if let Some(l) = r.leases.first() {
+                            output::team_lease_json(l);
+                        }
+                    } else {
+                        output::team_leases(false, &r.team, &r.leases);
+                    }
+                    Ok(exit::OK)
+                }
+                Err(t) if t.code() == tonic::Code::NotFound || is_team_off(&t) => Err(s.into()),
+                Err(t) => Err(t.into()),
+            };
+        }
+        Err(s) => return Err(s.into()),
+    };
     if wait {
         l = follow(ctx, &mut c, &l, |_| {}).await?;
     }
