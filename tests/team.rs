@@ -447,3 +447,59 @@ async fn another_users_lease_is_seen_and_stopped_only_with_force() {
     let (code, _, err) = bob.cb(elsewhere.path(), &["status", "no-such-lease"]).await;
     assert_eq!(code, 4, "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_degrades_and_everything_converges_after() {
+    let mut pg = Pg::start();
+    let url = pg.database().await;
+    let quota = "  quota:\n    sandboxes: 10\n";
+    let alice = Daemon::start(&team_yaml(&url, "alice", quota), &[]).await;
+    let r = repo();
+    let lease = alice.json(r.path(), &["--json", "warmup"]).await;
+    let id = lease["id"].as_str().unwrap_or("").to_string();
+    eventually(20, "the lease mirrored", || async {
+        let l = alice.json(r.path(), &["--json", "list", "--team"]).await;
+        (l[0]["state"] == "ready").then_some(())
+    })
+    .await;
+
+    pg.stop();
+    // Existing leases keep working.
+    let (code, out, err) = alice
+        .cb(r.path(), &["run", "--", "echo", "still working"])
+        .await;
+    assert_eq!((code, out.as_str()), (0, "still working\n"), "{err}");
+    let other = repo();
+    let mine = alice.json(other.path(), &["--json", "list"]).await;
+    assert_eq!(mine.as_array().map(Vec::len), Some(1), "{mine}");
+    // A new lease under a quota is refused, clearly, after a bounded wait.
+    let started = std::time::Instant::now();
+    let (code, _, err) = alice.cb(other.path(), &["warmup"]).await;
+    assert_eq!(code, 5, "{err}");
+    assert!(
+        err.contains("team registry") && err.contains("cannot be made until it answers"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // A release while it is down.
+    let (code, _, err) = alice.cb(r.path(), &["stop", &id]).await;
+    assert_eq!(code, 0, "{err}");
+
+    pg.restart();
+    // The team view catches up: the released lease says so, nothing is duplicated.
+    eventually(30, "the registry to catch up", || async {
+        let (code, out, _) = alice
+            .cb(r.path(), &["--json", "list", "--team", "--all"])
+            .await;
+        let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        let rows: Vec<&Value> = v.as_array().into_iter().flatten().collect();
+        (code == 0
+            && rows.len() == 1
+            && rows[0]["id"] == id.as_str()
+            && rows[0]["state"] == "released")
+            .then_some(())
+    })
+    .await;
+    let (code, _, err) = alice.cb(other.path(), &["warmup"]).await;
+    assert_eq!(code, 0, "new leases again once it answers: {err}");
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 pub struct Pg {
-    _dir: TempDir,
+    dir: TempDir,
     child: Child,
     pub port: u16,
 }
@@ -79,14 +79,22 @@ impl Pg {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("a free port");
-        let child = as_db_user(
+        let child = Self::server(dir.path(), port);
+        let pg = Pg { dir, child, port };
+        pg.wait_up();
+        pg
+    }
+
+    fn server(dir: &std::path::Path, port: u16) -> Child {
+        let data = dir.join("data");
+        as_db_user(
             Command::new(program("postgres"))
                 .arg("-D")
                 .arg(&data)
                 .arg("-p")
                 .arg(port.to_string())
                 .arg("-k")
-                .arg(dir.path())
+                .arg(dir)
                 .args([
                     "-c",
                     "listen_addresses=127.0.0.1",
@@ -101,18 +109,21 @@ impl Pg {
                 .stderr(Stdio::null()),
         )
         .spawn()
-        .expect("postgres");
-        let pg = Pg {
-            _dir: dir,
-            child,
-            port,
-        };
+        .expect("postgres")
+    }
+
+    fn wait_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(Instant::now() < deadline, "postgres did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        pg
+    }
+
+    /// Starts the stopped server again, on the same data and port.
+    pub fn restart(&mut self) {
+        self.child = Self::server(self.dir.path(), self.port);
+        self.wait_up();
     }
 
     /// A fresh database of its own, and its URL.
