@@ -503,3 +503,45 @@ async fn a_database_outage_degrades_and_everything_converges_after() {
     let (code, _, err) = alice.cb(other.path(), &["warmup"]).await;
     assert_eq!(code, 0, "new leases again once it answers: {err}");
 }
+
+/// Does this daemon say it leads the team's reaper?
+async fn leads(d: &Daemon, cwd: &Path) -> bool {
+    let (_, out, _) = d.cb(cwd, &["doctor"]).await;
+    out.contains("this daemon leads it")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_daemon_leads_the_reaper_within_seconds_of_the_leaders_death() {
+    let pg = Pg::start();
+    let url = pg.database().await;
+    let mut a = Daemon::start(&team_yaml(&url, "alice", ""), &[]).await;
+    let mut b = Daemon::start(&team_yaml(&url, "bob", ""), &[]).await;
+    let r = repo();
+    eventually(20, "one leader", || async {
+        let (la, lb) = (leads(&a, r.path()).await, leads(&b, r.path()).await);
+        (la != lb).then_some(())
+    })
+    .await;
+    let (leader, other) = if leads(&a, r.path()).await {
+        (&mut a, &b)
+    } else {
+        (&mut b, &a)
+    };
+    let (_, doctor, _) = other.cb(r.path(), &["doctor"]).await;
+    assert!(doctor.contains("another daemon leads it"), "{doctor}");
+    assert!(
+        doctor.contains("team schema") && doctor.contains("team clock"),
+        "{doctor}"
+    );
+    leader.kill9().await;
+    let died = std::time::Instant::now();
+    eventually(20, "the other daemon to lead", || async {
+        leads(other, r.path()).await.then_some(())
+    })
+    .await;
+    assert!(
+        died.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        died.elapsed()
+    );
+}

@@ -119,10 +119,16 @@ impl Team {
     /// the configured CA file).
     async fn connect(&self) -> Result<Client, Error> {
         let s = &self.settings;
-        let config: tokio_postgres::Config = s
+        let mut config: tokio_postgres::Config = s
             .database_url
             .parse()
             .map_err(|e| db_err(s, format!("not a usable database URL: {e}")))?;
+        // A peer that vanished without a word is noticed within seconds, on this side.
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(5))
+            .keepalives_interval(Duration::from_secs(2))
+            .keepalives_retries(3);
         let tls = tls(s)?;
         let (client, connection) = tokio::time::timeout(DB_TIMEOUT, config.connect(tls))
             .await
@@ -407,6 +413,13 @@ impl Team {
         .and_then(Result::ok)
         .is_some_and(|row| row.get::<_, bool>(0));
         if won {
+            // And on the server's side: the lock goes with a leader that vanished.
+            let _ = c
+                .batch_execute(
+                    "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2;
+                     SET tcp_keepalives_count = 3",
+                )
+                .await;
             tracing::info!(team = %self.settings.name, "this daemon leads the team's reaper");
             *leader = Some(c);
         }
