@@ -545,3 +545,58 @@ async fn another_daemon_leads_the_reaper_within_seconds_of_the_leaders_death() {
         died.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_slot_is_first_come_first_served_across_machines() {
+    let pg = Pg::start();
+    let url = pg.database().await;
+    let quota = "  quota:\n    sandboxes: 1\n";
+    let alice = Daemon::start(&team_yaml(&url, "alice", quota), &[]).await;
+    let bob = Daemon::start(&team_yaml(&url, "bob", quota), &[]).await;
+    let carol = Daemon::start(&team_yaml(&url, "carol", quota), &[]).await;
+    let (ra, rb, rc, rd) = (repo(), repo(), repo(), repo());
+    let held = alice.json(ra.path(), &["--json", "warmup"]).await;
+    // Bob queues first, then Carol.
+    let bob_wait = bob.cb(rb.path(), &["--json", "warmup", "--wait-for-slot", "40s"]);
+    let carol_wait = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        carol
+            .cb(rc.path(), &["--json", "warmup", "--wait-for-slot", "40s"])
+            .await
+    };
+    let releaser = async {
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        // A newcomer that does not wait is refused while others wait.
+        let (code, _, err) = alice.cb(rd.path(), &["warmup"]).await;
+        assert_eq!(code, 5, "{err}");
+        assert!(err.contains("wait for a slot before this one"), "{err}");
+        // The slot frees: Bob, first in the queue, gets it.
+        let (code, _, err) = alice
+            .cb(ra.path(), &["stop", held["id"].as_str().unwrap_or("")])
+            .await;
+        assert_eq!(code, 0, "{err}");
+    };
+    let (b, c, ()) = tokio::join!(
+        async {
+            let out = bob_wait.await;
+            // Bob's turn: hold it a moment, then free it for Carol.
+            let v: Value = serde_json::from_str(&out.1).unwrap_or(Value::Null);
+            let got = std::time::Instant::now();
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            let (code, _, err) = bob
+                .cb(rb.path(), &["stop", v["id"].as_str().unwrap_or("")])
+                .await;
+            assert_eq!(code, 0, "{err}");
+            (out, got)
+        },
+        async {
+            let out = carol_wait.await;
+            (out, std::time::Instant::now())
+        },
+        releaser
+    );
+    assert_eq!(b.0.0, 0, "bob: {}", b.0.2);
+    assert_eq!(c.0.0, 0, "carol: {}", c.0.2);
+    assert!(b.1 < c.1, "bob, first in line, got his slot before carol");
+    assert!(b.0.2.contains("waiting up to 40s"), "{}", b.0.2);
+}

@@ -121,6 +121,11 @@ pub struct LeaseOpts {
     /// A label for the sandbox (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
+    /// Team mode: when the team's quota is used up, wait for a slot (queued, first come
+    /// first served across machines) for at most this long [default when given: 10m].
+    #[arg(long, value_name = "DURATION", num_args = 0..=1, default_missing_value = "10m",
+          value_parser = crate::config::parse_duration)]
+    pub wait_for_slot: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Subcommand)]

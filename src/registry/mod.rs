@@ -91,6 +91,8 @@ pub struct AcquireSpec {
     pub provider_options: BTreeMap<String, String>,
     /// A new lease is for one `run`, released when it ends (not when it reuses one).
     pub fresh_run: Option<FreshRun>,
+    /// Team mode: this request's place in the queue for a slot (`--wait-for-slot`).
+    pub slot_ticket: Option<i64>,
 }
 
 /// A lease handed out by [`Registry::acquire`].
@@ -492,6 +494,7 @@ impl RegistryState {
         {
             return Ok(acquired);
         }
+        let spec_ticket = spec.slot_ticket;
         let mut provider_options = spec.provider_options;
         // Let the provider stop an idle sandbox by itself if this daemon is gone (crabbox
         // releases it first when it is not).
@@ -515,7 +518,7 @@ impl RegistryState {
         record.fresh_run = spec.fresh_run;
         // The team's quotas first: refused, nothing is created.
         if let Some(team) = &self.ctx.team {
-            team.reserve(&record).await?;
+            team.reserve(&record, spec_ticket).await?;
         }
         // Persist before the actor exists and before anything is created: a crash from here
         // on finds the record (and the sandbox by its name).

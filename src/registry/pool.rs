@@ -184,7 +184,7 @@ impl RegistryState {
         record.idle_timeout_secs = idle;
         record.pool = Some(pool.name.clone());
         if let Some(team) = &self.ctx.team {
-            team.reserve(&record).await?;
+            team.reserve(&record, None).await?;
         }
         self.ctx.store.put_lease(&record)?;
         self.index.publish(record.clone(), "made for the pool");

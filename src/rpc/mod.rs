@@ -13,7 +13,7 @@ pub mod wire;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -270,8 +270,9 @@ impl LeaseService for LeaseSvc {
         let req = req.into_inner();
         validate_repo_root(&req.repo_root)?;
         let (keep, repo_root) = (req.keep, req.repo_root.clone());
+        let wait = Duration::from_secs(req.wait_for_slot_secs);
         let spec = acquire_spec(req, keep, &repo_root);
-        let acquired = self.0.registry.acquire(spec.clone()).await?;
+        let acquired = acquire_waiting(&self.0, spec.clone(), wait, |_| async {}).await?;
         let record = if acquired.fresh {
             acquired.lease.record()
         } else {
@@ -700,6 +701,53 @@ impl DaemonService for DaemonSvc {
         let released = self.0.registry.pool_drain(pool).await?;
         Ok(Response::new(pb::PoolDrainResponse { released }))
     }
+}
+
+/// [`Registry::acquire`], and in team mode, when the team's quota is used up and `wait`
+/// allows it, a place in the team's queue for a slot: asked again every half second (the
+/// head of the queue takes the next free slot) until it is given one or `wait` is over.
+/// `said` is told once that it waits.
+pub(crate) async fn acquire_waiting<F, Fut>(
+    api: &Api,
+    mut spec: crate::registry::AcquireSpec,
+    wait: Duration,
+    said: F,
+) -> Result<crate::registry::Acquired, Error>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let deadline = Instant::now() + wait;
+    let mut ticket = None;
+    let result = loop {
+        match api.registry.acquire(spec.clone()).await {
+            Err(e) if crate::team::is_quota_refusal(&e) && Instant::now() < deadline => {
+                let Some(team) = &api.team else { break Err(e) };
+                match ticket {
+                    None => match team.enqueue().await {
+                        Ok(t) => {
+                            ticket = Some(t);
+                            spec.slot_ticket = Some(t);
+                            said(format!("waiting for a team slot: {e}")).await;
+                        }
+                        Err(_) => break Err(e),
+                    },
+                    Some(t) => {
+                        let _ = team.still_waiting(t).await;
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    () = api.shutdown.cancelled() => break Err(e),
+                }
+            }
+            other => break other,
+        }
+    };
+    if let (Some(t), Some(team)) = (ticket, &api.team) {
+        team.dequeue(t).await;
+    }
+    result
 }
 
 /// A team lease as the wire shows it.

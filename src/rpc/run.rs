@@ -236,7 +236,11 @@ impl Run {
                 spec.fresh_run = (!self.req.keep).then_some(FreshRun {
                     keep_on_failure: self.req.keep_on_failure,
                 });
-                let acquired = self.api.registry.acquire(spec).await?;
+                let wait = Duration::from_secs(
+                    self.req.fresh.as_ref().map_or(0, |f| f.wait_for_slot_secs),
+                );
+                let acquired =
+                    super::acquire_waiting(&self.api, spec, wait, |text| self.phase(text)).await?;
                 self.fresh = acquired.fresh;
                 acquired.lease
             }

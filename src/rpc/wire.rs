@@ -62,6 +62,7 @@ pub fn acquire_spec(req: pb::WarmupRequest, keep: bool, repo_root: &str) -> Acqu
         repo_root: (!repo_root.is_empty()).then(|| repo_root.to_string()),
         provider_options: req.provider_options.into_iter().collect(),
         fresh_run: None,
+        slot_ticket: None,
     }
 }
 

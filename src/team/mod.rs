@@ -27,6 +27,14 @@ use crate::error::{Error, ProviderError, ProviderErrorKind};
 use crate::lease::{LeaseRecord, LeaseState};
 use crate::provider::Providers;
 
+/// How a quota refusal starts (so a caller can wait for a slot instead).
+pub const QUOTA_MARK: &str = "quota:";
+
+/// Is this error a team quota's refusal?
+pub fn is_quota_refusal(e: &Error) -> bool {
+    matches!(e, Error::Provider(p) if p.message.starts_with(QUOTA_MARK))
+}
+
 /// How long a database call may take before the daemon goes on without it.
 const DB_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -166,6 +174,39 @@ impl Team {
         Ok(client)
     }
 
+    /// Joins the team's queue for a slot; answers the ticket.
+    pub async fn enqueue(&self) -> Result<i64, Error> {
+        let c = self.client().await?;
+        let row = self
+            .timed(c.query_one(
+                "INSERT INTO crabbox_slot_waiters (team, daemon_id, \"user\")
+                 VALUES ($1, $2, $3) RETURNING id",
+                &[&self.settings.name, &self.daemon_id, &self.settings.user],
+            ))
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Says the ticket's waiter is still there (waiters not seen for 10 s lose their turn).
+    pub async fn still_waiting(&self, ticket: i64) -> Result<(), Error> {
+        let c = self.client().await?;
+        self.timed(c.execute(
+            "UPDATE crabbox_slot_waiters SET seen_at = now() WHERE id = $1",
+            &[&ticket],
+        ))
+        .await
+        .map(|_| ())
+    }
+
+    /// Leaves the queue.
+    pub async fn dequeue(&self, ticket: i64) {
+        if let Ok(c) = self.client().await {
+            let _ = self
+                .timed(c.execute("DELETE FROM crabbox_slot_waiters WHERE id = $1", &[&ticket]))
+                .await;
+        }
+    }
+
     async fn timed<T>(
         &self,
         what: impl Future<Output = Result<T, tokio_postgres::Error>>,
@@ -205,7 +246,7 @@ impl Team {
     /// lease's row, in one transaction. Refused: nothing is created, and the message names
     /// the quota and who holds the slots. Without quotas, a database that cannot be reached
     /// does not stop the create (the row is written once it answers).
-    pub async fn reserve(&self, record: &LeaseRecord) -> Result<(), Error> {
+    pub async fn reserve(&self, record: &LeaseRecord, ticket: Option<i64>) -> Result<(), Error> {
         let quota = self.settings.quota;
         let limited = quota.sandboxes.is_some() || quota.per_user.is_some();
         // The shared connection first: it makes the schema, and says whether the
@@ -254,6 +295,34 @@ impl Team {
                 )
                 .await?;
             let held: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            // Those waiting for a slot (`--wait-for-slot`) come first, in their order: only
+            // the head of the queue may take a freed slot. Waiters not seen lately are gone.
+            let head: Option<i64> = tx
+                .query_one(
+                    "SELECT min(id) FROM crabbox_slot_waiters
+                     WHERE team = $1 AND seen_at > now() - interval '10 seconds'",
+                    &[&s.name],
+                )
+                .await?
+                .get(0);
+            if let Some(head) = head
+                && ticket != Some(head)
+            {
+                let ahead: i64 = tx
+                    .query_one(
+                        "SELECT count(*) FROM crabbox_slot_waiters
+                         WHERE team = $1 AND seen_at > now() - interval '10 seconds'
+                           AND id < coalesce($2, 9223372036854775807)",
+                        &[&s.name, &ticket],
+                    )
+                    .await?
+                    .get(0);
+                return Ok(Err(format!(
+                    "{QUOTA_MARK} {ahead} lease(s) of team {} wait for a slot before this one \
+                     (--wait-for-slot queues, first come first served)",
+                    s.name
+                )));
+            }
             let total: i64 = held.iter().map(|h| h.1).sum();
             let mine = held.iter().find(|h| h.0 == s.user).map_or(0, |h| h.1);
             let who = || {
@@ -266,8 +335,9 @@ impl Team {
                 && total >= i64::from(max)
             {
                 return Ok(Err(format!(
-                    "team {}'s quota of {max} sandboxes is used ({}); stop one \
-                     (`crabbox list --team`) or ask for a larger team.quota.sandboxes",
+                    "{QUOTA_MARK} team {}'s quota of {max} sandboxes is used ({}); stop one \
+                     (`crabbox list --team`), wait with --wait-for-slot, or ask for a larger \
+                     team.quota.sandboxes",
                     s.name,
                     who()
                 )));
@@ -276,8 +346,9 @@ impl Team {
                 && mine >= i64::from(max)
             {
                 return Ok(Err(format!(
-                    "{}'s quota of {max} sandboxes in team {} is used (team: {}); stop one \
-                     of yours (`crabbox list --team --user {}`)",
+                    "{QUOTA_MARK} {}'s quota of {max} sandboxes in team {} is used (team: {}); \
+                     stop one of yours (`crabbox list --team --user {}`) or wait with \
+                     --wait-for-slot",
                     s.user,
                     s.name,
                     who(),

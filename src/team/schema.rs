@@ -5,10 +5,11 @@
 use tokio_postgres::Client;
 
 /// The schema version this crabbox writes.
-pub const VERSION: i32 = 1;
+pub const VERSION: i32 = 2;
 
 /// Each migration, by version (index + 1).
-const MIGRATIONS: [&str; 1] = [r#"
+const MIGRATIONS: [&str; 2] = [
+    r#"
 CREATE TABLE crabbox_daemons (
     id text PRIMARY KEY,
     team text NOT NULL,
@@ -40,7 +41,19 @@ CREATE TABLE crabbox_leases (
 );
 CREATE INDEX crabbox_leases_team_state ON crabbox_leases (team, state);
 CREATE INDEX crabbox_leases_daemon ON crabbox_leases (daemon_id);
-"#];
+"#,
+    r#"
+CREATE TABLE crabbox_slot_waiters (
+    id bigserial PRIMARY KEY,
+    team text NOT NULL,
+    daemon_id text NOT NULL,
+    "user" text NOT NULL,
+    since timestamptz NOT NULL DEFAULT now(),
+    seen_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX crabbox_slot_waiters_team ON crabbox_slot_waiters (team, id);
+"#,
+];
 
 /// Brings the schema to [`VERSION`]; a newer schema (a newer crabbox migrated it) is an
 /// error that says so.

@@ -228,6 +228,7 @@ fn warmup_request(
         repo_root: ctx.repo(),
         reclaim,
         provider_options: provider_options(ctx)?,
+        wait_for_slot_secs: opts.wait_for_slot.map_or(0, |d| d.as_secs().max(1)),
     })
 }
 
@@ -329,6 +330,12 @@ fn settled_exit(l: &pb::Lease) -> Result<(), CliError> {
 
 async fn warmup(ctx: &Ctx, opts: &LeaseOpts, keep: bool, reclaim: bool) -> Result<i32, CliError> {
     let req = warmup_request(ctx, opts, keep, reclaim)?;
+    if let Some(wait) = opts.wait_for_slot {
+        ctx.progress(format!(
+            "if the team's quota is used up, waiting up to {} for a slot",
+            crate::clock::human_secs(wait.as_secs())
+        ));
+    }
     let mut c = ctx.clients().await?;
     let lease = c.leases.warmup(req).await?.into_inner();
     let reused = state_name(&lease) != "pending";
