@@ -263,6 +263,9 @@ pub struct TeamConfig {
     pub orphan_grace: Option<String>,
     /// How often a daemon says it is alive [default: 5s].
     pub heartbeat: Option<String>,
+    /// When the database cannot be reached, refuse new leases under quotas (true, the
+    /// default) or make them anyway, with a warning, and mirror them later (false).
+    pub required: Option<bool>,
 }
 
 /// `team.quota:`.
@@ -285,6 +288,7 @@ pub struct TeamSettings {
     pub quota: QuotaConfig,
     pub orphan_grace: Duration,
     pub heartbeat: Duration,
+    pub required: bool,
 }
 
 impl std::fmt::Debug for TeamSettings {
@@ -386,6 +390,7 @@ fn resolve_team(team: Option<TeamConfig>) -> Result<Option<TeamSettings>, Config
         quota: t.quota,
         orphan_grace: dur(t.orphan_grace, "orphan_grace", 2 * 3600)?,
         heartbeat: dur(t.heartbeat, "heartbeat", 5)?,
+        required: t.required.unwrap_or(true),
     }))
 }
 

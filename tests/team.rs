@@ -454,6 +454,8 @@ async fn a_database_outage_degrades_and_everything_converges_after() {
     let url = pg.database().await;
     let quota = "  quota:\n    sandboxes: 10\n";
     let alice = Daemon::start(&team_yaml(&url, "alice", quota), &[]).await;
+    let lenient = format!("{quota}  required: false\n");
+    let bob = Daemon::start(&team_yaml(&url, "bob", &lenient), &[]).await;
     let r = repo();
     let lease = alice.json(r.path(), &["--json", "warmup"]).await;
     let id = lease["id"].as_str().unwrap_or("").to_string();
@@ -481,6 +483,10 @@ async fn a_database_outage_degrades_and_everything_converges_after() {
         "{err}"
     );
     assert!(started.elapsed() < Duration::from_secs(20));
+    // With team.required: false it is made anyway, and mirrored later.
+    let bobs_repo = repo();
+    let bobs = bob.json(bobs_repo.path(), &["--json", "warmup"]).await;
+    let bobs_id = bobs["id"].as_str().unwrap_or("").to_string();
     // A release while it is down.
     let (code, _, err) = alice.cb(r.path(), &["stop", &id]).await;
     assert_eq!(code, 0, "{err}");
@@ -493,11 +499,16 @@ async fn a_database_outage_degrades_and_everything_converges_after() {
             .await;
         let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
         let rows: Vec<&Value> = v.as_array().into_iter().flatten().collect();
+        let state = |id: &str| {
+            rows.iter()
+                .find(|r| r["id"] == id)
+                .map(|r| r["state"].clone())
+        };
         (code == 0
-            && rows.len() == 1
-            && rows[0]["id"] == id.as_str()
-            && rows[0]["state"] == "released")
-            .then_some(())
+            && rows.len() == 2
+            && state(&id) == Some("released".into())
+            && state(&bobs_id).is_some_and(|s| s != "released"))
+        .then_some(())
     })
     .await;
     let (code, _, err) = alice.cb(other.path(), &["warmup"]).await;

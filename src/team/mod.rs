@@ -248,7 +248,10 @@ impl Team {
     /// does not stop the create (the row is written once it answers).
     pub async fn reserve(&self, record: &LeaseRecord, ticket: Option<i64>) -> Result<(), Error> {
         let quota = self.settings.quota;
-        let limited = quota.sandboxes.is_some() || quota.per_user.is_some();
+        // Without quotas (or with `required: false`) an unreachable database does not stop
+        // the create: the row is written once it answers.
+        let limited =
+            (quota.sandboxes.is_some() || quota.per_user.is_some()) && self.settings.required;
         // The shared connection first: it makes the schema, and says whether the
         // database answers at all.
         let reachable = self.client().await;
@@ -272,7 +275,8 @@ impl Team {
                     ProviderErrorKind::Provisioning,
                     format!(
                         "{e}; leases under the team's quotas cannot be made until it answers \
-                         (existing leases keep working)"
+                         (existing leases keep working; team.required: false makes them \
+                         anyway, unchecked)"
                     ),
                 )));
             }
