@@ -611,3 +611,97 @@ async fn waiting_for_a_slot_is_first_come_first_served_across_machines() {
     assert!(b.1 < c.1, "bob, first in line, got his slot before carol");
     assert!(b.0.2.contains("waiting up to 40s"), "{}", b.0.2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_teams_warm_pool_serves_every_daemon_and_hands_a_sandbox_out_once() {
+    let pg = Pg::start();
+    let url = pg.database().await;
+    let (sim, sim_url, _stop, _sim_dir) = sim().await;
+    let api = format!("{sim_url}/api");
+    let env = [
+        ("CRABBOX_PROVIDER", "daytona"),
+        ("DAYTONA_API_URL", api.as_str()),
+        ("DAYTONA_API_KEY", KEY),
+    ];
+    let pool = "pool:\n  - provider: daytona\n    size: 1\n";
+    let alice = Daemon::start(&format!("{}{pool}", team_yaml(&url, "alice", "")), &env).await;
+    let bob = Daemon::start(&format!("{}{pool}", team_yaml(&url, "bob", "")), &env).await;
+    let r = repo();
+    // One pooled sandbox for the whole team (the leader's).
+    let pooled = |rows: &Value| -> Vec<Value> {
+        rows.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|l| l["state"] == "pooled")
+            .cloned()
+            .collect()
+    };
+    let first = eventually(30, "the team's pool to hold one", || async {
+        let rows = alice.json(r.path(), &["--json", "list", "--team"]).await;
+        let p = pooled(&rows);
+        (p.len() == 1).then(|| p[0].clone())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let rows = alice.json(r.path(), &["--json", "list", "--team"]).await;
+    assert_eq!(
+        pooled(&rows).len(),
+        1,
+        "one leader fills it, not both: {rows}"
+    );
+    let maker_user = first["user"].as_str().unwrap_or("").to_string();
+    let sandbox = first["sandbox_id"].as_str().unwrap_or("").to_string();
+    // The other daemon takes it: a lease of its own on that very sandbox.
+    let taker = if maker_user == "alice" { &bob } else { &alice };
+    let mine = taker.json(r.path(), &["--json", "warmup"]).await;
+    assert_eq!(mine["sandbox_id"], sandbox.as_str(), "{mine}");
+    assert_ne!(mine["id"], first["id"]);
+    let (code, out, err) = taker.cb(r.path(), &["run", "--", "cat", "README"]).await;
+    assert_eq!((code, out.as_str()), (0, "hello\n"), "{err}");
+    // The maker lets its pooled lease go without deleting the sandbox, now the taker's.
+    let maker = if maker_user == "alice" { &alice } else { &bob };
+    let first_id = first["id"].as_str().unwrap_or("").to_string();
+    eventually(20, "the maker to let it go", || async {
+        let l = maker.json(r.path(), &["--json", "status", &first_id]).await;
+        (l["state"] == "released"
+            && l["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("taken from the team's pool"))
+        .then_some(())
+    })
+    .await;
+    let sb = sim
+        .sandboxes
+        .lock()
+        .ok()
+        .and_then(|m| m.get(&sandbox).cloned())
+        .expect("still there");
+    assert_eq!(sb.state, "started");
+    assert_eq!(
+        sb.labels.get("lease"),
+        mine["id"].as_str().map(str::to_string).as_ref()
+    );
+
+    // The pool refills; two daemons race for its one sandbox: one gets it.
+    let second = eventually(30, "the pool to refill", || async {
+        let rows = alice.json(r.path(), &["--json", "list", "--team"]).await;
+        let p = pooled(&rows);
+        (p.len() == 1 && p[0]["id"] != first_id.as_str()).then(|| p[0].clone())
+    })
+    .await;
+    let sandbox2 = second["sandbox_id"].as_str().unwrap_or("").to_string();
+    let (ra, rb) = (repo(), repo());
+    let (a, b) = tokio::join!(
+        alice.json(ra.path(), &["--json", "warmup"]),
+        bob.json(rb.path(), &["--json", "warmup"])
+    );
+    let holders = [&a, &b]
+        .iter()
+        .filter(|l| l["sandbox_id"] == sandbox2.as_str())
+        .count();
+    assert_eq!(
+        holders, 1,
+        "exactly one gets the last pooled sandbox: {a}\n{b}"
+    );
+}

@@ -58,7 +58,16 @@ pub fn spawn(team: Arc<Team>, registry: Registry, providers: Providers, token: C
                     () = token.cancelled() => return,
                 };
                 match change {
-                    Ok(c) => team.mirror(&c.lease).await,
+                    Ok(c) => {
+                        team.mirror(&c.lease).await;
+                        // A sandbox this daemon made for a pool is the team's to take.
+                        if c.message == "pooled"
+                            && c.lease.state == LeaseState::Pooled
+                            && let Err(e) = team.pool_add(&c.lease).await
+                        {
+                            tracing::warn!(lease = %c.lease.id, error = %e, "could not offer a pooled sandbox to the team");
+                        }
+                    }
                     // Missed changes: the next tick writes everything again.
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => team.mark_dirty(),
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,

@@ -100,6 +100,9 @@ impl Actor for LeaseActor {
             }
             LeaseMsg::Take { taking, reply } => st.answer(&myself, Event::Take(taking), reply),
             LeaseMsg::Pause(reply) => st.answer(&myself, Event::Pause, reply),
+            LeaseMsg::HandedOver { to } => {
+                let _ = st.apply(&myself, Event::HandedOver { to });
+            }
             LeaseMsg::Seeded { repo_root, reply } => {
                 st.answer(&myself, Event::Seeded { repo_root }, reply)
             }

@@ -63,6 +63,8 @@ pub enum LeaseMsg {
         repo_root: String,
         reply: RpcReplyPort<Result<LeaseRecord, Error>>,
     },
+    /// Team mode: another daemon took this pooled sandbox (it is that daemon's now).
+    HandedOver { to: String },
     /// Sent by the registry: a fresh lease takes this pooled one.
     Take {
         taking: Box<Taking>,

@@ -84,6 +84,9 @@ pub enum Event {
     Pause,
     /// The pause task's outcome (`Err`: the provider's error).
     Paused(Result<(), String>),
+    /// Team mode: another daemon took this pooled sandbox from the team's pool and made it
+    /// its own lease (relabelled): this lease ends without deleting it.
+    HandedOver { to: String },
     /// A fresh lease takes this pooled one: it leaves its pool and becomes that lease
     /// (claim, timeouts, labels, run), as if created now.
     Take(Box<Taking>),
@@ -527,6 +530,20 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
             if r.state == S::Pooled && r.seeded_for.as_deref() != Some(repo_root.as_str()) {
                 r.seeded_for = Some(repo_root);
                 fx.push(F::Persist);
+            }
+        }
+        Event::HandedOver { to } => {
+            if r.state == S::Pooled {
+                r.state = S::Released;
+                r.task = Task::Idle;
+                r.reason = Some(format!("taken from the team's pool by {to}"));
+                r.sandbox_cleaned = true;
+                fx.extend([
+                    F::Persist,
+                    F::Announce("handed over"),
+                    F::ForgetManifest,
+                    F::Stop,
+                ]);
             }
         }
         Event::Take(t) => {

@@ -67,6 +67,9 @@ fn events() -> Vec<Event> {
         Event::Seeded {
             repo_root: "/repo".into(),
         },
+        Event::HandedOver {
+            to: "host-b".into(),
+        },
         Event::Pause,
         Event::Paused(Ok(())),
         Event::Paused(Err("409 conflict".into())),
@@ -145,10 +148,17 @@ fn every_pair_obeys_the_laws() {
                         fx.contains(&F::Stop) && fx.contains(&F::ForgetManifest),
                         "{what}"
                     );
+                    // (or a handover: the sandbox is another daemon's lease now)
                     assert!(
-                        matches!(event, Event::Deleted | Event::Release { .. }),
+                        matches!(
+                            event,
+                            Event::Deleted | Event::Release { .. } | Event::HandedOver { .. }
+                        ),
                         "{what}"
                     );
+                    if matches!(event, Event::HandedOver { .. }) {
+                        assert_eq!(before.state, S::Pooled, "{what}");
+                    }
                 }
                 // A lease that fails always says why.
                 if after.state == S::Failed && before.state != S::Failed {
@@ -197,6 +207,7 @@ fn the_table_of_moves() {
         (S::Releasing, "Deleted", S::Released),
         (S::Pooled, "Take(Taking", S::Ready),
         (S::Ready, "Pause", S::Stopped),
+        (S::Pooled, "HandedOver", S::Released),
     ];
     for state in S::ALL {
         for event in events() {

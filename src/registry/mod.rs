@@ -322,7 +322,7 @@ impl Actor for RegistryActor {
                         "no pool is named {}; `crabbox pool status` lists them",
                         echo(name)
                     ))),
-                    _ => Ok(st.drain_pools(pool.as_deref())),
+                    _ => Ok(st.drain_pools(pool.as_deref()).await),
                 };
                 let _ = reply.send(r);
             }

@@ -142,6 +142,47 @@ impl RegistryState {
                 health.retry_at_ms = 0;
             }
         }
+        // Team mode: the pool is the team's. Pooled sandboxes other daemons took are let go
+        // (not deleted), expired ones are retired from the team's pool before they go,
+        // and only the team's leader fills.
+        let mut team_ready: Option<std::collections::HashMap<String, i64>> = None;
+        if let Some(team) = self.ctx.team.clone() {
+            if let Ok(taken) = team.pool_taken_from_me().await {
+                for (id, host) in taken {
+                    if let Some(h) = self.index.get(&id) {
+                        h.tell(LeaseMsg::HandedOver { to: host });
+                    }
+                    let _ = team.pool_forget(&id).await;
+                }
+            }
+            for h in self.index.handles() {
+                let r = h.record();
+                if r.state != LeaseState::Pooled {
+                    continue;
+                }
+                if let Some(reason) = r.expiry_reason(now)
+                    && team.pool_retire(&r.id).await.unwrap_or(false)
+                {
+                    h.tell(LeaseMsg::Release {
+                        reason,
+                        reply: None,
+                    });
+                }
+            }
+            if !team.is_leader().await {
+                return;
+            }
+            let mut ready = std::collections::HashMap::new();
+            for pool in &self.ctx.pools {
+                match team.pool_ready(&pool.name).await {
+                    Ok(n) => {
+                        ready.insert(pool.name.clone(), n);
+                    }
+                    Err(_) => return,
+                }
+            }
+            team_ready = Some(ready);
+        }
         for pool in self.ctx.pools.clone() {
             let health = self.pool_health.entry(pool.name.clone()).or_default();
             if force {
@@ -150,7 +191,13 @@ impl RegistryState {
                 continue;
             }
             let c = self.pool_count(&pool.name);
-            let held = c.ready + c.filling;
+            // In team mode the ready ones are the team's (rows), the filling ones this
+            // leader's own.
+            let ready = team_ready
+                .as_ref()
+                .and_then(|m| m.get(&pool.name))
+                .map_or(c.ready, |n| (*n).max(0) as u32);
+            let held = ready + c.filling;
             let want = pool.size.min(pool.max).saturating_sub(held);
             for _ in 0..want {
                 if let Err(e) = self.create_pooled(myself, &pool).await {
@@ -203,6 +250,18 @@ impl RegistryState {
         ttl_secs: u64,
         idle_timeout_secs: u64,
     ) -> Result<Option<Acquired>, Error> {
+        if let Some(team) = self.ctx.team.clone() {
+            return self
+                .take_from_team(
+                    myself,
+                    &team,
+                    provider_name,
+                    spec,
+                    ttl_secs,
+                    idle_timeout_secs,
+                )
+                .await;
+        }
         let asked = comparable(&spec.provider_options);
         let pools: Vec<String> = self
             .ctx
@@ -298,7 +357,7 @@ impl RegistryState {
     }
 
     /// Releases the pooled sandboxes of `pool` (every pool when `None`); answers how many.
-    pub(super) fn drain_pools(&mut self, pool: Option<&str>) -> u64 {
+    pub(super) async fn drain_pools(&mut self, pool: Option<&str>) -> u64 {
         for p in &self.ctx.pools {
             if pool.is_none_or(|want| want == p.name) {
                 self.pool_health.entry(p.name.clone()).or_default().drained = true;
@@ -309,6 +368,13 @@ impl RegistryState {
             let r = h.record();
             let Some(p) = &r.pool else { continue };
             if pool.is_some_and(|want| want != p) || !r.state.is_live() {
+                continue;
+            }
+            // In team mode, only what can still be retired from the team's pool.
+            if r.state == LeaseState::Pooled
+                && let Some(team) = &self.ctx.team
+                && !team.pool_retire(&r.id).await.unwrap_or(false)
+            {
                 continue;
             }
             h.tell(LeaseMsg::Release {
@@ -333,6 +399,127 @@ impl RegistryState {
                 )
             })
             .collect()
+    }
+}
+
+impl RegistryState {
+    /// Team mode's take: a ready sandbox of the team's pool, claimed atomically across
+    /// daemons. One this daemon made is taken as locally; one another daemon made changes
+    /// hands: checked (started, its maker's labels), recorded as a new lease of this
+    /// daemon, relabelled and read back; its maker lets its pooled lease go when it next
+    /// looks. An unusable one is dropped from the pool and the next one claimed.
+    async fn take_from_team(
+        &mut self,
+        myself: &ActorRef<RegistryMsg>,
+        team: &std::sync::Arc<crate::team::Team>,
+        provider_name: &str,
+        spec: &AcquireSpec,
+        ttl_secs: u64,
+        idle_timeout_secs: u64,
+    ) -> Result<Option<Acquired>, Error> {
+        let key = crate::team::pool::spec_key(provider_name, &spec.provider_options);
+        let provider = self.provider(provider_name)?;
+        for _ in 0..5 {
+            let Ok(Some(claimed)) = team.pool_claim(&key).await else {
+                return Ok(None);
+            };
+            let taking = Taking {
+                repo_root: spec.repo_root.clone(),
+                ttl_secs,
+                idle_timeout_secs,
+                keep: spec.keep,
+                labels: spec.labels.clone(),
+                fresh_run: spec.fresh_run,
+            };
+            if claimed.owner == self.ctx.daemon_id {
+                // One of this daemon's own: taken as without a team.
+                let _ = team.pool_forget(&claimed.lease_id).await;
+                let Some(h) = self.index.get(&claimed.lease_id) else {
+                    continue;
+                };
+                let before = h.record().created_at_ms;
+                match h
+                    .ask(|reply| LeaseMsg::Take {
+                        taking: Box::new(taking),
+                        reply,
+                    })
+                    .await
+                {
+                    Ok(record) => {
+                        self.index.reorder(&record.id, before, record.created_at_ms);
+                        if let Some(repo) = &spec.repo_root {
+                            self.unclaim_others(repo, &record.id).await;
+                        }
+                        return Ok(Some(Acquired {
+                            lease: h,
+                            fresh: true,
+                        }));
+                    }
+                    Err(_) => continue,
+                }
+            }
+            // Another daemon's: check it is what the row says, then make it ours.
+            let name = if claimed.sandbox_id.is_empty() {
+                &claimed.sandbox_name
+            } else {
+                &claimed.sandbox_id
+            };
+            let seen = tokio::time::timeout(HEALTH_CHECK, provider.get(name)).await;
+            let usable = matches!(&seen, Ok(Ok(Some(sb)))
+                if sb.state == SandboxState::Started
+                    && crate::lease::record::owned_by(&sb.labels, &claimed.owner)
+                    && sb.labels.get("lease") == Some(&claimed.lease_id));
+            if !usable {
+                tracing::info!(lease = %claimed.lease_id, "a team-pooled sandbox is not usable; trying the next");
+                let _ = team.pool_forget(&claimed.lease_id).await;
+                continue;
+            }
+            let Ok(Ok(Some(sb))) = seen else { continue };
+            let mut options = spec.provider_options.clone();
+            options
+                .entry("auto_stop_minutes".into())
+                .or_insert_with(|| (idle_timeout_secs.div_ceil(60) + 15).to_string());
+            // First a pooled lease of this daemon (so that the one step that takes pooled
+            // leases makes it the lease asked for), never offered to the pool again.
+            let mut record = self.new_record(provider_name, provider.as_ref(), None, options)?;
+            record.state = LeaseState::Pooled;
+            record.pool = Some(claimed.pool.clone());
+            record.sandbox_id = Some(sb.id.clone());
+            record.sandbox_name = sb.name.clone();
+            record.work_root = provider.work_root(&sb.name);
+            self.ctx.store.put_lease(&record)?;
+            // Ours from here: labels pushed and read back before anything uses it.
+            let relabelled = provider.set_labels(&sb.id, &record.labels()).await;
+            let owned = match relabelled {
+                Ok(()) => matches!(provider.get(&sb.id).await,
+                    Ok(Some(after)) if record.owns(&after.labels)),
+                Err(_) => false,
+            };
+            if !owned {
+                tracing::warn!(sandbox = %sb.name, "could not make a team-pooled sandbox this daemon's; creating instead");
+                record.state = LeaseState::Released;
+                record.reason = Some("could not take it from the team's pool".into());
+                let _ = self.ctx.store.put_lease(&record);
+                continue;
+            }
+            if let Some(repo) = &spec.repo_root {
+                self.unclaim_others(repo, &record.id).await;
+            }
+            self.index
+                .publish(record.clone(), "taken over from the team's pool");
+            let before = record.created_at_ms;
+            let lease = self.spawn_lease(myself, record, LeaseMsg::Recover).await?;
+            let taken = lease
+                .ask(|reply| LeaseMsg::Take {
+                    taking: Box::new(taking),
+                    reply,
+                })
+                .await?;
+            self.index.reorder(&taken.id, before, taken.created_at_ms);
+            tracing::info!(lease = %taken.id, from = %claimed.lease_id, "lease taken over from the team's pool");
+            return Ok(Some(Acquired { lease, fresh: true }));
+        }
+        Ok(None)
     }
 }
 

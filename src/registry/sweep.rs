@@ -29,7 +29,10 @@ impl RegistryState {
                 }
                 continue;
             }
-            if let Some(reason) = r.expiry_reason(now) {
+            // In team mode a pooled lease is retired from the team's pool before it goes
+            // (another daemon may have claimed it): the pool's fill does that.
+            let team_pooled = r.state == LeaseState::Pooled && self.ctx.team.is_some();
+            if !team_pooled && let Some(reason) = r.expiry_reason(now) {
                 tracing::info!(lease = %r.id, %reason, "releasing expired lease");
                 h.tell(LeaseMsg::Release {
                     reason,

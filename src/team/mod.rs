@@ -13,6 +13,7 @@
 //! The database being down never stops existing leases: mirror writes are redone in full
 //! on reconnect. The URL's password is never printed ([`crate::config::redact_url`]).
 
+pub mod pool;
 pub mod schema;
 
 use std::sync::Arc;

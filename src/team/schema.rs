@@ -5,10 +5,10 @@
 use tokio_postgres::Client;
 
 /// The schema version this crabbox writes.
-pub const VERSION: i32 = 2;
+pub const VERSION: i32 = 3;
 
 /// Each migration, by version (index + 1).
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     r#"
 CREATE TABLE crabbox_daemons (
     id text PRIMARY KEY,
@@ -52,6 +52,23 @@ CREATE TABLE crabbox_slot_waiters (
     seen_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX crabbox_slot_waiters_team ON crabbox_slot_waiters (team, id);
+"#,
+    r#"
+CREATE TABLE crabbox_pool_sandboxes (
+    lease_id text PRIMARY KEY,
+    team text NOT NULL,
+    pool text NOT NULL,
+    spec text NOT NULL,
+    owner text NOT NULL,
+    provider text NOT NULL,
+    sandbox_id text NOT NULL,
+    sandbox_name text NOT NULL,
+    state text NOT NULL,
+    claimed_by text NOT NULL DEFAULT '',
+    claimed_host text NOT NULL DEFAULT '',
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX crabbox_pool_sandboxes_spec ON crabbox_pool_sandboxes (team, spec, state, created_at);
 "#,
 ];
 
