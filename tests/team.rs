@@ -705,3 +705,47 @@ async fn the_teams_warm_pool_serves_every_daemon_and_hands_a_sandbox_out_once() 
         "exactly one gets the last pooled sandbox: {a}\n{b}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_is_reached_over_verified_tls() {
+    let pg = Pg::start_tls();
+    let url = pg.database().await;
+    let ca = pg.ca.clone().expect("ca");
+    let trusted = format!("  ca_file: \"{}\"\n", ca.display());
+    let alice = Daemon::start(&team_yaml(&url, "alice", &trusted), &[]).await;
+    let r = repo();
+    alice.json(r.path(), &["--json", "warmup"]).await;
+    eventually(20, "the lease in the team view", || async {
+        let rows = alice.json(r.path(), &["--json", "list", "--team"]).await;
+        (rows.as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await;
+    let (_, doctor, _) = alice.cb(r.path(), &["doctor"]).await;
+    assert!(
+        doctor.contains("team platform at postgres://crabbox:***@localhost"),
+        "{doctor}"
+    );
+    // A daemon that does not trust the server's certificate never talks to it.
+    let bob = Daemon::start(&team_yaml(&url, "bob", ""), &[]).await;
+    let (code, _, err) = bob.cb(r.path(), &["list", "--team"]).await;
+    assert_ne!(code, 0);
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    // A CA file that is not one is named.
+    let junk = r.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").expect("w");
+    let carol = Daemon::start(
+        &team_yaml(
+            &url,
+            "carol",
+            &format!("  ca_file: \"{}\"\n", junk.display()),
+        ),
+        &[],
+    )
+    .await;
+    let (code, _, err) = carol.cb(r.path(), &["list", "--team"]).await;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("team.ca_file") && err.contains("junk.pem"),
+        "{err}"
+    );
+}

@@ -142,7 +142,7 @@ impl Team {
         let (client, connection) = tokio::time::timeout(DB_TIMEOUT, config.connect(tls))
             .await
             .map_err(|_| db_err(s, "no answer within 5s"))?
-            .map_err(|e| db_err(s, e))?;
+            .map_err(|e| db_err(s, with_causes(&e)))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "team registry connection ended");
@@ -817,6 +817,22 @@ fn team_lease(r: &tokio_postgres::Row) -> TeamLease {
     }
 }
 
+/// An error with the causes behind it ("error performing TLS handshake: invalid peer
+/// certificate: UnknownIssuer").
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 fn ms_to_secs(ms: u64) -> f64 {
     ms as f64 / 1000.0
 }
@@ -838,6 +854,13 @@ fn tls(s: &TeamSettings) -> Result<tokio_postgres_rustls::MakeRustlsConnect, Err
             })?
             .collect::<Result<_, _>>()
             .map_err(|e| Error::InvalidArgument(format!("team.ca_file {}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "team.ca_file {} holds no PEM certificate (-----BEGIN CERTIFICATE-----); give \
+                 the CA that signed the database's certificate",
+                path.display()
+            )));
+        }
         for cert in certs {
             roots.add(cert).map_err(|e| {
                 Error::InvalidArgument(format!("team.ca_file {}: {e}", path.display()))

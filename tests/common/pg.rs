@@ -13,6 +13,8 @@ pub struct Pg {
     dir: TempDir,
     child: Child,
     pub port: u16,
+    /// With TLS: the server's (self-signed) certificate, to trust as a CA.
+    pub ca: Option<PathBuf>,
 }
 
 /// A PostgreSQL program: on PATH, else in Debian's versioned folder (the newest).
@@ -53,6 +55,16 @@ fn as_db_user(c: &mut Command) -> &mut Command {
 
 impl Pg {
     pub fn start() -> Pg {
+        Self::start_with(false)
+    }
+
+    /// A server that speaks TLS only, with a self-signed certificate for `localhost`
+    /// and 127.0.0.1 (made by `openssl`).
+    pub fn start_tls() -> Pg {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Pg {
         let dir = tempfile::tempdir().expect("tempdir");
         if nix::unistd::geteuid().is_root()
             && let Ok(Some(user)) = nix::unistd::User::from_name("postgres")
@@ -79,8 +91,69 @@ impl Pg {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("a free port");
+        let ca = tls.then(|| {
+            let crt = dir.path().join("server.crt");
+            let key = dir.path().join("server.key");
+            let ca = dir.path().join("ca.crt");
+            let run = |args: &[&str]| {
+                let out = Command::new("openssl")
+                    .current_dir(dir.path())
+                    .args(args)
+                    .output()
+                    .expect("openssl (./test.sh installs it)");
+                assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            };
+            // A CA, and a certificate it signs for localhost and 127.0.0.1.
+            run(&[
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout",
+                "ca.key", "-out", "ca.crt", "-subj", "/CN=crabbox-test-ca", "-addext",
+                "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            ]);
+            run(&[
+                "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+                "server.csr", "-subj", "/CN=localhost",
+            ]);
+            std::fs::write(
+                dir.path().join("ext.cnf"),
+                "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+            )
+            .expect("ext");
+            run(&[
+                "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf",
+            ]);
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+            if nix::unistd::geteuid().is_root()
+                && let Ok(Some(user)) = nix::unistd::User::from_name("postgres")
+            {
+                for f in [&crt, &key] {
+                    nix::unistd::chown(f, Some(user.uid), Some(user.gid)).expect("chown");
+                }
+            }
+            let conf = dir.path().join("data/postgresql.conf");
+            let mut text = std::fs::read_to_string(&conf).expect("conf");
+            text.push_str(&format!(
+                "\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+                crt.display(),
+                key.display()
+            ));
+            std::fs::write(&conf, text).expect("conf");
+            // TLS only, from loopback.
+            std::fs::write(
+                dir.path().join("data/pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl all all ::1/128 trust\n",
+            )
+            .expect("hba");
+            ca
+        });
         let child = Self::server(dir.path(), port);
-        let pg = Pg { dir, child, port };
+        let pg = Pg {
+            dir,
+            child,
+            port,
+            ca,
+        };
         pg.wait_up();
         pg
     }
@@ -131,8 +204,13 @@ impl Pg {
         let name = format!("t{:016x}", rand::random::<u64>());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            // Over the Unix socket: no TLS needed to set up.
             let conn = tokio_postgres::connect(
-                &format!("postgres://crabbox@127.0.0.1:{}/postgres", self.port),
+                &format!(
+                    "host={} port={} user=crabbox dbname=postgres",
+                    self.dir.path().display(),
+                    self.port
+                ),
                 tokio_postgres::NoTls,
             )
             .await;
@@ -151,10 +229,16 @@ impl Pg {
                 }
             }
         }
-        format!(
-            "postgres://crabbox:not-a-real-secret-pw@127.0.0.1:{}/{name}?sslmode=disable",
-            self.port
-        )
+        match self.ca {
+            Some(_) => format!(
+                "postgres://crabbox:not-a-real-secret-pw@localhost:{}/{name}?sslmode=require",
+                self.port
+            ),
+            None => format!(
+                "postgres://crabbox:not-a-real-secret-pw@127.0.0.1:{}/{name}?sslmode=disable",
+                self.port
+            ),
+        }
     }
 
     /// Stops the server (a partition, as far as daemons can tell).
