@@ -237,6 +237,8 @@ fn team_lease_value(l: &pb::TeamLease) -> Value {
                     "reason": (!l.reason.is_empty()).then_some(&l.reason),
                     "released_by": (!l.released_by.is_empty()).then_some(&l.released_by),
                     "heartbeat_at": l.heartbeat_at.as_ref().map(|_| rfc3339(ms(&l.heartbeat_at))),
+                    "stopped_by": (!l.stopped_by.is_empty()).then_some(&l.stopped_by),
+                    "stopped_at": l.stopped_at.as_ref().map(|_| rfc3339(ms(&l.stopped_at))),
     })
 }
 

@@ -757,6 +757,8 @@ fn team_lease_pb(l: crate::team::TeamLease) -> pb::TeamLease {
         created_at: ts(l.created_at_ms),
         expires_at: ts(l.expires_at_ms),
         heartbeat_at: ts(l.heartbeat_ms),
+        stopped_at: ts(l.stopped_at_ms),
+        stopped_by: l.stopped_by,
         id: l.id,
         slug: l.slug,
         user: l.user,

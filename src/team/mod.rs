@@ -59,6 +59,9 @@ pub struct TeamLease {
     pub released_by: String,
     /// The owner daemon's last heartbeat (Unix ms).
     pub heartbeat_ms: u64,
+    /// Who stopped it from another machine, and when (Unix ms; 0: nobody).
+    pub stopped_by: String,
+    pub stopped_at_ms: u64,
 }
 
 /// The team registry as a daemon holds it.
@@ -792,7 +795,8 @@ const SELECT_LEASES: &str = "SELECT l.id, l.slug, l.\"user\", coalesce(d.host, '
     l.repo_name, l.provider, l.sandbox_id, l.sandbox_name, l.state,
     (extract(epoch FROM l.created_at) * 1000)::int8, (extract(epoch FROM l.expires_at) * 1000)::int8,
     l.generation, l.reason, l.released_by,
-    coalesce((extract(epoch FROM d.heartbeat_at) * 1000)::int8, 0)
+    coalesce((extract(epoch FROM d.heartbeat_at) * 1000)::int8, 0),
+    coalesce(l.stopped_by, ''), coalesce((extract(epoch FROM l.stopped_at) * 1000)::int8, 0)
   FROM crabbox_leases l LEFT JOIN crabbox_daemons d ON d.id = l.daemon_id";
 
 fn team_lease(r: &tokio_postgres::Row) -> TeamLease {
@@ -814,6 +818,8 @@ fn team_lease(r: &tokio_postgres::Row) -> TeamLease {
         reason: r.get(13),
         released_by: r.get(14),
         heartbeat_ms: ms(15),
+        stopped_by: r.get(16),
+        stopped_at_ms: ms(17),
     }
 }
 
