@@ -426,7 +426,10 @@ async fn another_users_lease_is_seen_and_stopped_only_with_force() {
             .contains("stopped by bob"),
         "{done}"
     );
-    assert_eq!(done["stopped_by"], "bob", "who stopped it is recorded: {done}");
+    assert_eq!(
+        done["stopped_by"], "bob",
+        "who stopped it is recorded: {done}"
+    );
     assert!(done["stopped_at"].is_string(), "and when: {done}");
     eventually(10, "the sandbox to be deleted", || async {
         sandbox_states(&sim)
