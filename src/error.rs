@@ -9,7 +9,9 @@
 /// The metadata key that carries an [`ErrorKind`] from the daemon to the CLI.
 pub const KIND_METADATA: &str = "crabbox-error-kind";
 
-/// Exit codes (SPEC "CLI"): the remote command's own, else these.
+/// Exit codes (SPEC "CLI"): the remote command's own, else these. Commands that run a
+/// command of the user's (`run`, `ssh`) follow docker's convention instead: the command's
+/// own code passes through, and crabbox's own failures are [`exit::CRABBOX`] (125).
 pub mod exit {
     pub const OK: i32 = 0;
     pub const INTERNAL: i32 = 1;
@@ -24,6 +26,25 @@ pub mod exit {
     pub const TIMED_OUT: i32 = 124;
     /// Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
     pub const INTERRUPTED: i32 = 130;
+    /// `run`/`ssh`: crabbox itself failed (the kind is in the error line and in JSON), as
+    /// docker reports its own failures; 126 (cannot execute) and 127 (not found) come
+    /// from the sandbox's shell, 124 is `--timeout`, 130 an interrupt.
+    pub const CRABBOX: i32 = 125;
+
+    /// The kind's name of one of SPEC's codes (1-7), for error lines and JSON.
+    pub fn kind_name(code: i32) -> &'static str {
+        match code {
+            USAGE => "usage",
+            AUTH => "auth",
+            NOT_FOUND => "not_found",
+            PROVISIONING => "provisioning",
+            SYNC => "sync",
+            SSH => "ssh",
+            TIMED_OUT => "timeout",
+            INTERRUPTED => "interrupted",
+            _ => "internal",
+        }
+    }
 }
 
 /// What a provider failure means for the caller.

@@ -94,7 +94,7 @@ async fn warmup_run_list_stop() {
     );
     d.run(r.path(), &["run", "--env", "CBX_UNSET_VAR", "--", "true"])
         .await
-        .expect(2);
+        .crabbox_failed("usage");
 
     // Words are quoted, not re-split by a shell; --shell joins them into one line.
     let out = d
@@ -154,8 +154,11 @@ async fn warmup_run_list_stop() {
         .json();
     assert_eq!(claims[0]["repo_root"], repo_root.to_str().expect("utf8"));
 
-    // ssh is not something local sandboxes have: a clear error, exit 7.
-    let out = d.run(r.path(), &["ssh", "--print"]).await.expect(7);
+    // ssh is not something local sandboxes have: a clear error, crabbox's own (125).
+    let out = d
+        .run(r.path(), &["ssh", "--print"])
+        .await
+        .crabbox_failed("ssh");
     assert!(
         out.stderr().contains("not supported by the local provider"),
         "{}",
@@ -340,11 +343,11 @@ async fn bad_input_gets_clear_errors_and_exit_codes() {
     );
     d.run(r.path(), &["run", "--timeout", "0s", "--", "true"])
         .await
-        .expect(2);
+        .crabbox_failed("usage");
     d.run(r.path(), &["warmup", "--label", "novalue"])
         .await
         .expect(2);
-    let out = d.run(r.path(), &["run"]).await.expect(2);
+    let out = d.run(r.path(), &["run"]).await.crabbox_failed("usage");
     assert!(
         out.stderr().contains("crabbox run -- cargo test"),
         "{}",
@@ -364,7 +367,7 @@ async fn bad_input_gets_clear_errors_and_exit_codes() {
     let out = d
         .run(r.path(), &["--type", "m5.large", "run", "--", "true"])
         .await
-        .expect(2);
+        .crabbox_failed("usage");
     assert!(
         out.stderr().contains("--type is not supported"),
         "{}",
@@ -399,8 +402,11 @@ async fn bad_input_gets_clear_errors_and_exit_codes() {
         .await
         .expect("ran");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(6), "{err}");
-    assert!(err.contains("cannot read the current folder"), "{err}");
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("error [sync]") && err.contains("cannot read the current folder"),
+        "{err}"
+    );
 
     // No daemon on the socket, autostart off: a clear error.
     let out = d
@@ -429,7 +435,7 @@ async fn a_lease_claimed_by_another_repo_needs_reclaim() {
     let out = d
         .run(b.path(), &["run", "--id", id, "--", "true"])
         .await
-        .expect(4);
+        .crabbox_failed("not_found");
     let err = out.stderr();
     assert!(
         err.contains("claimed by") && err.contains("--reclaim"),
@@ -611,7 +617,13 @@ async fn a_broken_config_and_odd_environments_get_clear_answers() {
         .output()
         .await
         .expect("ran");
-    assert_eq!(out.status.code(), Some(2));
+    // crabbox's own failure under `run`: 125, the kind in the error line.
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("crabbox: error [usage]: "),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // idle_timeout in one layer and its alias idleTimeout in another are one key.
     let home = tempfile::tempdir().expect("home");
@@ -683,8 +695,11 @@ async fn a_broken_config_and_odd_environments_get_clear_answers() {
         .await
         .0;
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("not UTF-8"), "{err}");
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("error [usage]") && err.contains("not UTF-8"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -715,7 +730,7 @@ async fn runs_start_where_you_are_and_never_sync_too_much() {
     let out = d
         .run(r.path(), &["run", "--workdir", "../up", "--", "true"])
         .await
-        .expect(2);
+        .crabbox_failed("usage");
     assert!(out.stderr().contains("workdir"), "{}", out.stderr());
 
     // Outside git, the daemon's own state dir and socket folder are never synced.
@@ -742,9 +757,11 @@ async fn runs_start_where_you_are_and_never_sync_too_much() {
         .await
         .0;
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(out.status.code(), Some(125), "{err}");
     assert!(
-        err.contains("your home folder") && err.contains("--sync-root"),
+        err.contains("error [usage]")
+            && err.contains("your home folder")
+            && err.contains("--sync-root"),
         "{err}"
     );
     let out = d
@@ -972,12 +989,13 @@ async fn run_output_ndjson_is_a_live_lossless_event_stream() {
             &["run", "--output", "ndjson", "--id", "nope", "--", "true"],
         )
         .await;
-    assert_eq!(out.code(), 4);
+    assert_eq!(out.code(), 125);
     let last: serde_json::Value =
         serde_json::from_str(out.stdout().lines().last().expect("a line")).expect("json");
+    assert_eq!(last["kind"], "not_found", "{last}");
     assert_eq!(
         (last["event"].as_str(), last["exit_code"].as_i64()),
-        (Some("error"), Some(4))
+        (Some("error"), Some(125))
     );
 }
 
@@ -1215,7 +1233,7 @@ async fn a_sync_that_deletes_most_of_the_lease_is_refused_unless_forced() {
     for i in 0..20 {
         std::fs::remove_file(p.join(format!("f{i:02}.txt"))).expect("rm");
     }
-    let out = d.run(p, &["run", "--", "ls"]).await.expect(6);
+    let out = d.run(p, &["run", "--", "ls"]).await.crabbox_failed("sync");
     assert!(
         out.stderr().contains("would delete 20 of the 32 files")
             && out.stderr().contains("--force-sync-delete"),
@@ -1252,7 +1270,7 @@ async fn a_sync_that_deletes_most_of_the_lease_is_refused_unless_forced() {
             &["run", "--", "true"],
         )
         .await
-        .expect(2);
+        .crabbox_failed("usage");
     assert!(out.stderr().contains("delete_guard"), "{}", out.stderr());
     for i in 20..28 {
         std::fs::remove_file(p.join(format!("f{i:02}.txt"))).expect("rm");
@@ -1472,4 +1490,76 @@ async fn a_paused_lease_keeps_its_disk_and_the_next_run_resumes_it() {
     let r = repo();
     common::pause::a_paused_lease_keeps_its_disk_and_the_next_run_resumes_it(&d, r.path(), &[])
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_follow_docker_for_run_and_spec_elsewhere() {
+    let d = Daemon::start().await;
+    let r = repo();
+    d.run(r.path(), &["warmup"]).await.expect(0);
+    // The command's own codes pass through, every one of them (5 included: it is not
+    // "provisioning failed" when the command says it).
+    for code in [0, 1, 2, 3, 5, 6, 7, 42, 125] {
+        d.run(
+            r.path(),
+            &["run", "--", "sh", "-c", &format!("exit {code}")],
+        )
+        .await
+        .expect(code);
+    }
+    // The sandbox's shell: 126 cannot execute, 127 not found.
+    std::fs::write(r.path().join("noexec.sh"), "#!/bin/sh\necho hi\n").expect("w");
+    d.run(r.path(), &["run", "--", "./noexec.sh"])
+        .await
+        .expect(126);
+    d.run(r.path(), &["run", "--", "no-such-command-xyz"])
+        .await
+        .expect(127);
+    // --timeout: 124.
+    d.run(r.path(), &["run", "--timeout", "1s", "--", "sleep", "30"])
+        .await
+        .expect(124);
+    // crabbox's own failures under run and ssh: 125, with the kind.
+    d.run(r.path(), &["run", "--id", "nope", "--", "true"])
+        .await
+        .crabbox_failed("not_found");
+    d.run(r.path(), &["ssh", "--print"])
+        .await
+        .crabbox_failed("ssh");
+    // ... and under --json, a JSON document on stderr.
+    let out = d
+        .run(r.path(), &["--json", "run", "--id", "nope", "--", "true"])
+        .await
+        .expect(125);
+    let doc: serde_json::Value = serde_json::from_str(out.stderr().trim()).expect("json");
+    assert_eq!(doc["error"]["kind"], "not_found", "{doc}");
+    assert_eq!(doc["error"]["exit_code"], 125);
+    assert!(
+        doc["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("nope")
+    );
+    // Forgot `--`: clap's error, and where the command goes.
+    let out = d
+        .run(r.path(), &["run", "ls", "-la"])
+        .await
+        .crabbox_failed("usage");
+    assert!(
+        out.stderr()
+            .contains("hint: put the command after `--`: crabbox run -- ls -la"),
+        "{}",
+        out.stderr()
+    );
+    // Commands that run nothing of the user's keep SPEC's codes.
+    d.run(r.path(), &["status", "nope"]).await.expect(4);
+    d.run(r.path(), &["warmup", "--ttl", "soon"])
+        .await
+        .expect(2);
+    let out = d
+        .run(r.path(), &["--json", "status", "nope"])
+        .await
+        .expect(4);
+    let doc: serde_json::Value = serde_json::from_str(out.stderr().trim()).expect("json");
+    assert_eq!(doc["error"]["kind"], "not_found", "{doc}");
 }

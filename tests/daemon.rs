@@ -186,7 +186,12 @@ async fn a_crashed_lease_actor_leaves_the_lease_failed_and_its_sandbox_deleted()
 
     boom.store(true, Ordering::SeqCst);
     let out = d.run(r.path(), &["run", "--", "true"]).await;
-    assert_eq!(out.code(), 1, "internal error: {}", out.stderr());
+    assert_eq!(out.code(), 125, "internal error: {}", out.stderr());
+    assert!(
+        out.stderr().contains("error [internal]"),
+        "{}",
+        out.stderr()
+    );
     boom.store(false, Ordering::SeqCst);
 
     let st = eventually(20, "the lease to fail and its sandbox to go", || async {

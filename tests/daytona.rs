@@ -469,7 +469,7 @@ async fn missing_credentials_and_class_are_clear() {
             ],
         )
         .await
-        .expect(2);
+        .crabbox_failed("usage");
     assert!(out.stderr().contains("sized by their snapshot"));
 }
 
@@ -751,7 +751,12 @@ async fn a_fresh_run_whose_provisioning_fails_is_told_and_released() {
     // answers again the lease is released (it used to stay `releasing` for good).
     w.faults(json!({"error_rate": 1.0})).await;
     let out = w.cb(r.path(), &["run", "--", "true"]).await;
-    assert_eq!(out.code(), 5, "{}", out.stderr());
+    assert_eq!(out.code(), 125, "{}", out.stderr());
+    assert!(
+        out.stderr().contains("error [provisioning]"),
+        "{}",
+        out.stderr()
+    );
     w.faults(json!({"error_rate": 0.0})).await;
     eventually(60, "the failed fresh lease to be released", || {
         all_released(&w, r.path(), 1)
@@ -768,7 +773,12 @@ async fn a_fresh_run_whose_provisioning_fails_is_told_and_released() {
     )
     .await
     .expect("the CLI is told, not left waiting");
-    assert_eq!(out.code(), 5, "{}", out.stderr());
+    assert_eq!(out.code(), 125, "{}", out.stderr());
+    assert!(
+        out.stderr().contains("error [provisioning]"),
+        "{}",
+        out.stderr()
+    );
     assert!(out.stderr().contains("no-such-snap"), "{}", out.stderr());
     eventually(20, "the second lease to be released", || {
         all_released(&w, r.path(), 2)
@@ -875,7 +885,14 @@ async fn a_refused_api_key_is_an_auth_error_everywhere() {
     let r = repo();
     for args in [&["warmup"][..], &["run", "--", "true"]] {
         let out = w.cb(r.path(), args).await;
-        assert_eq!(out.code(), 3, "{args:?}: {}", out.stderr());
+        // warmup keeps SPEC's code; run says crabbox failed (125) and that it was auth.
+        let want = if args[0] == "run" { 125 } else { 3 };
+        assert_eq!(out.code(), want, "{args:?}: {}", out.stderr());
+        assert!(
+            args[0] != "run" || out.stderr().contains("error [auth]"),
+            "{}",
+            out.stderr()
+        );
         assert!(
             !out.stderr().contains("dtn_wrong_key_0000"),
             "{}",

@@ -1,10 +1,9 @@
 //! `crabbox`: the CLI. Parses arguments and hands them to the library.
-use clap::Parser;
 
 fn main() {
     // Arguments first (`--help` and `--version` need nothing else), then a runtime on
     // this thread alone: a CLI waits on one daemon, worker threads would only cost start-up.
-    let cli = crabbox::cli::Cli::parse();
+    let cli = crabbox::cli::parse_args();
     let code = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

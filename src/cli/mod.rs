@@ -21,6 +21,8 @@ pub use crate::error::exit;
 pub struct CliError {
     pub code: i32,
     pub message: String,
+    /// The daemon's name for what went wrong, when it said (else the code's).
+    pub kind: Option<&'static str>,
 }
 
 impl CliError {
@@ -28,6 +30,7 @@ impl CliError {
         CliError {
             code,
             message: message.into(),
+            kind: None,
         }
     }
 
@@ -44,7 +47,9 @@ impl From<tonic::Status> for CliError {
         } else {
             s.message().to_string()
         };
-        CliError::new(kind.exit_code(), message)
+        let mut e = CliError::new(kind.exit_code(), message);
+        e.kind = Some(kind.as_str());
+        e
     }
 }
 
@@ -376,11 +381,92 @@ pub enum DaemonAction {
 
 /// Runs the CLI; answers the process exit code.
 pub async fn main(cli: Cli) -> i32 {
+    let runs_users_command = matches!(cli.command, Command::Run(_) | Command::Ssh { .. });
+    let json = cli.json
+        || matches!(&cli.command, Command::Run(r)
+            if matches!(r.output, Some(RunOutput::Json | RunOutput::Ndjson)));
     match commands::dispatch(cli).await {
         Ok(code) => code,
+        Err(e) => report(&e, runs_users_command, json),
+    }
+}
+
+/// Prints a failure of crabbox's own (as a JSON document on stderr under --json) and
+/// answers its exit code: SPEC's 1-7, or 125 for `run`/`ssh` (docker's convention: the
+/// user's command owns every other code).
+pub fn report(e: &CliError, runs_users_command: bool, json: bool) -> i32 {
+    let kind = e.kind.unwrap_or_else(|| exit::kind_name(e.code));
+    let code = if runs_users_command && (1..=7).contains(&e.code) {
+        exit::CRABBOX
+    } else {
+        e.code
+    };
+    if json {
+        eprintln!(
+            "{}",
+            serde_json::json!({"error": {"kind": kind, "message": e.message, "exit_code": code}})
+        );
+    } else if runs_users_command {
+        eprintln!("crabbox: error [{kind}]: {}", e.message);
+    } else {
+        eprintln!("crabbox: error: {}", e.message);
+    }
+    code
+}
+
+/// Parses the arguments; a mistake is said as clap says it (with a hint for a command
+/// given to `run` without `--`), and ends the process: 2, or 125 for `run`/`ssh`.
+pub fn parse_args() -> Cli {
+    use clap::Parser;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
         Err(e) => {
-            eprintln!("crabbox: error: {}", e.message);
-            e.code
+            use clap::error::ErrorKind as K;
+            if matches!(
+                e.kind(),
+                K::DisplayHelp | K::DisplayVersion | K::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            let words: Vec<String> = args
+                .iter()
+                .skip(1)
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            let sub = words.iter().find(|w| !w.starts_with('-')).cloned();
+            let runs = matches!(sub.as_deref(), Some("run" | "ssh"));
+            if runs {
+                // As every other failure of crabbox's own under run/ssh: the kind first.
+                let text = e.render().to_string();
+                eprint!(
+                    "crabbox: error [usage]: {}",
+                    text.strip_prefix("error: ").unwrap_or(&text)
+                );
+            } else {
+                let _ = e.print();
+            }
+            if runs
+                && e.kind() == K::UnknownArgument
+                && !words.iter().any(|w| w == "--")
+                && let Some(pos) = words.iter().position(|w| Some(w) == sub.as_ref())
+            {
+                // Everything after the subcommand that is not one of its flags is most
+                // likely the command: say where it goes.
+                let rest: Vec<&str> = words[pos + 1..]
+                    .iter()
+                    .map(String::as_str)
+                    .skip_while(|w| w.starts_with('-'))
+                    .collect();
+                if !rest.is_empty() {
+                    eprintln!(
+                        "hint: put the command after `--`: crabbox {} -- {}",
+                        sub.as_deref().unwrap_or("run"),
+                        rest.join(" ")
+                    );
+                }
+            }
+            std::process::exit(if runs { exit::CRABBOX } else { exit::USAGE });
         }
     }
 }

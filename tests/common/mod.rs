@@ -168,6 +168,18 @@ impl Out {
             )
         })
     }
+    /// Asserts that `run`/`ssh` failed on crabbox's side: exit 125 (docker's convention),
+    /// with the failure's kind in the error line (`crabbox: error [KIND]: ...`).
+    pub fn crabbox_failed(self, kind: &str) -> Self {
+        let s = self.expect(125);
+        assert!(
+            s.stderr().contains(&format!("crabbox: error [{kind}]: ")),
+            "the error line names the kind {kind}:\n{}",
+            s.stderr()
+        );
+        s
+    }
+
     /// Asserts the exit code, showing both streams when it differs.
     pub fn expect(self, code: i32) -> Self {
         assert_eq!(

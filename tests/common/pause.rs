@@ -85,8 +85,12 @@ pub async fn a_paused_lease_keeps_its_disk_and_the_next_run_resumes_it(
         "{}",
         out.stderr()
     );
-    let s = run(d, repo, &cmd(&["--json", "status", &id])).await.json();
-    assert_eq!(s["state"], "ready");
+    // (The run's end reaches the lease a moment after the CLI's exit.)
+    eventually(20, "the lease to be ready again", || async {
+        let s = run(d, repo, &cmd(&["--json", "status", &id])).await.json();
+        (s["state"] == "ready").then_some(())
+    })
+    .await;
 
     // An explicit resume too.
     run(d, repo, &cmd(&["pause"])).await.expect(0);

@@ -263,9 +263,14 @@ pub async fn a_run_fed_forever_ends_cleanly_when_its_lease_is_stopped(
         .await
         .expect("the run ended once its lease was stopped")
         .expect("wait");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("error [not_ready]"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         out.status.code(),
-        Some(7),
+        Some(125),
         "the run says its lease went: {}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -124,7 +124,13 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
     let result = stream_run(ctx, &args, req, send_stdin, ndjson).await;
     if ndjson && let Err(e) = &result {
         // The stream's last line says how it ended, whatever ended it.
-        event(&json!({"event": "error", "exit_code": e.code, "message": e.message}));
+        let code = if (1..=7).contains(&e.code) {
+            exit::CRABBOX
+        } else {
+            e.code
+        };
+        let kind = e.kind.unwrap_or_else(|| exit::kind_name(e.code));
+        event(&json!({"event": "error", "exit_code": code, "kind": kind, "message": e.message}));
     }
     result
 }
