@@ -154,11 +154,9 @@ async fn warmup_run_list_stop() {
         .json();
     assert_eq!(claims[0]["repo_root"], repo_root.to_str().expect("utf8"));
 
-    // ssh is not something local sandboxes have: a clear error, crabbox's own (125).
-    let out = d
-        .run(r.path(), &["ssh", "--print"])
-        .await
-        .crabbox_failed("ssh");
+    // ssh is not something local sandboxes have: a clear error, exit 7 (no command of
+    // the user's runs: SPEC's codes).
+    let out = d.run(r.path(), &["ssh", "--print"]).await.expect(7);
     assert!(
         out.stderr().contains("not supported by the local provider"),
         "{}",
@@ -1523,9 +1521,11 @@ async fn exit_codes_follow_docker_for_run_and_spec_elsewhere() {
     d.run(r.path(), &["run", "--id", "nope", "--", "true"])
         .await
         .crabbox_failed("not_found");
-    d.run(r.path(), &["ssh", "--print"])
+    d.run(r.path(), &["ssh", "--", "true"])
         .await
         .crabbox_failed("ssh");
+    // ssh without a command runs nothing of the user's: SPEC's code.
+    d.run(r.path(), &["ssh", "--print"]).await.expect(7);
     // ... and under --json, a JSON document on stderr.
     let out = d
         .run(r.path(), &["--json", "run", "--id", "nope", "--", "true"])

@@ -381,7 +381,12 @@ pub enum DaemonAction {
 
 /// Runs the CLI; answers the process exit code.
 pub async fn main(cli: Cli) -> i32 {
-    let runs_users_command = matches!(cli.command, Command::Run(_) | Command::Ssh { .. });
+    // SPEC: `run`, and `ssh` with a command, run a command of the user's.
+    let runs_users_command = match &cli.command {
+        Command::Run(_) => true,
+        Command::Ssh { command, .. } => !command.is_empty(),
+        _ => false,
+    };
     let json = cli.json
         || matches!(&cli.command, Command::Run(r)
             if matches!(r.output, Some(RunOutput::Json | RunOutput::Ndjson)));
@@ -435,7 +440,8 @@ pub fn parse_args() -> Cli {
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect();
             let sub = words.iter().find(|w| !w.starts_with('-')).cloned();
-            let runs = matches!(sub.as_deref(), Some("run" | "ssh"));
+            let runs = matches!(sub.as_deref(), Some("run"))
+                || (matches!(sub.as_deref(), Some("ssh")) && words.iter().any(|w| w == "--"));
             if runs {
                 // As every other failure of crabbox's own under run/ssh: the kind first.
                 let text = e.render().to_string();
