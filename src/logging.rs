@@ -15,6 +15,17 @@ pub const SECRET_BEARING_TARGETS: [&str; 3] = [
     "russh",
 ];
 
+/// Colour on stderr only when it is a terminal, and never with `NO_COLOR` set (unless
+/// `CLICOLOR_FORCE` asks for it): a log file never holds escape codes.
+pub fn colour_stderr() -> bool {
+    use std::io::IsTerminal;
+    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty() && v != "0");
+    if set("CLICOLOR_FORCE") {
+        return true;
+    }
+    !set("NO_COLOR") && std::io::stderr().is_terminal()
+}
+
 /// `RUST_LOG` (or `default`), with [`SECRET_BEARING_TARGETS`] capped at `info`.
 pub fn env_filter(default: &str) -> EnvFilter {
     let base = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));

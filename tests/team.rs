@@ -199,6 +199,11 @@ async fn quotas_are_exact_across_daemons() {
             !d.log().contains(PASSWORD),
             "the password reached a daemon log"
         );
+        assert!(
+            !d.log().contains('\u{1b}'),
+            "the daemon's log file holds no colour escapes"
+        );
+        assert!(d.log().contains(" INFO "), "it is a log: {}", d.log());
     }
 }
 

@@ -34,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
     // alone, whatever the umask it was started with.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     tracing_subscriber::fmt()
+        .with_ansi(crabbox::logging::colour_stderr())
         .with_env_filter(crabbox::logging::env_filter("info"))
         .with_writer(std::io::stderr)
         .init();

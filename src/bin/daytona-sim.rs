@@ -80,6 +80,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        .with_ansi(crabbox::logging::colour_stderr())
         .with_env_filter(crabbox::logging::env_filter("warn"))
         .with_writer(std::io::stderr)
         .init();
