@@ -592,6 +592,9 @@ pub struct Settings {
     /// Repo config files with `pool:` entries: pools are the daemon's, read from its own
     /// config, so a CLI says these are not used.
     pub ignored_pools: Vec<PathBuf>,
+    /// Keys of a repo's config files that only the daemon reads (from its own config, when
+    /// it starts): a CLI says they are not used from there.
+    pub ignored_daemon_keys: Vec<(PathBuf, &'static str)>,
     /// The files that were read, lowest first.
     pub sources: Vec<PathBuf>,
 }
@@ -612,6 +615,7 @@ impl Settings {
             pools: Vec::new(),
             team: None,
             ignored_pools: Vec::new(),
+            ignored_daemon_keys: Vec::new(),
             sources: Vec::new(),
         }
     }
@@ -722,6 +726,7 @@ pub fn load(repo_root: Option<&Path>) -> Result<Settings, ConfigError> {
     let mut merged = serde_yaml_ng::Value::Mapping(Default::default());
     let mut sources = Vec::new();
     let mut ignored_pools = Vec::new();
+    let mut ignored_daemon_keys = Vec::new();
     for (path, required) in config_files(repo_root) {
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -748,8 +753,26 @@ pub fn load(repo_root: Option<&Path>) -> Result<Settings, ConfigError> {
         // Check this file alone, so the error names it.
         let alone = serde_yaml_ng::from_value::<FileConfig>(value.clone())
             .map_err(|e| ConfigError(format!("config {}: {e}", path.display())))?;
-        if !alone.pool.is_empty() && repo_root.is_some_and(|root| path.starts_with(root)) {
+        let in_repo = repo_root.is_some_and(|root| path.starts_with(root));
+        if !alone.pool.is_empty() && in_repo {
             ignored_pools.push(path.clone());
+        }
+        if in_repo {
+            let d = &alone.daytona;
+            for (key, set) in [
+                ("daytona.apiUrl", d.api_url.is_some()),
+                ("daytona.workRoot", d.work_root.is_some()),
+                ("daytona.sshGatewayHost", d.ssh_gateway_host.is_some()),
+                ("daytona.sshAccessMinutes", d.ssh_access_minutes.is_some()),
+                ("daytona.apiKey", d.api_key.is_some()),
+                ("daytona.jwtToken", d.jwt_token.is_some()),
+                ("daytona.organizationId", d.organization_id.is_some()),
+                ("team", alone.team.is_some()),
+            ] {
+                if set {
+                    ignored_daemon_keys.push((path.clone(), key));
+                }
+            }
         }
         merge(&mut merged, value);
         sources.push(path);
@@ -758,6 +781,7 @@ pub fn load(repo_root: Option<&Path>) -> Result<Settings, ConfigError> {
         serde_yaml_ng::from_value(merged).map_err(|e| ConfigError(format!("config: {e}")))?;
     let mut s = from_file(file, sources)?;
     s.ignored_pools = ignored_pools;
+    s.ignored_daemon_keys = ignored_daemon_keys;
     Ok(s)
 }
 
@@ -790,6 +814,7 @@ fn from_file(file: FileConfig, sources: Vec<PathBuf>) -> Result<Settings, Config
         pools: Vec::new(),
         team: None,
         ignored_pools: Vec::new(),
+        ignored_daemon_keys: Vec::new(),
         sources,
     };
     if let Some(p) = non_empty_env("CRABBOX_PROVIDER") {

@@ -1563,3 +1563,46 @@ async fn exit_codes_follow_docker_for_run_and_spec_elsewhere() {
     let doc: serde_json::Value = serde_json::from_str(out.stderr().trim()).expect("json");
     assert_eq!(doc["error"]["kind"], "not_found", "{doc}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_side_daytona_flags_are_refused_with_where_to_set_them() {
+    let d = Daemon::start().await;
+    let r = repo();
+    for (args, says) in [
+        (
+            &["--daytona-api-url", "http://x", "list"][..],
+            "DAYTONA_API_URL",
+        ),
+        (
+            &["--daytona-work-root", "/w", "warmup"][..],
+            "CRABBOX_DAYTONA_WORK_ROOT",
+        ),
+        (
+            &["--daytona-ssh-gateway-host", "h", "status", "x"][..],
+            "daytona.sshGatewayHost",
+        ),
+        (
+            &["--daytona-ssh-access-minutes", "5", "ssh"][..],
+            "crabbox ssh --ttl",
+        ),
+    ] {
+        let out = d.run(r.path(), args).await.expect(2);
+        assert!(out.stderr().contains(says), "{args:?}: {}", out.stderr());
+    }
+    // Under run: crabbox's own usage failure (125).
+    let out = d
+        .run(
+            r.path(),
+            &["--daytona-api-url", "http://x", "run", "--", "true"],
+        )
+        .await
+        .crabbox_failed("usage");
+    assert!(out.stderr().contains("restart it"), "{}", out.stderr());
+    // The per-lease ones have help; the daemon-side ones are not offered.
+    let help = d.run(r.path(), &["run", "--help"]).await.expect(0).stdout();
+    assert!(
+        help.contains("--daytona-snapshot") && help.contains("The snapshot"),
+        "{help}"
+    );
+    assert!(!help.contains("--daytona-api-url"), "{help}");
+}

@@ -254,7 +254,11 @@ async fn a_pooled_sandbox_gone_behind_the_daemons_back_is_skipped() {
 async fn pool_entries_in_a_repos_config_are_said_to_be_unused() {
     let d = Daemon::start().await;
     let r = repo();
-    std::fs::write(r.path().join("crabbox.yaml"), "pool:\n  - size: 1\n").expect("write");
+    std::fs::write(
+        r.path().join("crabbox.yaml"),
+        "pool:\n  - size: 1\ndaytona:\n  apiUrl: http://127.0.0.1:9\n",
+    )
+    .expect("write");
     let home = tempfile::tempdir().expect("home");
     let out = d
         .cli(r.path())
@@ -268,6 +272,10 @@ async fn pool_entries_in_a_repos_config_are_said_to_be_unused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("crabbox.yaml has pool: entries, which are not used"),
+        "{err}"
+    );
+    assert!(
+        err.contains("crabbox.yaml sets daytona.apiUrl, which only the daemon reads"),
         "{err}"
     );
     // No pool was made from it.

@@ -95,19 +95,26 @@ pub struct Cli {
 #[derive(Debug, Args, Default)]
 #[command(next_help_heading = "Daytona")]
 pub struct DaytonaFlags {
-    #[arg(long, global = true, value_name = "URL")]
+    /// Read by crabboxd when it starts, not per command: refused with where to set it.
+    #[arg(long, global = true, value_name = "URL", hide = true)]
     pub daytona_api_url: Option<String>,
+    /// The snapshot a new Daytona lease is made from [config: daytona.snapshot].
     #[arg(long, global = true, value_name = "NAME")]
     pub daytona_snapshot: Option<String>,
+    /// The Daytona target (region) of a new lease [config: daytona.target].
     #[arg(long, global = true, value_name = "TARGET")]
     pub daytona_target: Option<String>,
+    /// The user inside a new Daytona sandbox [config: daytona.user].
     #[arg(long, global = true, value_name = "USER")]
     pub daytona_user: Option<String>,
-    #[arg(long, global = true, value_name = "PATH")]
+    /// Read by crabboxd when it starts, not per command: refused with where to set it.
+    #[arg(long, global = true, value_name = "PATH", hide = true)]
     pub daytona_work_root: Option<String>,
-    #[arg(long, global = true, value_name = "HOST")]
+    /// Read by crabboxd when it starts, not per command: refused with where to set it.
+    #[arg(long, global = true, value_name = "HOST", hide = true)]
     pub daytona_ssh_gateway_host: Option<String>,
-    #[arg(long, global = true, value_name = "MIN")]
+    /// Refused: `crabbox ssh --ttl` sets how long ssh access lasts.
+    #[arg(long, global = true, value_name = "MIN", hide = true)]
     pub daytona_ssh_access_minutes: Option<u32>,
 }
 

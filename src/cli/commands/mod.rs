@@ -109,6 +109,44 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
     if let Some(p) = &cli.provider {
         settings.provider = p.clone();
     }
+    // Flags of the daemon's Daytona provider would do nothing here: said, with where to
+    // set them.
+    let f = &cli.daytona;
+    for (flag, given, env, key) in [
+        (
+            "--daytona-api-url",
+            f.daytona_api_url.is_some(),
+            "DAYTONA_API_URL",
+            "daytona.apiUrl",
+        ),
+        (
+            "--daytona-work-root",
+            f.daytona_work_root.is_some(),
+            "CRABBOX_DAYTONA_WORK_ROOT",
+            "daytona.workRoot",
+        ),
+        (
+            "--daytona-ssh-gateway-host",
+            f.daytona_ssh_gateway_host.is_some(),
+            "CRABBOX_DAYTONA_SSH_GATEWAY_HOST",
+            "daytona.sshGatewayHost",
+        ),
+    ] {
+        if given {
+            return Err(CliError::usage(format!(
+                "{flag} is read by crabboxd when it starts (it makes its Daytona provider once), \
+                 not per command: set {env} (or {key} in ~/.config/crabbox/config.yaml) where \
+                 the daemon starts, then restart it with `crabbox daemon stop`"
+            )));
+        }
+    }
+    if f.daytona_ssh_access_minutes.is_some() {
+        return Err(CliError::usage(
+            "--daytona-ssh-access-minutes is not a per-command flag: `crabbox ssh --ttl 30m` sets \
+             how long ssh access lasts (daytona.sshAccessMinutes in the daemon's config sets the \
+             default)",
+        ));
+    }
     apply_daytona_flags(&mut settings, &cli.daytona);
     for (flag, value) in [("--class", &cli.class), ("--type", &cli.machine_type)] {
         if value.is_some() {
@@ -125,6 +163,14 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         }
     }
     if needs_config && !cli.quiet {
+        for (f, key) in &settings.ignored_daemon_keys {
+            eprintln!(
+                "crabbox: note: {} sets {key}, which only the daemon reads, from its own config \
+                 (~/.config/crabbox/config.yaml or its environment) when it starts: it is not \
+                 used from a repository's config",
+                f.display()
+            );
+        }
         for f in &settings.ignored_pools {
             eprintln!(
                 "crabbox: note: {} has pool: entries, which are not used from a repository's \
