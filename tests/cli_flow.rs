@@ -1606,3 +1606,32 @@ async fn daemon_side_daytona_flags_are_refused_with_where_to_set_them() {
     );
     assert!(!help.contains("--daytona-api-url"), "{help}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_touch_and_stop_default_to_the_repos_lease() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let lease = d
+        .run(r.path(), &["--json", "warmup"])
+        .await
+        .expect(0)
+        .json();
+    let id = lease["id"].as_str().expect("id");
+    // From a folder inside the repo, too.
+    let inner = r.path().join("src");
+    let st = d.run(&inner, &["--json", "status"]).await.expect(0).json();
+    assert_eq!(st["id"], id);
+    let touched = d.run(&inner, &["--json", "touch"]).await.expect(0).json();
+    assert_eq!(touched["id"], id);
+    let stopped = d.run(&inner, &["--json", "stop"]).await.expect(0).json();
+    assert_eq!(
+        (stopped["id"].as_str(), stopped["state"].as_str()),
+        (Some(id), Some("released"))
+    );
+    let out = d.run(&inner, &["status"]).await.expect(4);
+    assert!(
+        out.stderr().contains("no lease is claimed by"),
+        "{}",
+        out.stderr()
+    );
+}

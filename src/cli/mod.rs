@@ -178,8 +178,9 @@ pub enum Command {
     /// Release a lease: its sandbox is deleted.
     #[command(alias = "release")]
     Stop {
-        /// Id, slug or sandbox name (team mode: any of the team's leases).
-        lease: String,
+        /// Id, slug or sandbox name (team mode: any of the team's leases) [default: this
+        /// repo's lease].
+        lease: Option<String>,
         /// Team mode: stop another user's lease (recorded).
         #[arg(long)]
         force: bool,
@@ -197,10 +198,14 @@ pub enum Command {
     },
     /// Mark a lease used now, pushing back its idle expiry.
     #[command(alias = "heartbeat")]
-    Touch { lease: String },
+    Touch {
+        /// Id, slug or sandbox name [default: this repo's lease].
+        lease: Option<String>,
+    },
     /// Show one lease.
     Status {
-        lease: String,
+        /// Id, slug or sandbox name [default: this repo's lease].
+        lease: Option<String>,
         /// Wait until the lease is ready, failed or released.
         #[arg(long)]
         wait: bool,

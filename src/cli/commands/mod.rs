@@ -68,6 +68,9 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
             | Command::SyncPlan(_)
             | Command::Pause { lease: None }
             | Command::Resume { lease: None }
+            | Command::Stop { lease: None, .. }
+            | Command::Touch { lease: None }
+            | Command::Status { lease: None, .. }
     );
     let repo_root = match &cli.command {
         Command::Run(RunArgs {
@@ -204,11 +207,20 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
             ttl,
             command,
         } => run::ssh(&ctx, id, print, show_secret, ttl, command).await,
-        Command::Stop { lease, force } => stop(&ctx, &lease, force).await,
-        Command::Touch { lease } => touch(&ctx, &lease).await,
+        Command::Stop { lease, force } => {
+            let name = named_or_repos(&ctx, lease).await?;
+            stop(&ctx, &name, force).await
+        }
+        Command::Touch { lease } => {
+            let name = named_or_repos(&ctx, lease).await?;
+            touch(&ctx, &name).await
+        }
         Command::Pause { lease } => pause(&ctx, lease, true).await,
         Command::Resume { lease } => pause(&ctx, lease, false).await,
-        Command::Status { lease, wait } => status(&ctx, &lease, wait).await,
+        Command::Status { lease, wait } => {
+            let name = named_or_repos(&ctx, lease).await?;
+            status(&ctx, &name, wait).await
+        }
         Command::List(args) => list(&ctx, args).await,
         Command::Claims => claims(&ctx).await,
         Command::Doctor => daemon::doctor(&ctx).await,
@@ -453,33 +465,33 @@ async fn stop(ctx: &Ctx, name: &str, force: bool) -> Result<i32, CliError> {
 }
 
 /// `pause` (or `resume` when `!pause`) of `lease`, or of the repo's lease.
-async fn pause(ctx: &Ctx, lease: Option<String>, pause: bool) -> Result<i32, CliError> {
+/// `lease`, or the lease this repository claims (as `run` uses it).
+async fn named_or_repos(ctx: &Ctx, lease: Option<String>) -> Result<String, CliError> {
+    if let Some(l) = lease {
+        return Ok(l);
+    }
     let mut c = ctx.clients().await?;
-    let name = match lease {
-        Some(l) => l,
-        None => {
-            let repo = ctx.repo();
-            let page = c
-                .leases
-                .list(pb::ListRequest {
-                    repo_root: repo.clone(),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            match page.leases.first() {
-                Some(l) => l.id.clone(),
-                None => {
-                    return Err(CliError::new(
-                        exit::NOT_FOUND,
-                        format!(
-                            "no lease is claimed by {repo}; name one (`crabbox list` shows them)"
-                        ),
-                    ));
-                }
-            }
-        }
-    };
+    let repo = ctx.repo();
+    let page = c
+        .leases
+        .list(pb::ListRequest {
+            repo_root: repo.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    match page.leases.first() {
+        Some(l) => Ok(l.id.clone()),
+        None => Err(CliError::new(
+            exit::NOT_FOUND,
+            format!("no lease is claimed by {repo}; name one (`crabbox list` shows them)"),
+        )),
+    }
+}
+
+async fn pause(ctx: &Ctx, lease: Option<String>, pause: bool) -> Result<i32, CliError> {
+    let name = named_or_repos(ctx, lease).await?;
+    let mut c = ctx.clients().await?;
     if pause {
         ctx.progress(format!("pausing {name}: stopping its sandbox"));
     } else {
