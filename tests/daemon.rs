@@ -581,6 +581,29 @@ async fn the_cli_starts_and_stops_the_daemon() {
     assert_eq!(st["running"], true);
     let out = cli(&["daemon", "start"]).output().await.expect("ran");
     assert_eq!(out.status.code(), Some(0), "start is a no-op when running");
+    // A daemon of another version is said to be one, with what to do.
+    let lock = socket.with_extension("lock");
+    let text = std::fs::read_to_string(&lock).expect("lock");
+    let mut words = text.split_whitespace();
+    let pid = words.next().expect("pid").to_string();
+    assert_eq!(words.next(), Some(env!("CARGO_PKG_VERSION")), "{text}");
+    std::fs::write(&lock, format!("{pid} 0.0.1-old")).expect("w");
+    let out = cli(&["list"]).output().await.expect("ran");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("crabboxd is version 0.0.1-old") && err.contains("crabbox daemon restart"),
+        "{err}"
+    );
+    // Restart: a new daemon, of this version, and no warning.
+    let out = cli(&["daemon", "restart", "--json"])
+        .output()
+        .await
+        .expect("ran");
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(st["stopped_pid"].to_string(), pid, "{st}");
+    assert_ne!(st["pid"].to_string(), pid, "{st}");
+    let out = cli(&["list"]).output().await.expect("ran");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("warning"));
     let out = cli(&["daemon", "stop"]).output().await.expect("ran");
     assert_eq!(
         out.status.code(),

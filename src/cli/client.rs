@@ -82,7 +82,19 @@ fn check_peer(stream: &tokio::net::UnixStream, path: &Path) -> std::io::Result<(
 /// `CRABBOX_NO_AUTOSTART=1`).
 pub async fn connect(socket: &Path, quiet: bool) -> Result<Clients, CliError> {
     let first = match connect_once(socket).await {
-        Ok(c) => return Ok(c),
+        Ok(c) => {
+            if !quiet
+                && let Some(theirs) = daemon_version(socket)
+                && theirs != env!("CARGO_PKG_VERSION")
+            {
+                eprintln!(
+                    "crabbox: warning: crabboxd is version {theirs}, this crabbox is {}: \
+                     restart it with `crabbox daemon restart`",
+                    env!("CARGO_PKG_VERSION")
+                );
+            }
+            return Ok(c);
+        }
         Err(e) => e,
     };
     if std::env::var("CRABBOX_NO_AUTOSTART").is_ok_and(|v| v == "1") {
@@ -99,6 +111,12 @@ pub async fn connect(socket: &Path, quiet: bool) -> Result<Clients, CliError> {
         eprintln!("crabbox: starting crabboxd ({})", socket.display());
     }
     start_daemon(socket).await
+}
+
+/// The version the daemon on `socket` wrote beside it (`<socket>.lock`: "PID VERSION").
+pub fn daemon_version(socket: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(socket.with_extension("lock")).ok()?;
+    text.split_whitespace().nth(1).map(str::to_string)
 }
 
 /// The `crabboxd` next to this binary, else the one on PATH.

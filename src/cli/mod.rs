@@ -389,6 +389,9 @@ pub enum DaemonAction {
     },
     /// Is crabboxd running? (exit 1 when not)
     Status,
+    /// Stop crabboxd (as `stop`) and start it again: after an upgrade, or a change to its
+    /// config (pools, team mode, Daytona credentials).
+    Restart,
 }
 
 /// Runs the CLI; answers the process exit code.

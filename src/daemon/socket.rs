@@ -89,8 +89,8 @@ pub fn bind_unix(path: &Path) -> Result<BoundSocket, DaemonError> {
         match nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             Ok(l) => l,
             Err((_, _)) => {
-                let pid = std::fs::read_to_string(&lock_path).unwrap_or_default();
-                let pid = pid.trim();
+                let text = std::fs::read_to_string(&lock_path).unwrap_or_default();
+                let pid = text.split_whitespace().next().unwrap_or("");
                 return Err(DaemonError::AlreadyRunning {
                     socket: path.display().to_string(),
                     pid: if pid.is_empty() {
@@ -105,7 +105,8 @@ pub fn bind_unix(path: &Path) -> Result<BoundSocket, DaemonError> {
         use std::io::{Seek, Write};
         let _ = lock.set_len(0);
         let _ = lock.seek(std::io::SeekFrom::Start(0));
-        let _ = write!(lock, "{}", std::process::id());
+        // The pid, and the version a CLI compares with its own.
+        let _ = write!(lock, "{} {}", std::process::id(), env!("CARGO_PKG_VERSION"));
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {

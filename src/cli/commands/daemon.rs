@@ -212,6 +212,23 @@ pub(super) async fn daemon(ctx: &Ctx, action: DaemonAction) -> Result<i32, CliEr
                 exit::INTERNAL
             })
         }
+        DaemonAction::Restart => {
+            if let Some(i) = &info {
+                stop_daemon(ctx, i).await?;
+            }
+            let mut c = client::start_daemon(&ctx.socket).await?;
+            let i = c.daemon.info(pb::InfoRequest {}).await?.into_inner();
+            if ctx.json {
+                print_json(&json!({"running": true, "pid": i.pid, "version": i.version,
+                    "stopped_pid": info.map(|o| o.pid)}));
+            } else {
+                println!(
+                    "crabboxd {} running (pid {}) on {}",
+                    i.version, i.pid, i.socket
+                );
+            }
+            Ok(exit::OK)
+        }
         DaemonAction::Start => {
             let i = match info {
                 Some(i) => i,
@@ -239,23 +256,7 @@ pub(super) async fn daemon(ctx: &Ctx, action: DaemonAction) -> Result<i32, CliEr
             if drain {
                 drain_pools(ctx).await?;
             }
-            let pid = nix::unistd::Pid::from_raw(i.pid as i32);
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).map_err(|e| {
-                CliError::new(
-                    exit::INTERNAL,
-                    format!("could not signal crabboxd (pid {}): {e}", i.pid),
-                )
-            })?;
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            while Path::new(&ctx.socket).exists() || nix::sys::signal::kill(pid, None).is_ok() {
-                if std::time::Instant::now() > deadline {
-                    return Err(CliError::new(
-                        exit::INTERNAL,
-                        format!("crabboxd (pid {}) did not stop within 20s", i.pid),
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            stop_daemon(ctx, &i).await?;
             if ctx.json {
                 print_json(&json!({"running": false, "stopped_pid": i.pid}));
             } else {
@@ -264,6 +265,28 @@ pub(super) async fn daemon(ctx: &Ctx, action: DaemonAction) -> Result<i32, CliEr
             Ok(exit::OK)
         }
     }
+}
+
+/// SIGTERM to the daemon `i` describes, and waits (up to 20 s) until it is gone.
+async fn stop_daemon(ctx: &Ctx, i: &pb::InfoResponse) -> Result<(), CliError> {
+    let pid = nix::unistd::Pid::from_raw(i.pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).map_err(|e| {
+        CliError::new(
+            exit::INTERNAL,
+            format!("could not signal crabboxd (pid {}): {e}", i.pid),
+        )
+    })?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while Path::new(&ctx.socket).exists() || nix::sys::signal::kill(pid, None).is_ok() {
+        if std::time::Instant::now() > deadline {
+            return Err(CliError::new(
+                exit::INTERNAL,
+                format!("crabboxd (pid {}) did not stop within 20s", i.pid),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 /// Releases every pooled sandbox and waits (up to a minute) until none is left.
