@@ -188,6 +188,15 @@ async fn quotas_are_exact_across_daemons() {
         .expect("its daemon");
     let (code, _, err) = owner.cb(repos[0].path(), &["stop", &first]).await;
     assert_eq!(code, 0, "{err}");
+    // Each lease's life is in its daemon's log at info: made, ready, released.
+    eventually(10, "the lease's life in the log", || async {
+        let log = owner.log();
+        (log.contains("lease created")
+            && log.contains("lease ready")
+            && log.contains("lease released"))
+        .then_some(())
+    })
+    .await;
     let extra = repo();
     eventually(20, "the freed slot to be usable", || async {
         let (code, _, _) = daemons[1].cb(extra.path(), &["warmup"]).await;

@@ -212,7 +212,7 @@ impl LeaseActorState {
                         self.publish.send_replace(self.record.clone());
                         published = true;
                     }
-                    tracing::debug!(lease = %self.record.id, state = %self.record.state, message);
+                    log_life(&self.record, message);
                     // No subscriber is fine.
                     let _ = self.ctx.events.send(LeaseChange {
                         lease: self.record.clone(),
@@ -328,6 +328,30 @@ impl LeaseActorState {
                 _ => {}
             }
         });
+    }
+}
+
+/// A lease's life in the daemon's log: the moves a person looks for (ready, pooled,
+/// stopped, failed, released) at info with the reason and how long it took or lived, the
+/// rest at debug.
+fn log_life(r: &LeaseRecord, message: &str) {
+    use crate::lease::LeaseState as S;
+    let age =
+        crate::clock::human_secs(crate::clock::now_ms().saturating_sub(r.created_at_ms) / 1000);
+    let reason = r.reason.as_deref().unwrap_or("");
+    match r.state {
+        S::Ready | S::Pooled if matches!(message, "ready" | "pooled" | "taken from the pool") => {
+            tracing::info!(lease = %r.id, slug = %r.slug, provider = %r.provider,
+                sandbox = %r.sandbox_name, after = %age, "lease {message}")
+        }
+        S::Failed => tracing::warn!(lease = %r.id, slug = %r.slug, after = %age, %reason,
+            "lease {message}"),
+        S::Released => tracing::info!(lease = %r.id, slug = %r.slug, lived = %age, %reason,
+            "lease released"),
+        S::Stopped if message == "paused" || message.starts_with("stopped") => {
+            tracing::info!(lease = %r.id, slug = %r.slug, %reason, "lease {message}")
+        }
+        _ => tracing::debug!(lease = %r.id, state = %r.state, message),
     }
 }
 

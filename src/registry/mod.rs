@@ -524,6 +524,8 @@ impl RegistryState {
         // on finds the record (and the sandbox by its name).
         self.ctx.store.put_lease(&record)?;
         self.index.publish(record.clone(), "leased");
+        tracing::info!(lease = %record.id, slug = %record.slug, provider = %record.provider,
+            repo = record.repo_root.as_deref().unwrap_or(""), "lease created");
         let lease = self.spawn_lease(myself, record, LeaseMsg::Start).await?;
         Ok(Acquired { lease, fresh: true })
     }
