@@ -581,6 +581,47 @@ async fn the_cli_starts_and_stops_the_daemon() {
     assert_eq!(st["running"], true);
     let out = cli(&["daemon", "start"]).output().await.expect("ran");
     assert_eq!(out.status.code(), Some(0), "start is a no-op when running");
+    // Its log: all of it, the recent part, and followed as it grows.
+    let out = cli(&["daemon", "logs"]).output().await.expect("ran");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("crabboxd serving") && !text.contains('\u{1b}'),
+        "{text}"
+    );
+    let out = cli(&["daemon", "logs", "--since", "1h"])
+        .output()
+        .await
+        .expect("ran");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("crabboxd serving"));
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let out = cli(&["daemon", "logs", "--since", "1s"])
+        .output()
+        .await
+        .expect("ran");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("crabboxd serving"),
+        "older lines are left out"
+    );
+    let mut follow = cli(&["daemon", "logs", "-f", "--since", "1s"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("follow");
+    let mut out = follow.stdout.take().expect("stdout");
+    cli(&["warmup"]).output().await.expect("warmup");
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !seen.contains("lease created") && std::time::Instant::now() < deadline {
+        let mut buf = [0u8; 4096];
+        use tokio::io::AsyncReadExt;
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(std::time::Duration::from_millis(500), out.read(&mut buf)).await
+        {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    assert!(seen.contains("lease created"), "followed: {seen}");
+    let _ = follow.start_kill();
     // A daemon of another version is said to be one, with what to do.
     let lock = socket.with_extension("lock");
     let text = std::fs::read_to_string(&lock).expect("lock");

@@ -392,6 +392,15 @@ pub enum DaemonAction {
     /// Stop crabboxd (as `stop`) and start it again: after an upgrade, or a change to its
     /// config (pools, team mode, Daytona credentials).
     Restart,
+    /// Show the log of a daemon crabbox started (`<state dir>/crabboxd.log`).
+    Logs {
+        /// Keep printing what is written, until interrupted (as `tail -f`).
+        #[arg(short, long)]
+        follow: bool,
+        /// Only lines of the last DURATION (10m, 2h).
+        #[arg(long, value_name = "DURATION", value_parser = crate::config::parse_duration)]
+        since: Option<std::time::Duration>,
+    },
 }
 
 /// Runs the CLI; answers the process exit code.

@@ -212,6 +212,7 @@ pub(super) async fn daemon(ctx: &Ctx, action: DaemonAction) -> Result<i32, CliEr
                 exit::INTERNAL
             })
         }
+        DaemonAction::Logs { follow, since } => logs(ctx, follow, since).await,
         DaemonAction::Restart => {
             if let Some(i) = &info {
                 stop_daemon(ctx, i).await?;
@@ -263,6 +264,80 @@ pub(super) async fn daemon(ctx: &Ctx, action: DaemonAction) -> Result<i32, CliEr
                 println!("stopped crabboxd (pid {})", i.pid);
             }
             Ok(exit::OK)
+        }
+    }
+}
+
+/// Prints the daemon's log (the lines since `since`), then what is appended when
+/// following.
+async fn logs(ctx: &Ctx, follow: bool, since: Option<Duration>) -> Result<i32, CliError> {
+    use std::io::{Read, Seek, Write};
+    let path = ctx.daemon_log();
+    let mut file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) => {
+            return Err(CliError::new(
+                exit::NOT_FOUND,
+                format!(
+                    "no daemon log at {} ({e}): crabbox writes one when it starts crabboxd itself; \
+                     a daemon started by hand or by systemd logs to its own stderr or the journal",
+                    path.display()
+                ),
+            ));
+        }
+    };
+    let cutoff = since.map(|d| crate::clock::now_ms().saturating_sub(d.as_millis() as u64));
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .map_err(|e| CliError::new(exit::INTERNAL, format!("reading {}: {e}", path.display())))?;
+    let mut out = std::io::stdout().lock();
+    // Lines start with their RFC 3339 time; a line without one goes with the line before.
+    let mut keep = cutoff.is_none();
+    for line in text.lines() {
+        if let Some(cut) = cutoff
+            && let Some(ms) = line
+                .split_whitespace()
+                .next()
+                .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        {
+            keep = ms.as_millis() as u64 >= cut;
+        }
+        if keep {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    let _ = out.flush();
+    drop(out);
+    if !follow {
+        return Ok(exit::OK);
+    }
+    let mut pos = file
+        .stream_position()
+        .map_err(|e| CliError::new(exit::INTERNAL, format!("{}: {e}", path.display())))?;
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    loop {
+        tokio::select! {
+            _ = &mut interrupted => return Ok(exit::OK),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if len < pos {
+            // Rotated or truncated: from the start of the new one.
+            if let Ok(f) = std::fs::File::open(&path) {
+                file = f;
+            }
+            pos = 0;
+        }
+        if len > pos {
+            let _ = file.seek(std::io::SeekFrom::Start(pos));
+            let mut chunk = Vec::new();
+            let _ = (&mut file).take(len - pos).read_to_end(&mut chunk);
+            pos += chunk.len() as u64;
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&chunk);
+            let _ = out.flush();
         }
     }
 }
