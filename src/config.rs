@@ -688,7 +688,14 @@ pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Parses `90s`, `30m`, `2h`, `1h30m`. Zero, garbage and more than a year are refused with
 /// the forms that work.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim()).map_err(|_| {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        // timeout(1) takes a bare number as seconds; crabbox asks for the unit.
+        return Err(format!(
+            "invalid duration {s:?}: a bare number has no unit; write {t}s for seconds (or {t}m, {t}h)"
+        ));
+    }
+    let d = humantime::parse_duration(t).map_err(|_| {
         format!("invalid duration {s:?}: use a number with a unit, like 90s, 30m, 2h or 1h30m")
     })?;
     if d.is_zero() {
@@ -902,6 +909,8 @@ mod tests {
             let e = parse_duration(bad).expect_err(bad);
             assert!(e.contains("invalid duration"), "{e}");
         }
+        let e = parse_duration("30").expect_err("bare");
+        assert!(e.contains("write 30s for seconds"), "{e}");
         assert_eq!(parse_duration("365d"), Ok(MAX_DURATION));
     }
 
