@@ -1635,3 +1635,57 @@ async fn status_touch_and_stop_default_to_the_repos_lease() {
         out.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_says_where_its_time_went() {
+    let d = Daemon::start().await;
+    let r = repo();
+    // A fresh lease: every phase, in order, the release last.
+    let doc = d
+        .run(r.path(), &["run", "--json", "--", "sleep", "0.2"])
+        .await
+        .expect(0)
+        .json();
+    let phases: Vec<&str> = doc["timings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["phase"].as_str())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "manifest", "resolve", "archive", "upload", "exec", "release", "total"
+        ],
+        "{doc}"
+    );
+    let ms = |p: &str| {
+        doc["timings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|t| t["phase"] == p)
+            .and_then(|t| t["ms"].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(ms("exec") >= 200, "{doc}");
+    assert!(ms("total") >= ms("exec") + ms("resolve"), "{doc}");
+    // --timings on a terminal-less run: one line on stderr; a warm lease has no release.
+    d.run(r.path(), &["warmup"]).await.expect(0);
+    let out = d
+        .run(r.path(), &["run", "--timings", "--", "true"])
+        .await
+        .expect(0);
+    let line = out
+        .stderr()
+        .lines()
+        .find(|l| l.starts_with("crabbox: timings: "))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(
+        line.contains("resolve ") && line.contains("exec "),
+        "{}",
+        out.stderr()
+    );
+    assert!(!line.contains("release"), "{line}");
+}

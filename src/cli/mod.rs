@@ -330,6 +330,10 @@ pub struct RunArgs {
     /// started, stdout, stderr, exit or error); `json`: one document at the end (as --json).
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub output: Option<RunOutput>,
+    /// Show where the run's time went (resolve, manifest, archive, upload, exec, release)
+    /// on stderr at the end (always in --json and --output ndjson).
+    #[arg(long)]
+    pub timings: bool,
     /// Stop the command when it prints nothing and is sent nothing for this long (exit 124);
     /// output and input reset it [default: config run.stall_timeout, else off].
     #[arg(long, value_parser = crate::config::parse_duration)]

@@ -59,6 +59,7 @@ pub async fn run(
         lease: None,
         fresh: false,
         stdin,
+        timings: Vec::new(),
     };
     let outcome = tokio::select! {
         r = run.go() => Some(r),
@@ -69,10 +70,18 @@ pub async fn run(
     let failed = !matches!(outcome, Some(Ok(ref exit)) if exit.code == 0);
     let keep = run.req.keep || (failed && run.req.keep_on_failure);
     match outcome {
-        Some(Ok(exit)) => {
+        Some(Ok(mut exit)) => {
             // A fresh lease is gone before the exit is told: the command's end is the
             // lease's end, as a person reading the exit expects.
+            let released = std::time::Instant::now();
             run.end_fresh(keep, true).await;
+            exit.timings = std::mem::take(&mut run.timings);
+            if run.fresh && !keep {
+                exit.timings.push(pb::PhaseTiming {
+                    phase: "release".into(),
+                    ms: released.elapsed().as_millis() as u64,
+                });
+            }
             let _ = tx
                 .send(Ok(pb::RunEvent {
                     event: Some(RunEv::Exit(exit)),
@@ -103,6 +112,8 @@ struct Run {
     fresh: bool,
     /// The command's stdin (and terminal sizes), from the client (RunWithInput).
     stdin: Option<mpsc::Receiver<Input>>,
+    /// Where the time went, phase by phase.
+    timings: Vec<pb::PhaseTiming>,
 }
 
 /// Sends `Finish` to the lease when a phase ends, however it ends (error, client gone).
@@ -120,6 +131,14 @@ impl Run {
             .send(Ok(pb::RunEvent { event: Some(event) }))
             .await
             .map_err(|_| Gone)
+    }
+
+    /// Records that `phase` took since `since`.
+    fn took(&mut self, phase: &str, since: std::time::Instant) {
+        self.timings.push(pb::PhaseTiming {
+            phase: phase.into(),
+            ms: since.elapsed().as_millis() as u64,
+        });
     }
 
     async fn phase(&self, text: impl Into<String>) {
@@ -191,6 +210,7 @@ impl Run {
         // costs money is created. What the lease holds is read from the store only when it
         // is needed: as the stat cache of a scan, and as the base of the diff later.
         let mut collected = None;
+        let manifest_started = std::time::Instant::now();
         if !sync_opts.skip {
             if repo_root.is_empty() {
                 return Err(Error::InvalidArgument(
@@ -216,7 +236,11 @@ impl Run {
             collected = Some(c);
         }
 
+        if !sync_opts.skip {
+            self.took("manifest", manifest_started);
+        }
         // 3. The lease: claim it, or create one.
+        let resolve_started = std::time::Instant::now();
         let fresh = self.req.fresh.clone().unwrap_or_default();
         let asked = acquire_spec(fresh, self.req.keep, &repo_root);
         let handle = match existing {
@@ -269,6 +293,7 @@ impl Run {
             }
         };
         let record = self.wait_usable(&handle).await?;
+        self.took("resolve", resolve_started);
         let repo_name = Path::new(&repo_root)
             .file_name()
             .and_then(|n| n.to_str())
@@ -330,6 +355,12 @@ impl Run {
                     synced.as_ref().ok().map(|_| generation),
                 );
                 let report = synced?;
+                for (phase, ms) in [("archive", report.archive_ms), ("upload", report.upload_ms)] {
+                    self.timings.push(pb::PhaseTiming {
+                        phase: phase.into(),
+                        ms,
+                    });
+                }
                 files_uploaded = report.files_uploaded;
                 let _ = self.emit(RunEv::Sync(sync_pb(&report, warnings))).await;
             }
@@ -403,6 +434,7 @@ impl Run {
             )
             .await?;
         let elapsed_ms = exec_started.elapsed().as_millis() as u64;
+        self.took("exec", exec_started);
         if exit.cancelled && self.api.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown(
                 "crabboxd was stopped while the command ran, and stopped the command (its \
@@ -430,6 +462,7 @@ impl Run {
             timed_out: exit.timed_out,
             stalled,
             elapsed_ms,
+            timings: Vec::new(),
         })
     }
 

@@ -383,18 +383,38 @@ async fn stream_run(
                 } else if !x.signal.is_empty() {
                     ctx.progress(format!("the command was killed by {}", x.signal));
                 }
+                let total_ms = begun.elapsed().as_millis() as u64;
+                let timings: Vec<serde_json::Value> = x
+                    .timings
+                    .iter()
+                    .map(|t| json!({"phase": t.phase, "ms": t.ms}))
+                    .chain([json!({"phase": "total", "ms": total_ms})])
+                    .collect();
+                if args.timings && !ctx.quiet {
+                    let parts: Vec<String> = x
+                        .timings
+                        .iter()
+                        .map(|t| format!("{} {} ms", t.phase, t.ms))
+                        .collect();
+                    eprintln!(
+                        "crabbox: timings: {} (total {total_ms} ms, this CLI included)",
+                        parts.join(", ")
+                    );
+                }
                 if ndjson {
                     event(&json!({
                         "event": "exit",
+                        "timings": timings,
                         "exit_code": x.code,
                         "signal": if x.signal.is_empty() { None } else { Some(&x.signal) },
                         "timed_out": x.timed_out,
                         "stalled": x.stalled,
                         "command_ms": x.elapsed_ms,
-                        "total_ms": begun.elapsed().as_millis() as u64,
+                        "total_ms": total_ms,
                     }));
                 } else if json {
                     print_json(&json!({
+                        "timings": timings,
                         "lease": lease_seen.as_ref().map(lease_json),
                         "exit_code": x.code,
                         "signal": if x.signal.is_empty() { None } else { Some(&x.signal) },

@@ -19,6 +19,9 @@ pub struct SyncReport {
     pub files_deleted: u64,
     pub bytes_uploaded: u64,
     pub millis: u64,
+    /// Of `millis`: building the archive, and sending it (with the unpacking).
+    pub archive_ms: u64,
+    pub upload_ms: u64,
 }
 
 /// One sync of a checkout.
@@ -127,6 +130,7 @@ impl SyncJob<'_> {
             let whole: u64 = deltas.iter().map(|d| d.delta.size).sum();
             tracing::debug!(lease = %id, files = deltas.len(), literal, whole, "large files sent as deltas");
         }
+        let archive_started = Instant::now();
         let archive = if diff.changed.is_empty() && deltas.is_empty() {
             None
         } else {
@@ -148,6 +152,8 @@ impl SyncJob<'_> {
             report.bytes_uploaded = size;
             Some(file)
         };
+        report.archive_ms = archive_started.elapsed().as_millis() as u64;
+        let upload_started = Instant::now();
         let upload = UploadSpec {
             workdir: self.workdir,
             archive: archive.as_ref().map(|f| f.path().to_path_buf()),
@@ -171,6 +177,7 @@ impl SyncJob<'_> {
             }
             return Err(e.into());
         }
+        report.upload_ms = upload_started.elapsed().as_millis() as u64;
         self.store.put_manifest(&id, &self.manifest)?;
         self.lease.manifest_untrusted.store(false, Ordering::SeqCst);
         self.lease.remote_verified.store(true, Ordering::SeqCst);
