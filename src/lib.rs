@@ -32,6 +32,7 @@ pub mod error;
 pub mod ids;
 pub mod lease;
 pub mod logging;
+pub mod metrics;
 pub mod pb;
 pub mod provider;
 pub mod registry;

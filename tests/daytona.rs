@@ -52,6 +52,8 @@ fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
 struct World {
     sim: Arc<Sim>,
     sim_url: String,
+    /// The daemon's Prometheus endpoint.
+    metrics_url: String,
     daemon: Daemon,
     http: reqwest::Client,
     _sim_dir: tempfile::TempDir,
@@ -100,6 +102,9 @@ async fn world_with(
     sim::ssh::start(sim.clone(), ssh).expect("gateway");
     let sim_url = format!("http://{addr}");
     let api = format!("{sim_url}/api");
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let metrics_url = format!("http://{}/metrics", metrics.local_addr().expect("addr"));
+    let metrics = Arc::new(metrics);
     let daemon = Daemon::start_with(
         move |state| {
             let mut p: Providers = daemon::default_providers(state).expect("local");
@@ -119,12 +124,14 @@ async fn world_with(
         |c| {
             c.provision_deadline = provision_deadline;
             c.pools = pools;
+            c.metrics = Some(metrics);
         },
     )
     .await;
     World {
         sim,
         sim_url,
+        metrics_url,
         daemon,
         http: reqwest::Client::new(),
         _sim_dir: sim_dir,
@@ -1390,4 +1397,88 @@ async fn a_429_storm_while_filling_leaves_takes_working() {
         (pool_status(&w, r.path(), "warm").await["ready"] == 1).then_some(())
     })
     .await;
+}
+
+/// Checks a Prometheus text document as promtool would: HELP and TYPE before each family's
+/// samples, every sample `name{labels} value` with a number, `# EOF` last; answers the
+/// samples as (name with labels, value).
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let mut typed = std::collections::HashSet::new();
+    let mut samples = Vec::new();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.last(), Some(&"# EOF"), "{text}");
+    for line in &lines[..lines.len() - 1] {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            typed.insert(rest.split(' ').next().unwrap_or("").to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("name value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number: {line}"));
+        let name = series.split('{').next().unwrap_or("");
+        let family = ["_total", "_bucket", "_count", "_sum", "_created"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        assert!(typed.contains(family), "{name} has no TYPE line:\n{text}");
+        if let Some(labels) = series.split_once('{').map(|(_, l)| l) {
+            assert!(labels.ends_with('}'), "{line}");
+        }
+        samples.push((series.to_string(), value));
+    }
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_serves_prometheus_metrics() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    w.cb(r.path(), &["warmup"]).await.expect(0);
+    w.cb(r.path(), &["run", "--", "sh", "-c", "exit 3"])
+        .await
+        .expect(3);
+    w.faults(json!({"rate_limit_count": 1, "retry_after_secs": 0}))
+        .await;
+    w.cb(r.path(), &["run", "--", "true"]).await.expect(0);
+    let text = w
+        .http
+        .get(&w.metrics_url)
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    let samples = parse_prometheus(&text);
+    let value = |prefix: &str| -> f64 {
+        samples
+            .iter()
+            .filter(|(s, _)| s.starts_with(prefix))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    assert_eq!(
+        value("crabbox_leases{state=\"ready\",provider=\"daytona\"}"),
+        1.0,
+        "{text}"
+    );
+    assert!(value("crabbox_runs_total{ended=\"exit\"}") >= 2.0, "{text}");
+    assert!(value("crabbox_run_seconds_count") >= 2.0, "{text}");
+    assert!(value("crabbox_sync_files_total") >= 2.0, "{text}");
+    assert!(value("crabbox_store_write_seconds_count") >= 1.0, "{text}");
+    assert!(
+        value(
+            "crabbox_provider_requests_total{provider=\"daytona\",route=\"POST /api/sandbox\",status=\"200\"}"
+        ) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        value("crabbox_provider_retries_total{provider=\"daytona\",why=\"429\"}") >= 1.0,
+        "{text}"
+    );
+    assert!(!text.contains(KEY), "no secret in the metrics");
 }

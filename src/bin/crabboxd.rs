@@ -26,6 +26,10 @@ struct Args {
     /// How long a sandbox may take to become ready before its lease fails.
     #[arg(long, default_value = "10m", value_parser = crabbox::config::parse_duration)]
     provision_timeout: std::time::Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464; port 0
+    /// picks one, printed to the log). No authentication: bind loopback.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -60,6 +64,20 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     config.provision_deadline = args.provision_timeout;
+    if let Some(addr) = args.metrics_listen {
+        match std::net::TcpListener::bind(addr) {
+            Ok(l) => {
+                if let Ok(a) = l.local_addr() {
+                    tracing::info!(metrics = %format!("http://{a}/metrics"), "serving metrics");
+                }
+                config.metrics = Some(std::sync::Arc::new(l));
+            }
+            Err(e) => {
+                eprintln!("crabboxd: error: cannot listen for metrics on {addr}: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
     config.pools = settings.pools.clone();
     config.team = settings.team.clone();
     let providers = daemon::providers_from_config(&state_dir, &settings.daytona)?;

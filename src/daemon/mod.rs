@@ -46,6 +46,8 @@ pub struct DaemonConfig {
     pub pools: Vec<crate::config::PoolSettings>,
     /// Team mode (`team:` in the daemon's config).
     pub team: Option<crate::config::TeamSettings>,
+    /// Serve Prometheus metrics at `/metrics` on this address.
+    pub metrics: Option<Arc<std::net::TcpListener>>,
 }
 
 impl DaemonConfig {
@@ -62,6 +64,7 @@ impl DaemonConfig {
             shutdown_deadline: Duration::from_secs(10),
             pools: Vec::new(),
             team: None,
+            metrics: None,
         }
     }
 }
@@ -262,6 +265,12 @@ pub async fn run(
         team,
     });
     rpc::seed::spawn(api.clone(), config.pools.clone());
+    if let Some(listener) = &config.metrics {
+        let listener = listener
+            .try_clone()
+            .map_err(|e| DaemonError::Setup(format!("the metrics listener: {e}")))?;
+        serve_metrics(listener, registry.clone(), token.clone())?;
+    }
     let router = rpc::router(api.clone(), Caller::local());
     tracing::info!(socket = %socket.path.display(), %daemon_id, "crabboxd serving");
     let uds = {
@@ -336,5 +345,48 @@ pub async fn run(
     registry.stop(registry_join, Duration::from_secs(2)).await;
     let _ = std::fs::remove_file(&socket.path);
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Serves `/metrics` (Prometheus text) on `listener` until `token` is cancelled.
+fn serve_metrics(
+    listener: std::net::TcpListener,
+    registry: Registry,
+    token: CancellationToken,
+) -> Result<(), DaemonError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| DaemonError::Setup(format!("the metrics listener: {e}")))?;
+    let listener = tokio::net::TcpListener::from_std(listener)
+        .map_err(|e| DaemonError::Setup(format!("the metrics listener: {e}")))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut counts: std::collections::BTreeMap<(String, String), u64> =
+                    Default::default();
+                for r in registry.index.records() {
+                    *counts
+                        .entry((r.state.as_str().to_string(), r.provider.clone()))
+                        .or_default() += 1;
+                }
+                let leases: Vec<(String, String, u64)> =
+                    counts.into_iter().map(|((s, p), n)| (s, p, n)).collect();
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    crate::metrics::render(&leases),
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await;
+    });
     Ok(())
 }

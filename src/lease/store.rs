@@ -219,13 +219,16 @@ impl Store {
     }
 
     pub fn put_lease(&self, lease: &LeaseRecord) -> Result<(), Error> {
+        let started = std::time::Instant::now();
         let bytes = serde_json::to_vec(lease).map_err(err)?;
         let tx = self.db.begin_write().map_err(err)?;
         tx.open_table(LEASES)
             .map_err(err)?
             .insert(lease.id.as_str(), bytes.as_slice())
             .map_err(err)?;
-        tx.commit().map_err(err)
+        let done = tx.commit().map_err(err);
+        crate::metrics::store_write(started.elapsed());
+        done
     }
 
     pub fn get_lease(&self, id: &str) -> Result<Option<LeaseRecord>, Error> {

@@ -111,8 +111,11 @@ impl RegistryState {
                         Some(_) => {}
                     }
                     tracing::warn!(provider = %name, sandbox = %sb.name, %lease, "deleting orphaned sandbox");
-                    if let Err(e) = provider.release(&sb.id).await {
-                        tracing::warn!(sandbox = %sb.name, error = %e, "could not delete orphaned sandbox");
+                    match provider.release(&sb.id).await {
+                        Ok(()) => crate::metrics::orphan_reaped(),
+                        Err(e) => {
+                            tracing::warn!(sandbox = %sb.name, error = %e, "could not delete orphaned sandbox");
+                        }
                     }
                 }
             }

@@ -67,6 +67,21 @@ pub async fn run(
         // and hands the lease back to ready (the phase guard).
         () = tx.closed() => None,
     };
+    let ended = match &outcome {
+        Some(Ok(x)) if x.stalled => "stalled",
+        Some(Ok(x)) if x.timed_out => "timeout",
+        Some(Ok(x)) if !x.signal.is_empty() => "signal",
+        Some(Ok(_)) => "exit",
+        Some(Err(_)) => "error",
+        None => "cancelled",
+    };
+    crate::metrics::run(
+        ended,
+        Duration::from_millis(match &outcome {
+            Some(Ok(x)) => x.elapsed_ms,
+            _ => 0,
+        }),
+    );
     let failed = !matches!(outcome, Some(Ok(ref exit)) if exit.code == 0);
     let keep = run.req.keep || (failed && run.req.keep_on_failure);
     match outcome {

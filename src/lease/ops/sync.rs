@@ -178,6 +178,7 @@ impl SyncJob<'_> {
             return Err(e.into());
         }
         report.upload_ms = upload_started.elapsed().as_millis() as u64;
+        crate::metrics::synced(report.bytes_uploaded, report.files_uploaded);
         self.store.put_manifest(&id, &self.manifest)?;
         self.lease.manifest_untrusted.store(false, Ordering::SeqCst);
         self.lease.remote_verified.store(true, Ordering::SeqCst);

@@ -360,7 +360,24 @@ impl Client {
                     status: None,
                     error: e,
                 })?;
-            let (status, retry_after, message) = match req.send().await {
+            let (http, request) = req.build_split();
+            let request = request.map_err(|e| HttpError {
+                status: None,
+                error: self.err(
+                    ProviderErrorKind::Invalid,
+                    format!("building a request: {e}"),
+                ),
+            })?;
+            let route = crate::metrics::route(request.method().as_str(), request.url().path());
+            let sent = std::time::Instant::now();
+            let answer = http.execute(request).await;
+            crate::metrics::provider_request(
+                "daytona",
+                &route,
+                answer.as_ref().map_or(0, |r| r.status().as_u16()),
+                sent.elapsed(),
+            );
+            let (status, retry_after, message) = match answer {
                 Ok(resp) => {
                     let status = resp.status();
                     let retry_after = retry_after(resp.headers());
@@ -380,6 +397,12 @@ impl Client {
             match retries.after_failure(status, retry_after) {
                 Ok(delay) => {
                     tracing::debug!(?status, ?delay, "daytona call failed; retrying");
+                    crate::metrics::provider_retry(
+                        "daytona",
+                        &status.map_or("connection".to_string(), |s| s.as_u16().to_string()),
+                        delay,
+                        status.is_some_and(|s| s.as_u16() == 429),
+                    );
                     tokio::time::sleep(delay).await;
                 }
                 Err(detail) => {
