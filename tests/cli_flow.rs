@@ -1689,3 +1689,131 @@ async fn a_run_says_where_its_time_went() {
     );
     assert!(!line.contains("release"), "{line}");
 }
+
+/// Forty-odd wrong invocations: each gets its exit code and a line that says what to do,
+/// with no panic and the daemon still answering after all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_wrong_invocations_get_helpful_answers() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let long_slug = "x".repeat(60);
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["run", "ls"], 125, "put the command after `--`"),
+        (&["run"], 125, "no command to run"),
+        (
+            &["run", "--timeout", "0s", "--", "true"],
+            125,
+            "longer than zero",
+        ),
+        (
+            &["run", "--timeout", "30", "--", "true"],
+            125,
+            "write 30s for seconds",
+        ),
+        (
+            &["run", "--timeout", "soon", "--", "true"],
+            125,
+            "like 90s, 30m",
+        ),
+        (
+            &["run", "--stall-timeout", "x", "--", "true"],
+            125,
+            "invalid duration",
+        ),
+        (&["run", "--ttl", "400d", "--", "true"], 125, "at most"),
+        (
+            &["run", "--idle-timeout", "-1m", "--", "true"],
+            125,
+            "to pass \'-1\' as a value",
+        ),
+        (
+            &["run", "--label", "novalue", "--", "true"],
+            125,
+            "KEY=VALUE",
+        ),
+        (
+            &["run", "--label", "bad key=v", "--", "true"],
+            125,
+            "invalid label",
+        ),
+        (&["run", "--slug", "Bad_Slug", "--", "true"], 125, "slug"),
+        (&["run", "--env", "1BAD=x", "--", "true"], 125, "1BAD"),
+        (
+            &["run", "--env", "CBX_UNSET_VARIABLE", "--", "true"],
+            125,
+            "CBX_UNSET_VARIABLE",
+        ),
+        (
+            &["run", "--workdir", "../up", "--", "true"],
+            125,
+            "below the checkout",
+        ),
+        (&["run", "--id", "nope", "--", "true"], 125, "nope"),
+        (
+            &["run", "--output", "xml", "--", "true"],
+            125,
+            "possible values",
+        ),
+        (
+            &["run", "--no-sync", "--sync-only", "--", "true"],
+            125,
+            "cannot be used with",
+        ),
+        (
+            &["run", "-n", "-t", "--", "true"],
+            125,
+            "cannot be used with",
+        ),
+        (
+            &["run", "--sync-root", "/no/such/dir", "--", "true"],
+            125,
+            "--sync-root",
+        ),
+        (&["--provider", "gcp", "run", "--", "true"], 125, "gcp"),
+        (&["--type", "m5.large", "run", "--", "true"], 125, "--type"),
+        (&["--class", "big", "warmup"], 2, "--class"),
+        (
+            &["--daytona-api-url", "http://x", "list"],
+            2,
+            "DAYTONA_API_URL",
+        ),
+        (&["warmup", "--ttl", "soon"], 2, "like 90s"),
+        (&["warmup", "--ttl", "0s"], 2, "longer than zero"),
+        (&["warmup", "--slug", long_slug.as_str()], 2, "slug"),
+        (&["warmup", "--label", "=v"], 2, "invalid label"),
+        (&["warmup", "--wait-for-slot", "x"], 2, "invalid duration"),
+        (&["status", "nope"], 4, "nope"),
+        (&["status", "cbx_"], 4, "cbx_"),
+        (&["stop", "cbx_000000000000"], 4, "cbx_000000000000"),
+        (&["touch", "nope"], 4, "nope"),
+        (&["pause", "nope"], 4, "nope"),
+        (&["resume", "nope"], 4, "nope"),
+        (&["list", "--state", "sleepy"], 2, "unknown lease state"),
+        (&["list", "--label", "team"], 2, "KEY=VALUE"),
+        (&["list", "--limit", "lots"], 2, "invalid value"),
+        (&["list", "--user", "bob"], 2, "--team"),
+        (&["list", "--team"], 2, "team mode is off"),
+        (&["pool", "drain", "nope"], 4, "no pool is named"),
+        (&["pool", "sideways"], 2, "unrecognized subcommand"),
+        (&["daemon", "logs", "--since", "x"], 2, "invalid duration"),
+        (&["sync-plan", "--id", "nope"], 4, "nope"),
+        (&["ssh", "--ttl", "5"], 2, "write 5s for seconds"),
+        (&["completions", "tcsh"], 2, "invalid value"),
+        (&["frobnicate"], 2, "unrecognized subcommand"),
+    ];
+    assert!(cases.len() >= 40, "{}", cases.len());
+    let mut wrong = Vec::new();
+    for (args, code, says) in cases {
+        let out = d.run(r.path(), args).await;
+        let err = out.stderr();
+        if out.code() != *code || !err.contains(says) || err.contains("panicked") {
+            wrong.push(format!(
+                "{args:?}: exit {} (want {code}), should say {says:?}:\n{err}",
+                out.code()
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n---\n"));
+    // The daemon answered all of them and still does.
+    d.run(r.path(), &["list"]).await.expect(0);
+}

@@ -467,7 +467,15 @@ pub fn parse_args() -> Cli {
                 .skip(1)
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect();
-            let sub = words.iter().find(|w| !w.starts_with('-')).cloned();
+            // The subcommand: the first word that names one (a flag's value does not).
+            let names: Vec<String> = <Cli as clap::CommandFactory>::command()
+                .get_subcommands()
+                .flat_map(|c| {
+                    std::iter::once(c.get_name().to_string())
+                        .chain(c.get_all_aliases().map(str::to_string))
+                })
+                .collect();
+            let sub = words.iter().find(|w| names.contains(w)).cloned();
             let runs = matches!(sub.as_deref(), Some("run"))
                 || (matches!(sub.as_deref(), Some("ssh")) && words.iter().any(|w| w == "--"));
             if runs {
