@@ -1817,3 +1817,30 @@ async fn forty_wrong_invocations_get_helpful_answers() {
     // The daemon answered all of them and still does.
     d.run(r.path(), &["list"]).await.expect(0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verbose_says_when_each_step_happened_and_where_the_time_went() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let out = d
+        .run(r.path(), &["-v", "run", "--", "true"])
+        .await
+        .expect(0);
+    let err = out.stderr();
+    assert!(err.contains("crabbox: [  0.0"), "timestamped steps: {err}");
+    assert!(
+        err.contains("config: ") && err.contains("daemon socket"),
+        "{err}"
+    );
+    assert!(err.contains("crabbox: timings: "), "{err}");
+    // Without it, neither.
+    let quiet = d
+        .run(r.path(), &["run", "--", "true"])
+        .await
+        .expect(0)
+        .stderr();
+    assert!(
+        !quiet.contains("crabbox: [") && !quiet.contains("timings"),
+        "{quiet}"
+    );
+}

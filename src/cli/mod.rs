@@ -73,7 +73,8 @@ pub struct Cli {
     /// Where sandboxes come from [default: config `provider`, else local].
     #[arg(long, global = true, value_parser = crate::config::PROVIDERS)]
     pub provider: Option<String>,
-    /// More progress detail.
+    /// More progress detail: when each step happened, the config files read, and (for
+    /// run) where the time went.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// No progress messages, only results and errors.

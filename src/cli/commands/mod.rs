@@ -26,11 +26,22 @@ pub(super) struct Ctx {
     /// Why the config could not be used, for commands that go on without it.
     config_error: Option<String>,
     repo_root: Option<PathBuf>,
+    /// `-v`: progress lines say when (since the command started), runs say where their
+    /// time went, and the config files read are named.
+    verbose: bool,
+    started: std::time::Instant,
 }
 
 impl Ctx {
     fn progress(&self, msg: impl AsRef<str>) {
-        if !self.quiet {
+        if self.quiet {
+        } else if self.verbose {
+            eprintln!(
+                "crabbox: [{:>7.3}s] {}",
+                self.started.elapsed().as_secs_f64(),
+                msg.as_ref()
+            );
+        } else {
             eprintln!("crabbox: {}", msg.as_ref());
         }
     }
@@ -185,6 +196,8 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         }
     }
     let ctx = Ctx {
+        verbose: cli.verbose > 0,
+        started: std::time::Instant::now(),
         json: cli.json,
         quiet: cli.quiet,
         socket: cli.socket.clone().unwrap_or_else(config::socket_path),
@@ -192,6 +205,23 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         config_error,
         repo_root,
     };
+    if ctx.verbose {
+        let files: Vec<String> = ctx
+            .settings
+            .sources
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        ctx.progress(format!(
+            "config: {}; daemon socket {}",
+            if files.is_empty() {
+                "no config file (built-in defaults and the environment)".to_string()
+            } else {
+                files.join(", ")
+            },
+            ctx.socket.display()
+        ));
+    }
     match cli.command {
         Command::Warmup {
             lease,

@@ -390,7 +390,7 @@ async fn stream_run(
                     .map(|t| json!({"phase": t.phase, "ms": t.ms}))
                     .chain([json!({"phase": "total", "ms": total_ms})])
                     .collect();
-                if args.timings && !ctx.quiet {
+                if (args.timings || ctx.verbose) && !ctx.quiet {
                     let parts: Vec<String> = x
                         .timings
                         .iter()
