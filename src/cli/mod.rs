@@ -70,7 +70,8 @@ pub struct Cli {
     /// /tmp/crabbox-<uid>/crabboxd.sock].
     #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// Where sandboxes come from [default: config `provider`, else local].
+    /// Where sandboxes come from [default: config `provider`, else local] [env:
+    /// CRABBOX_PROVIDER].
     #[arg(long, global = true, value_parser = crate::config::PROVIDERS)]
     pub provider: Option<String>,
     /// More progress detail: when each step happened, the config files read, and (for
@@ -99,13 +100,16 @@ pub struct DaytonaFlags {
     /// Read by crabboxd when it starts, not per command: refused with where to set it.
     #[arg(long, global = true, value_name = "URL", hide = true)]
     pub daytona_api_url: Option<String>,
-    /// The snapshot a new Daytona lease is made from [config: daytona.snapshot].
+    /// The snapshot a new Daytona lease is made from [config: daytona.snapshot] [env:
+    /// CRABBOX_DAYTONA_SNAPSHOT].
     #[arg(long, global = true, value_name = "NAME")]
     pub daytona_snapshot: Option<String>,
-    /// The Daytona target (region) of a new lease [config: daytona.target].
+    /// The Daytona target (region) of a new lease [config: daytona.target] [env:
+    /// CRABBOX_DAYTONA_TARGET].
     #[arg(long, global = true, value_name = "TARGET")]
     pub daytona_target: Option<String>,
-    /// The user inside a new Daytona sandbox [config: daytona.user].
+    /// The user inside a new Daytona sandbox [config: daytona.user] [env:
+    /// CRABBOX_DAYTONA_USER].
     #[arg(long, global = true, value_name = "USER")]
     pub daytona_user: Option<String>,
     /// Read by crabboxd when it starts, not per command: refused with where to set it.
@@ -125,10 +129,12 @@ pub struct LeaseOpts {
     /// The lease's slug (lowercase a-z, 0-9, '-'; at most 41).
     #[arg(long)]
     pub slug: Option<String>,
-    /// Hard lifetime (90s, 30m, 2h, 1h30m) [default: 90m].
+    /// Hard lifetime (90s, 30m, 2h, 1h30m) [default: config ttl, else 90m] [env:
+    /// CRABBOX_TTL].
     #[arg(long, value_parser = crate::config::parse_duration)]
     pub ttl: Option<std::time::Duration>,
-    /// Release after this long unused [default: 30m].
+    /// Release after this long unused [default: config idle_timeout, else 30m] [env:
+    /// CRABBOX_IDLE_TIMEOUT].
     #[arg(long, value_parser = crate::config::parse_duration)]
     pub idle_timeout: Option<std::time::Duration>,
     /// A label for the sandbox (repeatable).
