@@ -1844,3 +1844,60 @@ async fn verbose_says_when_each_step_happened_and_where_the_time_went() {
         "{quiet}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_shows_each_value_and_where_it_came_from() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let cfg = r.path().join("mine.yaml");
+    std::fs::write(
+        &cfg,
+        "ttl: 2h\nsync: {git: true}\ndaytona: {snapshot: from-file, apiKey: dtn_secret_in_file}\n",
+    )
+    .expect("w");
+    let out = d
+        .run_env(
+            r.path(),
+            &[
+                ("CRABBOX_CONFIG", cfg.as_ref()),
+                ("CRABBOX_IDLE_TIMEOUT", "7m".as_ref()),
+            ],
+            &["--json", "--daytona-target", "eu", "config"],
+        )
+        .await
+        .expect(0);
+    assert!(
+        !out.stdout().contains("dtn_secret_in_file"),
+        "secrets redacted"
+    );
+    let rows = out.json();
+    let row = |k: &str| {
+        rows.as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["key"] == k)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let file = format!("file {}", cfg.display());
+    assert_eq!(
+        (row("ttl")["value"].clone(), row("ttl")["origin"].clone()),
+        ("2h".into(), file.clone().into())
+    );
+    assert_eq!(row("idle_timeout")["origin"], "env CRABBOX_IDLE_TIMEOUT");
+    assert_eq!(row("idle_timeout")["value"], "7m");
+    assert_eq!(row("daytona.target")["origin"], "flag --daytona-target");
+    assert_eq!(row("daytona.snapshot")["origin"], file.as_str());
+    assert_eq!(row("daytona.apiKey")["value"], "*** (set)");
+    assert_eq!(row("sync.git")["value"], "true");
+    assert_eq!(row("provider")["origin"], "default");
+    let text = d
+        .run_env(r.path(), &[("CRABBOX_CONFIG", cfg.as_ref())], &["config"])
+        .await
+        .expect(0)
+        .stdout();
+    assert!(
+        text.contains("ttl") && text.contains("2h") && text.contains("mine.yaml"),
+        "{text}"
+    );
+}

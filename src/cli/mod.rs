@@ -223,6 +223,9 @@ pub enum Command {
     Claims,
     /// Check the daemon, the machine and the provider settings.
     Doctor,
+    /// The effective configuration for this folder: each value and where it came from
+    /// (flag, environment, config file, default), secrets redacted.
+    Config,
     /// The daemon's warm pools of started sandboxes (`pool:` in its config).
     Pool {
         #[command(subcommand)]

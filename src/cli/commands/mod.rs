@@ -10,6 +10,7 @@ mod daemon;
 mod plan;
 mod pool;
 mod run;
+mod show_config;
 
 use super::client::{self, Clients};
 use super::output::{self, lease_json, print_json, state_name};
@@ -76,6 +77,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
             | Command::Run(_)
             | Command::Ssh { .. }
             | Command::Doctor
+            | Command::Config
             | Command::SyncPlan(_)
             | Command::Pause { lease: None }
             | Command::Resume { lease: None }
@@ -222,6 +224,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
             ctx.socket.display()
         ));
     }
+    let flags = show_config::Flags::of(&cli);
     match cli.command {
         Command::Warmup {
             lease,
@@ -254,6 +257,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         Command::List(args) => list(&ctx, args).await,
         Command::Claims => claims(&ctx).await,
         Command::Doctor => daemon::doctor(&ctx).await,
+        Command::Config => show_config::show(&ctx, &flags),
         Command::Pool { action } => pool::pool(&ctx, action).await,
         Command::Daemon { action } => daemon::daemon(&ctx, action).await,
         Command::Completions { .. } => Ok(exit::OK),
