@@ -45,8 +45,11 @@ async fn warmup_run_list_stop() {
     ] {
         assert!(lease.get(key).is_some(), "--json lease has {key}");
     }
-    assert_eq!(lease["labels"]["lease"], id.as_str());
-    assert_eq!(lease["labels"]["crabbox"], "true");
+    // crabbox's bookkeeping labels apart from the user's, and no copy of the state.
+    assert_eq!(lease["crabbox_labels"]["lease"], id.as_str());
+    assert_eq!(lease["crabbox_labels"]["crabbox"], "true");
+    assert!(lease["crabbox_labels"].get("state").is_none(), "{lease}");
+    assert!(lease["labels"].get("lease").is_none(), "{lease}");
 
     // stdout and stderr stay separate; the exit code passes through.
     let out = d
@@ -648,7 +651,7 @@ async fn a_broken_config_and_odd_environments_get_clear_answers() {
     );
     let lease: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(
-        lease["labels"]["idle_timeout_secs"], "420",
+        lease["crabbox_labels"]["idle_timeout_secs"], "420",
         "the repo's layer wins"
     );
 
@@ -804,7 +807,7 @@ async fn settings_for_a_reused_lease_apply_to_it_and_are_said() {
         .json();
     assert_eq!(st["keep"], true);
     assert_eq!(st["labels"]["env"], "dev");
-    assert_eq!(st["labels"]["idle_timeout_secs"], "420");
+    assert_eq!(st["crabbox_labels"]["idle_timeout_secs"], "420");
     // The same again: nothing changes, nothing is said.
     let out = d
         .run_env(

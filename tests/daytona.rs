@@ -202,7 +202,7 @@ async fn the_whole_flow_on_daytona_with_no_secret_in_any_output() {
         .as_str()
         .expect("sandbox id")
         .to_string();
-    assert_eq!(lease["labels"]["provider"], "daytona");
+    assert_eq!(lease["crabbox_labels"]["provider"], "daytona");
     assert!(
         w.sim_sandboxes()
             .iter()

@@ -69,8 +69,8 @@ async fn a_fresh_run_takes_a_pooled_sandbox_and_the_pool_refills() {
         .json();
     assert_eq!(shown.as_array().map(Vec::len), Some(2), "{shown}");
     for l in shown.as_array().into_iter().flatten() {
-        assert_eq!(l["labels"]["pool"], "local");
-        assert_eq!(l["labels"]["state"], "pooled");
+        assert_eq!(l["crabbox_labels"]["pool"], "local");
+        assert_eq!(l["state"], "pooled");
         assert_eq!(l["repo_root"], serde_json::Value::Null);
     }
 
@@ -90,7 +90,7 @@ async fn a_fresh_run_takes_a_pooled_sandbox_and_the_pool_refills() {
         "{doc}"
     );
     assert_eq!(
-        doc["lease"]["labels"].get("pool"),
+        doc["lease"]["crabbox_labels"].get("pool"),
         None,
         "out of the pool: {doc}"
     );

@@ -27,11 +27,15 @@ pub fn state_name(l: &pb::Lease) -> &'static str {
 /// the same document as a JSON map of them.
 #[derive(serde::Serialize)]
 pub struct LeaseOut<'a> {
+    /// crabbox's bookkeeping labels on the sandbox, without `state` (the lease's state is
+    /// `state`, never a stale copy).
+    crabbox_labels: std::collections::BTreeMap<&'a str, &'a str>,
     created_at: String,
     expires_at: String,
     id: &'a str,
     idle_timeout_secs: u64,
     keep: bool,
+    /// The user's labels.
     labels: std::collections::BTreeMap<&'a str, &'a str>,
     last_touched_at: String,
     provider: &'a str,
@@ -55,8 +59,16 @@ impl<'a> From<&'a pb::Lease> for LeaseOut<'a> {
             idle_timeout_secs: l.idle_timeout_secs,
             keep: l.keep,
             labels: l
+                .user_labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            crabbox_labels: l
                 .labels
                 .iter()
+                .filter(|(k, v)| {
+                    k.as_str() != "state" && l.user_labels.get(k.as_str()) != Some(*v)
+                })
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect(),
             last_touched_at: rfc3339(timestamp_ms(l.last_touched_at.as_ref())),

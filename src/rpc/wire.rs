@@ -37,6 +37,11 @@ pub fn lease_pb(r: &LeaseRecord) -> pb::Lease {
         last_touched_at: Some(timestamp(r.last_touched_ms)),
         keep: r.keep,
         labels: r.labels().into_iter().collect(),
+        user_labels: r
+            .user_labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         reason: r.reason.clone().unwrap_or_default(),
         ttl_secs: r.ttl_secs,
         idle_timeout_secs: r.idle_timeout_secs,
