@@ -1904,3 +1904,41 @@ async fn config_shows_each_value_and_where_it_came_from() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_preserve_keeps_a_fresh_runs_lease_and_says_how_to_stop_it() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let cfg = r.path().join("keep.yaml");
+    std::fs::write(&cfg, "environment:\n  lifecycle:\n    preserve: true\n").expect("w");
+    let out = d
+        .run_env(
+            r.path(),
+            &[("CRABBOX_CONFIG", cfg.as_ref())],
+            &["run", "--json", "--", "true"],
+        )
+        .await
+        .expect(0);
+    let id = out.json()["lease"]["id"].as_str().unwrap_or("").to_string();
+    assert!(out.stderr().contains("crabbox stop"), "{}", out.stderr());
+    let st = d
+        .run(r.path(), &["--json", "status", &id])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(st["state"], "ready", "kept: {st}");
+    // Without it, a fresh run's lease goes.
+    let other = repo();
+    let doc = d
+        .run(other.path(), &["run", "--json", "--", "true"])
+        .await
+        .expect(0)
+        .json();
+    let gone = doc["lease"]["id"].as_str().unwrap_or("").to_string();
+    let st = d
+        .run(other.path(), &["--json", "status", &gone])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(st["state"], "released");
+}

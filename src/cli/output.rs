@@ -66,9 +66,7 @@ impl<'a> From<&'a pb::Lease> for LeaseOut<'a> {
             crabbox_labels: l
                 .labels
                 .iter()
-                .filter(|(k, v)| {
-                    k.as_str() != "state" && l.user_labels.get(k.as_str()) != Some(*v)
-                })
+                .filter(|(k, v)| k.as_str() != "state" && l.user_labels.get(k.as_str()) != Some(*v))
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect(),
             last_touched_at: rfc3339(timestamp_ms(l.last_touched_at.as_ref())),

@@ -78,7 +78,14 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
              command runs on pipes",
         );
     }
-    let fresh = warmup_request(ctx, &args.lease, args.keep, args.reclaim)?;
+    // environment.lifecycle.preserve: a fresh lease outlives its run, as with --keep.
+    let preserve = ctx
+        .settings
+        .environment
+        .as_ref()
+        .and_then(|e| e.lifecycle.preserve)
+        .unwrap_or(false);
+    let fresh = warmup_request(ctx, &args.lease, args.keep || preserve, args.reclaim)?;
     let req = pb::RunRequest {
         lease: args.id.clone().unwrap_or_default(),
         repo_root: ctx.repo(),
@@ -101,7 +108,7 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
             .stall_timeout
             .or(ctx.settings.stall_timeout)
             .map_or(0, |d| d.as_secs().max(1)),
-        keep: args.keep,
+        keep: args.keep || preserve,
         keep_on_failure: args.keep_on_failure,
         reclaim: args.reclaim,
         fresh: Some(fresh),
@@ -122,6 +129,12 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
     let send_stdin = !args.no_stdin && (tty || args.interactive || stdin_has_input());
     let ndjson = args.output == Some(RunOutput::Ndjson);
     let result = stream_run(ctx, &args, req, send_stdin, ndjson).await;
+    if preserve && !args.keep && result.is_ok() {
+        ctx.progress(
+            "environment.lifecycle.preserve keeps this run's lease (as --keep does): \
+             `crabbox list` shows it, `crabbox stop` in this repository releases it",
+        );
+    }
     if ndjson && let Err(e) = &result {
         // The stream's last line says how it ended, whatever ended it.
         let code = if (1..=7).contains(&e.code) {
