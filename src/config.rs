@@ -97,28 +97,43 @@ pub struct LifecycleConfig {
     pub auto_stop: Option<String>,
 }
 
-/// Whole gigabytes from `8`, `"8"`, `"8G"`, `"8GB"` or `"8GiB"`.
+/// Whole gigabytes from what people write: `8`, `"8"` (gigabytes), `"8GB"`, `"8gb"`,
+/// `"8 GiB"`, `"8192MiB"`, `"1.5TB"`... (the `bytesize` crate); a size that is not a whole
+/// number of gigabytes is refused saying what it is (Daytona sizes sandboxes in whole GB).
 pub fn parse_gb(v: &serde_yaml_ng::Value, what: &str) -> Result<u32, ConfigError> {
-    let bad = || {
+    let bad = |why: String| {
         ConfigError(format!(
-            "environment.resources.{what}: {v:?} is not a size like 8GB"
+            "environment.resources.{what}: {why}; write a whole number of gigabytes, like 8GB"
         ))
     };
     let text = match v {
         serde_yaml_ng::Value::Number(n) => n.to_string(),
         serde_yaml_ng::Value::String(s) => s.trim().to_string(),
-        _ => return Err(bad()),
+        other => return Err(bad(format!("{other:?} is not a size"))),
     };
-    let digits = text
-        .trim_end_matches("iB")
-        .trim_end_matches("B")
-        .trim_end_matches(['G', 'g'])
-        .trim();
-    digits
-        .parse::<u32>()
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or_else(bad)
+    // A bare number is gigabytes (as before); anything else has its unit.
+    let gb = if let Ok(n) = text.parse::<u64>() {
+        n as f64
+    } else {
+        let bytes = text
+            .parse::<bytesize::ByteSize>()
+            .map_err(|e| bad(format!("{text:?} is not a size ({e})")))?
+            .as_u64() as f64;
+        let decimal = bytes / 1e9;
+        let binary = bytes / (1u64 << 30) as f64;
+        // 8GB and 8GiB both mean 8 to a person sizing a sandbox.
+        if (decimal - decimal.round()).abs() < 1e-9 {
+            decimal.round()
+        } else if (binary - binary.round()).abs() < 1e-9 {
+            binary.round()
+        } else {
+            return Err(bad(format!("{text:?} is {binary:.2} GiB")));
+        }
+    };
+    if gb < 1.0 || gb > f64::from(u32::MAX) {
+        return Err(bad(format!("{text:?} is not at least 1 GB")));
+    }
+    Ok(gb as u32)
 }
 
 impl EnvironmentConfig {
@@ -994,6 +1009,36 @@ mod tests {
         ] {
             let e = pools(yaml).expect_err(yaml);
             assert!(e.contains(says), "{yaml}: {e}");
+        }
+    }
+
+    #[test]
+    fn sizes_are_what_people_write() {
+        let gb = |y: &str| parse_gb(&serde_yaml_ng::from_str(y).expect("yaml"), "memory");
+        for (y, want) in [
+            ("8", 8),
+            ("\"8\"", 8),
+            ("8GB", 8),
+            ("8gb", 8),
+            ("8 GiB", 8),
+            ("8192MiB", 8),
+            ("2TB", 2000),
+            ("1.5TB", 1500),
+        ] {
+            assert_eq!(gb(y).expect(y), want, "{y}");
+        }
+        for (y, says) in [
+            ("512MiB", "0.50 GiB"),
+            ("1.5 GB", "1.40 GiB"),
+            ("0", "at least 1 GB"),
+            ("lots", "not a size"),
+            ("[8]", "not a size"),
+        ] {
+            let e = gb(y).expect_err(y).0;
+            assert!(
+                e.contains(says) && e.contains("whole number of gigabytes"),
+                "{y}: {e}"
+            );
         }
     }
 
