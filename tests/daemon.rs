@@ -888,3 +888,104 @@ async fn list_filters_and_pages() {
         .into_inner();
     assert_eq!(info.lease_counts.get("ready"), Some(&5));
 }
+
+/// A program on PATH, or where Debian puts it.
+fn find_program(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .chain([std::path::PathBuf::from("/lib/systemd").join(name)])
+        .find(|p| p.is_file())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_and_readiness_work_as_systemd_does_them() {
+    let activate = find_program("systemd-socket-activate")
+        .expect("systemd-socket-activate (the systemd package; ./test.sh installs it)");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&run)
+        .expect("run dir");
+    let socket = run.join("d.sock");
+    let state = dir.path().join("state");
+    // systemd's readiness socket, as Type=notify services get it.
+    let notify_path = dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify");
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .expect("timeout");
+    let mut child = tokio::process::Command::new(&activate)
+        .arg("-l")
+        .arg(&socket)
+        .arg("-E")
+        .arg(format!("NOTIFY_SOCKET={}", notify_path.display()))
+        .arg(env!("CARGO_BIN_EXE_crabboxd"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(&state)
+        .env("CRABBOX_CONFIG", "/dev/null")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("systemd-socket-activate");
+    // The socket exists before any daemon runs; the first connection starts it.
+    eventually(10, "the activation socket", || async {
+        socket.exists().then_some(())
+    })
+    .await;
+    let r = repo();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"))
+        .current_dir(r.path())
+        .env("CRABBOX_SOCKET", &socket)
+        .env("CRABBOX_NO_AUTOSTART", "1")
+        .env("CRABBOX_CONFIG", "/dev/null")
+        .args(["run", "--", "echo", "activated"])
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "activated\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).expect("READY=1 from the daemon");
+    assert_eq!(&buf[..n], b"READY=1");
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    // The units in deploy/ pass systemd-analyze verify (with ExecStart at this build).
+    if let Some(analyze) = find_program("systemd-analyze") {
+        let units = tempfile::tempdir().expect("units");
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd");
+        let service = std::fs::read_to_string(root.join("crabboxd.service"))
+            .expect("service")
+            .replace("%h/.cargo/bin/crabboxd", env!("CARGO_BIN_EXE_crabboxd"));
+        std::fs::write(units.path().join("crabboxd.service"), service).expect("w");
+        std::fs::copy(
+            root.join("crabboxd.socket"),
+            units.path().join("crabboxd.socket"),
+        )
+        .expect("cp");
+        let out = std::process::Command::new(analyze)
+            .current_dir(units.path())
+            .args(["verify", "./crabboxd.socket", "./crabboxd.service"])
+            .output()
+            .expect("verify");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

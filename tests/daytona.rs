@@ -1444,15 +1444,21 @@ async fn the_daemon_serves_prometheus_metrics() {
     w.faults(json!({"rate_limit_count": 1, "retry_after_secs": 0}))
         .await;
     w.cb(r.path(), &["run", "--", "true"]).await.expect(0);
-    let text = w
-        .http
-        .get(&w.metrics_url)
-        .send()
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("text");
+    // (The run's end reaches the lease a moment after the CLI's exit.)
+    let text = eventually(20, "the lease to be ready in the metrics", || async {
+        let text = w
+            .http
+            .get(&w.metrics_url)
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.contains("crabbox_leases{state=\"ready\",provider=\"daytona\"} 1")
+            .then_some(text)
+    })
+    .await;
     let samples = parse_prometheus(&text);
     let value = |prefix: &str| -> f64 {
         samples

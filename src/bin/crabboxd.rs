@@ -48,7 +48,11 @@ async fn main() -> anyhow::Result<()> {
     let mut config = DaemonConfig::new(socket.clone(), state_dir.clone());
     config.tcp = args.tcp;
     config.sweep_interval = args.sweep_interval;
-    let bound = match daemon::bind_unix(&socket) {
+    // Socket activation (a systemd socket unit) first, else bind it ourselves.
+    let bound = match daemon::from_systemd(&socket).and_then(|b| match b {
+        Some(b) => Ok(b),
+        None => daemon::bind_unix(&socket),
+    }) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("crabboxd: error: {e}");

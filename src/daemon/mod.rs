@@ -24,7 +24,7 @@ use crate::provider::local::LocalProvider;
 pub use crate::registry::LeaseDefaults;
 use crate::registry::{Registry, RegistryCtx};
 use crate::rpc::{self, Api, Caller};
-pub use socket::{BoundSocket, bind_unix};
+pub use socket::{BoundSocket, bind_unix, from_systemd};
 
 /// How a daemon runs.
 #[derive(Debug, Clone)]
@@ -273,6 +273,8 @@ pub async fn run(
     }
     let router = rpc::router(api.clone(), Caller::local());
     tracing::info!(socket = %socket.path.display(), %daemon_id, "crabboxd serving");
+    // Started by systemd with Type=notify: ready now (the socket answers from here on).
+    socket::notify_ready();
     let uds = {
         let token = token.clone();
         let router = router.clone();

@@ -68,6 +68,50 @@ pub fn bind_unix(path: &Path) -> Result<BoundSocket, DaemonError> {
         DaemonError::Setup(format!("socket path {} has no folder", path.display()))
     })?;
     private_dir(dir, "the socket folder")?;
+    let lock = take_lock(path)?;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::AlreadyRunning {
+                socket: path.display().to_string(),
+                pid: String::new(),
+            });
+        }
+        tracing::info!(socket = %path.display(), "replacing stale socket");
+        std::fs::remove_file(path)
+            .map_err(|e| setup(&format!("removing stale {}", path.display()), e))?;
+    }
+    // The folder is ours and private (checked above), so no one else can reach the socket
+    // between the bind and the chmod. (Not a umask around bind: the umask is the whole
+    // process's, and would race with anything else creating files at that moment.)
+    let listener =
+        UnixListener::bind(path).map_err(|e| setup(&format!("binding {}", path.display()), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| setup(&format!("securing {}", path.display()), e))?;
+    // What is at the path now must be the socket just bound, ours and private.
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| setup(&format!("checking {}", path.display()), e))?;
+    if !meta.file_type().is_socket()
+        || meta.uid() != nix::unistd::geteuid().as_raw()
+        || meta.mode() & 0o077 != 0
+    {
+        return Err(DaemonError::Setup(format!(
+            "{} changed under the daemon as it was bound (not a private socket of yours): \
+             something else writes in {}; use a private folder",
+            path.display(),
+            dir.display()
+        )));
+    }
+    Ok(BoundSocket {
+        listener,
+        path: path.to_path_buf(),
+        _lock: lock,
+    })
+}
+
+/// The lock beside the socket (`<socket>.lock`, holding "PID VERSION"): only one daemon
+/// serves a socket.
+fn take_lock(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
+    let setup = |what: &str, e: std::io::Error| DaemonError::Setup(format!("{what}: {e}"));
     // A lock beside the socket closes the race of two daemons starting at once. Never
     // through a symlink: another user could point it at a file of ours.
     let lock_path = path.with_extension("lock");
@@ -108,41 +152,88 @@ pub fn bind_unix(path: &Path) -> Result<BoundSocket, DaemonError> {
         // The pid, and the version a CLI compares with its own.
         let _ = write!(lock, "{} {}", std::process::id(), env!("CARGO_PKG_VERSION"));
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(DaemonError::AlreadyRunning {
-                socket: path.display().to_string(),
-                pid: String::new(),
-            });
-        }
-        tracing::info!(socket = %path.display(), "replacing stale socket");
-        std::fs::remove_file(path)
-            .map_err(|e| setup(&format!("removing stale {}", path.display()), e))?;
+    Ok(lock)
+}
+
+/// The listening socket systemd passed (socket activation: `LISTEN_PID` is this process
+/// and `LISTEN_FDS` names one descriptor, 3), for `path`; `None` when not socket-activated.
+pub fn from_systemd(path: &Path) -> Result<Option<BoundSocket>, DaemonError> {
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    let fds = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or(0);
+    if !ours || fds == 0 {
+        return Ok(None);
     }
-    // The folder is ours and private (checked above), so no one else can reach the socket
-    // between the bind and the chmod. (Not a umask around bind: the umask is the whole
-    // process's, and would race with anything else creating files at that moment.)
-    let listener =
-        UnixListener::bind(path).map_err(|e| setup(&format!("binding {}", path.display()), e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| setup(&format!("securing {}", path.display()), e))?;
-    // What is at the path now must be the socket just bound, ours and private.
-    let meta = std::fs::symlink_metadata(path)
-        .map_err(|e| setup(&format!("checking {}", path.display()), e))?;
-    if !meta.file_type().is_socket()
-        || meta.uid() != nix::unistd::geteuid().as_raw()
-        || meta.mode() & 0o077 != 0
-    {
+    if fds != 1 {
         return Err(DaemonError::Setup(format!(
-            "{} changed under the daemon as it was bound (not a private socket of yours): \
-             something else writes in {}; use a private folder",
-            path.display(),
-            dir.display()
+            "systemd passed {fds} sockets; crabboxd serves one (one ListenStream= in its socket unit)"
         )));
     }
-    Ok(BoundSocket {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    const SD_LISTEN_FDS_START: i32 = 3;
+    // SAFETY: LISTEN_PID names this process, so descriptor 3 was passed to it by systemd
+    // for it alone (sd_listen_fds(3)), and nothing else in this process owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(SD_LISTEN_FDS_START) };
+    let st = nix::sys::stat::fstat(&fd)
+        .map_err(|e| DaemonError::Setup(format!("the socket systemd passed: {e}")))?;
+    if st.st_mode & nix::libc::S_IFMT != nix::libc::S_IFSOCK {
+        return Err(DaemonError::Setup(
+            "systemd passed a descriptor that is not a socket: check ListenStream= in the \
+             socket unit"
+                .into(),
+        ));
+    }
+    let std_listener = std::os::unix::net::UnixListener::from(fd);
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| DaemonError::Setup(format!("the socket systemd passed: {e}")))?;
+    let bound_at = std_listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    let path = match bound_at {
+        Some(p) if p != path => {
+            tracing::warn!(socket = %p.display(), configured = %path.display(),
+                "systemd's socket is not where crabboxd was told; serving systemd's");
+            p
+        }
+        Some(p) => p,
+        None => path.to_path_buf(),
+    };
+    let lock = take_lock(&path)?;
+    let listener = UnixListener::from_std(std_listener)
+        .map_err(|e| DaemonError::Setup(format!("the socket systemd passed: {e}")))?;
+    tracing::info!(socket = %path.display(), "serving the socket systemd passed");
+    Ok(Some(BoundSocket {
         listener,
-        path: path.to_path_buf(),
+        path,
         _lock: lock,
-    })
+    }))
+}
+
+/// Tells systemd the daemon is ready (`Type=notify`), when it asked (`NOTIFY_SOCKET`).
+pub fn notify_ready() {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let target = target.to_string_lossy().into_owned();
+    let sent = match target.strip_prefix('@') {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+                .and_then(|a| sock.send_to_addr(b"READY=1", &a))
+        }
+        None => sock.send_to(b"READY=1", &target),
+    };
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "could not tell systemd that crabboxd is ready");
+    }
 }

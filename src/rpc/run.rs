@@ -391,7 +391,7 @@ impl Run {
                 reply,
             })
             .await?;
-        let _phase_guard = phase_guard.unwrap_or_else(|| PhaseGuard(handle.clone()));
+        let phase_guard = phase_guard.unwrap_or_else(|| PhaseGuard(handle.clone()));
         let command = if self.req.shell {
             self.req.argv.join(" ")
         } else {
@@ -463,6 +463,10 @@ impl Run {
                 .record()
                 .not_usable("it was released while the command ran"));
         }
+        // The lease is back to ready before the exit is told: a `status` right after the
+        // run must not see it running (any answer of the actor comes after the Finish).
+        drop(phase_guard);
+        let _ = handle.ask(LeaseMsg::Prepare).await;
         let _ = self.api.store.add_run(&RunRecord {
             lease_id: record.id.clone(),
             started_ms: started,
