@@ -1942,3 +1942,27 @@ async fn lifecycle_preserve_keeps_a_fresh_runs_lease_and_says_how_to_stop_it() {
         .json();
     assert_eq!(st["state"], "released");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn man_pages_are_written_for_every_command() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let dir = tempfile::tempdir().expect("dir");
+    let man = dir.path().join("man1");
+    let out = d
+        .run(r.path(), &["man", man.to_str().expect("utf8")])
+        .await
+        .expect(0);
+    assert!(out.stdout().contains("man pages"), "{}", out.stdout());
+    let run = std::fs::read_to_string(man.join("crabbox-run.1")).expect("crabbox-run.1");
+    assert!(run.starts_with(".ie") || run.contains(".TH"), "roff: {run}");
+    assert!(run.contains("Sync this checkout"), "{run}");
+    for page in [
+        "crabbox.1",
+        "crabbox-warmup.1",
+        "crabbox-pool.1",
+        "crabbox-config.1",
+    ] {
+        assert!(man.join(page).is_file(), "{page}");
+    }
+}

@@ -238,6 +238,12 @@ pub enum Command {
     },
     /// Print a shell completion script.
     Completions { shell: clap_complete::Shell },
+    /// Write the man pages (crabbox.1 and one per command) into DIR, e.g.
+    /// `crabbox man ~/.local/share/man/man1` (then `man crabbox-run`).
+    Man {
+        /// Where to write them (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -66,6 +66,9 @@ impl Ctx {
 
 /// Runs the parsed command; answers the exit code.
 pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
+    if let Command::Man { dir } = &cli.command {
+        return write_man_pages(dir);
+    }
     if let Command::Completions { shell } = &cli.command {
         let mut cmd = <Cli as clap::CommandFactory>::command();
         clap_complete::generate(*shell, &mut cmd, "crabbox", &mut std::io::stdout());
@@ -260,7 +263,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         Command::Config => show_config::show(&ctx, &flags),
         Command::Pool { action } => pool::pool(&ctx, action).await,
         Command::Daemon { action } => daemon::daemon(&ctx, action).await,
-        Command::Completions { .. } => Ok(exit::OK),
+        Command::Completions { .. } | Command::Man { .. } => Ok(exit::OK),
     }
 }
 
@@ -499,6 +502,33 @@ async fn stop(ctx: &Ctx, name: &str, force: bool) -> Result<i32, CliError> {
 }
 
 /// `pause` (or `resume` when `!pause`) of `lease`, or of the repo's lease.
+/// Writes `crabbox.1` and `crabbox-<command>.1` for every command into `dir`.
+fn write_man_pages(dir: &std::path::Path) -> Result<i32, CliError> {
+    let io = |what: &std::path::Path, e: std::io::Error| {
+        CliError::new(exit::INTERNAL, format!("writing {}: {e}", what.display()))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut written = 0;
+    let mut write = |name: String, page: clap::Command| -> Result<(), CliError> {
+        let path = dir.join(format!("{name}.1"));
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(page.display_name(name.clone()).bin_name(name.clone()))
+            .title(name.to_uppercase())
+            .render(&mut buf)
+            .map_err(|e| io(&path, e))?;
+        std::fs::write(&path, buf).map_err(|e| io(&path, e))?;
+        written += 1;
+        Ok(())
+    };
+    write("crabbox".into(), cmd.clone())?;
+    for sub in cmd.get_subcommands() {
+        write(format!("crabbox-{}", sub.get_name()), sub.clone())?;
+    }
+    println!("wrote {written} man pages into {}", dir.display());
+    Ok(exit::OK)
+}
+
 /// `lease`, or the lease this repository claims (as `run` uses it).
 async fn named_or_repos(ctx: &Ctx, lease: Option<String>) -> Result<String, CliError> {
     if let Some(l) = lease {
