@@ -37,6 +37,18 @@ impl CliError {
     pub fn usage(message: impl Into<String>) -> Self {
         CliError::new(exit::USAGE, message)
     }
+
+    /// Its kind's name, and its exit code for a command that runs a command of the
+    /// user's (`run`, `ssh -- CMD`): SPEC's 1-7 become 125 there (docker's convention).
+    pub fn under_users_command(&self) -> (i32, &'static str) {
+        let kind = self.kind.unwrap_or_else(|| exit::kind_name(self.code));
+        let code = if (1..=7).contains(&self.code) {
+            exit::CRABBOX
+        } else {
+            self.code
+        };
+        (code, kind)
+    }
 }
 
 impl From<tonic::Status> for CliError {
@@ -444,12 +456,8 @@ pub async fn main(cli: Cli) -> i32 {
 /// answers its exit code: SPEC's 1-7, or 125 for `run`/`ssh` (docker's convention: the
 /// user's command owns every other code).
 pub fn report(e: &CliError, runs_users_command: bool, json: bool) -> i32 {
-    let kind = e.kind.unwrap_or_else(|| exit::kind_name(e.code));
-    let code = if runs_users_command && (1..=7).contains(&e.code) {
-        exit::CRABBOX
-    } else {
-        e.code
-    };
+    let (users, kind) = e.under_users_command();
+    let code = if runs_users_command { users } else { e.code };
     if json {
         eprintln!(
             "{}",

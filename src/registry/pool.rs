@@ -19,7 +19,7 @@ use crate::clock::now_ms;
 use crate::config::PoolSettings;
 use crate::error::Error;
 use crate::lease::state::Taking;
-use crate::lease::{LeaseHandle, LeaseMsg, LeaseState};
+use crate::lease::{LeaseHandle, LeaseMsg, LeaseRecord, LeaseState};
 use crate::provider::SandboxState;
 
 /// How long a take waits for the provider to say the pooled sandbox is still there.
@@ -317,30 +317,13 @@ impl RegistryState {
                 });
                 continue;
             }
-            let taking = Taking {
-                repo_root: spec.repo_root.clone(),
-                ttl_secs,
-                idle_timeout_secs,
-                keep: spec.keep,
-                labels: spec.labels.clone(),
-                fresh_run: spec.fresh_run,
-            };
-            let created_before = r.created_at_ms;
-            match h
-                .ask(|reply| LeaseMsg::Take {
-                    taking: Box::new(taking),
-                    reply,
-                })
+            match self
+                .take(&h, taking(spec, ttl_secs, idle_timeout_secs))
                 .await
             {
                 Ok(record) => {
-                    self.index
-                        .reorder(&record.id, created_before, record.created_at_ms);
                     if let Some(pool) = &r.pool {
                         self.pool_health.entry(pool.clone()).or_default().taken += 1;
-                    }
-                    if let Some(repo) = &spec.repo_root {
-                        self.unclaim_others(repo, &record.id).await;
                     }
                     tracing::info!(lease = %record.id, pool = ?r.pool, "lease taken from the pool");
                     self.fill_pools(myself, false).await;
@@ -402,7 +385,37 @@ impl RegistryState {
     }
 }
 
+/// What a fresh lease asking `spec` makes of the pooled lease it takes.
+fn taking(spec: &AcquireSpec, ttl_secs: u64, idle_timeout_secs: u64) -> Taking {
+    Taking {
+        repo_root: spec.repo_root.clone(),
+        ttl_secs,
+        idle_timeout_secs,
+        keep: spec.keep,
+        labels: spec.labels.clone(),
+        fresh_run: spec.fresh_run,
+    }
+}
+
 impl RegistryState {
+    /// Moves the pooled lease `h` out of its pool (its step function decides), keeps
+    /// `List`'s order, and gives it the repo's claim.
+    async fn take(&mut self, h: &LeaseHandle, taking: Taking) -> Result<LeaseRecord, Error> {
+        let before = h.record().created_at_ms;
+        let repo = taking.repo_root.clone();
+        let record = h
+            .ask(|reply| LeaseMsg::Take {
+                taking: Box::new(taking),
+                reply,
+            })
+            .await?;
+        self.index.reorder(&record.id, before, record.created_at_ms);
+        if let Some(repo) = &repo {
+            self.unclaim_others(repo, &record.id).await;
+        }
+        Ok(record)
+    }
+
     /// Team mode's take: a ready sandbox of the team's pool, claimed atomically across
     /// daemons. One this daemon made is taken as locally; one another daemon made changes
     /// hands: checked (started, its maker's labels), recorded as a new lease of this
@@ -423,33 +436,15 @@ impl RegistryState {
             let Ok(Some(claimed)) = team.pool_claim(&key).await else {
                 return Ok(None);
             };
-            let taking = Taking {
-                repo_root: spec.repo_root.clone(),
-                ttl_secs,
-                idle_timeout_secs,
-                keep: spec.keep,
-                labels: spec.labels.clone(),
-                fresh_run: spec.fresh_run,
-            };
+            let taking = taking(spec, ttl_secs, idle_timeout_secs);
             if claimed.owner == self.ctx.daemon_id {
                 // One of this daemon's own: taken as without a team.
                 let _ = team.pool_forget(&claimed.lease_id).await;
                 let Some(h) = self.index.get(&claimed.lease_id) else {
                     continue;
                 };
-                let before = h.record().created_at_ms;
-                match h
-                    .ask(|reply| LeaseMsg::Take {
-                        taking: Box::new(taking),
-                        reply,
-                    })
-                    .await
-                {
-                    Ok(record) => {
-                        self.index.reorder(&record.id, before, record.created_at_ms);
-                        if let Some(repo) = &spec.repo_root {
-                            self.unclaim_others(repo, &record.id).await;
-                        }
+                match self.take(&h, taking).await {
+                    Ok(_) => {
                         return Ok(Some(Acquired {
                             lease: h,
                             fresh: true,
@@ -502,20 +497,10 @@ impl RegistryState {
                 let _ = self.ctx.store.put_lease(&record);
                 continue;
             }
-            if let Some(repo) = &spec.repo_root {
-                self.unclaim_others(repo, &record.id).await;
-            }
             self.index
                 .publish(record.clone(), "taken over from the team's pool");
-            let before = record.created_at_ms;
             let lease = self.spawn_lease(myself, record, LeaseMsg::Recover).await?;
-            let taken = lease
-                .ask(|reply| LeaseMsg::Take {
-                    taking: Box::new(taking),
-                    reply,
-                })
-                .await?;
-            self.index.reorder(&taken.id, before, taken.created_at_ms);
+            let taken = self.take(&lease, taking).await?;
             tracing::info!(lease = %taken.id, from = %claimed.lease_id, "lease taken over from the team's pool");
             return Ok(Some(Acquired { lease, fresh: true }));
         }

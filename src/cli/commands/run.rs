@@ -137,12 +137,7 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
     }
     if ndjson && let Err(e) = &result {
         // The stream's last line says how it ended, whatever ended it.
-        let code = if (1..=7).contains(&e.code) {
-            exit::CRABBOX
-        } else {
-            e.code
-        };
-        let kind = e.kind.unwrap_or_else(|| exit::kind_name(e.code));
+        let (code, kind) = e.under_users_command();
         event(&json!({"event": "error", "exit_code": code, "kind": kind, "message": e.message}));
     }
     result
