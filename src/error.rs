@@ -192,6 +192,38 @@ impl ErrorKind {
         }
     }
 
+    /// What to do about a failure of this kind, in general (the message says what
+    /// failed and, where it knows, what to do about this one).
+    pub fn hint(self) -> &'static str {
+        match self {
+            ErrorKind::Internal => {
+                "a fault of crabbox's own: `crabbox daemon logs` has the daemon's side; \
+                 please report it with that"
+            }
+            ErrorKind::Usage => "`crabbox <command> --help` shows what the command takes",
+            ErrorKind::Auth => {
+                "check the provider's credentials (DAYTONA_API_KEY for daytona) where the \
+                 daemon reads them; `crabbox doctor` checks them"
+            }
+            ErrorKind::NotFound => "`crabbox list --all` shows the leases the daemon knows",
+            ErrorKind::Provisioning => {
+                "the provider could not make or start the sandbox: `crabbox doctor` checks \
+                 it, `crabbox daemon logs` has its answer; try again"
+            }
+            ErrorKind::Sync => {
+                "the checkout could not be synced: `crabbox sync-plan` shows what would be \
+                 sent; run again, or with --no-sync"
+            }
+            ErrorKind::Ssh => {
+                "`crabbox doctor` checks that ssh is installed and the lease reachable"
+            }
+            ErrorKind::NotReady => {
+                "the lease is busy or not started yet: `crabbox status` shows its state; \
+                 try again when it is ready"
+            }
+        }
+    }
+
     /// Parses a wire name; unknown names are `None` so old CLIs tolerate new kinds.
     pub fn parse(s: &str) -> Option<ErrorKind> {
         Some(match s {

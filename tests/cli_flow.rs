@@ -1803,6 +1803,10 @@ async fn forty_wrong_invocations_get_helpful_answers() {
         (&["ssh", "--ttl", "5"], 2, "write 5s for seconds"),
         (&["completions", "tcsh"], 2, "invalid value"),
         (&["frobnicate"], 2, "unrecognized subcommand"),
+        (&["list", "-o", "ndjson"], 2, "-o json"),
+        (&["status", "-o", "wide"], 2, "crabbox list"),
+        (&["--json", "-o", "yaml", "list"], 2, "cannot be used with"),
+        (&["list", "-o", "csv"], 2, "possible values"),
     ];
     assert!(cases.len() >= 40, "{}", cases.len());
     let mut wrong = Vec::new();
@@ -1819,6 +1823,100 @@ async fn forty_wrong_invocations_get_helpful_answers() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n---\n"));
     // The daemon answered all of them and still does.
     d.run(r.path(), &["list"]).await.expect(0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_formats_table_wide_json_yaml_and_json_errors() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let lease = d
+        .run(r.path(), &["warmup", "--label", "team=core", "-o", "json"])
+        .await
+        .expect(0)
+        .json();
+    let id = lease["id"].as_str().expect("id").to_string();
+
+    // yaml: the same document as json.
+    let yaml = d
+        .run(r.path(), &["list", "-o", "yaml"])
+        .await
+        .expect(0)
+        .stdout();
+    let from_yaml: serde_json::Value =
+        serde_yaml_ng::from_str(&yaml).expect("list -o yaml is YAML");
+    let from_json = d.run(r.path(), &["list", "--json"]).await.expect(0).json();
+    assert_eq!(from_yaml, from_json);
+    assert_eq!(from_yaml[0]["id"], id.as_str());
+    assert_eq!(from_yaml[0]["labels"]["team"], "core");
+    let one: serde_json::Value = serde_yaml_ng::from_str(
+        &d.run(r.path(), &["status", "-o", "yaml"])
+            .await
+            .expect(0)
+            .stdout(),
+    )
+    .expect("status -o yaml is YAML");
+    assert_eq!(one["id"], id.as_str());
+
+    // table and wide: wide has more columns, with the user's labels.
+    let table = d.run(r.path(), &["list"]).await.expect(0).stdout();
+    let same = d
+        .run(r.path(), &["list", "-o", "table"])
+        .await
+        .expect(0)
+        .stdout();
+    assert_eq!(table, same);
+    assert!(!table.contains("LABELS"), "{table}");
+    let wide = d
+        .run(r.path(), &["list", "-o", "wide"])
+        .await
+        .expect(0)
+        .stdout();
+    let header = wide.lines().next().expect("a header");
+    for col in [
+        "ID",
+        "CREATED",
+        "LAST USED",
+        "IDLE",
+        "KEEP",
+        "LABELS",
+        "WORK ROOT",
+        "REPO",
+    ] {
+        assert!(header.contains(col), "{wide}");
+    }
+    assert!(wide.contains("team=core"), "{wide}");
+    // CRABBOX_OUTPUT sets it too.
+    let out = d
+        .cli(r.path())
+        .env("CRABBOX_OUTPUT", "json")
+        .args(["status"])
+        .output()
+        .await
+        .expect("ran");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json by env");
+    assert_eq!(v["id"], id.as_str());
+
+    // An error under -o json / yaml: one JSON document on stderr with kind, message, hint.
+    for fmt in ["json", "yaml"] {
+        let out = d.run(r.path(), &["status", "nope", "-o", fmt]).await;
+        assert_eq!(out.code(), 4);
+        let e: serde_json::Value = serde_json::from_str(out.stderr().trim()).expect("stderr JSON");
+        assert_eq!(e["error"]["kind"], "not_found", "{e}");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .expect("message")
+                .contains("nope")
+        );
+        assert!(
+            e["error"]["hint"]
+                .as_str()
+                .expect("hint")
+                .contains("crabbox list"),
+            "{e}"
+        );
+        assert!(out.stdout().is_empty());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

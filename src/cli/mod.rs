@@ -75,9 +75,21 @@ impl From<crate::config::ConfigError> for CliError {
 #[derive(Debug, Parser)]
 #[command(name = "crabbox", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Print one JSON document on stdout instead of text.
-    #[arg(long, global = true)]
+    /// Print one JSON document on stdout instead of text (as `-o json`).
+    #[arg(long, global = true, conflicts_with = "output")]
     pub json: bool,
+    /// How results are printed: `table` (text, the default), `wide` (more columns),
+    /// `json` or `yaml` (one document on stdout; errors as one on stderr), `ndjson` (run
+    /// only: one JSON event per line as things happen) [env: CRABBOX_OUTPUT].
+    #[arg(
+        short,
+        long,
+        global = true,
+        value_enum,
+        value_name = "FORMAT",
+        env = "CRABBOX_OUTPUT"
+    )]
+    pub output: Option<OutputFormat>,
     /// The daemon's socket [default: $CRABBOX_SOCKET, $XDG_RUNTIME_DIR/crabbox/crabboxd.sock,
     /// /tmp/crabbox-<uid>/crabboxd.sock].
     #[arg(long, global = true, value_name = "PATH")]
@@ -354,10 +366,6 @@ pub struct RunArgs {
     /// Needs a terminal on stdin, else the command runs without one (as ssh does).
     #[arg(short = 't', long)]
     pub tty: bool,
-    /// `ndjson`: one JSON object per line on stdout as things happen (lease, phase, sync,
-    /// started, stdout, stderr, exit or error); `json`: one document at the end (as --json).
-    #[arg(long, value_enum, value_name = "FORMAT")]
-    pub output: Option<RunOutput>,
     /// Show where the run's time went (resolve, manifest, archive, upload, exec, release)
     /// on stderr at the end (always in --json and --output ndjson).
     #[arg(long)]
@@ -384,15 +392,43 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
-/// How `run` reports on stdout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum RunOutput {
-    /// The command's own output (the default).
-    Text,
-    /// One JSON document at the end (as --json).
+/// How results are printed (`-o/--output`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Text for people: tables, and for `run` the command's own output.
+    #[default]
+    #[value(alias = "text")]
+    Table,
+    /// As `table`, with more columns.
+    Wide,
+    /// One JSON document on stdout (for `run`, at the end).
     Json,
-    /// A live stream of JSON events, one per line.
+    /// The same document as YAML.
+    Yaml,
+    /// `run` only: one JSON object per line as things happen (lease, phase, sync,
+    /// started, stdout, stderr, exit or error).
     Ndjson,
+}
+
+impl OutputFormat {
+    /// One document for programs (json or yaml; ndjson ends with one too).
+    pub fn is_document(self) -> bool {
+        matches!(
+            self,
+            OutputFormat::Json | OutputFormat::Yaml | OutputFormat::Ndjson
+        )
+    }
+}
+
+impl Cli {
+    /// The output format `--json` and `-o` ask for.
+    pub fn format(&self) -> OutputFormat {
+        if self.json {
+            OutputFormat::Json
+        } else {
+            self.output.unwrap_or_default()
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -443,9 +479,7 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Ssh { command, .. } => !command.is_empty(),
         _ => false,
     };
-    let json = cli.json
-        || matches!(&cli.command, Command::Run(r)
-            if matches!(r.output, Some(RunOutput::Json | RunOutput::Ndjson)));
+    let json = cli.format().is_document();
     match commands::dispatch(cli).await {
         Ok(code) => code,
         Err(e) => report(&e, runs_users_command, json),
@@ -459,9 +493,11 @@ pub fn report(e: &CliError, runs_users_command: bool, json: bool) -> i32 {
     let (users, kind) = e.under_users_command();
     let code = if runs_users_command { users } else { e.code };
     if json {
+        let hint = crate::error::ErrorKind::parse(kind).map(|k| k.hint());
         eprintln!(
             "{}",
-            serde_json::json!({"error": {"kind": kind, "message": e.message, "exit_code": code}})
+            serde_json::json!({"error": {"kind": kind, "message": e.message, "hint": hint,
+                "exit_code": code}})
         );
     } else if runs_users_command {
         eprintln!("crabbox: error [{kind}]: {}", e.message);

@@ -1,6 +1,23 @@
-//! Rendering for people (text) and programs (`--json`: one JSON document on stdout).
+//! Rendering for people (text) and programs (`--json`, `-o json|yaml`: one document on
+//! stdout).
+
+use std::sync::OnceLock;
 
 use serde_json::Value;
+
+use super::OutputFormat;
+
+/// The format documents are printed in, chosen once by the command line.
+static FORMAT: OnceLock<OutputFormat> = OnceLock::new();
+
+/// Sets the format of [`print_json`]'s documents (the first call wins).
+pub fn set_format(f: OutputFormat) {
+    let _ = FORMAT.set(f);
+}
+
+fn yaml() -> bool {
+    FORMAT.get() == Some(&OutputFormat::Yaml)
+}
 
 use crate::clock::rfc3339;
 use crate::pb;
@@ -87,25 +104,37 @@ pub fn lease_json(l: &pb::Lease) -> Value {
     serde_json::to_value(LeaseOut::from(l)).unwrap_or(Value::Null)
 }
 
-/// Prints leases as one JSON array, written as it is encoded (no document built first).
+/// Prints leases as one JSON (or YAML) array, written as it is encoded (no document
+/// built first).
 pub fn print_leases_json(leases: &[pb::Lease]) {
     use std::io::Write;
     let out: Vec<LeaseOut<'_>> = leases.iter().map(LeaseOut::from).collect();
     let mut w = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
-    let written = serde_json::to_writer_pretty(&mut w, &out)
-        .map_err(std::io::Error::other)
-        .and_then(|()| writeln!(w))
-        .and_then(|()| w.flush());
+    let written = if yaml() {
+        serde_yaml_ng::to_writer(&mut w, &out).map_err(std::io::Error::other)
+    } else {
+        serde_json::to_writer_pretty(&mut w, &out)
+            .map_err(std::io::Error::other)
+            .and_then(|()| writeln!(w))
+    }
+    .and_then(|()| w.flush());
     if let Err(e) = written {
-        eprintln!("crabbox: error: writing JSON: {e}");
+        eprintln!("crabbox: error: writing the document: {e}");
     }
 }
 
-/// Prints one JSON document.
+/// Prints one document: JSON, or YAML under `-o yaml`.
 pub fn print_json(v: &Value) {
-    match serde_json::to_string_pretty(v) {
+    let text = if yaml() {
+        serde_yaml_ng::to_string(v)
+            .map(|s| s.trim_end().to_string())
+            .map_err(|e| e.to_string())
+    } else {
+        serde_json::to_string_pretty(v).map_err(|e| e.to_string())
+    };
+    match text {
         Ok(s) => println!("{s}"),
-        Err(e) => eprintln!("crabbox: error: encoding JSON: {e}"),
+        Err(e) => eprintln!("crabbox: error: encoding the document: {e}"),
     }
 }
 
@@ -132,8 +161,12 @@ pub fn until(ms: u64) -> String {
     format!("in {}", crate::clock::human_secs(secs.max(1)))
 }
 
-/// A table of leases.
-pub fn lease_table(leases: &[pb::Lease]) -> String {
+/// A table of leases; `wide` adds when each was made and last used, its idle timeout,
+/// --keep, its labels and its work root.
+pub fn lease_table(leases: &[pb::Lease], wide: bool) -> String {
+    if wide {
+        return wide_lease_table(leases);
+    }
     let mut rows = vec![[
         "ID".to_string(),
         "SLUG".into(),
@@ -165,6 +198,64 @@ pub fn lease_table(leases: &[pb::Lease]) -> String {
             } else {
                 l.repo_root.clone()
             },
+        ]);
+    }
+    table(&rows)
+}
+
+fn wide_lease_table(leases: &[pb::Lease]) -> String {
+    let mut rows = vec![[
+        "ID".to_string(),
+        "SLUG".into(),
+        "PROVIDER".into(),
+        "STATE".into(),
+        "SANDBOX".into(),
+        "CREATED".into(),
+        "LAST USED".into(),
+        "EXPIRES".into(),
+        "IDLE".into(),
+        "KEEP".into(),
+        "LABELS".into(),
+        "WORK ROOT".into(),
+        "REPO".into(),
+    ]];
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    for l in leases {
+        let live = !matches!(state_name(l), "released");
+        let mut labels: Vec<String> = l
+            .user_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        labels.sort();
+        rows.push([
+            l.id.clone(),
+            l.slug.clone(),
+            l.provider.clone(),
+            state_name(l).into(),
+            dash(if l.sandbox_id.is_empty() {
+                &l.sandbox_name
+            } else {
+                &l.sandbox_id
+            }),
+            rfc3339(timestamp_ms(l.created_at.as_ref())),
+            rfc3339(timestamp_ms(l.last_touched_at.as_ref())),
+            if live {
+                until(timestamp_ms(l.expires_at.as_ref()))
+            } else {
+                "-".into()
+            },
+            crate::clock::human_secs(l.idle_timeout_secs),
+            if l.keep { "yes".into() } else { "no".into() },
+            dash(&labels.join(",")),
+            dash(&l.work_root),
+            dash(&l.repo_root),
         ]);
     }
     table(&rows)

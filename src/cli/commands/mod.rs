@@ -20,7 +20,9 @@ use crate::pb;
 
 /// What every command needs.
 pub(super) struct Ctx {
+    /// `--json`, `-o json|yaml|ndjson`: results as a document for programs.
     json: bool,
+    format: super::OutputFormat,
     quiet: bool,
     socket: PathBuf,
     settings: Settings,
@@ -66,6 +68,20 @@ impl Ctx {
 
 /// Runs the parsed command; answers the exit code.
 pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
+    let format = cli.format();
+    if format == super::OutputFormat::Ndjson && !matches!(cli.command, Command::Run(_)) {
+        return Err(CliError::usage(
+            "-o ndjson is `crabbox run`'s live event stream; for one document use -o json \
+             (or -o yaml)",
+        ));
+    }
+    if format == super::OutputFormat::Wide && !matches!(cli.command, Command::List(_)) {
+        return Err(CliError::usage(
+            "-o wide adds columns to `crabbox list`; this command has no table to widen: \
+             use -o table (the default), json or yaml",
+        ));
+    }
+    output::set_format(format);
     if let Command::Man { dir } = &cli.command {
         return write_man_pages(dir);
     }
@@ -203,7 +219,8 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
     let ctx = Ctx {
         verbose: cli.verbose > 0,
         started: std::time::Instant::now(),
-        json: cli.json,
+        json: cli.format().is_document(),
+        format: cli.format(),
         quiet: cli.quiet,
         socket: cli.socket.clone().unwrap_or_else(config::socket_path),
         settings,
@@ -656,6 +673,12 @@ async fn status(ctx: &Ctx, name: &str, wait: bool) -> Result<i32, CliError> {
 }
 
 async fn list(ctx: &Ctx, args: ListArgs) -> Result<i32, CliError> {
+    if args.team && ctx.format == super::OutputFormat::Wide {
+        return Err(CliError::usage(
+            "-o wide is not offered for `list --team` (its table already has the user and \
+             host): use -o json or -o yaml for every field",
+        ));
+    }
     let mut c = ctx.clients().await?;
     if args.team {
         let r = c
@@ -724,7 +747,10 @@ async fn list(ctx: &Ctx, args: ListArgs) -> Result<i32, CliError> {
             }
         );
     } else {
-        print!("{}", output::lease_table(&leases));
+        print!(
+            "{}",
+            output::lease_table(&leases, ctx.format == super::OutputFormat::Wide)
+        );
     }
     Ok(exit::OK)
 }

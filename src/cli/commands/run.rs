@@ -9,7 +9,7 @@ use tokio_stream::StreamExt;
 
 use super::{Ctx, warmup_request};
 use crate::cli::output::{lease_json, print_json, state_name};
-use crate::cli::{CliError, RunArgs, RunOutput, exit};
+use crate::cli::{CliError, OutputFormat, RunArgs, exit};
 use crate::pb;
 
 pub(super) fn env_pairs(names: &[String]) -> Result<HashMap<String, String>, CliError> {
@@ -127,7 +127,7 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
         },
     };
     let send_stdin = !args.no_stdin && (tty || args.interactive || stdin_has_input());
-    let ndjson = args.output == Some(RunOutput::Ndjson);
+    let ndjson = ctx.format == OutputFormat::Ndjson;
     let result = stream_run(ctx, &args, req, send_stdin, ndjson).await;
     if preserve && !args.keep && result.is_ok() {
         ctx.progress(
@@ -260,7 +260,7 @@ async fn stream_run(
     send_stdin: bool,
     ndjson: bool,
 ) -> Result<i32, CliError> {
-    let json = ctx.json || args.output == Some(RunOutput::Json);
+    let json = ctx.json;
     let begun = std::time::Instant::now();
     let tty = req.tty.is_some();
     let mut c = ctx.clients().await?;
