@@ -989,3 +989,137 @@ async fn socket_activation_and_readiness_work_as_systemd_does_them() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_file_rotates_and_logs_follows_it_without_losing_a_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("d.sock");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("state");
+    let log = state.join("crabboxd.log");
+    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--log-file")
+        .arg(&log)
+        .args(["--log-max-size", "3KB"])
+        .env("CRABBOX_CONFIG", "/dev/null")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("crabboxd");
+    eventually(10, "the socket", || async { socket.exists().then_some(()) }).await;
+    let r = repo();
+    let cli = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"));
+        c.current_dir(r.path())
+            .env("CRABBOX_SOCKET", &socket)
+            .env("CRABBOX_STATE_DIR", &state)
+            .env("CRABBOX_NO_AUTOSTART", "1")
+            .env("CRABBOX_CONFIG", "/dev/null")
+            .args(args);
+        c
+    };
+    let mut follow = cli(&["daemon", "logs", "-f"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("follow");
+    let mut followed = follow.stdout.take().expect("stdout");
+    let reader = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_secs(3), followed.read(&mut buf)).await
+        {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    let runs = 12;
+    for i in 0..runs {
+        let out = cli(&["run", "--", "echo", &format!("run{i}")])
+            .output()
+            .await
+            .expect("run");
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+    }
+    let seen = reader.await.expect("reader");
+    let _ = follow.start_kill();
+    // Rotated: the file stays small, older ones beside it.
+    let size = std::fs::metadata(&log).expect("log").len();
+    assert!(size <= 4096, "rotated at its size: {size}");
+    assert!(state.join("crabboxd.log.1").exists(), "an older file kept");
+    assert!(!state.join("crabboxd.log.6").exists(), "at most 5 kept");
+    // Followed through every rotation: every lease's creation, once each.
+    assert_eq!(
+        seen.matches("lease created").count(),
+        runs,
+        "every line once:\n{seen}"
+    );
+    // --since reads the rotated files too.
+    let out = cli(&["daemon", "logs", "--since", "1h"])
+        .output()
+        .await
+        .expect("logs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.matches("lease created").count() >= runs / 2, "{text}");
+    assert!(!text.contains('\u{1b}'), "no ANSI in a log file");
+    let _ = daemon.start_kill();
+    let out = daemon.wait_with_output().await.expect("wait");
+    assert!(
+        out.stderr.is_empty(),
+        "everything went to the file: {out:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_the_log_goes_to_the_journal_with_priorities_and_no_timestamps() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("d.sock");
+    // systemd connects stderr to the journal and names that stream in JOURNAL_STREAM.
+    let journal = dir.path().join("journal");
+    let file = std::fs::File::create(&journal).expect("journal");
+    let meta = file.metadata().expect("meta");
+    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("CRABBOX_CONFIG", "/dev/null")
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("crabboxd");
+    eventually(10, "the serving line", || async {
+        std::fs::read_to_string(&journal)
+            .ok()
+            .filter(|t| t.contains("crabboxd serving"))
+    })
+    .await;
+    let _ = daemon.start_kill();
+    let _ = daemon.wait().await;
+    let text = std::fs::read_to_string(&journal).expect("read");
+    let serving = text
+        .lines()
+        .find(|l| l.contains("crabboxd serving"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(serving.starts_with("<6>"), "info is priority 6: {serving}");
+    assert!(
+        !serving.contains("INFO")
+            && !serving.contains(&format!("{}-", 2026))
+            && !serving.contains('\u{1b}'),
+        "no level word, no time of our own, no colour: {serving}"
+    );
+}

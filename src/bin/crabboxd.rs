@@ -30,6 +30,19 @@ struct Args {
     /// picks one, printed to the log). No authentication: bind loopback.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// Log to this file (rotated at 10 MiB, the 5 older ones kept as FILE.1 ... FILE.5)
+    /// instead of stderr; under systemd stderr goes to the journal. `crabbox` starts the
+    /// daemon with <state dir>/crabboxd.log.
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+    /// With --log-file: the size at which the file is rotated (10MiB, 500KB, ...).
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "10MiB",
+        requires = "log_file"
+    )]
+    log_max_size: bytesize::ByteSize,
 }
 
 #[tokio::main]
@@ -37,12 +50,21 @@ async fn main() -> anyhow::Result<()> {
     // Everything the daemon writes (its database, logs, local sandboxes) is this user's
     // alone, whatever the umask it was started with.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    tracing_subscriber::fmt()
-        .with_ansi(crabbox::logging::colour_stderr())
-        .with_env_filter(crabbox::logging::env_filter("info"))
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    if let Err(e) = crabbox::logging::init_daemon(
+        args.log_file.as_deref(),
+        args.log_max_size.as_u64().max(1024),
+    ) {
+        let file = args
+            .log_file
+            .as_deref()
+            .unwrap_or(std::path::Path::new("-"));
+        eprintln!(
+            "crabboxd: error: cannot open the log file {}: {e}; check that its folder exists and is writable",
+            file.display()
+        );
+        std::process::exit(2);
+    }
     let socket = args.socket.unwrap_or_else(crabbox::config::socket_path);
     let state_dir = args.state_dir.unwrap_or_else(crabbox::config::state_dir);
     let mut config = DaemonConfig::new(socket.clone(), state_dir.clone());

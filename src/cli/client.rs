@@ -166,6 +166,8 @@ pub async fn start_daemon(socket: &Path) -> Result<Clients, CliError> {
         .arg(socket)
         .arg("--state-dir")
         .arg(&state_dir)
+        .arg("--log-file")
+        .arg(&log_path)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)

@@ -287,9 +287,20 @@ async fn logs(ctx: &Ctx, follow: bool, since: Option<Duration>) -> Result<i32, C
         }
     };
     let cutoff = since.map(|d| crate::clock::now_ms().saturating_sub(d.as_millis() as u64));
+    // With --since, the rotated files too (oldest first): the lines may be in them.
     let mut text = String::new();
-    file.read_to_string(&mut text)
+    if cutoff.is_some() {
+        for n in (1..=crate::logging::LOG_KEEP).rev() {
+            let old = std::path::PathBuf::from(format!("{}.{n}", path.display()));
+            if let Ok(t) = std::fs::read(&old) {
+                text.push_str(&String::from_utf8_lossy(&t));
+            }
+        }
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
         .map_err(|e| CliError::new(exit::INTERNAL, format!("reading {}: {e}", path.display())))?;
+    text.push_str(&String::from_utf8_lossy(&bytes));
     let mut out = std::io::stdout().lock();
     // Lines start with their RFC 3339 time; a line without one goes with the line before.
     let mut keep = cutoff.is_none();
@@ -312,9 +323,17 @@ async fn logs(ctx: &Ctx, follow: bool, since: Option<Duration>) -> Result<i32, C
     if !follow {
         return Ok(exit::OK);
     }
-    let mut pos = file
-        .stream_position()
-        .map_err(|e| CliError::new(exit::INTERNAL, format!("{}: {e}", path.display())))?;
+    // As `tail -F`: when the daemon rotates the file (renames it to .1 and starts a new
+    // one), the rest of the old one is printed, then the new one from its start.
+    use std::os::unix::fs::MetadataExt;
+    let print = |f: &mut std::fs::File| {
+        let mut chunk = Vec::new();
+        let _ = f.read_to_end(&mut chunk);
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&chunk);
+        let _ = out.flush();
+    };
+    let mut ino = file.metadata().map(|m| m.ino()).unwrap_or(0);
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
     loop {
@@ -322,22 +341,21 @@ async fn logs(ctx: &Ctx, follow: bool, since: Option<Duration>) -> Result<i32, C
             _ = &mut interrupted => return Ok(exit::OK),
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
-        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        if len < pos {
-            // Rotated or truncated: from the start of the new one.
-            if let Ok(f) = std::fs::File::open(&path) {
-                file = f;
+        print(&mut file);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.ino() != ino => {
+                if let Ok(f) = std::fs::File::open(&path) {
+                    print(&mut file);
+                    file = f;
+                    ino = m.ino();
+                    print(&mut file);
+                }
             }
-            pos = 0;
-        }
-        if len > pos {
-            let _ = file.seek(std::io::SeekFrom::Start(pos));
-            let mut chunk = Vec::new();
-            let _ = (&mut file).take(len - pos).read_to_end(&mut chunk);
-            pos += chunk.len() as u64;
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(&chunk);
-            let _ = out.flush();
+            Ok(m) if m.len() < file.stream_position().unwrap_or(0) => {
+                // Truncated in place: from its start.
+                let _ = file.seek(std::io::SeekFrom::Start(0));
+            }
+            _ => {}
         }
     }
 }
