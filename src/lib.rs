@@ -22,7 +22,8 @@
 //! - [`sim`]: `daytona-sim`, a Daytona-compatible server over the local sandbox engine.
 //!
 //! Leaves anyone may use: [`clock`] (the one wall clock), [`ids`], [`config`], [`error`]
-//! (the error table), [`pb`] (the generated gRPC types and wire time), [`logging`].
+//! (the error table), [`pb`] (the generated gRPC types and wire time), [`logging`],
+//! [`relay`] (a lease's daemon-side log lines to a `crabbox -v` that asks).
 
 pub mod cli;
 pub mod clock;
@@ -36,6 +37,7 @@ pub mod metrics;
 pub mod pb;
 pub mod provider;
 pub mod registry;
+pub mod relay;
 pub mod rpc;
 pub mod sandbox;
 pub mod sim;

@@ -53,25 +53,33 @@ pub fn secret_safe(mut filter: EnvFilter) -> EnvFilter {
 /// (no timestamps of our own, the journal's priority prefix per line), else stderr.
 /// Panics are logged too.
 pub fn init_daemon(log_file: Option<&Path>, max_bytes: u64) -> std::io::Result<()> {
-    let filter = env_filter("info");
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if let Some(path) = log_file {
-        builder
-            .with_ansi(false)
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    type Boxed = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+    let fmt = tracing_subscriber::fmt::layer();
+    let log: Boxed = if let Some(path) = log_file {
+        fmt.with_ansi(false)
             .with_writer(LogFile::open(path, max_bytes)?)
-            .init();
+            .with_filter(env_filter("info"))
+            .boxed()
     } else if stderr_is_journal() {
-        builder
-            .with_ansi(false)
+        fmt.with_ansi(false)
             .event_format(journal::Format)
             .with_writer(std::io::stderr)
-            .init();
+            .with_filter(env_filter("info"))
+            .boxed()
     } else {
-        builder
-            .with_ansi(colour_stderr())
+        fmt.with_ansi(colour_stderr())
             .with_writer(std::io::stderr)
-            .init();
-    }
+            .with_filter(env_filter("info"))
+            .boxed()
+    };
+    // `crabbox -v`: crabbox's own debug lines of a lease, whatever the log's level.
+    let relay = crate::relay::Relay.with_filter(
+        tracing_subscriber::filter::Targets::new().with_target("crabbox", tracing::Level::DEBUG),
+    );
+    tracing_subscriber::registry().with(log).with(relay).init();
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         tracing::error!(panic = %info, "crabboxd panicked");

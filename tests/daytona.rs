@@ -37,13 +37,21 @@ fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
             }
         }
         let writer = buf.clone();
-        let _ = tracing_subscriber::fmt()
-            // What crabboxd does with RUST_LOG=trace.
-            .with_env_filter(crabbox::logging::secret_safe(
-                tracing_subscriber::EnvFilter::new("trace"),
-            ))
-            .with_writer(move || W(writer.clone()))
-            .with_ansi(false)
+        use tracing_subscriber::Layer as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let _ = tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(move || W(writer.clone()))
+                    .with_ansi(false)
+                    // What crabboxd does with RUST_LOG=trace.
+                    .with_filter(crabbox::logging::secret_safe(
+                        tracing_subscriber::EnvFilter::new("trace"),
+                    )),
+            )
+            // As crabboxd relays a lease's steps to `crabbox -v`.
+            .with(crabbox::relay::Relay)
             .try_init();
         buf
     })
@@ -1487,4 +1495,48 @@ async fn the_daemon_serves_prometheus_metrics() {
         "{text}"
     );
     assert!(!text.contains(KEY), "no secret in the metrics");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verbose_shows_the_daemons_provider_calls_retries_and_waits() {
+    let w = world(Duration::from_secs(30)).await;
+    let r = repo();
+    // Two 429s on the create: the daemon waits and retries, and -v says so.
+    w.faults(json!({"rate_limit_count": 2, "retry_after_secs": 0, "rate_limit_path": "POST /api/sandbox"}))
+        .await;
+    let out = w
+        .cb(r.path(), &["-v", "run", "--", "echo", "traced"])
+        .await
+        .expect(0);
+    assert_eq!(out.stdout(), "traced\n");
+    let err = out.stderr();
+    let daemon: Vec<&str> = err.lines().filter(|l| l.contains("] daemon: ")).collect();
+    assert!(
+        daemon.iter().any(|l| l.contains("daytona call")
+            && l.contains("route=POST /api/sandbox")
+            && l.contains("status=200")),
+        "the create call, with its status:\n{err}"
+    );
+    assert!(
+        daemon
+            .iter()
+            .any(|l| l.contains("retrying after the wait") && l.contains("status=429")),
+        "the 429 waits:\n{err}"
+    );
+    assert!(
+        daemon.iter().any(|l| l.contains("the sandbox is started")),
+        "the start:\n{err}"
+    );
+    assert!(
+        daemon
+            .iter()
+            .any(|l| l.contains("route=") && l.contains("toolbox")),
+        "the toolbox calls of the sync and the command:\n{err}"
+    );
+    // Without -v: none of it.
+    let out = w
+        .cb(r.path(), &["run", "--", "echo", "quiet"])
+        .await
+        .expect(0);
+    assert!(!out.stderr().contains("daemon: "), "{}", out.stderr());
 }

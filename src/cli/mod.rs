@@ -98,8 +98,9 @@ pub struct Cli {
     /// CRABBOX_PROVIDER].
     #[arg(long, global = true, value_parser = crate::config::PROVIDERS)]
     pub provider: Option<String>,
-    /// More progress detail: when each step happened, the config files read, and (for
-    /// run) where the time went.
+    /// More progress detail: when each step happened, the config files read, the daemon's
+    /// own steps for the lease (provider calls with status and time, retries and waits),
+    /// and (for run) where the time went.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     /// No progress messages, only results and errors.

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::{broadcast, watch};
@@ -224,14 +225,14 @@ impl LeaseActorState {
                 Effect::Observe => {
                     let provider = self.ctx.provider.clone();
                     let sandbox = self.record.sandbox_ref().to_string();
-                    spawn_task(myself, Outcome::Observed, async move {
+                    spawn_task(myself, self.span(), Outcome::Observed, async move {
                         provider.get(&sandbox).await
                     });
                 }
                 Effect::Pause => {
                     let provider = self.ctx.provider.clone();
                     let sandbox = self.record.sandbox_ref().to_string();
-                    spawn_task(myself, Outcome::Paused, async move {
+                    spawn_task(myself, self.span(), Outcome::Paused, async move {
                         provider.stop(&sandbox).await
                     });
                 }
@@ -266,6 +267,12 @@ impl LeaseActorState {
         }
     }
 
+    /// The span the lease's provider work runs in: its lines reach `crabbox -v`
+    /// ([`crate::relay`]), whatever the log's level.
+    fn span(&self) -> tracing::Span {
+        tracing::debug_span!("lease", lease = %self.record.id)
+    }
+
     fn spawn_provisioning(&mut self, myself: &ActorRef<LeaseMsg>) {
         let token = CancellationToken::new();
         let provider = self.ctx.provider.clone();
@@ -273,10 +280,12 @@ impl LeaseActorState {
         let deadline = self.ctx.provision_deadline;
         let me = myself.clone();
         let cancel = token.clone();
+        let span = self.span();
         let task = tokio::spawn(async move {
-            let work = tokio::spawn(async move {
-                ops::provision::provision(provider.as_ref(), &record, deadline).await
-            });
+            let work = tokio::spawn(
+                async move { ops::provision::provision(provider.as_ref(), &record, deadline).await }
+                    .instrument(span),
+            );
             let abort = work.abort_handle();
             let result = tokio::select! {
                 r = work => r.unwrap_or_else(|e| Err(task_died(e))),
@@ -294,7 +303,7 @@ impl LeaseActorState {
         let provisioning = self.provisioning.take();
         let provider = self.ctx.provider.clone();
         let record = self.record.clone();
-        spawn_task(myself, Outcome::Deleted, async move {
+        spawn_task(myself, self.span(), Outcome::Deleted, async move {
             tokio::time::sleep(after).await;
             // A create may still be in flight: stop it and let it settle before deleting,
             // so the delete cannot overtake it. Orphans left by a race are caught by the
@@ -359,12 +368,13 @@ fn log_life(r: &LeaseRecord, message: &str) {
 /// panics still answers (as a failure), so the lease never waits on a task that is gone.
 fn spawn_task<T: Send + 'static>(
     myself: &ActorRef<LeaseMsg>,
+    span: tracing::Span,
     outcome: fn(Result<T, ProviderError>) -> Outcome,
     work: impl Future<Output = Result<T, ProviderError>> + Send + 'static,
 ) {
     let me = myself.clone();
     tokio::spawn(async move {
-        let result = tokio::spawn(work)
+        let result = tokio::spawn(work.instrument(span))
             .await
             .unwrap_or_else(|e| Err(task_died(e)));
         let _ = me.send_message(LeaseMsg::Done(outcome(result)));

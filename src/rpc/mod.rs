@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -339,13 +340,45 @@ impl LeaseService for LeaseSvc {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    type TraceStream = EventStream<pb::TraceLine>;
+
+    async fn trace(
+        &self,
+        req: Request<pb::LeaseRef>,
+    ) -> Result<Response<Self::TraceStream>, Status> {
+        let id = self.0.resolve(&req.into_inner().name)?.record().id;
+        let (recent, mut lines) = crate::relay::subscribe(&id);
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            for line in recent {
+                if tx.send(Ok(pb::TraceLine { line })).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                tokio::select! {
+                    line = lines.recv() => match line {
+                        Some(line) => {
+                            if tx.send(Ok(pb::TraceLine { line })).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => return,
+                    },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     type RunStream = EventStream<pb::RunEvent>;
 
     async fn run(&self, req: Request<pb::RunRequest>) -> Result<Response<Self::RunStream>, Status> {
         let (tx, rx) = mpsc::channel(64);
         // The run lives in its own task: this handler's future is dropped when the client
         // leaves, and the run must then cancel its command and clean up.
-        tokio::spawn(run::run(self.0.clone(), req.into_inner(), tx, None));
+        tokio::spawn(run::run(self.0.clone(), req.into_inner(), tx, None).instrument(run::span()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -388,7 +421,7 @@ impl LeaseService for LeaseSvc {
             // The client's stream ended: the command's stdin is closed (EOF).
         });
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(run::run(self.0.clone(), start, tx, Some(stdin_rx)));
+        tokio::spawn(run::run(self.0.clone(), start, tx, Some(stdin_rx)).instrument(run::span()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

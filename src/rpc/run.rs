@@ -46,6 +46,11 @@ struct Gone;
 
 /// Runs `req` and streams its events to `tx`, feeding the command's stdin from `stdin` when
 /// given; never panics on bad input.
+/// The span a run works in; it names its lease once the run has one (for `crabbox -v`).
+pub fn span() -> tracing::Span {
+    tracing::debug_span!("run", lease = tracing::field::Empty)
+}
+
 pub async fn run(
     api: Arc<Api>,
     req: pb::RunRequest,
@@ -292,6 +297,7 @@ impl Run {
             }
         }
         self.lease = Some(handle.clone());
+        tracing::Span::current().record("lease", handle.record().id.as_str());
         let _ = self.emit(RunEv::Lease(lease_pb(&handle.record()))).await;
 
         // 4. Usable, and ours alone.

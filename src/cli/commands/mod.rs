@@ -49,6 +49,33 @@ impl Ctx {
         }
     }
 
+    /// `-v`: the daemon's own steps for `lease` (provider calls, retries, waits), printed
+    /// on stderr as they happen while the answer lives.
+    pub(super) fn trace(&self, lease: &str) -> Option<Trace> {
+        if !self.verbose || self.quiet {
+            return None;
+        }
+        let socket = self.socket.clone();
+        let started = self.started;
+        let name = lease.to_string();
+        Some(Trace(tokio::spawn(async move {
+            let Ok(mut c) = client::connect_once(&socket).await else {
+                return;
+            };
+            let Ok(stream) = c.leases.trace(pb::LeaseRef { name }).await else {
+                return;
+            };
+            let mut lines = stream.into_inner();
+            while let Ok(Some(l)) = lines.message().await {
+                eprintln!(
+                    "crabbox: [{:>7.3}s] daemon: {}",
+                    started.elapsed().as_secs_f64(),
+                    l.line
+                );
+            }
+        })))
+    }
+
     async fn clients(&self) -> Result<Clients, CliError> {
         client::connect(&self.socket, self.quiet).await
     }
@@ -63,6 +90,22 @@ impl Ctx {
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_default()
+    }
+}
+
+/// A `-v` trace being printed ([`Ctx::trace`]); stopped when dropped.
+pub(super) struct Trace(tokio::task::JoinHandle<()>);
+
+impl Trace {
+    /// Lets the lines already on their way arrive, then stops.
+    pub(super) async fn finish(self) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+impl Drop for Trace {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -398,6 +441,7 @@ async fn follow(
         })
         .await?
         .into_inner();
+    let trace = ctx.trace(&lease.id);
     let mut last = lease.clone();
     let mut said_sandbox = false;
     let mut last_state = "";
@@ -418,6 +462,9 @@ async fn follow(
             }
         }
         last = l;
+    }
+    if let Some(t) = trace {
+        t.finish().await;
     }
     Ok(last)
 }

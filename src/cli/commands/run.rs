@@ -276,6 +276,8 @@ async fn stream_run(
     let mut err = std::io::stderr();
     let (mut cap_out, mut cap_err) = (Vec::new(), Vec::new());
     let mut lease_seen = None;
+    // -v: the daemon's steps for the run's lease, once it has one.
+    let mut trace: Option<super::Trace> = None;
     let mut sync_seen = None;
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
@@ -326,6 +328,9 @@ async fn stream_run(
         match ev.event {
             Some(Event::Lease(l)) => {
                 ctx.progress(format!("lease {} ({}, {})", l.slug, l.id, state_name(&l)));
+                if trace.is_none() {
+                    trace = ctx.trace(&l.id);
+                }
                 if ndjson {
                     event(&json!({"event": "lease", "lease": lease_json(&l)}));
                 }
@@ -376,6 +381,9 @@ async fn stream_run(
             Some(Event::Stderr(b)) => deliver(ndjson, json, "stderr", b, &mut cap_err, &mut err),
             Some(Event::Exit(x)) => {
                 drop(raw.take());
+                if let Some(t) = trace.take() {
+                    t.finish().await;
+                }
                 if x.stalled {
                     ctx.progress(format!(
                         "the command printed nothing for {} and was stopped (--stall-timeout, \

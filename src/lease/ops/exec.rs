@@ -31,11 +31,11 @@ impl Execution {
         let provider = target.provider.clone();
         let sandbox = target.sandbox.clone();
         let task_cancel = cancel.clone();
-        let task = tokio::spawn(async move {
+        let task = tokio::spawn(tracing::Instrument::in_current_span(async move {
             provider
                 .exec(&sandbox, &spec, input, out_tx, task_cancel)
                 .await
-        });
+        }));
         Execution {
             output,
             _cancel_on_drop: cancel.clone().drop_guard(),

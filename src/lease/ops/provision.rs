@@ -32,6 +32,7 @@ pub async fn provision(
             ));
         }
         None => {
+            tracing::debug!(sandbox = %record.sandbox_name, provider = provider.name(), "creating the sandbox");
             provider
                 .create(&CreateSpec {
                     name: record.sandbox_name.clone(),
@@ -59,7 +60,12 @@ pub async fn provision(
         ));
     }
     if seen.state == SandboxState::Stopped {
+        tracing::debug!(sandbox = %sandbox.id, "starting the stopped sandbox");
         provider.start(&sandbox.id).await?;
     }
-    provider.wait_ready(&sandbox.id, deadline).await
+    tracing::debug!(sandbox = %sandbox.id, "waiting until the sandbox is started");
+    let started = std::time::Instant::now();
+    let ready = provider.wait_ready(&sandbox.id, deadline).await?;
+    tracing::debug!(sandbox = %sandbox.id, ms = started.elapsed().as_millis() as u64, "the sandbox is started");
+    Ok(ready)
 }

@@ -371,12 +371,9 @@ impl Client {
             let route = crate::metrics::route(request.method().as_str(), request.url().path());
             let sent = std::time::Instant::now();
             let answer = http.execute(request).await;
-            crate::metrics::provider_request(
-                "daytona",
-                &route,
-                answer.as_ref().map_or(0, |r| r.status().as_u16()),
-                sent.elapsed(),
-            );
+            let code = answer.as_ref().map_or(0, |r| r.status().as_u16());
+            crate::metrics::provider_request("daytona", &route, code, sent.elapsed());
+            tracing::debug!(%route, status = code, ms = sent.elapsed().as_millis() as u64, "daytona call");
             let (status, retry_after, message) = match answer {
                 Ok(resp) => {
                     let status = resp.status();
@@ -396,7 +393,10 @@ impl Client {
             };
             match retries.after_failure(status, retry_after) {
                 Ok(delay) => {
-                    tracing::debug!(?status, ?delay, "daytona call failed; retrying");
+                    let status_text =
+                        status.map_or("no answer".to_string(), |s| s.as_u16().to_string());
+                    tracing::debug!(%route, status = %status_text,
+                        wait = %humantime::format_duration(delay), "daytona call failed; retrying after the wait");
                     crate::metrics::provider_retry(
                         "daytona",
                         &status.map_or("connection".to_string(), |s| s.as_u16().to_string()),
