@@ -2064,3 +2064,68 @@ async fn man_pages_are_written_for_every_command() {
         assert!(man.join(page).is_file(), "{page}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_is_a_spinner_on_a_terminal_and_plain_lines_elsewhere() {
+    let d = Daemon::start().await;
+    let r = repo();
+    for i in 0..200 {
+        std::fs::write(r.path().join(format!("f{i}")), format!("{i}\n")).expect("write");
+    }
+    // On a terminal: the step is redrawn in place (\r, erase line), each finished step
+    // stays as a plain line, and the spinner is gone before the command's output.
+    let mut t = common::tty::Term::spawn(
+        &d,
+        r.path(),
+        &[],
+        &["run", "--", "echo", "the-output"],
+        (24, 100),
+    );
+    assert_eq!(t.exit_code().await, 0);
+    let screen = t.screen();
+    assert!(
+        screen.contains("\r\u{1b}[2K"),
+        "redrawn in place: {screen:?}"
+    );
+    assert!(screen.contains("crabbox: syncing"), "{screen:?}");
+    let after = screen.split("the-output").nth(1).expect("the output");
+    assert!(
+        !after.contains("\u{1b}[2K"),
+        "no spinner after the command's output: {after:?}"
+    );
+    // NO_COLOR: no colour escapes, still a spinner.
+    let mut cli = d.cli(r.path());
+    cli.env("NO_COLOR", "1");
+    let mut t = common::tty::Term::spawn_command(cli, &["warmup"], (24, 100));
+    assert_eq!(t.exit_code().await, 0);
+    let screen = t.screen();
+    assert!(
+        screen.contains("ready") && screen.contains("\u{1b}[2K"),
+        "{screen:?}"
+    );
+    assert!(
+        !screen.contains("\u{1b}[36m"),
+        "no colour with NO_COLOR: {screen:?}"
+    );
+    // -q on a terminal: no progress at all.
+    let mut t = common::tty::Term::spawn(
+        &d,
+        r.path(),
+        &["-q"],
+        &["run", "--", "echo", "q"],
+        (24, 100),
+    );
+    assert_eq!(t.exit_code().await, 0);
+    let screen = t.screen();
+    assert!(
+        !screen.contains("crabbox:") && !screen.contains("\u{1b}[2K"),
+        "{screen:?}"
+    );
+    // Not a terminal: plain lines, no escape codes.
+    let out = d
+        .run(r.path(), &["run", "--", "echo", "piped"])
+        .await
+        .expect(0);
+    assert!(out.stderr().contains("crabbox: lease "), "{}", out.stderr());
+    assert!(!out.stderr().contains('\u{1b}'), "{}", out.stderr());
+}

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod commands;
 pub mod output;
+pub mod spinner;
 pub mod terminal;
 
 use std::path::PathBuf;

@@ -31,13 +31,21 @@ impl Term {
         args: &[&str],
         (rows, cols): (u16, u16),
     ) -> Term {
+        let mut cli = d.cli(repo);
+        cli.args(prefix);
+        Term::spawn_command(cli, args, (rows, cols))
+    }
+
+    /// Starts the CLI command `cli` (made by `Daemon::cli`) with `args` on a terminal.
+    pub fn spawn_command(
+        mut cli: tokio::process::Command,
+        args: &[&str],
+        (rows, cols): (u16, u16),
+    ) -> Term {
         let (pty, pts) = pty_process::open().expect("openpty");
         pty.resize(pty_process::Size::new(rows, cols))
             .expect("resize");
-        let mut cli = d.cli(repo);
-        cli.args(prefix)
-            .args(args)
-            .env("TERM", "xterm-crabbox-test");
+        cli.args(args).env("TERM", "xterm-crabbox-test");
         let mut cmd = pty_process::Command::from(cli);
         let child = cmd.spawn_borrowed(&pts).expect("spawn on the pty");
         let (mut reader, writer) = pty.into_split();

@@ -33,11 +33,15 @@ pub(super) struct Ctx {
     /// time went, and the config files read are named.
     verbose: bool,
     started: std::time::Instant,
+    /// Progress as a spinner line, on a terminal (not with -v, -q or a document format).
+    spinner: Option<super::spinner::Spinner>,
 }
 
 impl Ctx {
     fn progress(&self, msg: impl AsRef<str>) {
         if self.quiet {
+        } else if let Some(s) = &self.spinner {
+            s.step(msg.as_ref());
         } else if self.verbose {
             eprintln!(
                 "crabbox: [{:>7.3}s] {}",
@@ -74,6 +78,21 @@ impl Ctx {
                 );
             }
         })))
+    }
+
+    /// Prints on stdout (through `f`) with the spinner out of the way.
+    fn print<T>(&self, f: impl FnOnce() -> T) -> T {
+        match &self.spinner {
+            Some(s) => s.suspend(f),
+            None => f(),
+        }
+    }
+
+    /// Ends the spinner (before the command's own output, or a result).
+    fn progress_done(&self) {
+        if let Some(s) = &self.spinner {
+            s.done();
+        }
     }
 
     async fn clients(&self) -> Result<Clients, CliError> {
@@ -264,6 +283,11 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         started: std::time::Instant::now(),
         json: cli.format().is_document(),
         format: cli.format(),
+        spinner: if cli.quiet || cli.verbose > 0 || cli.format().is_document() {
+            None
+        } else {
+            super::spinner::Spinner::for_stderr()
+        },
         quiet: cli.quiet,
         socket: cli.socket.clone().unwrap_or_else(config::socket_path),
         settings,
@@ -508,10 +532,11 @@ async fn warmup(ctx: &Ctx, opts: &LeaseOpts, keep: bool, reclaim: bool) -> Resul
     let json = ctx.json;
     let last = follow(ctx, &mut c, &lease, |l| {
         if !json {
-            println!("{}", output::leased_line(l));
+            ctx.print(|| println!("{}", output::leased_line(l)));
         }
     })
     .await?;
+    ctx.progress_done();
     settled_exit(&last)?;
     if ctx.json {
         print_json(&lease_json(&last));

@@ -343,6 +343,8 @@ async fn stream_run(
                 ctx.progress(p)
             }
             Some(Event::Started(st)) => {
+                // The command's own output from here: no spinner under it.
+                ctx.progress_done();
                 if ndjson {
                     event(&json!({"event": "started", "workdir": st.workdir}));
                 }

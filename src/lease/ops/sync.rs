@@ -153,6 +153,9 @@ impl SyncJob<'_> {
             Some(file)
         };
         report.archive_ms = archive_started.elapsed().as_millis() as u64;
+        tracing::debug!(lease = %id, files = report.files_uploaded, deleted = report.files_deleted,
+            archive = %bytesize::ByteSize::b(report.bytes_uploaded), archive_ms = report.archive_ms,
+            "uploading the changes");
         let upload_started = Instant::now();
         let upload = UploadSpec {
             workdir: self.workdir,
