@@ -567,7 +567,64 @@ async fn completions_and_doctor() {
     let d = Daemon::start().await;
     let r = repo();
     let out = d.run(r.path(), &["completions", "bash"]).await.expect(0);
-    assert!(out.stdout().contains("crabbox"));
+    assert!(
+        out.stdout().contains("COMPLETE=\"bash\""),
+        "{}",
+        out.stdout()
+    );
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        d.run(r.path(), &["completions", shell]).await.expect(0);
+    }
+    // The shell's hook asks `COMPLETE=<shell> crabbox -- <words>`: lease names come live
+    // from the daemon, with their id, state and repo as help.
+    let lease = d
+        .run(r.path(), &["warmup", "--slug", "complete-me", "--json"])
+        .await
+        .expect(0)
+        .json();
+    let complete = |words: &[&str]| {
+        let mut c = d.cli(r.path());
+        c.env("COMPLETE", "fish")
+            .arg("--")
+            .arg("crabbox")
+            .args(words);
+        c
+    };
+    for words in [
+        &["stop", ""][..],
+        &["status", "comp"],
+        &["run", "--id", ""],
+        &["ssh", "--id", ""],
+    ] {
+        let out = complete(words).output().await.expect("complete");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("complete-me\t"))
+            .unwrap_or_else(|| panic!("{words:?}: {text}"));
+        assert!(
+            line.contains(lease["id"].as_str().expect("id")) && line.contains("ready"),
+            "{line}"
+        );
+    }
+    // Flags still complete; and with no daemon, completion answers at once and starts none.
+    let out = complete(&["stop", "--f"]).output().await.expect("complete");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--force"));
+    let gone = tempfile::tempdir().expect("tempdir");
+    let started = std::time::Instant::now();
+    let out = complete(&["stop", ""])
+        .env("CRABBOX_SOCKET", gone.path().join("none.sock"))
+        .env_remove("CRABBOX_NO_AUTOSTART")
+        .output()
+        .await
+        .expect("complete");
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("complete-me"));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert!(
+        !gone.path().join("none.sock").exists(),
+        "no daemon started for a completion"
+    );
     let doc = d
         .run(r.path(), &["doctor", "--json"])
         .await

@@ -1,6 +1,10 @@
 //! `crabbox`: the CLI. Parses arguments and hands them to the library.
 
 fn main() {
+    // `COMPLETE=bash crabbox ...`: the shell asks for completions (lease names come live
+    // from the daemon); answered, then the process ends.
+    clap_complete::CompleteEnv::with_factory(<crabbox::cli::Cli as clap::CommandFactory>::command)
+        .complete();
     // Arguments first (`--help` and `--version` need nothing else), then a runtime on
     // this thread alone: a CLI waits on one daemon, worker threads would only cost start-up.
     let cli = crabbox::cli::parse_args();

@@ -72,6 +72,49 @@ impl From<crate::config::ConfigError> for CliError {
     }
 }
 
+/// Completes a lease argument with the daemon's live leases (slug, with its state and
+/// repo as the help), when one answers at once; never starts a daemon.
+fn lease_names() -> clap_complete::ArgValueCandidates {
+    clap_complete::ArgValueCandidates::new(|| {
+        let socket = std::env::var_os("CRABBOX_SOCKET")
+            .map(PathBuf::from)
+            .unwrap_or_else(crate::config::socket_path);
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return Vec::new();
+        };
+        rt.block_on(async {
+            let listed = tokio::time::timeout(std::time::Duration::from_millis(500), async {
+                let mut c = client::connect_once(&socket).await.ok()?;
+                c.leases
+                    .list(crate::pb::ListRequest::default())
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner().leases)
+            })
+            .await;
+            listed
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+                .iter()
+                .map(|l| {
+                    let repo = if l.repo_root.is_empty() {
+                        "-"
+                    } else {
+                        &l.repo_root
+                    };
+                    clap_complete::CompletionCandidate::new(&l.slug).help(Some(
+                        format!("{} {} {repo}", l.id, output::state_name(l)).into(),
+                    ))
+                })
+                .collect()
+        })
+    })
+}
+
 /// Lease remote sandboxes for this repository and run commands in them.
 #[derive(Debug, Parser)]
 #[command(name = "crabbox", version, about, propagate_version = true)]
@@ -193,7 +236,7 @@ pub enum Command {
     /// Open a shell in the lease over SSH.
     Ssh {
         /// The lease (id, slug or sandbox name) [default: this repo's].
-        #[arg(long = "id", value_name = "LEASE")]
+        #[arg(long = "id", value_name = "LEASE", add = lease_names())]
         id: Option<String>,
         /// Print the ssh command instead of running it.
         #[arg(long)]
@@ -213,6 +256,7 @@ pub enum Command {
     Stop {
         /// Id, slug or sandbox name (team mode: any of the team's leases) [default: this
         /// repo's lease].
+        #[arg(add = lease_names())]
         lease: Option<String>,
         /// Team mode: stop another user's lease (recorded).
         #[arg(long)]
@@ -222,22 +266,26 @@ pub enum Command {
     /// run or ssh (or `resume`) starts it again; its expiry still runs.
     Pause {
         /// Id, slug or sandbox name [default: this repo's lease].
+        #[arg(add = lease_names())]
         lease: Option<String>,
     },
     /// Start a paused lease's sandbox again and wait until it is ready.
     Resume {
         /// Id, slug or sandbox name [default: this repo's lease].
+        #[arg(add = lease_names())]
         lease: Option<String>,
     },
     /// Mark a lease used now, pushing back its idle expiry.
     #[command(alias = "heartbeat")]
     Touch {
         /// Id, slug or sandbox name [default: this repo's lease].
+        #[arg(add = lease_names())]
         lease: Option<String>,
     },
     /// Show one lease.
     Status {
         /// Id, slug or sandbox name [default: this repo's lease].
+        #[arg(add = lease_names())]
         lease: Option<String>,
         /// Wait until the lease is ready, failed or released.
         #[arg(long)]
@@ -275,7 +323,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct SyncPlanArgs {
     /// Plan against this lease (id, slug or sandbox name) [default: this repo's].
-    #[arg(long = "id", value_name = "LEASE")]
+    #[arg(long = "id", value_name = "LEASE", add = lease_names())]
     pub id: Option<String>,
     /// The folder to sync, as with `run --sync-root`.
     #[arg(long, value_name = "DIR")]
@@ -323,7 +371,7 @@ pub struct ListArgs {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The lease (id, slug or sandbox name) [default: this repo's, else a fresh one].
-    #[arg(long = "id", value_name = "LEASE")]
+    #[arg(long = "id", value_name = "LEASE", add = lease_names())]
     pub id: Option<String>,
     /// Keep a lease this run creates (else it is released at exit).
     #[arg(long)]

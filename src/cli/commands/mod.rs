@@ -148,8 +148,29 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         return write_man_pages(dir);
     }
     if let Command::Completions { shell } = &cli.command {
-        let mut cmd = <Cli as clap::CommandFactory>::command();
-        clap_complete::generate(*shell, &mut cmd, "crabbox", &mut std::io::stdout());
+        // The shell's hook that asks `COMPLETE=<shell> crabbox` for each completion: lease
+        // names come live from the daemon, commands and flags from the same definitions.
+        use clap_complete::env::{self as shells, EnvCompleter};
+        let hook: &dyn EnvCompleter = match shell {
+            clap_complete::Shell::Bash => &shells::Bash,
+            clap_complete::Shell::Zsh => &shells::Zsh,
+            clap_complete::Shell::Fish => &shells::Fish,
+            clap_complete::Shell::Elvish => &shells::Elvish,
+            clap_complete::Shell::PowerShell => &shells::Powershell,
+            other => {
+                return Err(CliError::usage(format!(
+                    "no completions for {other}: bash, zsh, fish, elvish and powershell have them"
+                )));
+            }
+        };
+        hook.write_registration(
+            "COMPLETE",
+            "crabbox",
+            "crabbox",
+            "crabbox",
+            &mut std::io::stdout(),
+        )
+        .map_err(|e| CliError::new(exit::INTERNAL, format!("writing the completions: {e}")))?;
         return Ok(exit::OK);
     }
     let needs_repo = matches!(
