@@ -43,9 +43,10 @@ pub struct DaytonaConfig {
     pub work_root: Option<String>,
     pub ssh_gateway_host: Option<String>,
     pub ssh_access_minutes: Option<u32>,
-    /// Credentials in a config file are accepted, below the environment.
-    pub api_key: Option<String>,
-    pub jwt_token: Option<String>,
+    /// Credentials in a config file are accepted, below the environment (never
+    /// `Debug`-printed: `SecretString`).
+    pub api_key: Option<secrecy::SecretString>,
+    pub jwt_token: Option<secrecy::SecretString>,
     pub organization_id: Option<String>,
 }
 
@@ -264,7 +265,7 @@ pub struct FileConfig {
 pub struct TeamConfig {
     /// `postgres://user:password@host:5432/db?sslmode=require` (or
     /// `CRABBOX_TEAM_DATABASE_URL`). A secret: never printed with its password.
-    pub database_url: Option<String>,
+    pub database_url: Option<secrecy::SecretString>,
     /// The team's name: daemons of one team share leases, quotas and the reaper.
     pub name: Option<String>,
     /// Who this daemon's leases belong to in the team view [default: $USER].
@@ -349,9 +350,13 @@ fn resolve_team(team: Option<TeamConfig>) -> Result<Option<TeamSettings>, Config
         return Ok(None);
     };
     if let Some(url) = env_url {
-        t.database_url = Some(url);
+        t.database_url = Some(url.into());
     }
-    let Some(url) = t.database_url.filter(|u| !u.is_empty()) else {
+    let Some(url) = t
+        .database_url
+        .map(|u| secrecy::ExposeSecret::expose_secret(&u).to_string())
+        .filter(|u| !u.is_empty())
+    else {
         return Err(ConfigError(
             "config team: needs database_url (postgres://user:password@host/db), or \
              CRABBOX_TEAM_DATABASE_URL"
@@ -913,6 +918,25 @@ fn merge(base: &mut serde_yaml_ng::Value, over: serde_yaml_ng::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_in_a_config_never_reach_its_debug_form() {
+        let yaml = "daytona:\n  apiKey: dtn_secret_key_1234\n  jwtToken: eyJ.secret.jwt\n  \
+                    organizationId: org\nteam:\n  database_url: postgres://u:pg_secret_pw@h/db\n  \
+                    name: core\n";
+        let file: FileConfig = serde_yaml_ng::from_str(yaml).expect("parses");
+        let text = format!("{file:?}");
+        for secret in ["dtn_secret_key_1234", "eyJ.secret.jwt", "pg_secret_pw"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(text.contains("REDACTED"), "{text}");
+        let team = resolve_team(file.team).expect("resolves").expect("team");
+        assert!(!format!("{team:?}").contains("pg_secret_pw"));
+        assert!(
+            team.database_url.contains("pg_secret_pw"),
+            "kept for connecting"
+        );
+    }
 
     #[test]
     fn durations() {

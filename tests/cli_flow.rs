@@ -2155,6 +2155,7 @@ async fn progress_is_a_spinner_on_a_terminal_and_plain_lines_elsewhere() {
     cli.env("NO_COLOR", "1");
     let mut t = common::tty::Term::spawn_command(cli, &["warmup"], (24, 100));
     assert_eq!(t.exit_code().await, 0);
+    t.wait_for("ready").await;
     let screen = t.screen();
     assert!(
         screen.contains("ready") && screen.contains("\u{1b}[2K"),

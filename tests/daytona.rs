@@ -123,7 +123,7 @@ async fn world_with(
             };
             let d = DaytonaProvider::new(
                 settings,
-                auth::Resolved::Found(Credentials::ApiKey(key.into())),
+                auth::Resolved::Found(Credentials::ApiKey(secrecy::SecretString::from(key))),
             )
             .expect("provider");
             p.insert("daytona".into(), Arc::new(d));

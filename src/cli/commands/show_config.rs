@@ -70,7 +70,7 @@ pub(super) fn show(ctx: &Ctx, cli: &Flags) -> Result<i32, CliError> {
             .map(|(p, _)| p.clone())
     };
     let dur = |d: Option<std::time::Duration>| d.map(|d| crate::clock::human_secs(d.as_secs()));
-    let secret = |v: &Option<String>| v.as_ref().map(|_| "*** (set)".to_string());
+    let secret = |v: &Option<secrecy::SecretString>| v.as_ref().map(|_| "*** (set)".to_string());
     let d = &s.daytona;
     let flag = |given: bool, name: &str| given.then(|| format!("flag {name}"));
     // (key, value, env var, flag origin)

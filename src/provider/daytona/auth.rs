@@ -3,6 +3,7 @@
 //! `CRABBOX_DAYTONA_ORGANIZATION_ID` / `DAYTONA_ORGANIZATION_ID` (required with a JWT);
 //! the config file; the Daytona CLI profile. They live in the daemon only.
 
+use secrecy::{ExposeSecret, SecretString};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -47,16 +48,24 @@ pub fn resolve_with(
             .map(|v| v.trim().to_string())
     };
     if let Some(key) = env(&["CRABBOX_DAYTONA_API_KEY", "DAYTONA_API_KEY"]) {
-        return (Resolved::Found(Credentials::ApiKey(key)), None);
+        return (Resolved::Found(Credentials::ApiKey(key.into())), None);
     }
     if let Some(token) = env(&["CRABBOX_DAYTONA_JWT_TOKEN", "DAYTONA_JWT_TOKEN"]) {
         let org = env(&["CRABBOX_DAYTONA_ORGANIZATION_ID", "DAYTONA_ORGANIZATION_ID"]);
-        return (jwt(token, org), None);
+        return (jwt(token.into(), org), None);
     }
-    if let Some(key) = config.api_key.clone().filter(|k| !k.is_empty()) {
+    if let Some(key) = config
+        .api_key
+        .clone()
+        .filter(|k| !k.expose_secret().is_empty())
+    {
         return (Resolved::Found(Credentials::ApiKey(key)), None);
     }
-    if let Some(token) = config.jwt_token.clone().filter(|k| !k.is_empty()) {
+    if let Some(token) = config
+        .jwt_token
+        .clone()
+        .filter(|k| !k.expose_secret().is_empty())
+    {
         return (jwt(token, config.organization_id.clone()), None);
     }
     let path = if let Some(d) = env(&["DAYTONA_CONFIG_DIR"]) {
@@ -73,7 +82,7 @@ pub fn resolve_with(
     }
 }
 
-fn jwt(token: String, org: Option<String>) -> Resolved {
+fn jwt(token: SecretString, org: Option<String>) -> Resolved {
     match org.filter(|o| !o.is_empty()) {
         Some(organization_id) => Resolved::Found(Credentials::Jwt {
             token,
@@ -131,10 +140,10 @@ fn profile(path: &Path, text: &str) -> (Resolved, Option<String>) {
     };
     let url = p.api.url.clone();
     if let Some(key) = p.api.key.filter(|k| !k.is_empty()) {
-        return (Resolved::Found(Credentials::ApiKey(key)), url);
+        return (Resolved::Found(Credentials::ApiKey(key.into())), url);
     }
     if let Some(t) = p.api.token {
-        return (jwt(t.access_token, p.active_organization_id), url);
+        return (jwt(t.access_token.into(), p.active_organization_id), url);
     }
     (Resolved::Missing, None)
 }
@@ -154,7 +163,7 @@ mod tests {
 
     fn key(r: &Resolved) -> Option<&str> {
         match r {
-            Resolved::Found(Credentials::ApiKey(k)) => Some(k),
+            Resolved::Found(Credentials::ApiKey(k)) => Some(k.expose_secret()),
             _ => None,
         }
     }
@@ -162,7 +171,7 @@ mod tests {
     #[test]
     fn precedence() {
         let cfg = DaytonaConfig {
-            api_key: Some("from-config".into()),
+            api_key: Some(SecretString::from("from-config")),
             ..Default::default()
         };
         let both = [
@@ -178,7 +187,7 @@ mod tests {
                 ("DAYTONA_ORGANIZATION_ID", "org"),
             ],
             DaytonaConfig {
-                api_key: Some("cfg".into()),
+                api_key: Some(SecretString::from("cfg")),
                 ..Default::default()
             },
         );

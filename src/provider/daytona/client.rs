@@ -7,16 +7,18 @@ use std::time::Duration;
 
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue};
 use reqwest::{Method, RequestBuilder, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
 use crate::provider::{ProviderError, ProviderErrorKind};
 
-/// How a client authenticates.
-#[derive(Clone)]
+/// How a client authenticates. The secrets are `SecretString`s: their `Debug` says
+/// `[REDACTED]`, and reading one takes an explicit `expose_secret()`.
+#[derive(Clone, Debug)]
 pub enum Credentials {
-    ApiKey(String),
+    ApiKey(SecretString),
     Jwt {
-        token: String,
+        token: SecretString,
         organization_id: String,
     },
 }
@@ -24,21 +26,8 @@ pub enum Credentials {
 impl Credentials {
     fn secret(&self) -> &str {
         match self {
-            Credentials::ApiKey(k) => k,
-            Credentials::Jwt { token, .. } => token,
-        }
-    }
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Credentials::ApiKey(_) => f.write_str("ApiKey(<redacted>)"),
-            Credentials::Jwt {
-                organization_id, ..
-            } => {
-                write!(f, "Jwt(<redacted>, org {organization_id})")
-            }
+            Credentials::ApiKey(k) => k.expose_secret(),
+            Credentials::Jwt { token, .. } => token.expose_secret(),
         }
     }
 }
@@ -238,7 +227,7 @@ impl Client {
 
     /// What the events channel's connect packet carries: the token (a secret: never log
     /// it) and, with a JWT, the organization.
-    pub fn event_credentials(&self) -> Option<(String, Option<String>)> {
+    pub fn event_credentials(&self) -> Option<(SecretString, Option<String>)> {
         self.credentials.as_ref().map(|c| match c {
             Credentials::ApiKey(k) => (k.clone(), None),
             Credentials::Jwt {
@@ -256,7 +245,7 @@ impl Client {
     /// only ever enter a one-way key derivation.
     pub fn account_material(&self) -> String {
         match &self.credentials {
-            Some(Credentials::ApiKey(k)) => k.clone(),
+            Some(Credentials::ApiKey(k)) => k.expose_secret().to_string(),
             Some(Credentials::Jwt {
                 organization_id, ..
             }) => organization_id.clone(),

@@ -133,7 +133,10 @@ async fn link(client: &Client, tx: &broadcast::Sender<StateEvent>, up: &AtomicBo
         }
         _ => return End::Refused("no Engine.IO open packet".into()),
     }
-    let connect = format!("40{}", json!({ "token": token }));
+    let connect = format!(
+        "40{}",
+        json!({ "token": secrecy::ExposeSecret::expose_secret(&token) })
+    );
     if let Err(e) = ws.send(Message::Text(connect.into())).await {
         return End::Broke(e.to_string());
     }
