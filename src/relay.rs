@@ -24,10 +24,20 @@ pub const RECENT: usize = 64;
 /// Leases whose recent lines are kept (the oldest is forgotten first).
 const LEASES: usize = 256;
 
+/// One relayed line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// As the daemon log has it: level, message, fields.
+    pub text: String,
+    /// Marked `progress = true`: a step a person waits on (an image build's output),
+    /// shown even without `-v`.
+    pub progress: bool,
+}
+
 #[derive(Default)]
 struct Lines {
-    recent: VecDeque<String>,
-    subscribers: Vec<mpsc::Sender<String>>,
+    recent: VecDeque<Line>,
+    subscribers: Vec<mpsc::Sender<Line>>,
 }
 
 #[derive(Default)]
@@ -52,7 +62,7 @@ fn with_board<T>(f: impl FnOnce(&mut Board) -> T) -> T {
 /// The lines of `lease` so far, and a channel of the next ones (until the receiver is
 /// dropped). A subscriber that does not keep up loses lines rather than slowing the
 /// daemon.
-pub fn subscribe(lease: &str) -> (Vec<String>, mpsc::Receiver<String>) {
+pub fn subscribe(lease: &str) -> (Vec<Line>, mpsc::Receiver<Line>) {
     let (tx, rx) = mpsc::channel(256);
     let recent = with_board(|b| {
         let lines = b.lines(lease);
@@ -86,7 +96,7 @@ impl Board {
     }
 }
 
-fn publish(lease: &str, line: String) {
+fn publish(lease: &str, line: Line) {
     with_board(|b| {
         let lines = b.lines(lease);
         lines.subscribers.retain(|s| {
@@ -143,21 +153,36 @@ where
                 .find_map(|s| s.extensions().get::<LeaseTag>().map(|t| t.0.clone()))
         });
         let Some(lease) = lease else { return };
-        let mut line = format!("{:<5} {}", meta.level(), v.message);
-        line.push_str(&v.rest);
-        publish(&lease, line);
+        let mut text = format!("{:<5} {}", meta.level(), v.message);
+        text.push_str(&v.rest);
+        publish(
+            &lease,
+            Line {
+                text,
+                progress: v.progress,
+            },
+        );
     }
 }
 
-/// An event's message, its `lease` field, and the other fields as ` k=v`.
+/// An event's message, its `lease` and `progress` fields, and the others as ` k=v`.
 #[derive(Default)]
 struct Fields {
     message: String,
     lease: Option<String>,
+    progress: bool,
     rest: String,
 }
 
 impl Visit for Fields {
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if field.name() == "progress" {
+            self.progress = value;
+        } else {
+            let _ = write!(self.rest, " {}={value}", field.name());
+        }
+    }
+
     fn record_str(&mut self, field: &Field, value: &str) {
         match field.name() {
             "lease" => self.lease = Some(value.to_string()),
@@ -193,18 +218,29 @@ mod tests {
         let (recent, mut rx) = subscribe("cbx_early");
         assert_eq!(recent.len(), 1, "{recent:?}");
         assert!(
-            recent[0].contains("created") && recent[0].contains("status=200"),
+            recent[0].text.contains("created") && recent[0].text.contains("status=200"),
             "{recent:?}"
         );
+        assert!(!recent[0].progress);
         // An event inside a span that names the lease is the lease's too.
         async {
             tracing::info!(route = "/sandbox/{id}", "daytona call");
         }
         .instrument(tracing::info_span!("lease", lease = "cbx_early"))
         .await;
-        let next = rx.try_recv().expect("relayed");
+        let next = rx.try_recv().expect("relayed").text;
         assert!(next.starts_with("INFO  daytona call"), "{next}");
         assert!(next.contains("route=/sandbox/{id}"), "{next}");
+        tracing::info!(
+            lease = "cbx_early",
+            progress = true,
+            "image build: Step 1/2"
+        );
+        let next = rx.try_recv().expect("relayed");
+        assert!(
+            next.progress && next.text == "INFO  image build: Step 1/2",
+            "{next:?}"
+        );
         // Another lease's lines are not ours; a line naming no lease goes nowhere; nor do
         // a dependency's lines or trace.
         tracing::info!(lease = "cbx_other", "not ours");
@@ -218,6 +254,10 @@ mod tests {
         }
         let (recent, _rx) = subscribe("cbx_many");
         assert_eq!(recent.len(), RECENT);
-        assert!(recent[RECENT - 1].contains(&format!("i={}", RECENT + 9)));
+        assert!(
+            recent[RECENT - 1]
+                .text
+                .contains(&format!("i={}", RECENT + 9))
+        );
     }
 }

@@ -1540,3 +1540,101 @@ async fn verbose_shows_the_daemons_provider_calls_retries_and_waits() {
         .expect(0);
     assert!(!out.stderr().contains("daemon: "), "{}", out.stderr());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_builds_log_lines_are_shown_while_it_builds() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    let cfg = r.path().join("env.yaml");
+    std::fs::write(
+        &cfg,
+        "provider: daytona\nenvironment:\n  image: { dockerfile: \"FROM python:3.12-slim\\n# a comment\\nRUN pip install pytest\\nWORKDIR /work\\n\" }\n",
+    )
+    .expect("write");
+    let out = w
+        .daemon
+        .cli(r.path())
+        .env("CRABBOX_CONFIG", &cfg)
+        .args(["warmup"])
+        .output()
+        .await
+        .expect("ran");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    // Not a terminal: plain lines, one per build step, in order, then the outcome.
+    let steps: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("crabbox: image build: "))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "crabbox: image build: Step 1/3 : FROM python:3.12-slim",
+            "crabbox: image build: Step 2/3 : RUN pip install pytest",
+            "crabbox: image build: Step 3/3 : WORKDIR /work",
+        ]
+        .into_iter()
+        .chain(
+            steps
+                .last()
+                .filter(|l| l.contains("Successfully built"))
+                .copied()
+        )
+        .collect::<Vec<_>>(),
+        "{err}"
+    );
+    assert!(
+        err.contains("crabbox: building the environment's image"),
+        "{err}"
+    );
+    // The same through the official route a user's SDK reads: build-logs-url, then follow.
+    let snap = w
+        .sim
+        .snapshots
+        .lock()
+        .expect("lock")
+        .values()
+        .find(|s| s.name.starts_with("crabbox-env-"))
+        .map(|s| s.id.clone())
+        .expect("the snapshot");
+    let url: Value = w
+        .http
+        .get(format!("{}/api/snapshots/{snap}/build-logs-url", w.sim_url))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("url")
+        .json()
+        .await
+        .expect("json");
+    let text = w
+        .http
+        .get(url["url"].as_str().expect("url"))
+        .query(&[("follow", "true")])
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .expect("logs")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        text.starts_with("Step 1/3 : FROM python:3.12-slim\n"),
+        "{text}"
+    );
+    assert!(
+        text.trim_end()
+            .ends_with(&format!("Successfully built {}", &snap[..12])),
+        "{text}"
+    );
+    // A run on the built lease builds nothing: no build lines.
+    let out = w
+        .daemon
+        .cli(r.path())
+        .env("CRABBOX_CONFIG", &cfg)
+        .args(["run", "--", "true"])
+        .output()
+        .await
+        .expect("ran");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("image build"));
+}

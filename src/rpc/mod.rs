@@ -350,8 +350,14 @@ impl LeaseService for LeaseSvc {
         let (recent, mut lines) = crate::relay::subscribe(&id);
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
+            let wire = |l: crate::relay::Line| {
+                Ok(pb::TraceLine {
+                    line: l.text,
+                    progress: l.progress,
+                })
+            };
             for line in recent {
-                if tx.send(Ok(pb::TraceLine { line })).await.is_err() {
+                if tx.send(wire(line)).await.is_err() {
                     return;
                 }
             }
@@ -359,7 +365,7 @@ impl LeaseService for LeaseSvc {
                 tokio::select! {
                     line = lines.recv() => match line {
                         Some(line) => {
-                            if tx.send(Ok(pb::TraceLine { line })).await.is_err() {
+                            if tx.send(wire(line)).await.is_err() {
                                 return;
                             }
                         }

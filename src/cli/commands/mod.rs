@@ -34,7 +34,7 @@ pub(super) struct Ctx {
     verbose: bool,
     started: std::time::Instant,
     /// Progress as a spinner line, on a terminal (not with -v, -q or a document format).
-    spinner: Option<super::spinner::Spinner>,
+    spinner: Option<std::sync::Arc<super::spinner::Spinner>>,
 }
 
 impl Ctx {
@@ -53,29 +53,45 @@ impl Ctx {
         }
     }
 
-    /// `-v`: the daemon's own steps for `lease` (provider calls, retries, waits), printed
-    /// on stderr as they happen while the answer lives.
-    pub(super) fn trace(&self, lease: &str) -> Option<Trace> {
-        if !self.verbose || self.quiet {
+    /// The daemon's own steps for `lease`, as they happen, while the answer lives: with
+    /// -v all of them (provider calls, retries, waits), else, while the lease is being
+    /// provisioned, the ones a person waits on (an image build's output) as progress.
+    pub(super) fn trace(
+        &self,
+        leases: &pb::lease_service_client::LeaseServiceClient<tonic::transport::Channel>,
+        lease: &pb::Lease,
+    ) -> Option<Trace> {
+        let provisioning = matches!(state_name(lease), "pending" | "creating");
+        if self.quiet || self.json || !(self.verbose || provisioning) {
             return None;
         }
-        let socket = self.socket.clone();
+        let mut leases = leases.clone();
+        let verbose = self.verbose;
         let started = self.started;
-        let name = lease.to_string();
+        let spinner = self.spinner.clone();
+        let name = lease.id.clone();
         Some(Trace(tokio::spawn(async move {
-            let Ok(mut c) = client::connect_once(&socket).await else {
-                return;
-            };
-            let Ok(stream) = c.leases.trace(pb::LeaseRef { name }).await else {
+            let Ok(stream) = leases.trace(pb::LeaseRef { name }).await else {
                 return;
             };
             let mut lines = stream.into_inner();
             while let Ok(Some(l)) = lines.message().await {
-                eprintln!(
-                    "crabbox: [{:>7.3}s] daemon: {}",
-                    started.elapsed().as_secs_f64(),
-                    l.line
-                );
+                if verbose {
+                    eprintln!(
+                        "crabbox: [{:>7.3}s] daemon: {}",
+                        started.elapsed().as_secs_f64(),
+                        l.line
+                    );
+                } else if l.progress {
+                    let text = l
+                        .line
+                        .split_once(' ')
+                        .map_or(l.line.as_str(), |(_, t)| t.trim_start());
+                    match &spinner {
+                        Some(s) => s.step(text),
+                        None => eprintln!("crabbox: {text}"),
+                    }
+                }
             }
         })))
     }
@@ -307,7 +323,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         spinner: if cli.quiet || cli.verbose > 0 || cli.format().is_document() {
             None
         } else {
-            super::spinner::Spinner::for_stderr()
+            super::spinner::Spinner::for_stderr().map(std::sync::Arc::new)
         },
         quiet: cli.quiet,
         socket: cli.socket.clone().unwrap_or_else(config::socket_path),
@@ -486,7 +502,7 @@ async fn follow(
         })
         .await?
         .into_inner();
-    let trace = ctx.trace(&lease.id);
+    let trace = ctx.trace(&c.leases, lease);
     let mut last = lease.clone();
     let mut said_sandbox = false;
     let mut last_state = "";

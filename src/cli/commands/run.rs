@@ -329,7 +329,7 @@ async fn stream_run(
             Some(Event::Lease(l)) => {
                 ctx.progress(format!("lease {} ({}, {})", l.slug, l.id, state_name(&l)));
                 if trace.is_none() {
-                    trace = ctx.trace(&l.id);
+                    trace = ctx.trace(&c.leases, &l);
                 }
                 if ndjson {
                     event(&json!({"event": "lease", "lease": lease_json(&l)}));

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use super::client::Idempotent;
+use super::client::{Client, Idempotent};
 use super::{DaytonaProvider, e};
 use crate::provider::{ProviderError, ProviderErrorKind};
 
@@ -49,11 +49,36 @@ impl DaytonaProvider {
         let name = self.snapshot_name(dockerfile, options);
         let started = Instant::now();
         let mut creates = 0;
+        // The build's log lines, followed while it builds (see `follow_build_log`): from
+        // its first look (a log may not be readable before the build starts: followed
+        // again when the follower ended early, a few times).
+        let mut build_log: Option<tokio::task::JoinHandle<()>> = None;
+        let mut follower = StopOnDrop(&mut build_log);
+        let mut follows = 0;
         loop {
             match self.snapshot(&name).await {
+                Ok(Some(snap))
+                    if matches!(snap.state.as_str(), "pending" | "building" | "pulling")
+                        && follower.0.as_ref().is_none_or(|t| t.is_finished())
+                        && follows < 3 =>
+                {
+                    if follows == 0 {
+                        tracing::info!(snapshot = %name, progress = true, "building the environment's image");
+                    }
+                    follows += 1;
+                    let client = self.client.clone();
+                    let id = snap.id.clone();
+                    *follower.0 = Some(tokio::spawn(tracing::Instrument::in_current_span(
+                        async move { follow_build_log(&client, &id).await },
+                    )));
+                }
                 Ok(Some(snap)) => match snap.state.as_str() {
-                    "active" => return Ok(name),
+                    "active" => {
+                        follower.finish().await;
+                        return Ok(name);
+                    }
                     "error" | "build_failed" => {
+                        follower.finish().await;
                         return Err(e(
                             ProviderErrorKind::Provisioning,
                             format!(
@@ -126,6 +151,7 @@ impl DaytonaProvider {
             Ok(v) => {
                 let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
                 Ok(Some(Snapshot {
+                    id: text("id").unwrap_or_else(|| name.to_string()),
                     state: text("state").unwrap_or_else(|| "unknown".into()),
                     error_reason: text("errorReason").unwrap_or_else(|| "no reason given".into()),
                 }))
@@ -136,8 +162,96 @@ impl DaytonaProvider {
     }
 }
 
+/// Aborts the build-log follower when the wait ends, however it ends.
+struct StopOnDrop<'a>(&'a mut Option<tokio::task::JoinHandle<()>>);
+
+impl StopOnDrop<'_> {
+    /// Lets the follower print the build's last lines (its stream ends with the build),
+    /// for at most 2 s.
+    async fn finish(&mut self) {
+        if let Some(mut task) = self.0.take()
+            && tokio::time::timeout(Duration::from_secs(2), &mut task)
+                .await
+                .is_err()
+        {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Streams the snapshot's build log (`build-logs-url`, then `?follow=true`, as the
+/// official SDK reads it) into the log, a line at a time, as progress: `crabbox` shows
+/// each line in its spinner, `-v` too. Best effort: a log that cannot be read changes
+/// nothing about the build.
+async fn follow_build_log(client: &Client, id: &str) {
+    use futures_util::StreamExt;
+    {
+        let url = match client
+            .json(
+                Method::GET,
+                &client.url(&format!("/snapshots/{id}/build-logs-url")),
+                None,
+                Idempotent::Yes,
+            )
+            .await
+        {
+            Ok(v) => match v.get("url").and_then(Value::as_str) {
+                Some(u) => u.to_string(),
+                None => return,
+            },
+            Err(h) => {
+                tracing::debug!(error = %h.error, "the image build's log cannot be read");
+                return;
+            }
+        };
+        let Ok(headers) = client.auth_headers() else {
+            return;
+        };
+        let answer = client
+            .request(Method::GET, &url)
+            .query(&[("follow", "true")])
+            .headers(headers)
+            .send()
+            .await;
+        let mut body = match answer {
+            Ok(r) if r.status().is_success() => r.bytes_stream(),
+            Ok(r) => {
+                tracing::debug!(
+                    status = r.status().as_u16(),
+                    "the image build's log cannot be read"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %client.redact(&e.to_string()), "the image build's log cannot be read");
+                return;
+            }
+        };
+        let mut pending = Vec::new();
+        while let Some(Ok(chunk)) = body.next().await {
+            pending.extend_from_slice(&chunk);
+            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                let line = String::from_utf8_lossy(&line).trim_end().to_string();
+                if !line.is_empty() {
+                    tracing::info!(progress = true, "image build: {}", client.redact(&line));
+                }
+            }
+        }
+    }
+}
+
 /// A snapshot as the provider cares about it.
 pub(super) struct Snapshot {
+    pub id: String,
     pub state: String,
     pub error_reason: String,
 }

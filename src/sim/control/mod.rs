@@ -126,6 +126,8 @@ pub struct SimSnapshot {
     pub build_info: Option<Value>,
     pub created_ms: u64,
     pub updated_ms: u64,
+    /// What its build printed so far (`/snapshots/{id}/build-logs`).
+    pub build_log: Vec<String>,
 }
 
 impl SimSnapshot {
@@ -168,7 +170,13 @@ impl SimSnapshot {
             build_info: None,
             created_ms: now,
             updated_ms: now,
+            build_log: Vec::new(),
         }
+    }
+
+    /// Built, failed or gone: its build log will not grow.
+    pub fn settled(&self) -> bool {
+        matches!(self.state.as_str(), "active" | "error" | "build_failed")
     }
 }
 
@@ -206,7 +214,9 @@ use sandboxes::{
     put_labels, set_interval, set_public, start_sandbox, stop_sandbox, toolbox_proxy_url,
 };
 pub use sandboxes::{force_error, spawn_auto_stop};
-use snapshots::{create_snapshot, delete_snapshot, get_snapshot, list_snapshots};
+use snapshots::{
+    build_logs, build_logs_url, create_snapshot, delete_snapshot, get_snapshot, list_snapshots,
+};
 
 pub fn router() -> Router<Arc<Sim>> {
     Router::new()
@@ -231,6 +241,8 @@ pub fn router() -> Router<Arc<Sim>> {
         )
         .route("/snapshots", post(create_snapshot).get(list_snapshots))
         .route("/snapshots/{id}", get(get_snapshot).delete(delete_snapshot))
+        .route("/snapshots/{id}/build-logs", get(build_logs))
+        .route("/snapshots/{id}/build-logs-url", get(build_logs_url))
         .route("/api-keys/current", get(current_key))
 }
 

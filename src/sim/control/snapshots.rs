@@ -105,6 +105,7 @@ pub(super) async fn create_snapshot(
             entrypoint: req.entrypoint.clone(),
             created_ms: now,
             updated_ms: now,
+            build_log: Vec::new(),
         };
         snaps.insert(s.id.clone(), s.clone());
         s
@@ -116,27 +117,59 @@ pub(super) async fn create_snapshot(
     } else {
         "pulling"
     };
+    // The build's log as docker prints it: a step per instruction, spread over the
+    // building time, then the outcome.
+    let steps: Vec<String> = dockerfile
+        .as_deref()
+        .unwrap_or("")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
     tokio::spawn(async move {
-        for (state, reason) in [
-            (middle, None),
-            (
-                if failure.is_some() {
-                    "build_failed"
-                } else {
-                    "active"
-                },
-                failure,
-            ),
-        ] {
-            tokio::time::sleep(delay).await;
+        let set = |f: &dyn Fn(&mut SimSnapshot)| {
             let Ok(mut snaps) = sim2.snapshots.lock() else {
-                return;
+                return false;
             };
-            let Some(s) = snaps.get_mut(&id) else { return };
-            s.state = state.to_string();
-            s.error_reason = reason;
+            let Some(s) = snaps.get_mut(&id) else {
+                return false;
+            };
+            f(s);
             s.updated_ms = now_ms();
+            true
+        };
+        tokio::time::sleep(delay).await;
+        if !set(&|s| s.state = middle.to_string()) {
+            return;
         }
+        let each = delay / (steps.len() as u32 + 1);
+        for (i, step) in steps.iter().enumerate() {
+            let line = format!("Step {}/{} : {step}", i + 1, steps.len());
+            if !set(&|s| s.build_log.push(line.clone())) {
+                return;
+            }
+            tokio::time::sleep(each).await;
+        }
+        tokio::time::sleep(each).await;
+        set(&|s| {
+            match &failure {
+                Some(reason) => {
+                    s.build_log.push(format!("ERROR: {reason}"));
+                    s.state = "build_failed".into();
+                }
+                None => {
+                    if !steps.is_empty() {
+                        s.build_log.push(format!(
+                            "Successfully built {}",
+                            &s.id[..12.min(s.id.len())]
+                        ));
+                    }
+                    s.state = "active".into();
+                }
+            }
+            s.error_reason = failure.clone();
+        });
     });
     Ok(Json(snap.to_json(&sim)))
 }
@@ -148,6 +181,83 @@ pub(super) async fn get_snapshot(State(sim): State<Arc<Sim>>, Path(id): Path<Str
         .find(|s| s.id == id || s.name == id)
         .ok_or_else(|| ApiError::not_found(format!("Snapshot {id} not found")))?;
     Ok(Json(s.to_json(&sim)))
+}
+
+/// `GET /snapshots/{id}/build-logs-url`: where the build log is read (`?follow=true`).
+pub(super) async fn build_logs_url(
+    State(sim): State<Arc<Sim>>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let snaps = lock(&sim.snapshots)?;
+    let s = snaps
+        .values()
+        .find(|s| s.id == id || s.name == id)
+        .ok_or_else(|| ApiError::not_found(format!("Snapshot {id} not found")))?;
+    Ok(Json(
+        json!({ "url": format!("{}/api/snapshots/{}/build-logs", sim.base_url, s.id) }),
+    ))
+}
+
+/// `GET /snapshots/{id}/build-logs[?follow=true]`: the build's log as text; following, it
+/// streams each line as it is printed until the build ends.
+pub(super) async fn build_logs(
+    State(sim): State<Arc<Sim>>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let follow = query_pairs(&raw)
+        .iter()
+        .any(|(k, v)| k == "follow" && v == "true");
+    let key = {
+        let snaps = lock(&sim.snapshots)?;
+        snaps
+            .values()
+            .find(|s| s.id == id || s.name == id)
+            .map(|s| s.id.clone())
+            .ok_or_else(|| ApiError::not_found(format!("Snapshot {id} not found")))?
+    };
+    let read = move |sim: &Sim, from: usize| -> Option<(Vec<String>, bool)> {
+        let snaps = sim.snapshots.lock().ok()?;
+        let s = snaps.get(&key)?;
+        Some((
+            s.build_log.iter().skip(from).cloned().collect(),
+            s.settled(),
+        ))
+    };
+    if !follow {
+        let (lines, _) = read(&sim, 0).unwrap_or_default();
+        let mut text = lines.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        return Ok(([(axum::http::header::CONTENT_TYPE, "text/plain")], text).into_response());
+    }
+    let stream = futures_util::stream::unfold((sim, 0usize, false), move |(sim, seen, done)| {
+        let read = read.clone();
+        async move {
+            if done {
+                return None;
+            }
+            loop {
+                let (lines, settled) = read(&sim, seen)?;
+                if !lines.is_empty() || settled {
+                    let n = lines.len();
+                    let chunk: String = lines.iter().map(|l| format!("{l}\n")).collect();
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(chunk),
+                        (sim, seen + n, settled),
+                    ));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "text/plain")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 pub(super) async fn list_snapshots(
