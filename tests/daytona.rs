@@ -1539,6 +1539,18 @@ async fn verbose_shows_the_daemons_provider_calls_retries_and_waits() {
         .await
         .expect(0);
     assert!(!out.stderr().contains("daemon: "), "{}", out.stderr());
+    // A wait a person notices is said without -v too, while the lease is made.
+    w.faults(json!({"rate_limit_count": 1, "retry_after_secs": 1, "rate_limit_path": "POST /api/sandbox"}))
+        .await;
+    let other = repo();
+    let out = w.cb(other.path(), &["warmup"]).await.expect(0);
+    assert!(
+        out.stderr()
+            .contains("crabbox: Daytona's rate limit (429): waiting 1s before trying again"),
+        "{}",
+        out.stderr()
+    );
+    assert!(!out.stderr().contains("daytona call"), "{}", out.stderr());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

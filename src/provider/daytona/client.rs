@@ -386,6 +386,19 @@ impl Client {
                         status.map_or("no answer".to_string(), |s| s.as_u16().to_string());
                     tracing::debug!(%route, status = %status_text,
                         wait = %humantime::format_duration(delay), "daytona call failed; retrying after the wait");
+                    if delay >= Duration::from_secs(1) {
+                        // A wait a person notices: said as progress.
+                        let why = if status.is_some_and(|s| s.as_u16() == 429) {
+                            "Daytona's rate limit (429)".to_string()
+                        } else {
+                            format!("Daytona answered {status_text}")
+                        };
+                        tracing::info!(
+                            progress = true,
+                            "{why}: waiting {} before trying again",
+                            humantime::format_duration(Duration::from_secs(delay.as_secs()))
+                        );
+                    }
                     crate::metrics::provider_retry(
                         "daytona",
                         &status.map_or("connection".to_string(), |s| s.as_u16().to_string()),
