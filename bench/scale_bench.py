@@ -75,6 +75,8 @@ try:
     base_info = timed(lambda: info.Info(pb.InfoRequest(), timeout=30))
     base_cli = timed(lambda: subprocess.run([f"{BIN}/crabbox", "list", "--json"], env=env,
                                             capture_output=True, check=True), 10)
+    base_table = timed(lambda: subprocess.run([f"{BIN}/crabbox", "list"], env=env,
+                                              capture_output=True, check=True), 10)
 
     def one(i):
         leases.Warmup(pb.WarmupRequest(idle_timeout_secs=86400, ttl_secs=86400,
@@ -103,10 +105,11 @@ try:
         med, tail = timed(fn)
         ratio = f"  ratio {tail / base[1]:.1f}x of 1 lease" if base else ""
         print(f"{name:<26} median {med:7.2f} ms, p99 {tail:7.2f} ms{ratio}")
-    med, tail = timed(lambda: subprocess.run([f"{BIN}/crabbox", "list", "--json"], env=env,
-                                             capture_output=True, check=True), 10)
-    print(f"crabbox list --json of {N}: median {med:.0f} ms, p99 {tail:.0f} ms "
-          f"(1 lease: {base_cli[0]:.0f} ms)")
+    for args, base in ((["list"], base_table), (["list", "--json"], base_cli)):
+        med, tail = timed(lambda: subprocess.run([f"{BIN}/crabbox", *args], env=env,
+                                                 capture_output=True, check=True), 10)
+        print(f"crabbox {' '.join(args)} of {N}: median {med:.0f} ms, p99 {tail:.0f} ms "
+              f"(1 lease: {base[0]:.0f} ms)")
 finally:
     daemon.terminate()
     try:

@@ -830,6 +830,36 @@ async fn list_filters_and_pages() {
     .expect("list")
     .into_inner();
     assert_eq!(by_label.leases.len(), 3);
+    assert_eq!(
+        by_label.leases[0].labels["lease"], by_label.leases[0].id,
+        "full view"
+    );
+    // The basic view leaves crabbox's bookkeeping labels out, the user's in.
+    let basic = list(pb::ListRequest {
+        labels: [("team".to_string(), "a".to_string())].into(),
+        view: pb::LeaseView::Basic as i32,
+        ..Default::default()
+    })
+    .await
+    .expect("list")
+    .into_inner();
+    assert_eq!(basic.leases.len(), 3);
+    assert!(
+        basic
+            .leases
+            .iter()
+            .all(|l| l.labels.is_empty() && l.user_labels["team"] == "a")
+    );
+    let full_size: usize = by_label
+        .leases
+        .iter()
+        .map(prost::Message::encoded_len)
+        .sum();
+    let basic_size: usize = basic.leases.iter().map(prost::Message::encoded_len).sum();
+    assert!(
+        basic_size * 2 < full_size,
+        "basic {basic_size} B vs full {full_size} B"
+    );
     let root = std::fs::canonicalize(repos[1].path()).expect("canonical");
     let by_repo = list(pb::ListRequest {
         repo_root: root.to_string_lossy().into_owned(),

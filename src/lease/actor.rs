@@ -11,11 +11,11 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::handle::{LeaseChange, LeaseMsg, Outcome, RunTarget};
+use super::handle::{LeaseChange, LeaseMsg, Outcome, Publisher, RunTarget};
 use super::ops;
 use super::record::LeaseRecord;
 use super::state::{Effect, Event, Observation, step};
@@ -43,7 +43,7 @@ pub struct LeaseArgs {
     pub ctx: LeaseCtx,
     /// Where the actor publishes every change of its record (the registry holds the
     /// receiving end in its index).
-    pub publish: watch::Sender<LeaseRecord>,
+    pub publish: Publisher,
 }
 
 /// The lease actor (stateless itself; its state is [`LeaseActorState`]).
@@ -53,7 +53,7 @@ pub struct LeaseActor;
 pub struct LeaseActorState {
     record: LeaseRecord,
     ctx: LeaseCtx,
-    publish: watch::Sender<LeaseRecord>,
+    publish: Publisher,
     /// The provisioning task and its cancel token, for a delete that must let it settle.
     provisioning: Option<(JoinHandle<()>, CancellationToken)>,
     /// Cancelled on release: stops the lease's running command.
@@ -125,6 +125,10 @@ impl Actor for LeaseActor {
                 let _ = reply.send(r);
             }
             LeaseMsg::Done(outcome) => {
+                if matches!(outcome, Outcome::Provisioned(_)) {
+                    // Its task has ended: its handle (and the task's memory) can go.
+                    st.provisioning = None;
+                }
                 let event = match outcome {
                     Outcome::Provisioned(Ok(sb)) => Event::Provisioned { sandbox_id: sb.id },
                     Outcome::Provisioned(Err(e)) => Event::ProvisionFailed {
@@ -205,12 +209,12 @@ impl LeaseActorState {
                         self.record = before;
                         return Err(e);
                     }
-                    self.publish.send_replace(self.record.clone());
+                    self.publish.send(self.record.clone());
                     published = true;
                 }
                 Effect::Announce(message) => {
                     if !published {
-                        self.publish.send_replace(self.record.clone());
+                        self.publish.send(self.record.clone());
                         published = true;
                     }
                     log_life(&self.record, message);
@@ -248,7 +252,7 @@ impl LeaseActorState {
         }
         if !published && self.record != before {
             // A change of the in-flight task only: no store write, no event.
-            self.publish.send_replace(self.record.clone());
+            self.publish.send(self.record.clone());
         }
         Ok(())
     }

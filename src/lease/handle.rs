@@ -10,7 +10,7 @@ use ractor::{ActorRef, Message, RpcReplyPort};
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::record::LeaseRecord;
+use super::record::{LeaseRecord, LeaseState};
 use super::state::{Amendment, Phase, Taking};
 use crate::error::{Error, ProviderError};
 use crate::provider::{Provider, SandboxInfo};
@@ -171,5 +171,83 @@ pub async fn ask<M: Message, T: Send + 'static>(
             "the {who} stopped before answering (see the daemon log)"
         ))),
         Err(e) => Err(Error::Internal(format!("the {who} is unreachable: {e}"))),
+    }
+}
+
+/// How many leases with a live actor are in each state, kept as they move: read in
+/// O(1) whatever the number of leases (`Info`).
+#[derive(Debug, Default)]
+pub struct StateCounts([std::sync::atomic::AtomicI64; LeaseState::ALL.len()]);
+
+impl StateCounts {
+    fn add(&self, s: LeaseState, n: i64) {
+        self.0[s as usize].fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The states with at least one lease, and how many.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        LeaseState::ALL
+            .iter()
+            .filter_map(|s| {
+                let n = self.0[*s as usize].load(std::sync::atomic::Ordering::Relaxed);
+                (n > 0).then_some((s.as_str(), n as u64))
+            })
+            .collect()
+    }
+}
+
+/// Where a lease actor publishes each change of its record: the watch channel its handle
+/// reads, and the state counts (this actor counts once, in its latest state, until it
+/// ends).
+pub struct Publisher {
+    tx: tokio::sync::watch::Sender<LeaseRecord>,
+    counts: std::sync::Arc<StateCounts>,
+}
+
+impl Publisher {
+    pub fn new(
+        tx: tokio::sync::watch::Sender<LeaseRecord>,
+        counts: std::sync::Arc<StateCounts>,
+    ) -> Publisher {
+        counts.add(tx.borrow().state, 1);
+        Publisher { tx, counts }
+    }
+
+    pub fn send(&self, record: LeaseRecord) {
+        let new = record.state;
+        let old = self.tx.send_replace(record).state;
+        if old != new {
+            self.counts.add(old, -1);
+            self.counts.add(new, 1);
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.counts.add(self.tx.borrow().state, -1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_follow_each_actor_to_its_latest_state_and_forget_it_when_it_ends() {
+        let counts = Arc::new(StateCounts::default());
+        let (tx, _rx) = watch::channel(LeaseRecord::sample(LeaseState::Pending));
+        let a = Publisher::new(tx, counts.clone());
+        let (tx, _rx2) = watch::channel(LeaseRecord::sample(LeaseState::Pending));
+        let b = Publisher::new(tx, counts.clone());
+        assert_eq!(counts.snapshot(), vec![("pending", 2)]);
+        a.send(LeaseRecord::sample(LeaseState::Ready));
+        a.send(LeaseRecord::sample(LeaseState::Ready));
+        b.send(LeaseRecord::sample(LeaseState::Creating));
+        assert_eq!(counts.snapshot(), vec![("creating", 1), ("ready", 1)]);
+        drop(a);
+        assert_eq!(counts.snapshot(), vec![("creating", 1)]);
+        drop(b);
+        assert!(counts.snapshot().is_empty());
     }
 }

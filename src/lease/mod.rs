@@ -16,7 +16,7 @@ pub mod record;
 pub mod state;
 pub mod store;
 
-pub use handle::{LeaseChange, LeaseHandle, LeaseMsg, RunTarget};
+pub use handle::{LeaseChange, LeaseHandle, LeaseMsg, Publisher, RunTarget, StateCounts};
 pub use record::{LeaseRecord, owned_by};
 pub use record::{LeaseState, Task};
 pub use state::Phase;

@@ -38,6 +38,8 @@ pub struct LeaseIndex {
     /// is a range of this.
     order: std::sync::Mutex<std::collections::BTreeSet<(u64, String)>>,
     events: broadcast::Sender<LeaseChange>,
+    /// Leases by state, kept by the actors' publishers.
+    counts: std::sync::Arc<crate::lease::StateCounts>,
 }
 
 impl Default for LeaseIndex {
@@ -46,6 +48,7 @@ impl Default for LeaseIndex {
             by_id: DashMap::new(),
             order: Default::default(),
             events: broadcast::channel(1024).0,
+            counts: Default::default(),
         }
     }
 }
@@ -135,15 +138,14 @@ impl LeaseIndex {
         (page, false)
     }
 
-    /// How many leases with an actor are in each state (read in place, nothing copied).
-    pub fn count_by_state(&self) -> std::collections::HashMap<&'static str, u64> {
-        let mut counts = std::collections::HashMap::new();
-        for e in self.by_id.iter() {
-            *counts
-                .entry(e.value().state.borrow().state.as_str())
-                .or_insert(0) += 1;
-        }
-        counts
+    /// How many leases with an actor are in each state, in O(1): kept as they move.
+    pub fn count_by_state(&self) -> Vec<(&'static str, u64)> {
+        self.counts.snapshot()
+    }
+
+    /// The counts a lease actor's [`crate::lease::Publisher`] keeps.
+    pub fn counts(&self) -> std::sync::Arc<crate::lease::StateCounts> {
+        self.counts.clone()
     }
 
     pub fn len(&self) -> usize {

@@ -396,7 +396,8 @@ impl RegistryState {
             provision_deadline: self.ctx.provision_deadline,
             shutdown: self.ctx.shutdown.clone(),
         };
-        let (publish, state) = watch::channel(record.clone());
+        let (tx, state) = watch::channel(record.clone());
+        let publish = crate::lease::Publisher::new(tx, self.index.counts());
         let (actor, _) = Actor::spawn_linked(
             None,
             LeaseActor,

@@ -323,8 +323,18 @@ impl LeaseService for LeaseSvc {
             let token = wire::ListFilter::next_token(&page, more);
             (page, token)
         };
+        let basic = req.view == pb::LeaseView::Basic as i32;
         Ok(Response::new(pb::ListResponse {
-            leases: page.iter().map(lease_pb).collect(),
+            leases: page
+                .iter()
+                .map(|r| {
+                    if basic {
+                        wire::lease_pb_basic(r)
+                    } else {
+                        lease_pb(r)
+                    }
+                })
+                .collect(),
             next_page_token,
         }))
     }

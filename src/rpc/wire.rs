@@ -25,6 +25,14 @@ pub fn state_pb(s: LeaseState) -> pb::LeaseState {
 /// A lease as the wire shows it.
 pub fn lease_pb(r: &LeaseRecord) -> pb::Lease {
     pb::Lease {
+        labels: r.labels().into_iter().collect(),
+        ..lease_pb_basic(r)
+    }
+}
+
+/// A lease on the wire without crabbox's bookkeeping labels (`ListRequest.view = BASIC`).
+pub fn lease_pb_basic(r: &LeaseRecord) -> pb::Lease {
+    pb::Lease {
         id: r.id.clone(),
         slug: r.slug.clone(),
         provider: r.provider.clone(),
@@ -36,7 +44,7 @@ pub fn lease_pb(r: &LeaseRecord) -> pb::Lease {
         expires_at: Some(timestamp(r.expires_at_ms())),
         last_touched_at: Some(timestamp(r.last_touched_ms)),
         keep: r.keep,
-        labels: r.labels().into_iter().collect(),
+        labels: Default::default(),
         user_labels: r
             .user_labels
             .iter()

@@ -830,6 +830,12 @@ async fn list(ctx: &Ctx, args: ListArgs) -> Result<i32, CliError> {
         labels,
         page_size: crate::cli::LIST_PAGE,
         page_token: String::new(),
+        // A table shows no bookkeeping labels: not sent.
+        view: if ctx.json {
+            pb::LeaseView::Full
+        } else {
+            pb::LeaseView::Basic
+        } as i32,
     };
     // Every page, unless --limit says how many.
     let mut leases = Vec::new();
