@@ -2187,3 +2187,10 @@ async fn progress_is_a_spinner_on_a_terminal_and_plain_lines_elsewhere() {
     assert!(out.stderr().contains("crabbox: lease "), "{}", out.stderr());
     assert!(!out.stderr().contains('\u{1b}'), "{}", out.stderr());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cp_copies_both_ways_keeping_modes_times_and_links() {
+    let d = Daemon::start().await;
+    let r = repo();
+    common::copy::cp_copies_both_ways_keeping_modes_times_and_links(&d, r.path(), &[]).await;
+}

@@ -1650,3 +1650,15 @@ async fn an_image_builds_log_lines_are_shown_while_it_builds() {
         .expect("ran");
     assert!(!String::from_utf8_lossy(&out.stderr).contains("image build"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cp_copies_both_ways_keeping_modes_times_and_links() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    common::copy::cp_copies_both_ways_keeping_modes_times_and_links(
+        &w.daemon,
+        r.path(),
+        &["--provider", "daytona"],
+    )
+    .await;
+}

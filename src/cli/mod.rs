@@ -282,6 +282,20 @@ pub enum Command {
         #[arg(add = lease_names())]
         lease: Option<String>,
     },
+    /// Copy files between this machine and a lease's sandbox, as `docker cp` does:
+    /// `crabbox cp :target/report.xml .` or `crabbox cp ./fixtures swift-crab:tests/`.
+    /// Folders are copied whole, modes, mtimes and symlinks kept; remote paths start at
+    /// the checkout and may be bash globs (`:target/**/*.xml`); local files are written
+    /// atomically.
+    Cp {
+        /// Sources, then the destination. A remote one is LEASE:PATH, or :PATH for this
+        /// repo's lease (write ./a:b for a local name with a colon).
+        #[arg(required = true, num_args = 2.., value_name = "SRC... DST")]
+        paths: Vec<String>,
+        /// Allow remote paths outside the lease's work root.
+        #[arg(long)]
+        any_path: bool,
+    },
     /// Show one lease.
     Status {
         /// Id, slug or sandbox name [default: this repo's lease].

@@ -257,6 +257,64 @@ impl Provider for LocalProvider {
         self.run_in(sandbox, spec, input, out, cancel).await
     }
 
+    async fn read_file(
+        &self,
+        sandbox: &str,
+        path: &str,
+        out: mpsc::Sender<Vec<u8>>,
+    ) -> Result<u64, ProviderError> {
+        use tokio::io::AsyncReadExt;
+        let p = self.inside(sandbox, path)?;
+        let mut f = tokio::fs::File::open(&p).await.map_err(|e| {
+            ProviderError::new(
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    ProviderErrorKind::NotFound
+                } else {
+                    ProviderErrorKind::Other
+                },
+                format!("reading {path}: {e}"),
+            )
+        })?;
+        let mut total = 0u64;
+        loop {
+            let mut buf = Vec::with_capacity(256 * 1024);
+            let n = (&mut f)
+                .take(256 * 1024)
+                .read_to_end(&mut buf)
+                .await
+                .map_err(|e| {
+                    ProviderError::new(ProviderErrorKind::Other, format!("reading {path}: {e}"))
+                })?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n as u64;
+            if out.send(buf).await.is_err() {
+                return Err(ProviderError::new(
+                    ProviderErrorKind::Other,
+                    "the reader of the file went away",
+                ));
+            }
+        }
+    }
+
+    async fn write_file(
+        &self,
+        sandbox: &str,
+        path: &str,
+        local: &Path,
+    ) -> Result<(), ProviderError> {
+        let p = self.inside(sandbox, path)?;
+        let io = |e: std::io::Error| {
+            ProviderError::new(ProviderErrorKind::Other, format!("writing {path}: {e}"))
+        };
+        if let Some(dir) = p.parent() {
+            tokio::fs::create_dir_all(dir).await.map_err(io)?;
+        }
+        tokio::fs::copy(local, &p).await.map_err(io)?;
+        Ok(())
+    }
+
     async fn ssh_access(
         &self,
         sandbox: &str,

@@ -102,6 +102,13 @@ pub struct ExecSpec {
     pub tty: Option<PtySize>,
 }
 
+/// What a short command of crabbox's own ended with ([`Provider::execute`]).
+#[derive(Debug, Clone)]
+pub struct Executed {
+    pub code: i32,
+    pub output: String,
+}
+
 /// SSH access to a sandbox.
 #[derive(Debug, Clone)]
 pub struct SshAccessInfo {
@@ -185,6 +192,78 @@ pub trait Provider: Send + Sync + 'static {
         out: mpsc::Sender<ExecOutput>,
         cancel: CancellationToken,
     ) -> Result<ExecExit, ProviderError>;
+
+    /// Runs a short command of crabbox's own (not the user's: no streams, no stdin) in
+    /// `cwd` (created if missing) and answers its exit code and output (stdout, then stderr). Daytona answers
+    /// it in one request (`process/execute`).
+    async fn execute(
+        &self,
+        sandbox: &str,
+        command: &str,
+        cwd: &str,
+        timeout: Duration,
+    ) -> Result<Executed, ProviderError> {
+        let (tx, mut rx) = mpsc::channel(16);
+        let spec = ExecSpec {
+            command: command.to_string(),
+            cwd: cwd.to_string(),
+            env: BTreeMap::new(),
+            timeout: Some(timeout),
+            tty: None,
+        };
+        let collect = async move {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            while let Some(o) = rx.recv().await {
+                match o {
+                    ExecOutput::Stdout(b) => out.extend_from_slice(&b),
+                    ExecOutput::Stderr(b) => err.extend_from_slice(&b),
+                }
+            }
+            out.extend_from_slice(&err);
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        let (exit, output) = tokio::join!(
+            self.exec(sandbox, &spec, None, tx, CancellationToken::new()),
+            collect
+        );
+        Ok(Executed {
+            code: exit?.code,
+            output,
+        })
+    }
+
+    /// Streams the file at `path` (absolute, in the sandbox) into `out`, in chunks;
+    /// answers its size.
+    async fn read_file(
+        &self,
+        _sandbox: &str,
+        path: &str,
+        _out: mpsc::Sender<Vec<u8>>,
+    ) -> Result<u64, ProviderError> {
+        Err(ProviderError::new(
+            ProviderErrorKind::Invalid,
+            format!(
+                "the {} provider cannot read {path} from a sandbox",
+                self.name()
+            ),
+        ))
+    }
+
+    /// Writes the local file `local` to `path` (absolute, in the sandbox), replacing it.
+    async fn write_file(
+        &self,
+        _sandbox: &str,
+        path: &str,
+        _local: &std::path::Path,
+    ) -> Result<(), ProviderError> {
+        Err(ProviderError::new(
+            ProviderErrorKind::Invalid,
+            format!(
+                "the {} provider cannot write {path} into a sandbox",
+                self.name()
+            ),
+        ))
+    }
 
     /// Mints SSH access for `minutes`.
     async fn ssh_access(&self, sandbox: &str, minutes: u32)

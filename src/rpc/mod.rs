@@ -7,6 +7,7 @@
 pub mod plan;
 pub mod run;
 pub mod seed;
+pub mod transfer;
 pub mod watch;
 pub mod wire;
 
@@ -348,6 +349,25 @@ impl LeaseService for LeaseSvc {
         let (tx, rx) = mpsc::channel(64);
         watch::watch(self.0.clone(), req.into_inner(), tx).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type CopyFromStream = EventStream<pb::CopyChunk>;
+
+    async fn copy_from(
+        &self,
+        req: Request<pb::CopyFromRequest>,
+    ) -> Result<Response<Self::CopyFromStream>, Status> {
+        let rx = transfer::copy_from(self.0.clone(), req.into_inner()).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn copy_to(
+        &self,
+        req: Request<tonic::Streaming<pb::CopyToChunk>>,
+    ) -> Result<Response<pb::CopyToResult>, Status> {
+        Ok(Response::new(
+            transfer::copy_to(self.0.clone(), req.into_inner()).await?,
+        ))
     }
 
     type TraceStream = EventStream<pb::TraceLine>;

@@ -2,6 +2,7 @@
 //! `crabbox` binary as a subprocess.
 #![allow(dead_code)]
 
+pub mod copy;
 pub mod pause;
 pub mod pg;
 pub mod stdio;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde_json::json;
 use tokio_stream::StreamExt;
 
+mod copy;
 mod daemon;
 mod plan;
 mod pool;
@@ -201,6 +202,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
             | Command::Resume { lease: None }
             | Command::Stop { lease: None, .. }
             | Command::Touch { lease: None }
+            | Command::Cp { .. }
             | Command::Status { lease: None, .. }
     );
     let repo_root = match &cli.command {
@@ -368,6 +370,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
             let name = named_or_repos(&ctx, lease).await?;
             stop(&ctx, &name, force).await
         }
+        Command::Cp { paths, any_path } => copy::cp(&ctx, &paths, any_path).await,
         Command::Touch { lease } => {
             let name = named_or_repos(&ctx, lease).await?;
             touch(&ctx, &name).await

@@ -567,6 +567,34 @@ impl Provider for DaytonaProvider {
         self.read_digest(sandbox, workdir).await
     }
 
+    async fn execute(
+        &self,
+        sandbox: &str,
+        command: &str,
+        cwd: &str,
+        timeout: Duration,
+    ) -> Result<crate::provider::Executed, ProviderError> {
+        self.execute_once(sandbox, command, cwd, timeout).await
+    }
+
+    async fn read_file(
+        &self,
+        sandbox: &str,
+        path: &str,
+        out: mpsc::Sender<Vec<u8>>,
+    ) -> Result<u64, ProviderError> {
+        self.download_file(sandbox, path, out).await
+    }
+
+    async fn write_file(
+        &self,
+        sandbox: &str,
+        path: &str,
+        local: &std::path::Path,
+    ) -> Result<(), ProviderError> {
+        self.put_file(sandbox, local, path).await
+    }
+
     async fn exec(
         &self,
         sandbox: &str,

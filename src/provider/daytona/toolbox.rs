@@ -91,6 +91,95 @@ impl DaytonaProvider {
         Ok(())
     }
 
+    /// Runs a command with `process/execute` in `cwd`: one request, its exit code and
+    /// output. Not re-sent after a lost answer (the command may have run).
+    pub(super) async fn execute_once(
+        &self,
+        sandbox: &str,
+        command: &str,
+        cwd: &str,
+        timeout: std::time::Duration,
+    ) -> Result<crate::provider::Executed, ProviderError> {
+        let command = format!("mkdir -p -- {q} && cd -- {q} && {command}", q = quote(cwd));
+        let body = json!({ "command": command, "timeout": timeout.as_secs().max(1) });
+        let v = self
+            .toolbox(
+                sandbox,
+                Method::POST,
+                "/process/execute",
+                Some(&body),
+                Idempotent::No,
+            )
+            .await?;
+        Ok(crate::provider::Executed {
+            code: v.get("exitCode").and_then(Value::as_i64).unwrap_or(-1) as i32,
+            output: v
+                .get("result")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+        })
+    }
+
+    /// Streams the file at `path` in the sandbox (`files/download`) into `out`.
+    pub(super) async fn download_file(
+        &self,
+        sandbox: &str,
+        path: &str,
+        out: tokio::sync::mpsc::Sender<Vec<u8>>,
+    ) -> Result<u64, ProviderError> {
+        use futures_util::StreamExt;
+        self.ready()?;
+        let base = self.toolbox_url(sandbox).await?;
+        let url = format!("{base}/files/download");
+        let headers = self.client.auth_headers()?;
+        let answer = self
+            .client
+            .request(Method::GET, &url)
+            .query(&[("path", path)])
+            .headers(headers)
+            .send()
+            .await
+            .map_err(|err| {
+                e(
+                    ProviderErrorKind::Unavailable,
+                    self.client.redact(&format!("downloading {path}: {err}")),
+                )
+            })?;
+        let status = answer.status();
+        if !status.is_success() {
+            let kind = if status.as_u16() == 404 {
+                ProviderErrorKind::NotFound
+            } else {
+                ProviderErrorKind::Other
+            };
+            let text = answer.text().await.unwrap_or_default();
+            return Err(e(
+                kind,
+                self.client
+                    .redact(&format!("downloading {path}: {status} {}", text.trim())),
+            ));
+        }
+        let mut body = answer.bytes_stream();
+        let mut total = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|err| {
+                e(
+                    ProviderErrorKind::Unavailable,
+                    format!("downloading {path}: the connection dropped: {err}"),
+                )
+            })?;
+            total += chunk.len() as u64;
+            if out.send(chunk.to_vec()).await.is_err() {
+                return Err(e(
+                    ProviderErrorKind::Other,
+                    "the reader of the download went away",
+                ));
+            }
+        }
+        Ok(total)
+    }
+
     /// Streams a local file to `path` in the sandbox (upload-v2, raw body), retrying a
     /// dropped connection by sending the file again (the upload overwrites).
     pub(super) async fn put_file(
@@ -127,7 +216,7 @@ impl DaytonaProvider {
             .map_err(|h| {
                 ProviderError::new(
                     ProviderErrorKind::Sync,
-                    format!("uploading the sync archive: {}", h.error),
+                    format!("uploading {path}: {}", h.error),
                 )
             })
     }

@@ -1,0 +1,236 @@
+//! The copy use cases (`CopyFrom`, `CopyTo`): files in and out of a lease's sandbox as
+//! one gzip tar stream, through [`crate::lease::ops::transfer`].
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::wire::lease_pb;
+use super::{Api, validate_repo_root};
+use crate::error::Error;
+use crate::lease::ops::transfer::{self, Source};
+use crate::lease::{LeaseHandle, LeaseMsg, LeaseRecord, LeaseState};
+use crate::pb;
+use crate::provider::Provider;
+use crate::registry::index::Resolved;
+
+/// A lease ready for a copy: its record, provider, work root, and the checkout folder
+/// relative remote paths start from.
+pub struct Target {
+    pub handle: LeaseHandle,
+    pub record: LeaseRecord,
+    pub provider: Arc<dyn Provider>,
+    pub work_root: String,
+    pub base: String,
+}
+
+impl Api {
+    /// The lease a copy names (or the repo's), when it has a started sandbox.
+    pub(super) fn copy_target(&self, lease: &str, repo_root: &str) -> Result<Target, Error> {
+        validate_repo_root(repo_root)?;
+        let handle = match self.resolve_or_claimed(lease, repo_root)? {
+            Resolved::Live(h) => h,
+            Resolved::Stored(r) => {
+                return Err(r.not_usable("its sandbox is gone: nothing to copy"));
+            }
+        };
+        let record = handle.record();
+        if !matches!(
+            record.state,
+            LeaseState::Ready | LeaseState::Syncing | LeaseState::Running
+        ) {
+            let hint = if record.state == LeaseState::Stopped {
+                format!("it is paused: `crabbox resume {}` first", record.slug)
+            } else {
+                format!(
+                    "it is not ready: wait with `crabbox status {} --wait`",
+                    record.slug
+                )
+            };
+            return Err(record.not_usable(hint));
+        }
+        let provider = self
+            .providers
+            .get(&record.provider)
+            .cloned()
+            .ok_or_else(|| Error::Internal(format!("provider {} is gone", record.provider)))?;
+        let work_root = provider.work_root(&record.sandbox_name);
+        // Relative paths start at the checkout of the asking repo (as `run` syncs it),
+        // else of the lease's own repo, else the lease's folder.
+        let repo = Some(repo_root)
+            .filter(|r| !r.is_empty())
+            .or(record.repo_root.as_deref());
+        let lease_dir = format!("{work_root}/{}", record.id);
+        let base = match repo
+            .and_then(|r| Path::new(r).file_name())
+            .and_then(|n| n.to_str())
+        {
+            Some(name) => format!("{lease_dir}/{name}"),
+            None => lease_dir,
+        };
+        Ok(Target {
+            handle,
+            record,
+            provider,
+            work_root,
+            base,
+        })
+    }
+}
+
+/// `CopyFrom`: packs the sources and streams the header, then the archive.
+pub async fn copy_from(
+    api: Arc<Api>,
+    req: pb::CopyFromRequest,
+) -> Result<mpsc::Receiver<Result<pb::CopyChunk, Status>>, Status> {
+    if req.sources.is_empty() {
+        return Err(
+            Error::InvalidArgument("nothing to copy: name at least one path".into()).into(),
+        );
+    }
+    let t = api.copy_target(&req.lease, &req.repo_root)?;
+    let mut sources = Vec::new();
+    for s in &req.sources {
+        let resolved = transfer::resolve(s, &t.base, &t.work_root, req.any_path)
+            .map_err(Error::InvalidArgument)?;
+        // A relative source keeps its relative spelling (a glob's matches keep their
+        // paths), once it is known to stay inside.
+        sources.push(Source::parse(if s.starts_with('/') {
+            &resolved
+        } else {
+            s
+        }));
+    }
+    let sandbox = t.record.sandbox_ref().to_string();
+    let (packed, archive) = transfer::pack(
+        t.provider.as_ref(),
+        &sandbox,
+        &t.work_root,
+        &t.base,
+        &sources,
+    )
+    .await
+    .map_err(Error::from)?;
+    t.handle.tell(LeaseMsg::KeepAlive);
+    let (tx, rx) = mpsc::channel(16);
+    let header = pb::CopyHeader {
+        lease: Some(lease_pb(&t.record)),
+        entries: packed.entries,
+        missing: packed.missing,
+        base: t.base.clone(),
+    };
+    let _ = tx
+        .send(Ok(pb::CopyChunk {
+            chunk: Some(pb::copy_chunk::Chunk::Header(header)),
+        }))
+        .await;
+    if let Some(archive) = archive {
+        tokio::spawn(async move {
+            let (data_tx, mut data_rx) = mpsc::channel::<Vec<u8>>(8);
+            let forward = {
+                let tx = tx.clone();
+                async move {
+                    while let Some(d) = data_rx.recv().await {
+                        let chunk = pb::CopyChunk {
+                            chunk: Some(pb::copy_chunk::Chunk::Data(d)),
+                        };
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            };
+            let send = transfer::send(
+                t.provider.as_ref(),
+                &sandbox,
+                &t.work_root,
+                &archive,
+                data_tx,
+            );
+            let (sent, ()) = tokio::join!(send, forward);
+            if let Err(e) = sent {
+                let _ = tx.send(Err(Error::from(e).into())).await;
+            }
+        });
+    }
+    Ok(rx)
+}
+
+/// `CopyTo`: the archive goes to a temp file in the daemon's state dir (constant
+/// memory), then into the sandbox, unpacked into the folder `start` names.
+pub async fn copy_to(
+    api: Arc<Api>,
+    mut inbound: tonic::Streaming<pb::CopyToChunk>,
+) -> Result<pb::CopyToResult, Status> {
+    let start = match inbound.message().await? {
+        Some(pb::CopyToChunk {
+            chunk: Some(pb::copy_to_chunk::Chunk::Start(s)),
+        }) => s,
+        _ => {
+            return Err(
+                Error::InvalidArgument("CopyTo: the first message must be `start`".into()).into(),
+            );
+        }
+    };
+    let t = api.copy_target(&start.lease, &start.repo_root)?;
+    if !start.single_entry.is_empty()
+        && (start.single_entry.contains('/') || matches!(start.single_entry.as_str(), "." | ".."))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "CopyTo: single_entry {:?} must be a plain name",
+            start.single_entry
+        ))
+        .into());
+    }
+    let dest_text = if start.dest.is_empty() {
+        "."
+    } else {
+        &start.dest
+    };
+    let dest = transfer::resolve(dest_text, &t.base, &t.work_root, start.any_path)
+        .map_err(Error::InvalidArgument)?;
+    let tmp_dir = api.state_dir.join("tmp");
+    std::fs::create_dir_all(&tmp_dir)
+        .map_err(|e| Error::Internal(format!("creating {}: {e}", tmp_dir.display())))?;
+    let file = tempfile::Builder::new()
+        .prefix("copy-")
+        .suffix(".tgz")
+        .tempfile_in(&tmp_dir)
+        .map_err(|e| Error::Internal(format!("a temp file for the copy: {e}")))?;
+    let mut out = tokio::fs::File::from_std(
+        file.reopen()
+            .map_err(|e| Error::Internal(format!("the copy's temp file: {e}")))?,
+    );
+    let mut bytes = 0u64;
+    while let Some(msg) = inbound.message().await? {
+        if let Some(pb::copy_to_chunk::Chunk::Data(d)) = msg.chunk {
+            bytes += d.len() as u64;
+            out.write_all(&d)
+                .await
+                .map_err(|e| Error::Internal(format!("writing the copy's temp file: {e}")))?;
+        }
+    }
+    out.flush()
+        .await
+        .map_err(|e| Error::Internal(format!("writing the copy's temp file: {e}")))?;
+    drop(out);
+    transfer::put(
+        t.provider.as_ref(),
+        t.record.sandbox_ref(),
+        &t.work_root,
+        &dest,
+        Some(start.single_entry.as_str()).filter(|e| !e.is_empty()),
+        file.path(),
+    )
+    .await
+    .map_err(Error::from)?;
+    t.handle.tell(LeaseMsg::KeepAlive);
+    Ok(pb::CopyToResult {
+        lease: Some(lease_pb(&t.record)),
+        dest,
+        bytes,
+    })
+}

@@ -1,0 +1,158 @@
+//! `crabbox cp`, shared by every provider's tests: both directions, files and folders,
+//! globs, modes, mtimes and symlinks, the destination rules of `cp -r`, and bad input.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use super::Daemon;
+
+pub async fn cp_copies_both_ways_keeping_modes_times_and_links(
+    d: &Daemon,
+    repo: &Path,
+    prefix: &[&str],
+) {
+    let run = |args: &[&str]| {
+        let all: Vec<String> = prefix.iter().chain(args).map(|s| s.to_string()).collect();
+        let repo = repo.to_path_buf();
+        async move {
+            let all: Vec<&str> = all.iter().map(String::as_str).collect();
+            d.run(&repo, &all).await
+        }
+    };
+    run(&["warmup"]).await.expect(0);
+    // Made in the sandbox: a tree with a script, a link, a file with an odd name, and
+    // reports under several folders.
+    run(&[
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p out/sub target/a target/b/c && printf 'hi\\n' > out/sub/f.txt && \
+         printf '#!/bin/sh\\n' > out/run.sh && chmod 750 out/run.sh && \
+         ln -s sub/f.txt out/link && printf 'x' > 'out/odd name' && \
+         touch -d '2001-02-03 04:05:06' out/sub/f.txt && \
+         echo 1 > target/a/r.xml && echo 2 > target/b/c/r.xml && echo no > target/skip.txt",
+    ])
+    .await
+    .expect(0);
+    let here = tempfile::tempdir().expect("tempdir");
+    let dst = here.path();
+
+    // A folder, whole, into a new name.
+    run(&["cp", ":out", dst.join("got").to_str().expect("utf8")])
+        .await
+        .expect(0);
+    let got = dst.join("got");
+    assert_eq!(
+        std::fs::read_to_string(got.join("sub/f.txt")).expect("f"),
+        "hi\n"
+    );
+    let mode = std::fs::metadata(got.join("run.sh"))
+        .expect("m")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o750, "the mode is kept");
+    let link = std::fs::read_link(got.join("link")).expect("a symlink");
+    assert_eq!(link, Path::new("sub/f.txt"));
+    let mtime = std::fs::metadata(got.join("sub/f.txt"))
+        .expect("m")
+        .modified()
+        .expect("mtime");
+    let secs = mtime
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    assert!(
+        (981_000_000..982_000_000).contains(&secs),
+        "the mtime is kept: {secs}"
+    );
+    assert!(got.join("odd name").exists());
+    // Into an existing folder: under its own name.
+    run(&["cp", ":out/sub/f.txt", dst.to_str().expect("utf8")])
+        .await
+        .expect(0);
+    assert_eq!(
+        std::fs::read_to_string(dst.join("f.txt")).expect("f"),
+        "hi\n"
+    );
+    // A glob: the matches keep their paths, in a folder made for them.
+    run(&[
+        "cp",
+        ":target/**/*.xml",
+        dst.join("reports").to_str().expect("utf8"),
+    ])
+    .await
+    .expect(0);
+    assert_eq!(
+        std::fs::read_to_string(dst.join("reports/target/a/r.xml")).expect("r"),
+        "1\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dst.join("reports/target/b/c/r.xml")).expect("r"),
+        "2\n"
+    );
+    assert!(!dst.join("reports/target/skip.txt").exists());
+    // Nothing half-written is left beside the destination.
+    let stray: Vec<_> = std::fs::read_dir(dst)
+        .expect("ls")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".crabbox-cp"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+
+    // Up: a folder and a file (renamed), then checked from inside.
+    let up = dst.join("up");
+    std::fs::create_dir_all(up.join("deep")).expect("mkdir");
+    std::fs::write(up.join("deep/data.txt"), "payload\n").expect("w");
+    std::fs::set_permissions(
+        up.join("deep/data.txt"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .expect("chmod");
+    std::os::unix::fs::symlink("deep/data.txt", up.join("ln")).expect("symlink");
+    run(&["cp", up.to_str().expect("utf8"), ":incoming"])
+        .await
+        .expect(0);
+    run(&[
+        "cp",
+        dst.join("f.txt").to_str().expect("utf8"),
+        ":incoming/renamed.txt",
+    ])
+    .await
+    .expect(0);
+    let out = run(&[
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "cat incoming/deep/data.txt incoming/renamed.txt && stat -c %a incoming/deep/data.txt \
+         && readlink incoming/ln",
+    ])
+    .await
+    .expect(0);
+    assert_eq!(out.stdout(), "payload\nhi\n640\ndeep/data.txt\n");
+
+    // Bad input: what failed and what to do; nothing half-done.
+    let out = run(&["cp", ":no/such", dst.to_str().expect("utf8")]).await;
+    assert_eq!(out.code(), 4, "{}", out.stderr());
+    assert!(out.stderr().contains("no/such"), "{}", out.stderr());
+    let out = run(&["cp", ":/etc/hostname", dst.to_str().expect("utf8")]).await;
+    assert_eq!(out.code(), 2);
+    assert!(out.stderr().contains("--any-path"), "{}", out.stderr());
+    let out = run(&["cp", ":../../../../..", dst.to_str().expect("utf8")]).await;
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    let out = run(&["cp", "a", "b"]).await;
+    assert_eq!(out.code(), 2);
+    assert!(out.stderr().contains("LEASE:PATH"), "{}", out.stderr());
+    let out = run(&["cp", "/no/such/local", ":x"]).await;
+    assert_eq!(out.code(), 4, "{}", out.stderr());
+    let out = run(&["cp", ":out/sub", dst.join("f.txt").to_str().expect("utf8")]).await;
+    assert_ne!(out.code(), 0, "a folder does not replace a file");
+    assert_eq!(
+        std::fs::read_to_string(dst.join("f.txt")).expect("f"),
+        "hi\n"
+    );
+    let out = run(&["cp", "--json", ":target/*.xml", dst.to_str().expect("utf8")]).await;
+    assert_eq!(out.code(), 4);
+    assert!(out.stderr().contains("target/*.xml"), "{}", out.stderr());
+}
