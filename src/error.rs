@@ -22,6 +22,9 @@ pub mod exit {
     pub const SYNC: i32 = 6;
     /// SSH, or a lease that is not ready for what was asked.
     pub const SSH: i32 = 7;
+    /// `run --require-artifact`: the command succeeded but a required artifact is
+    /// missing (a failed command's own code wins).
+    pub const MISSING_ARTIFACT: i32 = 122;
     /// `--timeout` reached (as `timeout(1)` reports it).
     pub const TIMED_OUT: i32 = 124;
     /// Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
@@ -41,6 +44,7 @@ pub mod exit {
             SYNC => "sync",
             SSH => "ssh",
             TIMED_OUT => "timeout",
+            MISSING_ARTIFACT => "artifact",
             INTERRUPTED => "interrupted",
             _ => "internal",
         }

@@ -2194,3 +2194,10 @@ async fn cp_copies_both_ways_keeping_modes_times_and_links() {
     let r = repo();
     common::copy::cp_copies_both_ways_keeping_modes_times_and_links(&d, r.path(), &[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_artifacts_come_back_after_it() {
+    let d = Daemon::start().await;
+    let r = repo();
+    common::copy::a_runs_artifacts_come_back_after_it(&d, r.path(), &[]).await;
+}

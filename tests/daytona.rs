@@ -1662,3 +1662,15 @@ async fn cp_copies_both_ways_keeping_modes_times_and_links() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_artifacts_come_back_after_it() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    common::copy::a_runs_artifacts_come_back_after_it(
+        &w.daemon,
+        r.path(),
+        &["--provider", "daytona"],
+    )
+    .await;
+}

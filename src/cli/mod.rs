@@ -230,7 +230,7 @@ pub enum Command {
         reclaim: bool,
     },
     /// Sync this checkout into the lease and run a command there.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show what a run's sync would send and delete, without leasing or sending anything.
     SyncPlan(SyncPlanArgs),
     /// Open a shell in the lease over SSH.
@@ -441,6 +441,22 @@ pub struct RunArgs {
     /// Use a lease claimed by another repo, taking its claim.
     #[arg(long)]
     pub reclaim: bool,
+    /// After the command, whatever its exit, fetch REMOTE (a file or folder, relative to
+    /// the checkout) into LOCAL (an existing folder receives it, else it is the new name)
+    /// [default LOCAL: the artifacts folder]. Repeatable; all come back as one archive.
+    #[arg(long, value_name = "REMOTE[:LOCAL]")]
+    pub download: Vec<String>,
+    /// After the command, fetch what this bash glob matches (e.g. 'target/**/*.xml'),
+    /// keeping their paths, into the artifacts folder. Repeatable.
+    #[arg(long, value_name = "GLOB")]
+    pub artifact_glob: Vec<String>,
+    /// As --download PATH, and a missing PATH fails the run with exit 122 when the
+    /// command itself succeeded. Repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub require_artifact: Vec<String>,
+    /// Where artifacts go [default: ./crabbox-artifacts/<lease id>].
+    #[arg(long, value_name = "DIR")]
+    pub artifacts_dir: Option<PathBuf>,
     /// Where the command runs: relative to the checkout's root, or absolute in the sandbox
     /// [default: the folder you are in, inside the checkout].
     #[arg(long, value_name = "PATH")]

@@ -481,6 +481,10 @@ impl Run {
             exit_code: exit.code,
             files_uploaded,
         });
+        if !self.req.artifacts.is_empty() {
+            let base = format!("{}/{}", target.lease_dir, repo_name);
+            self.send_artifacts(&target, &base).await;
+        }
         Ok(pb::Exit {
             code: exit.code,
             signal: exit.signal.unwrap_or_default(),
@@ -489,6 +493,101 @@ impl Run {
             elapsed_ms,
             timings: Vec::new(),
         })
+    }
+
+    /// Fetches the run's artifacts as one archive and sends them (a header, then the
+    /// bytes). A failure to fetch is said as a warning, with every source missing: the
+    /// command's exit is still told.
+    async fn send_artifacts(&self, target: &crate::lease::RunTarget, base: &str) {
+        use crate::lease::ops::transfer::{self, Source};
+        let started = std::time::Instant::now();
+        // `lease_dir` is `<work root>/<lease id>`.
+        let work_root = target
+            .lease_dir
+            .rsplit_once('/')
+            .map_or(target.lease_dir.clone(), |(root, _)| root.to_string());
+        let mut sources = Vec::new();
+        for s in &self.req.artifacts {
+            match transfer::resolve(s, base, &work_root, false) {
+                Ok(abs) => sources.push(Source::parse(if s.starts_with('/') { &abs } else { s })),
+                Err(why) => {
+                    self.phase(format!("warning: artifact {why}")).await;
+                    // Keeps the numbering: this one matches nothing.
+                    sources.push(Source::Path(format!(
+                        "{base}/.crabbox-refused/{}",
+                        sources.len()
+                    )));
+                }
+            }
+        }
+        let header = |entries: Vec<(u32, String)>, missing: Vec<String>| {
+            RunEv::Artifacts(pb::CopyChunk {
+                chunk: Some(pb::copy_chunk::Chunk::Header(pb::CopyHeader {
+                    lease: None,
+                    entries: entries
+                        .into_iter()
+                        .map(|(source, name)| pb::CopyEntry { source, name })
+                        .collect(),
+                    missing,
+                    base: base.to_string(),
+                })),
+            })
+        };
+        let sandbox = target.sandbox.clone();
+        let packed = transfer::pack(
+            target.provider.as_ref(),
+            &sandbox,
+            &work_root,
+            base,
+            &sources,
+        )
+        .await;
+        let (fetched, archive) = match packed {
+            Ok(p) => p,
+            Err(e) => {
+                self.phase(format!("warning: the artifacts could not be fetched: {e}"))
+                    .await;
+                let _ = self
+                    .emit(header(Vec::new(), self.req.artifacts.clone()))
+                    .await;
+                return;
+            }
+        };
+        // A refused source is reported by what the user wrote.
+        let missing = fetched
+            .missing
+            .iter()
+            .map(|m| {
+                sources
+                    .iter()
+                    .position(|s| s.text() == m)
+                    .and_then(|i| self.req.artifacts.get(i))
+                    .cloned()
+                    .unwrap_or_else(|| m.clone())
+            })
+            .collect();
+        if self.emit(header(fetched.entries, missing)).await.is_err() {
+            return;
+        }
+        let Some(archive) = archive else { return };
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+        let send = transfer::send(target.provider.as_ref(), &sandbox, &work_root, &archive, tx);
+        let forward = async {
+            while let Some(d) = rx.recv().await {
+                let chunk = RunEv::Artifacts(pb::CopyChunk {
+                    chunk: Some(pb::copy_chunk::Chunk::Data(d)),
+                });
+                if self.emit(chunk).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let (sent, ()) = tokio::join!(send, forward);
+        if let Err(e) = sent {
+            self.phase(format!("warning: the artifacts broke off: {e}"))
+                .await;
+        }
+        tracing::debug!(ms = started.elapsed().as_millis() as u64, "artifacts sent");
     }
 
     /// Waits until the lease can take a run: the lease's [`readiness`] decides, and a

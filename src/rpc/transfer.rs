@@ -118,7 +118,11 @@ pub async fn copy_from(
     let (tx, rx) = mpsc::channel(16);
     let header = pb::CopyHeader {
         lease: Some(lease_pb(&t.record)),
-        entries: packed.entries,
+        entries: packed
+            .entries
+            .into_iter()
+            .map(|(source, name)| pb::CopyEntry { source, name })
+            .collect(),
         missing: packed.missing,
         base: t.base.clone(),
     };

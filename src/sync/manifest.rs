@@ -22,8 +22,9 @@ use super::SyncError;
 use crate::sandbox::archive::plain_relative;
 
 /// Folder or file names never synced unless git tracks them: caches, dependencies, build
-/// output and VCS metadata that the sandbox rebuilds itself.
-pub const BUILTIN_EXCLUDES: [&str; 11] = [
+/// output and VCS metadata that the sandbox rebuilds itself, and the artifacts runs
+/// brought back (`crabbox-artifacts`).
+pub const BUILTIN_EXCLUDES: [&str; 12] = [
     ".git",
     "node_modules",
     "target",
@@ -35,6 +36,7 @@ pub const BUILTIN_EXCLUDES: [&str; 11] = [
     ".direnv",
     ".DS_Store",
     ".crabbox-manifest.json",
+    "crabbox-artifacts",
 ];
 
 /// Size thresholds (SPEC: warn at 50,000 files or 5 GiB, refuse at 150,000 or 20 GiB).

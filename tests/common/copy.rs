@@ -156,3 +156,145 @@ pub async fn cp_copies_both_ways_keeping_modes_times_and_links(
     assert_eq!(out.code(), 4);
     assert!(out.stderr().contains("target/*.xml"), "{}", out.stderr());
 }
+
+/// `run --download/--artifact-glob/--require-artifact`: one archive back after the
+/// command, whatever its exit, and the exit codes that go with it.
+pub async fn a_runs_artifacts_come_back_after_it(d: &Daemon, repo: &Path, prefix: &[&str]) {
+    let here = tempfile::tempdir().expect("tempdir");
+    // Run from another folder (where the artifacts land), syncing the repo.
+    let root = repo.to_str().expect("utf8").to_string();
+    let run = |args: &[&str]| {
+        let mut all: Vec<String> = prefix.iter().chain(args).map(|s| s.to_string()).collect();
+        if args.first() == Some(&"run") {
+            let at = prefix.len() + 1;
+            all.splice(at..at, ["--sync-root".to_string(), root.clone()]);
+        }
+        let repo = repo.to_path_buf();
+        let here = here.path().to_path_buf();
+        async move {
+            let mut c = d.cli(&repo);
+            c.current_dir(&here).args(&all);
+            let out = c.output().await.expect("ran");
+            super::Out(out)
+        }
+    };
+    let make = "mkdir -p target/a target/b out/docs && echo 1 > target/a/r.xml && \
+                echo 2 > target/b/r.xml && echo bin > out/app && echo d > out/docs/i.md";
+    let out = run(&[
+        "run",
+        "--keep",
+        "--json",
+        "--artifact-glob",
+        "target/**/*.xml",
+        "--download",
+        "out/app:app.bin",
+        "--download",
+        "out/docs",
+        "--",
+        "sh",
+        "-c",
+        &format!("{make} && exit 3"),
+    ])
+    .await;
+    assert_eq!(
+        out.code(),
+        3,
+        "the command's code, artifacts fetched anyway: {}",
+        out.stderr()
+    );
+    let doc = out.json();
+    let id = doc["lease"]["id"].as_str().expect("id").to_string();
+    let folder = here.path().join("crabbox-artifacts").join(&id);
+    assert_eq!(
+        std::fs::read_to_string(folder.join("target/a/r.xml")).expect("r"),
+        "1\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(folder.join("target/b/r.xml")).expect("r"),
+        "2\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(folder.join("docs/i.md")).expect("r"),
+        "d\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(here.path().join("app.bin")).expect("r"),
+        "bin\n"
+    );
+    assert_eq!(
+        doc["artifacts"]["files"].as_array().map(Vec::len),
+        Some(4),
+        "{doc}"
+    );
+    // A required one missing: 122 when the command succeeded, its own code when not.
+    let out = run(&[
+        "run",
+        "--id",
+        &id,
+        "--require-artifact",
+        "no/such.txt",
+        "--",
+        "true",
+    ])
+    .await;
+    assert_eq!(out.code(), 122, "{}", out.stderr());
+    assert!(
+        out.stderr().contains("error [artifact]") && out.stderr().contains("no/such.txt"),
+        "{}",
+        out.stderr()
+    );
+    let out = run(&[
+        "run",
+        "--id",
+        &id,
+        "--require-artifact",
+        "no/such.txt",
+        "--",
+        "false",
+    ])
+    .await;
+    assert_eq!(out.code(), 1, "{}", out.stderr());
+    assert!(
+        out.stderr()
+            .contains("required artifact missing: no/such.txt"),
+        "{}",
+        out.stderr()
+    );
+    // One not required: a warning, and the run's code.
+    let out = run(&[
+        "run",
+        "--id",
+        &id,
+        "--artifact-glob",
+        "*.none",
+        "--",
+        "true",
+    ])
+    .await;
+    assert_eq!(out.code(), 0);
+    assert!(
+        out.stderr().contains("warning: no artifact *.none"),
+        "{}",
+        out.stderr()
+    );
+    // Outside the work root: refused by name, the run still told.
+    let out = run(&[
+        "run",
+        "--id",
+        &id,
+        "--download",
+        "/etc/hostname",
+        "--",
+        "true",
+    ])
+    .await;
+    assert_eq!(out.code(), 0);
+    assert!(
+        out.stderr().contains("--any-path") || out.stderr().contains("outside"),
+        "{}",
+        out.stderr()
+    );
+    let out = run(&["run", "--id", &id, "--download", ":x", "--", "true"]).await;
+    assert_eq!(out.code(), 125, "{}", out.stderr());
+    let _ = run(&["stop", &id]).await;
+}

@@ -123,6 +123,155 @@ impl Read for ChunkReader {
     }
 }
 
+/// Unpacks an archive stream as it arrives (a blocking thread, constant memory) into a
+/// staging folder, from which [`Placement::commit`] renames each entry into place.
+pub(super) struct Unpacker {
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    staging: tempfile::TempDir,
+    pub bytes: u64,
+}
+
+impl Unpacker {
+    /// Starts one, staging in `parent` (made if missing; the destinations' file system
+    /// is best, for atomic renames).
+    pub(super) fn start(parent: &Path) -> Result<Unpacker, CliError> {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            CliError::new(exit::SYNC, format!("creating {}: {e}", parent.display()))
+        })?;
+        let staging = tempfile::Builder::new()
+            .prefix(".crabbox-cp.")
+            .tempdir_in(parent)
+            .map_err(|e| {
+                CliError::new(
+                    exit::SYNC,
+                    format!("a staging folder in {}: {e}", parent.display()),
+                )
+            })?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+        let into = staging.path().to_path_buf();
+        let task = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(ChunkReader {
+                rx,
+                buf: Vec::new(),
+                pos: 0,
+            }));
+            archive.set_preserve_permissions(true);
+            archive.set_preserve_mtime(true);
+            archive.set_overwrite(true);
+            archive.unpack(&into)?;
+            // Drain: a reader that stopped early must not block the sender.
+            Ok(())
+        });
+        Ok(Unpacker {
+            tx: Some(tx),
+            task,
+            staging,
+            bytes: 0,
+        })
+    }
+
+    /// Hands over the next bytes of the archive.
+    pub(super) fn feed(&mut self, data: Vec<u8>) {
+        self.bytes += data.len() as u64;
+        if let Some(tx) = &self.tx
+            && tx.send(data).is_err()
+        {
+            // The unpacker stopped (its error is told by `finish`).
+            self.tx = None;
+        }
+    }
+
+    /// The archive is complete: waits for the unpacking; answers the staging folder.
+    pub(super) async fn finish(mut self) -> Result<tempfile::TempDir, CliError> {
+        drop(self.tx.take());
+        self.task
+            .await
+            .map_err(|e| CliError::new(exit::INTERNAL, format!("unpacking: {e}")))?
+            .map_err(|e| CliError::new(exit::SYNC, format!("unpacking the files: {e}")))?;
+        Ok(self.staging)
+    }
+}
+
+/// Where each fetched entry goes: (its path in the archive, `<source>/<name>`, and its
+/// final path), decided before anything is written.
+#[derive(Debug, Default)]
+pub(super) struct Placement {
+    pub moves: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Placement {
+    /// `cp`'s rules (as `cp -r`): into an existing folder; else one entry takes the
+    /// destination's name; several (or a glob's) go into the destination, made a folder.
+    /// A `.` entry is a folder's contents.
+    pub(super) fn for_cp(
+        to: &Path,
+        entries: &[pb::CopyEntry],
+        many: bool,
+    ) -> Result<Placement, CliError> {
+        let is_dir = to.is_dir();
+        let into = is_dir || many || entries.len() > 1;
+        if into && to.exists() && !is_dir {
+            return Err(CliError::usage(format!(
+                "{} is not a folder: several files cannot be copied onto it",
+                to.display()
+            )));
+        }
+        if !into {
+            let parent = to.parent().filter(|p| !p.as_os_str().is_empty());
+            if parent.is_some_and(|p| !p.exists()) {
+                return Err(CliError::usage(format!(
+                    "{}: no such folder to copy into",
+                    parent.map_or_else(String::new, |p| p.display().to_string())
+                )));
+            }
+        }
+        let moves = entries
+            .iter()
+            .map(|e| {
+                let dest = if e.name == "." || !into {
+                    to.to_path_buf()
+                } else {
+                    to.join(&e.name)
+                };
+                (staged(e), dest)
+            })
+            .collect();
+        Ok(Placement { moves })
+    }
+
+    /// A folder on the destinations' file system to stage in.
+    pub(super) fn staging_parent(&self) -> PathBuf {
+        self.moves
+            .first()
+            .map(|(_, to)| {
+                to.parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+            })
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+
+    /// Renames each unpacked entry into place (a folder onto a folder merges).
+    pub(super) fn commit(&self, staged: &Path) -> Result<(), CliError> {
+        for (from, dest) in &self.moves {
+            merge(&staged.join(from), dest).map_err(|e| {
+                CliError::new(
+                    exit::SYNC,
+                    format!("putting {} in place: {e}", dest.display()),
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// An entry's path in the archive.
+pub(super) fn staged(e: &pb::CopyEntry) -> PathBuf {
+    let p = PathBuf::from(e.source.to_string());
+    if e.name == "." { p } else { p.join(&e.name) }
+}
+
 async fn download(
     ctx: &Ctx,
     lease: String,
@@ -154,54 +303,24 @@ async fn download(
             ));
         }
     };
-    let received = if header.entries.is_empty() {
-        Vec::new()
-    } else {
-        let plan = Placement::decide(to, &header.entries, sources.len() > 1 || globbed)?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
-        let staging = plan.staging_dir()?;
-        let unpack_into = staging.path().to_path_buf();
-        let unpack = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(ChunkReader {
-                rx,
-                buf: Vec::new(),
-                pos: 0,
-            }));
-            archive.set_preserve_permissions(true);
-            archive.set_preserve_mtime(true);
-            archive.set_overwrite(true);
-            archive.unpack(&unpack_into)
-        });
+    if !header.entries.is_empty() {
+        let plan = Placement::for_cp(to, &header.entries, sources.len() > 1 || globbed)?;
+        let mut unpacker = Unpacker::start(&plan.staging_parent())?;
         let bar = meter(ctx, "copying");
-        let mut bytes = 0u64;
         while let Some(chunk) = stream.next().await {
-            match chunk?.chunk {
-                Some(pb::copy_chunk::Chunk::Data(d)) => {
-                    bytes += d.len() as u64;
-                    if let Some(b) = &bar {
-                        b.set_position(bytes);
-                    }
-                    if tx.send(d).is_err() {
-                        break;
-                    }
+            if let Some(pb::copy_chunk::Chunk::Data(d)) = chunk?.chunk {
+                unpacker.feed(d);
+                if let Some(b) = &bar {
+                    b.set_position(unpacker.bytes);
                 }
-                _ => continue,
             }
         }
-        drop(tx);
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        unpack
-            .await
-            .map_err(|e| CliError::new(exit::INTERNAL, format!("unpacking: {e}")))?
-            .map_err(|e| {
-                CliError::new(
-                    exit::SYNC,
-                    format!("unpacking the files into {}: {e}", to.display()),
-                )
-            })?;
-        plan.commit(staging.path())?;
+        let bytes = unpacker.bytes;
+        let staged = unpacker.finish().await?;
+        plan.commit(staged.path())?;
         ctx.progress(format!(
             "copied {} from {} ({})",
             header.entries.len(),
@@ -211,11 +330,10 @@ async fn download(
                 .map_or("the lease", |l| l.slug.as_str()),
             bytesize::ByteSize::b(bytes)
         ));
-        header.entries.clone()
-    };
+    }
     if ctx.json {
         super::output::print_json(&serde_json::json!({
-            "copied": received,
+            "copied": header.entries.iter().map(|e| &e.name).collect::<Vec<_>>(),
             "missing": header.missing,
             "to": to.display().to_string(),
         }));
@@ -231,93 +349,6 @@ async fn download(
         ));
     }
     Ok(exit::OK)
-}
-
-/// Where a download's entries go, decided before anything is written.
-struct Placement {
-    /// (entry in the archive, final path).
-    moves: Vec<(String, PathBuf)>,
-    /// The folder the staging dir is made in (same file system as the destinations).
-    parent: PathBuf,
-}
-
-impl Placement {
-    /// As `cp -r`: into an existing folder; else one entry takes the destination's name;
-    /// several (or a glob's) go into the destination, made a folder. `.` means contents.
-    fn decide(to: &Path, entries: &[String], many: bool) -> Result<Placement, CliError> {
-        let is_dir = to.is_dir();
-        let contents = entries.len() == 1 && entries[0] == ".";
-        let into = is_dir || many || entries.len() > 1 || contents;
-        if into && to.exists() && !is_dir {
-            return Err(CliError::usage(format!(
-                "{} is not a folder: several files cannot be copied onto it",
-                to.display()
-            )));
-        }
-        let parent = if into {
-            to.to_path_buf()
-        } else {
-            to.parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-        };
-        if !parent.exists() && !into {
-            return Err(CliError::usage(format!(
-                "{}: no such folder to copy into",
-                parent.display()
-            )));
-        }
-        let moves = entries
-            .iter()
-            .map(|e| {
-                let dest = if contents {
-                    to.to_path_buf()
-                } else if into {
-                    to.join(e)
-                } else {
-                    to.to_path_buf()
-                };
-                (e.clone(), dest)
-            })
-            .collect();
-        Ok(Placement { moves, parent })
-    }
-
-    fn staging_dir(&self) -> Result<tempfile::TempDir, CliError> {
-        std::fs::create_dir_all(&self.parent).map_err(|e| {
-            CliError::new(
-                exit::SYNC,
-                format!("creating {}: {e}", self.parent.display()),
-            )
-        })?;
-        tempfile::Builder::new()
-            .prefix(".crabbox-cp.")
-            .tempdir_in(&self.parent)
-            .map_err(|e| {
-                CliError::new(
-                    exit::SYNC,
-                    format!("a staging folder in {}: {e}", self.parent.display()),
-                )
-            })
-    }
-
-    /// Renames each unpacked entry into place (a folder onto a folder merges).
-    fn commit(&self, staged: &Path) -> Result<(), CliError> {
-        for (entry, dest) in &self.moves {
-            let from = if entry == "." {
-                staged.to_path_buf()
-            } else {
-                staged.join(entry)
-            };
-            merge(&from, dest).map_err(|e| {
-                CliError::new(
-                    exit::SYNC,
-                    format!("putting {} in place: {e}", dest.display()),
-                )
-            })?;
-        }
-        Ok(())
-    }
 }
 
 /// Moves `from` to `to`: a rename (atomic) when `to` is absent or a file; a folder onto

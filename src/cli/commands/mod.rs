@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde_json::json;
 use tokio_stream::StreamExt;
 
+mod artifacts;
 mod copy;
 mod daemon;
 mod plan;
@@ -15,7 +16,7 @@ mod show_config;
 
 use super::client::{self, Clients};
 use super::output::{self, lease_json, print_json, state_name};
-use super::{Cli, CliError, Command, LeaseOpts, ListArgs, RunArgs, SyncPlanArgs, exit};
+use super::{Cli, CliError, Command, LeaseOpts, ListArgs, SyncPlanArgs, exit};
 use crate::config::{self, Settings};
 use crate::pb;
 
@@ -205,15 +206,13 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
             | Command::Cp { .. }
             | Command::Status { lease: None, .. }
     );
-    let repo_root = match &cli.command {
-        Command::Run(RunArgs {
-            sync_root: Some(dir),
-            ..
-        })
-        | Command::SyncPlan(SyncPlanArgs {
-            sync_root: Some(dir),
-            ..
-        }) => Some(
+    let sync_root = match &cli.command {
+        Command::Run(r) => r.sync_root.as_ref(),
+        Command::SyncPlan(SyncPlanArgs { sync_root, .. }) => sync_root.as_ref(),
+        _ => None,
+    };
+    let repo_root = match sync_root {
+        Some(dir) => Some(
             std::fs::canonicalize(dir)
                 .map_err(|e| CliError::usage(format!("--sync-root {}: {e}", dir.display())))?,
         ),
@@ -357,7 +356,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
             keep,
             reclaim,
         } => warmup(&ctx, &lease, keep, reclaim).await,
-        Command::Run(args) => run::run(&ctx, args).await,
+        Command::Run(args) => run::run(&ctx, *args).await,
         Command::SyncPlan(args) => plan::sync_plan(&ctx, args).await,
         Command::Ssh {
             id,

@@ -86,7 +86,9 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
         .and_then(|e| e.lifecycle.preserve)
         .unwrap_or(false);
     let fresh = warmup_request(ctx, &args.lease, args.keep || preserve, args.reclaim)?;
+    let wanted = super::artifacts::Wanted::from_args(&args)?;
     let req = pb::RunRequest {
+        artifacts: wanted.sources.clone(),
         lease: args.id.clone().unwrap_or_default(),
         repo_root: ctx.repo(),
         argv: args.command.clone(),
@@ -128,7 +130,7 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
     };
     let send_stdin = !args.no_stdin && (tty || args.interactive || stdin_has_input());
     let ndjson = ctx.format == OutputFormat::Ndjson;
-    let result = stream_run(ctx, &args, req, send_stdin, ndjson).await;
+    let result = stream_run(ctx, &args, req, send_stdin, ndjson, &wanted).await;
     if preserve && !args.keep && result.is_ok() {
         ctx.progress(
             "environment.lifecycle.preserve keeps this run's lease (as --keep does): \
@@ -259,6 +261,7 @@ async fn stream_run(
     req: pb::RunRequest,
     send_stdin: bool,
     ndjson: bool,
+    wanted: &super::artifacts::Wanted,
 ) -> Result<i32, CliError> {
     let json = ctx.json;
     let begun = std::time::Instant::now();
@@ -279,6 +282,7 @@ async fn stream_run(
     // -v: the daemon's steps for the run's lease, once it has one.
     let mut trace: Option<super::Trace> = None;
     let mut sync_seen = None;
+    let mut receiving: Option<super::artifacts::Receiving> = None;
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
     // On a terminal in raw mode, the end of crabbox by a signal must put it back first.
@@ -342,6 +346,20 @@ async fn stream_run(
                 }
                 ctx.progress(p)
             }
+            Some(Event::Artifacts(chunk)) => match chunk.chunk {
+                Some(pb::copy_chunk::Chunk::Header(h)) => {
+                    let lease_id = lease_seen
+                        .as_ref()
+                        .map_or("", |l: &pb::Lease| l.id.as_str());
+                    receiving = Some(super::artifacts::Receiving::start(wanted, &h, lease_id)?);
+                }
+                Some(pb::copy_chunk::Chunk::Data(d)) => {
+                    if let Some(r) = &mut receiving {
+                        r.feed(d);
+                    }
+                }
+                None => {}
+            },
             Some(Event::Started(st)) => {
                 // The command's own output from here: no spinner under it.
                 ctx.progress_done();
@@ -401,6 +419,40 @@ async fn stream_run(
                 } else if !x.signal.is_empty() {
                     ctx.progress(format!("the command was killed by {}", x.signal));
                 }
+                let received = match receiving.take() {
+                    Some(r) => Some(r.finish().await?),
+                    None => None,
+                };
+                if let Some(r) = &received {
+                    if !r.files.is_empty() {
+                        ctx.progress(format!(
+                            "artifacts: {}",
+                            r.files
+                                .iter()
+                                .map(|f| f.display().to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                    }
+                    for m in r.missing.iter().filter(|m| !r.missing_required.contains(m)) {
+                        ctx.progress(format!(
+                            "warning: no artifact {m} (nothing there in the sandbox)"
+                        ));
+                    }
+                    if x.code != 0 && !r.missing_required.is_empty() {
+                        ctx.progress(format!(
+                            "warning: required artifact missing: {} (the command's own exit {} is told)",
+                            r.missing_required.join(", "),
+                            x.code
+                        ));
+                    }
+                }
+                let artifacts_json = received.as_ref().map(|r| {
+                    json!({
+                        "files": r.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+                        "missing": r.missing,
+                    })
+                });
                 let total_ms = begun.elapsed().as_millis() as u64;
                 let timings: Vec<serde_json::Value> = x
                     .timings
@@ -429,6 +481,7 @@ async fn stream_run(
                         "stalled": x.stalled,
                         "command_ms": x.elapsed_ms,
                         "total_ms": total_ms,
+                        "artifacts": artifacts_json,
                     }));
                 } else if json {
                     print_json(&json!({
@@ -447,9 +500,13 @@ async fn stream_run(
                             "bytes_uploaded": s.bytes_uploaded,
                             "millis": s.millis,
                         })),
+                        "artifacts": artifacts_json,
                     }));
                 }
-                return Ok(x.code);
+                return match &received {
+                    Some(r) => super::artifacts::exit_code(x.code, r),
+                    None => Ok(x.code),
+                };
             }
             None => {}
         }

@@ -43,42 +43,57 @@ impl Source {
 /// What a fetch found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fetched {
-    /// The archive's top-level entries: a path's own name, or a glob match's path
-    /// relative to the base.
-    pub entries: Vec<String>,
+    /// What each source brought, as (source number, name): a path's own name, or a glob
+    /// match's path relative to the base. In the archive it is `<number>/<name>`.
+    pub entries: Vec<(u32, String)>,
     /// The sources that matched nothing.
     pub missing: Vec<String>,
 }
 
 /// The bash program that packs the sources: positional args are base, archive, then
-/// (kind, source) pairs. It prints NUL-separated records: `e` entry, `m` missing source,
-/// `x` a failure; the archive exists only when something matched. Globs are expanded from
-/// a variable (no command substitution, no word splitting).
+/// (kind, source) pairs. Source number i's files are under `./<i>/` in the archive (so
+/// two sources with one name never collide; GNU tar's --transform, not applied to
+/// symlink targets). It prints NUL-separated records: `e` i name (a top-level entry),
+/// `m` source (matched nothing), `x` a failure; the archive exists only when something
+/// matched. Globs are expanded from a variable (no command substitution, no word
+/// splitting).
 const PACK: &str = r#"set -u -o pipefail
 base=$1; arch=$2; shift 2
 cd -- "$base" 2>/dev/null || { printf 'x\0%s\0' "no such folder: $base"; exit 3; }
 shopt -s globstar nullglob dotglob
-args=()
+tarf="${arch%.tgz}.tar"
+mkdir -p -- "$(dirname -- "$arch")" && rm -f -- "$tarf" || exit 4
+i=0; any=0
+add() { # add DIR NAME...: into ./<i>/ of the archive
+  d=$1; shift
+  tar rf "$tarf" --transform "s,^\./,./$i/,S" -C "$d" "$@" || { rm -f -- "$tarf"; printf 'x\0%s\0' "tar failed"; exit 4; }
+  any=1
+}
 while [ $# -gt 1 ]; do
   kind=$1; src=$2; shift 2
   if [ "$kind" = g ]; then
     IFS=; m=( $src ); unset IFS
-    if [ ${#m[@]} -eq 0 ]; then printf 'm\0%s\0' "$src"; continue; fi
+    if [ ${#m[@]} -eq 0 ]; then printf 'm\0%s\0' "$src"; i=$((i+1)); continue; fi
+    rel=(); abs=()
     for f in "${m[@]}"; do
-      case $f in /*) args+=( -C / "./${f#/}" );; *) args+=( -C "$PWD" "./$f" );; esac
-      printf 'e\0%s\0' "$f"
+      case $f in /*) abs+=( "./${f#/}" ); printf 'e\0%s\0%s\0' "$i" "${f#/}";;
+                 *) rel+=( "./$f" ); printf 'e\0%s\0%s\0' "$i" "$f";; esac
     done
+    [ ${#rel[@]} -gt 0 ] && add "$PWD" "${rel[@]}"
+    [ ${#abs[@]} -gt 0 ] && add / "${abs[@]}"
   elif [ -e "$src" ] || [ -L "$src" ]; then
     d=$(cd -- "$(dirname -- "$src")" && pwd) || { printf 'x\0%s\0' "cannot enter the folder of $src"; exit 3; }
     b=$(basename -- "$src")
-    args+=( -C "$d" "./$b" ); printf 'e\0%s\0' "$b"
+    printf 'e\0%s\0%s\0' "$i" "$b"
+    add "$d" "./$b"
   else
     printf 'm\0%s\0' "$src"
   fi
+  i=$((i+1))
 done
-[ ${#args[@]} -eq 0 ] && exit 0
-mkdir -p -- "$(dirname -- "$arch")" || exit 4
-tar cf - "${args[@]}" | gzip -1 > "$arch" || { rm -f -- "$arch"; printf 'x\0%s\0' "tar failed"; exit 4; }
+[ $any = 0 ] && exit 0
+gzip -1 < "$tarf" > "$arch" || { rm -f -- "$tarf" "$arch"; printf 'x\0%s\0' "gzip failed"; exit 4; }
+rm -f -- "$tarf"
 printf 'a\0'
 "#;
 
@@ -130,6 +145,11 @@ fn failed(what: &str, code: i32, output: &str) -> ProviderError {
         .unwrap_or_else(|| output.replace('\0', " ").trim().to_string());
     let why = if why.contains("bash: not found") || why.contains("bash: command not found") {
         "the sandbox has no bash, which copying needs".to_string()
+    } else if why.starts_with("no such folder") {
+        format!(
+            "{why} (is the checkout synced? `crabbox run --sync-only` puts it in the lease; \
+             or give an absolute path)"
+        )
     } else {
         why
     };
@@ -169,7 +189,13 @@ pub async fn pack(
     let mut fields = ran.output.split('\0');
     while let Some(tag) = fields.next() {
         match tag.trim_start_matches(['\n', '\r']) {
-            "e" => fetched.entries.extend(fields.next().map(str::to_string)),
+            "e" => {
+                let source = fields.next().and_then(|i| i.parse().ok());
+                let name = fields.next().map(str::to_string);
+                if let (Some(i), Some(n)) = (source, name) {
+                    fetched.entries.push((i, n));
+                }
+            }
             "m" => fetched.missing.extend(fields.next().map(str::to_string)),
             "a" => archived = true,
             _ => {}
