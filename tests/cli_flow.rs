@@ -2201,3 +2201,147 @@ async fn a_runs_artifacts_come_back_after_it() {
     let r = repo();
     common::copy::a_runs_artifacts_come_back_after_it(&d, r.path(), &[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_runs_with_its_arguments() {
+    let d = Daemon::start().await;
+    let r = repo();
+    common::copy::a_script_runs_with_its_arguments(&d, r.path(), &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captured_output_goes_to_files_and_a_failure_keeps_its_report() {
+    let d = Daemon::start().await;
+    let r = repo();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (o, e, fails) = (
+        dir.path().join("o.log"),
+        dir.path().join("e.log"),
+        dir.path().join("fails"),
+    );
+    let (os, es, fs) = (
+        o.to_str().expect("utf8"),
+        e.to_str().expect("utf8"),
+        fails.to_str().expect("utf8"),
+    );
+    // As well as the terminal...
+    let out = d
+        .run(
+            r.path(),
+            &[
+                "run",
+                "--capture-stdout",
+                os,
+                "--capture-stderr",
+                es,
+                "--capture-on-fail",
+                fs,
+                "--env",
+                "CBX_CAPTURE_SECRET=hunter2",
+                "--",
+                "sh",
+                "-c",
+                "echo out; echo err >&2; head -c 5000000 /dev/zero | tr '\\0' x; exit 3",
+            ],
+        )
+        .await;
+    assert_eq!(out.code(), 3);
+    assert!(out.stdout().starts_with("out\n"));
+    assert_eq!(
+        std::fs::read(&o).expect("o").len(),
+        out.stdout().len(),
+        "the whole stream"
+    );
+    assert_eq!(std::fs::read_to_string(&e).expect("e"), "err\n");
+    // The failure's report: the last 4 MiB of each stream, the command, env names only.
+    let reports: Vec<_> = std::fs::read_dir(&fails)
+        .expect("fails")
+        .filter_map(Result::ok)
+        .collect();
+    assert_eq!(reports.len(), 1);
+    let report = reports[0].path();
+    assert!(
+        report
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .ends_with("-exit3")
+    );
+    assert_eq!(
+        std::fs::metadata(report.join("stdout.log"))
+            .expect("s")
+            .len(),
+        4 * 1024 * 1024
+    );
+    assert_eq!(
+        std::fs::read_to_string(report.join("stderr.log")).expect("e"),
+        "err\n"
+    );
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report.join("run.json")).expect("j")).expect("json");
+    assert_eq!(doc["exit_code"], 3);
+    assert_eq!(doc["env_names"], serde_json::json!(["CBX_CAPTURE_SECRET"]));
+    assert!(
+        !std::fs::read_to_string(report.join("run.json"))
+            .expect("j")
+            .contains("hunter2")
+    );
+    assert!(doc["stdout_bytes_dropped"].as_u64().expect("n") > 0);
+    assert!(
+        out.stderr().contains(&report.display().to_string()),
+        "{}",
+        out.stderr()
+    );
+    // ...or instead of it, with -q; a success writes no report.
+    let out = d
+        .run(
+            r.path(),
+            &[
+                "-q",
+                "run",
+                "--capture-stdout",
+                os,
+                "--capture-on-fail",
+                fs,
+                "--",
+                "echo",
+                "only-in-file",
+            ],
+        )
+        .await
+        .expect(0);
+    assert_eq!(out.stdout(), "");
+    assert_eq!(std::fs::read_to_string(&o).expect("o"), "only-in-file\n");
+    assert_eq!(std::fs::read_dir(&fails).expect("fails").count(), 1);
+    // Bad input is refused before anything runs.
+    let out = d
+        .run(
+            r.path(),
+            &[
+                "run",
+                "--capture-stdout",
+                "/no/such/dir/o.log",
+                "--",
+                "true",
+            ],
+        )
+        .await;
+    assert_eq!(out.code(), 125);
+    assert!(out.stderr().contains("/no/such/dir"), "{}", out.stderr());
+    let out = d
+        .run(
+            r.path(),
+            &[
+                "run",
+                "--capture-stdout",
+                os,
+                "--capture-stderr",
+                os,
+                "--",
+                "true",
+            ],
+        )
+        .await;
+    assert_eq!(out.code(), 125);
+    assert!(out.stderr().contains("same file"), "{}", out.stderr());
+}

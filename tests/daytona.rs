@@ -1674,3 +1674,11 @@ async fn a_runs_artifacts_come_back_after_it() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_runs_with_its_arguments() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    common::copy::a_script_runs_with_its_arguments(&w.daemon, r.path(), &["--provider", "daytona"])
+        .await;
+}

@@ -457,6 +457,23 @@ pub struct RunArgs {
     /// Where artifacts go [default: ./crabbox-artifacts/<lease id>].
     #[arg(long, value_name = "DIR")]
     pub artifacts_dir: Option<PathBuf>,
+    /// Run this script (by its #! line, else with sh) instead of a command: the words
+    /// after `--` are its arguments. No quoting needed for multi-line commands.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["shell", "script_stdin"])]
+    pub script: Option<PathBuf>,
+    /// As --script, the script read from stdin (which the command then does not get).
+    #[arg(long, conflicts_with_all = ["shell", "interactive", "tty"])]
+    pub script_stdin: bool,
+    /// Also write the command's stdout to FILE, as it comes (with -q: only to FILE).
+    #[arg(long, value_name = "FILE")]
+    pub capture_stdout: Option<PathBuf>,
+    /// Also write the command's stderr to FILE, as it comes (with -q: only to FILE).
+    #[arg(long, value_name = "FILE")]
+    pub capture_stderr: Option<PathBuf>,
+    /// When the command fails, keep the last 4 MiB of its stdout and stderr, the
+    /// command, its environment's names, timings and exit code in a new folder under DIR.
+    #[arg(long, value_name = "DIR")]
+    pub capture_on_fail: Option<PathBuf>,
     /// Where the command runs: relative to the checkout's root, or absolute in the sandbox
     /// [default: the folder you are in, inside the checkout].
     #[arg(long, value_name = "PATH")]

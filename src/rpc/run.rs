@@ -167,7 +167,23 @@ impl Run {
 
     async fn go(&mut self) -> Result<pb::Exit, Error> {
         let started = now_ms();
-        if self.req.argv.is_empty() && !self.req.sync_only {
+        if let Some(s) = &self.req.script {
+            if self.req.shell {
+                return Err(Error::InvalidArgument(
+                    "--script runs a script file: --shell does not go with it".into(),
+                ));
+            }
+            if s.body.is_empty() {
+                return Err(Error::InvalidArgument("the script is empty".into()));
+            }
+            if s.body.len() > 16 * 1024 * 1024 {
+                return Err(Error::InvalidArgument(
+                    "the script is over 16 MiB: copy large files with `crabbox cp`, and run a small script"
+                        .into(),
+                ));
+            }
+        }
+        if self.req.argv.is_empty() && !self.req.sync_only && self.req.script.is_none() {
             return Err(Error::InvalidArgument(
                 "no command to run: put it after `--`, for example `crabbox run -- cargo test`"
                     .into(),
@@ -398,7 +414,9 @@ impl Run {
             })
             .await?;
         let phase_guard = phase_guard.unwrap_or_else(|| PhaseGuard(handle.clone()));
-        let command = if self.req.shell {
+        let command = if let Some(script) = &self.req.script {
+            self.put_script(&target, script).await?
+        } else if self.req.shell {
             self.req.argv.join(" ")
         } else {
             let words = shlex::try_join(self.req.argv.iter().map(String::as_str)).map_err(|e| {
@@ -493,6 +511,49 @@ impl Run {
             elapsed_ms,
             timings: Vec::new(),
         })
+    }
+
+    /// Puts the run's script in the lease's folder and answers the command that runs it
+    /// with the run's arguments (by its `#!` line, else with `sh`) and then removes it,
+    /// keeping its exit code.
+    async fn put_script(
+        &self,
+        target: &crate::lease::RunTarget,
+        script: &pb::Script,
+    ) -> Result<String, Error> {
+        let name = std::path::Path::new(&script.name)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| !n.is_empty())
+            .unwrap_or("script");
+        let remote = format!(
+            "{}/.crabbox-scripts/{:08x}-{name}",
+            target.lease_dir,
+            rand::random::<u32>()
+        );
+        let tmp_dir = self.api.state_dir.join("tmp");
+        std::fs::create_dir_all(&tmp_dir)
+            .map_err(|e| Error::Internal(format!("creating {}: {e}", tmp_dir.display())))?;
+        let local = tempfile::NamedTempFile::new_in(&tmp_dir)
+            .map_err(|e| Error::Internal(format!("a temp file for the script: {e}")))?;
+        std::fs::write(local.path(), &script.body)
+            .map_err(|e| Error::Internal(format!("writing the script: {e}")))?;
+        target
+            .provider
+            .write_file(&target.sandbox, &remote, local.path())
+            .await
+            .map_err(Error::from)?;
+        let q = |s: &str| shlex::try_quote(s).map(|q| q.into_owned());
+        let quote_err =
+            |e| Error::InvalidArgument(format!("cannot quote the script's arguments: {e}"));
+        let path = q(&remote).map_err(quote_err)?;
+        let args = shlex::try_join(self.req.argv.iter().map(String::as_str)).map_err(quote_err)?;
+        let run = if script.body.starts_with(b"#!") {
+            format!("chmod 700 {path} && {path} {args}")
+        } else {
+            format!("sh {path} {args}")
+        };
+        Ok(format!("{run}; rc=$?; rm -f {path}; exit $rc"))
     }
 
     /// Fetches the run's artifacts as one archive and sends them (a header, then the

@@ -298,3 +298,61 @@ pub async fn a_runs_artifacts_come_back_after_it(d: &Daemon, repo: &Path, prefix
     assert_eq!(out.code(), 125, "{}", out.stderr());
     let _ = run(&["stop", &id]).await;
 }
+
+/// `run --script FILE` / `--script-stdin`: a multi-line script runs by its `#!` line
+/// (else sh) with the words after `--` as its arguments, its exit code told.
+pub async fn a_script_runs_with_its_arguments(d: &Daemon, repo: &Path, prefix: &[&str]) {
+    let script = repo.join("build.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nset -e\necho \"args: $# [$1] [$2]\"\nfor i in 1 2; do\n  echo \"step $i\"\ndone\necho \"it's done\" >&2\nexit 4\n",
+    )
+    .expect("w");
+    let all = |args: &[&str]| -> Vec<String> {
+        prefix.iter().chain(args).map(|s| s.to_string()).collect()
+    };
+    let run = |args: Vec<String>| async move {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        d.run(repo, &a).await
+    };
+    let out = run(all(&["run", "--script", "build.sh", "--", "a b", "$HOME"])).await;
+    assert_eq!(out.code(), 4, "{}", out.stderr());
+    assert_eq!(out.stdout(), "args: 2 [a b] [$HOME]\nstep 1\nstep 2\n");
+    assert!(out.stderr().contains("it's done"), "{}", out.stderr());
+    // From stdin, without a #! line: sh runs it; the command gets no stdin of its own.
+    let mut c = d.cli(repo);
+    c.args(all(&["run", "--script-stdin", "--", "x"]))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().expect("spawn");
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"echo \"from stdin $1\"\nread line || echo \"no input\"\n")
+            .await
+            .expect("write");
+    }
+    let out = super::Out(child.wait_with_output().await.expect("ran"));
+    assert_eq!(out.code(), 0, "{}", out.stderr());
+    assert_eq!(out.stdout(), "from stdin x\nno input\n");
+    // Nothing is left behind in the checkout.
+    let out = run(all(&[
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "ls -A ../.crabbox-scripts 2>/dev/null | wc -l",
+    ]))
+    .await;
+    assert_eq!(out.stdout().trim(), "0");
+    // Bad input.
+    let out = run(all(&["run", "--script", "no-such.sh"])).await;
+    assert_eq!(out.code(), 125);
+    assert!(out.stderr().contains("no-such.sh"), "{}", out.stderr());
+    std::fs::write(repo.join("empty.sh"), "").expect("w");
+    let out = run(all(&["run", "--script", "empty.sh"])).await;
+    assert_eq!(out.code(), 125);
+    assert!(out.stderr().contains("empty"), "{}", out.stderr());
+}

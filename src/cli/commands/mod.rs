@@ -7,6 +7,7 @@ use serde_json::json;
 use tokio_stream::StreamExt;
 
 mod artifacts;
+mod capture;
 mod copy;
 mod daemon;
 mod plan;

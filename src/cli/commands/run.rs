@@ -39,7 +39,8 @@ pub(super) fn env_pairs(names: &[String]) -> Result<HashMap<String, String>, Cli
 }
 
 pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
-    if args.command.is_empty() && !args.sync_only {
+    let scripted = args.script.is_some() || args.script_stdin;
+    if args.command.is_empty() && !args.sync_only && !scripted {
         return Err(CliError::usage(
             "no command to run: put it after `--`, for example `crabbox run -- cargo test`",
         ));
@@ -87,8 +88,11 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
         .unwrap_or(false);
     let fresh = warmup_request(ctx, &args.lease, args.keep || preserve, args.reclaim)?;
     let wanted = super::artifacts::Wanted::from_args(&args)?;
+    let script = read_script(&args)?;
+    let mut capture = super::capture::Capture::open(&args, ctx.quiet)?;
     let req = pb::RunRequest {
         artifacts: wanted.sources.clone(),
+        script,
         lease: args.id.clone().unwrap_or_default(),
         repo_root: ctx.repo(),
         argv: args.command.clone(),
@@ -128,9 +132,10 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
             String::new()
         },
     };
-    let send_stdin = !args.no_stdin && (tty || args.interactive || stdin_has_input());
+    let send_stdin =
+        !args.no_stdin && !args.script_stdin && (tty || args.interactive || stdin_has_input());
     let ndjson = ctx.format == OutputFormat::Ndjson;
-    let result = stream_run(ctx, &args, req, send_stdin, ndjson, &wanted).await;
+    let result = stream_run(ctx, &args, req, send_stdin, ndjson, &wanted, &mut capture).await;
     if preserve && !args.keep && result.is_ok() {
         ctx.progress(
             "environment.lifecycle.preserve keeps this run's lease (as --keep does): \
@@ -226,6 +231,38 @@ fn event(v: &serde_json::Value) {
 
 /// The command's output as the chosen format wants it: an NDJSON event, kept for the
 /// `--json` document, or written through as it comes.
+/// `--script FILE` / `--script-stdin`: the script to send, read whole (checked here).
+fn read_script(args: &RunArgs) -> Result<Option<pb::Script>, CliError> {
+    let (body, name) = if let Some(path) = &args.script {
+        let body = std::fs::read(path)
+            .map_err(|e| CliError::usage(format!("--script {}: {e}", path.display())))?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        (body, name)
+    } else if args.script_stdin {
+        use std::io::{IsTerminal, Read};
+        if std::io::stdin().is_terminal() {
+            return Err(CliError::usage(
+                "--script-stdin reads the script from stdin, which is a terminal: pipe it in \
+                 (crabbox run --script-stdin < build.sh) or use --script FILE",
+            ));
+        }
+        let mut body = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut body)
+            .map_err(|e| CliError::usage(format!("--script-stdin: reading stdin: {e}")))?;
+        (body, "stdin-script".to_string())
+    } else {
+        return Ok(None);
+    };
+    if body.is_empty() {
+        return Err(CliError::usage("the script is empty: nothing to run"));
+    }
+    Ok(Some(pb::Script { body, name }))
+}
+
 fn deliver(
     ndjson: bool,
     json: bool,
@@ -262,6 +299,7 @@ async fn stream_run(
     send_stdin: bool,
     ndjson: bool,
     wanted: &super::artifacts::Wanted,
+    capture: &mut super::capture::Capture,
 ) -> Result<i32, CliError> {
     let json = ctx.json;
     let begun = std::time::Instant::now();
@@ -397,8 +435,18 @@ async fn stream_run(
                 }
                 sync_seen = Some(s);
             }
-            Some(Event::Stdout(b)) => deliver(ndjson, json, "stdout", b, &mut cap_out, &mut out),
-            Some(Event::Stderr(b)) => deliver(ndjson, json, "stderr", b, &mut cap_err, &mut err),
+            Some(Event::Stdout(b)) => {
+                capture.keep(false, &b)?;
+                if !capture.quiet_out {
+                    deliver(ndjson, json, "stdout", b, &mut cap_out, &mut out);
+                }
+            }
+            Some(Event::Stderr(b)) => {
+                capture.keep(true, &b)?;
+                if !capture.quiet_err {
+                    deliver(ndjson, json, "stderr", b, &mut cap_err, &mut err);
+                }
+            }
             Some(Event::Exit(x)) => {
                 drop(raw.take());
                 if let Some(t) = trace.take() {
@@ -460,6 +508,21 @@ async fn stream_run(
                     .map(|t| json!({"phase": t.phase, "ms": t.ms}))
                     .chain([json!({"phase": "total", "ms": total_ms})])
                     .collect();
+                let env_names: Vec<String> = args
+                    .env
+                    .iter()
+                    .map(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k).to_string())
+                    .collect();
+                if let Some(dir) =
+                    capture.finish(x.code, &args.command, &env_names, &json!(timings))?
+                {
+                    ctx.progress(format!(
+                        "the command failed (exit {}): its output's last part, the command and \
+                         its timings are kept in {}",
+                        x.code,
+                        dir.display()
+                    ));
+                }
                 if (args.timings || ctx.verbose) && !ctx.quiet {
                     let parts: Vec<String> = x
                         .timings
