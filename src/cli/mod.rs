@@ -296,6 +296,19 @@ pub enum Command {
         #[arg(long)]
         any_path: bool,
     },
+    /// Recent runs, newest first: exit code, how long, what they brought back. Of this
+    /// repo's leases (released ones too), of one lease, or of all.
+    Runs {
+        /// Id, slug or sandbox name [default: this repo's leases].
+        #[arg(add = lease_names())]
+        lease: Option<String>,
+        /// Every lease's runs.
+        #[arg(long, conflicts_with = "lease")]
+        all: bool,
+        /// At most this many [default: 20].
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+    },
     /// Show one lease.
     Status {
         /// Id, slug or sandbox name [default: this repo's lease].

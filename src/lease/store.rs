@@ -26,6 +26,12 @@ pub struct RunRecord {
     pub command: String,
     pub exit_code: i32,
     pub files_uploaded: u64,
+    /// What `--download`/`--artifact-glob` brought back (names as fetched).
+    #[serde(default)]
+    pub artifacts: Vec<String>,
+    /// What they asked for and found nothing.
+    #[serde(default)]
+    pub missing_artifacts: Vec<String>,
 }
 
 /// The store. Cheap to share behind an `Arc`; redb serializes writers itself.
@@ -298,6 +304,22 @@ impl Store {
         tx.commit().map_err(err)
     }
 
+    /// The newest `limit` runs of every lease, newest first.
+    pub fn recent_runs(&self, limit: usize) -> Result<Vec<RunRecord>, Error> {
+        let tx = self.db.begin_read().map_err(err)?;
+        let t = tx.open_table(RUNS).map_err(err)?;
+        let mut out: Vec<RunRecord> = Vec::new();
+        for row in t.iter().map_err(err)? {
+            let (_, v) = row.map_err(err)?;
+            if let Ok(r) = serde_json::from_slice(v.value()) {
+                out.push(r);
+            }
+        }
+        out.sort_by(|a, b| b.started_ms.cmp(&a.started_ms));
+        out.truncate(limit);
+        Ok(out)
+    }
+
     /// The runs of one lease, oldest first.
     pub fn runs(&self, lease_id: &str) -> Result<Vec<RunRecord>, Error> {
         let tx = self.db.begin_read().map_err(err)?;
@@ -340,6 +362,8 @@ mod tests {
                 command: "true".into(),
                 exit_code: 0,
                 files_uploaded: 1,
+                artifacts: vec!["report.xml".into()],
+                missing_artifacts: Vec::new(),
             })
             .expect("run");
         }

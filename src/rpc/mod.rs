@@ -370,6 +370,58 @@ impl LeaseService for LeaseSvc {
         ))
     }
 
+    async fn runs(
+        &self,
+        req: Request<pb::RunsRequest>,
+    ) -> Result<Response<pb::RunsResponse>, Status> {
+        let req = req.into_inner();
+        validate_repo_root(&req.repo_root)?;
+        let limit = match req.limit {
+            0 => 20,
+            n => n.min(10_000) as usize,
+        };
+        let mut runs = if req.all {
+            self.0.store.recent_runs(limit)?
+        } else if !req.lease.is_empty() {
+            let id = match self.0.resolve(&req.lease)? {
+                Resolved::Live(h) => h.record().id,
+                Resolved::Stored(r) => r.id,
+            };
+            self.0.store.runs(&id)?
+        } else if !req.repo_root.is_empty() {
+            // Every lease this repo had, released ones too (a fresh run's lease is).
+            let mut runs = Vec::new();
+            for l in self.0.store.all_leases()? {
+                if l.repo_root.as_deref() == Some(req.repo_root.as_str()) {
+                    runs.extend(self.0.store.runs(&l.id)?);
+                }
+            }
+            runs
+        } else {
+            return Err(Error::InvalidArgument(
+                "name a lease, or pass --all (or run it in a repository)".into(),
+            )
+            .into());
+        };
+        runs.sort_by(|a, b| b.started_ms.cmp(&a.started_ms));
+        runs.truncate(limit);
+        Ok(Response::new(pb::RunsResponse {
+            runs: runs
+                .into_iter()
+                .map(|r| pb::RunInfo {
+                    lease_id: r.lease_id,
+                    started_at: Some(timestamp(r.started_ms)),
+                    ended_at: Some(timestamp(r.ended_ms)),
+                    command: r.command,
+                    exit_code: r.exit_code,
+                    files_uploaded: r.files_uploaded,
+                    artifacts: r.artifacts,
+                    missing_artifacts: r.missing_artifacts,
+                })
+                .collect(),
+        }))
+    }
+
     type TraceStream = EventStream<pb::TraceLine>;
 
     async fn trace(

@@ -491,18 +491,33 @@ impl Run {
         // run must not see it running (any answer of the actor comes after the Finish).
         drop(phase_guard);
         let _ = handle.ask(LeaseMsg::Prepare).await;
+        let ended = now_ms();
+        let (artifacts, missing_artifacts) = if self.req.artifacts.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            let base = format!("{}/{}", target.lease_dir, repo_name);
+            self.send_artifacts(&target, &base).await
+        };
+        let command = match &self.req.script {
+            Some(s) => format!(
+                "--script {} {}",
+                if s.name.is_empty() { "script" } else { &s.name },
+                self.req.argv.join(" ")
+            )
+            .trim_end()
+            .to_string(),
+            None => self.req.argv.join(" "),
+        };
         let _ = self.api.store.add_run(&RunRecord {
             lease_id: record.id.clone(),
             started_ms: started,
-            ended_ms: now_ms(),
-            command: self.req.argv.join(" "),
+            ended_ms: ended,
+            command,
             exit_code: exit.code,
             files_uploaded,
+            artifacts,
+            missing_artifacts,
         });
-        if !self.req.artifacts.is_empty() {
-            let base = format!("{}/{}", target.lease_dir, repo_name);
-            self.send_artifacts(&target, &base).await;
-        }
         Ok(pb::Exit {
             code: exit.code,
             signal: exit.signal.unwrap_or_default(),
@@ -559,7 +574,11 @@ impl Run {
     /// Fetches the run's artifacts as one archive and sends them (a header, then the
     /// bytes). A failure to fetch is said as a warning, with every source missing: the
     /// command's exit is still told.
-    async fn send_artifacts(&self, target: &crate::lease::RunTarget, base: &str) {
+    async fn send_artifacts(
+        &self,
+        target: &crate::lease::RunTarget,
+        base: &str,
+    ) -> (Vec<String>, Vec<String>) {
         use crate::lease::ops::transfer::{self, Source};
         let started = std::time::Instant::now();
         // `lease_dir` is `<work root>/<lease id>`.
@@ -611,11 +630,11 @@ impl Run {
                 let _ = self
                     .emit(header(Vec::new(), self.req.artifacts.clone()))
                     .await;
-                return;
+                return (Vec::new(), self.req.artifacts.clone());
             }
         };
         // A refused source is reported by what the user wrote.
-        let missing = fetched
+        let missing: Vec<String> = fetched
             .missing
             .iter()
             .map(|m| {
@@ -627,10 +646,12 @@ impl Run {
                     .unwrap_or_else(|| m.clone())
             })
             .collect();
+        let names: Vec<String> = fetched.entries.iter().map(|(_, n)| n.clone()).collect();
+        let told = (names, missing.clone());
         if self.emit(header(fetched.entries, missing)).await.is_err() {
-            return;
+            return told;
         }
-        let Some(archive) = archive else { return };
+        let Some(archive) = archive else { return told };
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
         let send = transfer::send(target.provider.as_ref(), &sandbox, &work_root, &archive, tx);
         let forward = async {
@@ -649,6 +670,7 @@ impl Run {
                 .await;
         }
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "artifacts sent");
+        told
     }
 
     /// Waits until the lease can take a run: the lease's [`readiness`] decides, and a

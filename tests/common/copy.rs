@@ -296,6 +296,30 @@ pub async fn a_runs_artifacts_come_back_after_it(d: &Daemon, repo: &Path, prefix
     );
     let out = run(&["run", "--id", &id, "--download", ":x", "--", "true"]).await;
     assert_eq!(out.code(), 125, "{}", out.stderr());
+    // The history keeps each run's exit code and what it brought back, newest first.
+    let runs = run(&["runs", &id, "--json"]).await.expect(0).json();
+    let runs = runs.as_array().expect("runs");
+    assert_eq!(runs.len(), 5, "{runs:?}");
+    assert_eq!(runs[0]["exit_code"], 0);
+    let first = &runs[4];
+    assert_eq!(first["exit_code"], 3);
+    let got: Vec<&str> = first["artifacts"]
+        .as_array()
+        .expect("artifacts")
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert_eq!(
+        got,
+        ["app", "docs", "target/a/r.xml", "target/b/r.xml"],
+        "{first}"
+    );
+    assert_eq!(runs[1]["missing_artifacts"][0], "*.none", "{runs:?}");
+    let table = run(&["runs", &id]).await.expect(0).stdout();
+    assert!(
+        table.starts_with("STARTED") && table.contains("docs"),
+        "{table}"
+    );
     let _ = run(&["stop", &id]).await;
 }
 

@@ -205,6 +205,11 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
             | Command::Stop { lease: None, .. }
             | Command::Touch { lease: None }
             | Command::Cp { .. }
+            | Command::Runs {
+                lease: None,
+                all: false,
+                ..
+            }
             | Command::Status { lease: None, .. }
     );
     let sync_root = match &cli.command {
@@ -371,6 +376,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
             stop(&ctx, &name, force).await
         }
         Command::Cp { paths, any_path } => copy::cp(&ctx, &paths, any_path).await,
+        Command::Runs { lease, all, limit } => runs(&ctx, lease, all, limit).await,
         Command::Touch { lease } => {
             let name = named_or_repos(&ctx, lease).await?;
             touch(&ctx, &name).await
@@ -870,6 +876,88 @@ async fn list(ctx: &Ctx, args: ListArgs) -> Result<i32, CliError> {
             output::lease_table(&leases, ctx.format == super::OutputFormat::Wide)
         );
     }
+    Ok(exit::OK)
+}
+
+async fn runs(
+    ctx: &Ctx,
+    lease: Option<String>,
+    all: bool,
+    limit: Option<u32>,
+) -> Result<i32, CliError> {
+    let mut c = ctx.clients().await?;
+    let runs = c
+        .leases
+        .runs(pb::RunsRequest {
+            lease: lease.unwrap_or_default(),
+            repo_root: if all { String::new() } else { ctx.repo() },
+            all,
+            limit: limit.unwrap_or(0),
+        })
+        .await?
+        .into_inner()
+        .runs;
+    let ms = |t: &Option<prost_types::Timestamp>| pb::timestamp_ms(t.as_ref());
+    if ctx.json {
+        print_json(&serde_json::Value::Array(
+            runs.iter()
+                .map(|r| {
+                    json!({
+                        "lease_id": r.lease_id,
+                        "started_at": crate::clock::rfc3339(ms(&r.started_at)),
+                        "ended_at": crate::clock::rfc3339(ms(&r.ended_at)),
+                        "duration_ms": ms(&r.ended_at).saturating_sub(ms(&r.started_at)),
+                        "command": r.command,
+                        "exit_code": r.exit_code,
+                        "files_uploaded": r.files_uploaded,
+                        "artifacts": r.artifacts,
+                        "missing_artifacts": r.missing_artifacts,
+                    })
+                })
+                .collect(),
+        ));
+        return Ok(exit::OK);
+    }
+    if runs.is_empty() {
+        println!("no runs");
+        return Ok(exit::OK);
+    }
+    let mut rows = vec![[
+        "STARTED".to_string(),
+        "LEASE".into(),
+        "EXIT".into(),
+        "TOOK".into(),
+        "ARTIFACTS".into(),
+        "COMMAND".into(),
+    ]];
+    for r in &runs {
+        let took = ms(&r.ended_at).saturating_sub(ms(&r.started_at));
+        let mut artifacts = r.artifacts.join(",");
+        if !r.missing_artifacts.is_empty() {
+            let sep = if artifacts.is_empty() { "" } else { " " };
+            artifacts.push_str(&format!(
+                "{sep}(missing: {})",
+                r.missing_artifacts.join(",")
+            ));
+        }
+        rows.push([
+            crate::clock::rfc3339(ms(&r.started_at)),
+            r.lease_id.clone(),
+            r.exit_code.to_string(),
+            if took < 10_000 {
+                format!("{took}ms")
+            } else {
+                crate::clock::human_secs(took / 1000)
+            },
+            if artifacts.is_empty() {
+                "-".into()
+            } else {
+                artifacts
+            },
+            r.command.clone(),
+        ]);
+    }
+    print!("{}", output::table(&rows));
     Ok(exit::OK)
 }
 
