@@ -315,7 +315,7 @@ impl Store {
                 out.push(r);
             }
         }
-        out.sort_by(|a, b| b.started_ms.cmp(&a.started_ms));
+        out.sort_by_key(|r| std::cmp::Reverse(r.started_ms));
         out.truncate(limit);
         Ok(out)
     }

@@ -403,7 +403,7 @@ impl LeaseService for LeaseSvc {
             )
             .into());
         };
-        runs.sort_by(|a, b| b.started_ms.cmp(&a.started_ms));
+        runs.sort_by_key(|r| std::cmp::Reverse(r.started_ms));
         runs.truncate(limit);
         Ok(Response::new(pb::RunsResponse {
             runs: runs
