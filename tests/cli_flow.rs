@@ -2345,3 +2345,11 @@ async fn captured_output_goes_to_files_and_a_failure_keeps_its_report() {
     assert_eq!(out.code(), 125);
     assert!(out.stderr().contains("same file"), "{}", out.stderr());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_served_in_the_lease_is_reachable() {
+    let d = Daemon::start().await;
+    let r = repo();
+    d.run(r.path(), &["warmup"]).await.expect(0);
+    common::copy::a_port_served_in_the_lease_is_reachable(&d, r.path(), &[], false).await;
+}

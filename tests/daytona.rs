@@ -1682,3 +1682,17 @@ async fn a_script_runs_with_its_arguments() {
     common::copy::a_script_runs_with_its_arguments(&w.daemon, r.path(), &["--provider", "daytona"])
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_served_in_the_lease_is_reachable() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    w.cb(r.path(), &["warmup"]).await.expect(0);
+    common::copy::a_port_served_in_the_lease_is_reachable(
+        &w.daemon,
+        r.path(),
+        &["--provider", "daytona"],
+        true,
+    )
+    .await;
+}

@@ -296,6 +296,27 @@ pub enum Command {
         #[arg(long)]
         any_path: bool,
     },
+    /// A URL for a port served in the lease (Daytona: its preview URL, token redacted;
+    /// --signed: a URL that carries its access; local: loopback), or --forward a port of
+    /// this machine to it. `crabbox port 3000`, `crabbox port swift-crab --forward 8080:3000`.
+    Port {
+        /// [LEASE] PORT (the lease defaults to this repo's); with --forward, only [LEASE].
+        #[arg(value_name = "[LEASE] PORT", num_args = 0..=2)]
+        words: Vec<String>,
+        /// Serve 127.0.0.1:LOCAL, reaching the lease's port REMOTE, until interrupted.
+        #[arg(long, value_name = "LOCAL:REMOTE")]
+        forward: Option<String>,
+        /// A signed URL: its token inside, usable without headers (a browser, a
+        /// colleague), for --ttl.
+        #[arg(long)]
+        signed: bool,
+        /// How long a --signed URL works (30m, 2h; at most 24h) [default: 1h].
+        #[arg(long, requires = "signed", value_parser = crate::config::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        /// Print the access token instead of redacting it.
+        #[arg(long)]
+        show_secret: bool,
+    },
     /// Recent runs, newest first: exit code, how long, what they brought back. Of this
     /// repo's leases (released ones too), of one lease, or of all.
     Runs {

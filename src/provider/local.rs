@@ -315,6 +315,21 @@ impl Provider for LocalProvider {
         Ok(())
     }
 
+    async fn preview(
+        &self,
+        sandbox: &str,
+        port: u16,
+        _signed: Option<Duration>,
+    ) -> Result<super::Preview, ProviderError> {
+        // Local sandboxes share this machine's network: the port is on loopback, and
+        // needs no token (signed or not).
+        self.meta(sandbox)?;
+        Ok(super::Preview {
+            url: format!("http://127.0.0.1:{port}"),
+            ..Default::default()
+        })
+    }
+
     async fn ssh_access(
         &self,
         sandbox: &str,

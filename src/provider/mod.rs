@@ -102,6 +102,17 @@ pub struct ExecSpec {
     pub tty: Option<PtySize>,
 }
 
+/// A sandbox port's URL ([`Provider::preview`]).
+#[derive(Debug, Clone, Default)]
+pub struct Preview {
+    pub url: String,
+    /// A secret: send it in `header` (none when the URL needs nothing, or carries it).
+    pub token: Option<String>,
+    pub header: Option<String>,
+    /// When a signed URL stops working.
+    pub expires_at_ms: Option<u64>,
+}
+
 /// What a short command of crabbox's own ended with ([`Provider::execute`]).
 #[derive(Debug, Clone)]
 pub struct Executed {
@@ -262,6 +273,21 @@ pub trait Provider: Send + Sync + 'static {
                 "the {} provider cannot write {path} into a sandbox",
                 self.name()
             ),
+        ))
+    }
+
+    /// A URL for `port` served in the sandbox. With `signed`, a URL that carries its own
+    /// access for that long; else the URL and, where access is needed, the token to send
+    /// in [`Preview::header`].
+    async fn preview(
+        &self,
+        _sandbox: &str,
+        port: u16,
+        _signed: Option<Duration>,
+    ) -> Result<Preview, ProviderError> {
+        Err(ProviderError::new(
+            ProviderErrorKind::Invalid,
+            format!("the {} provider has no previews (port {port})", self.name()),
         ))
     }
 

@@ -370,6 +370,32 @@ impl LeaseService for LeaseSvc {
         ))
     }
 
+    async fn port(
+        &self,
+        req: Request<pb::PortRequest>,
+    ) -> Result<Response<pb::PortAnswer>, Status> {
+        let req = req.into_inner();
+        let port = u16::try_from(req.port)
+            .ok()
+            .filter(|p| *p >= 1)
+            .ok_or_else(|| Error::InvalidArgument(format!("port {} is not 1-65535", req.port)))?;
+        let t = self.0.copy_target(&req.lease, &req.repo_root)?;
+        let signed = (req.signed_ttl_secs > 0).then(|| Duration::from_secs(req.signed_ttl_secs));
+        let p = t
+            .provider
+            .preview(t.record.sandbox_ref(), port, signed)
+            .await
+            .map_err(Error::from)?;
+        t.handle.tell(LeaseMsg::KeepAlive);
+        Ok(Response::new(pb::PortAnswer {
+            lease: Some(lease_pb(&t.record)),
+            url: p.url,
+            token: p.token.unwrap_or_default(),
+            header: p.header.unwrap_or_default(),
+            expires_at: p.expires_at_ms.map(timestamp),
+        }))
+    }
+
     async fn runs(
         &self,
         req: Request<pb::RunsRequest>,

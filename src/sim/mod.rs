@@ -159,6 +159,8 @@ pub struct Sim {
     pub sandboxes: Mutex<HashMap<String, control::SimSandbox>>,
     pub snapshots: Mutex<HashMap<String, control::SimSnapshot>>,
     pub ssh_tokens: Mutex<HashMap<String, control::SshToken>>,
+    /// Preview tokens (plain and signed) by token.
+    pub previews: Mutex<HashMap<String, control::previews::Grant>>,
     pub sessions: toolbox::Sessions,
     /// The events channel (Socket.IO) and its clients.
     pub events: events::Events,
@@ -559,6 +561,11 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .layer(axum::middleware::from_fn_with_state(sim.clone(), gate));
     Router::new()
         .merge(gated)
+        // Previews authenticate by their own token (or an API key), as Daytona's proxy does.
+        .route(
+            "/preview/{*rest}",
+            axum::routing::any(control::previews::proxy),
+        )
         // The events channel authenticates in its own connect packet, not in headers.
         .route("/api/socket.io", axum::routing::get(events::socket_io))
         .route("/api/socket.io/", axum::routing::get(events::socket_io))
@@ -605,6 +612,7 @@ pub async fn start(
         sandboxes: Mutex::new(HashMap::new()),
         snapshots: Mutex::new(HashMap::new()),
         ssh_tokens: Mutex::new(HashMap::new()),
+        previews: Mutex::new(HashMap::new()),
         sessions: Default::default(),
         events: Default::default(),
         requests: Mutex::new(Vec::new()),

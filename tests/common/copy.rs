@@ -380,3 +380,179 @@ pub async fn a_script_runs_with_its_arguments(d: &Daemon, repo: &Path, prefix: &
     assert_eq!(out.code(), 125);
     assert!(out.stderr().contains("empty"), "{}", out.stderr());
 }
+
+/// A free loopback port (bound, then let go).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// `crabbox port`: a URL that reaches a server in the lease (with its token where one is
+/// needed, or signed), and `--forward` to reach it from a local port.
+pub async fn a_port_served_in_the_lease_is_reachable(
+    d: &Daemon,
+    repo: &Path,
+    prefix: &[&str],
+    token_needed: bool,
+) {
+    let all = |args: &[&str]| -> Vec<String> {
+        prefix.iter().chain(args).map(|s| s.to_string()).collect()
+    };
+    let cli = |args: Vec<String>| {
+        let mut c = d.cli(repo);
+        c.args(args);
+        c
+    };
+    std::fs::write(repo.join("hello.txt"), "hello from the lease\n").expect("w");
+    let port = free_port();
+    let mut server = cli(all(&[
+        "run",
+        "--",
+        "python3",
+        "-m",
+        "http.server",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+    ]))
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .kill_on_drop(true)
+    .spawn()
+    .expect("server");
+    let http = reqwest::Client::new();
+    // The plain URL, and its token where the provider needs one.
+    let url_of = |args: Vec<String>| {
+        let c = cli(args);
+        async move {
+            let mut c = c;
+            let out = super::Out(c.output().await.expect("ran"));
+            out.expect(0).json()
+        }
+    };
+    let p = url_of(all(&["port", &port.to_string(), "--json", "--show-secret"])).await;
+    let url = p["url"]
+        .as_str()
+        .expect("url")
+        .trim_end_matches('/')
+        .to_string();
+    let get = |u: String, token: Option<(String, String)>| {
+        let http = http.clone();
+        async move {
+            let mut r = http.get(u);
+            if let Some((h, t)) = token {
+                r = r.header(h, t);
+            }
+            match r.send().await {
+                Ok(a) => (a.status().as_u16(), a.text().await.unwrap_or_default()),
+                Err(_) => (0, String::new()),
+            }
+        }
+    };
+    let token = p["token"].as_str().map(|t| {
+        (
+            p["header"].as_str().expect("header").to_string(),
+            t.to_string(),
+        )
+    });
+    assert_eq!(token.is_some(), token_needed, "{p}");
+    super::eventually(30, "the server in the lease", || {
+        let (u, t) = (format!("{url}/hello.txt"), token.clone());
+        let get = &get;
+        async move { (get(u, t).await.0 == 200).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        get(format!("{url}/hello.txt"), token.clone()).await,
+        (200, "hello from the lease\n".into())
+    );
+    if token_needed {
+        assert_eq!(
+            get(format!("{url}/hello.txt"), None).await.0,
+            401,
+            "no token, no answer"
+        );
+        // Redacted unless asked.
+        let out = super::Out(
+            cli(all(&["port", &port.to_string()]))
+                .output()
+                .await
+                .expect("ran"),
+        );
+        let secret = &token.as_ref().expect("token").1;
+        assert!(
+            !out.stdout().contains(secret.as_str()) && out.stdout().contains("<redacted>"),
+            "{}",
+            out.stdout()
+        );
+        // Signed: the URL alone works.
+        let s = url_of(all(&[
+            "port",
+            &port.to_string(),
+            "--signed",
+            "--ttl",
+            "5m",
+            "--json",
+            "--show-secret",
+        ]))
+        .await;
+        let signed = s["url"]
+            .as_str()
+            .expect("url")
+            .trim_end_matches('/')
+            .to_string();
+        assert!(s["expires_at"].is_string(), "{s}");
+        assert_eq!(get(format!("{signed}/hello.txt"), None).await.0, 200);
+        let s = url_of(all(&["port", &port.to_string(), "--signed", "--json"])).await;
+        assert!(
+            s["url"].as_str().expect("url").contains("<redacted>"),
+            "{s}"
+        );
+    }
+    // --forward: a local port that reaches it, no token needed here.
+    let local = free_port();
+    let mut fwd = cli(all(&["port", "--forward", &format!("{local}:{port}")]))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("forward");
+    {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(fwd.stdout.take().expect("stdout")).lines();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("in time")
+            .expect("read")
+            .expect("a line");
+        assert!(
+            first.starts_with(&format!("forwarding http://127.0.0.1:{local}")),
+            "{first}"
+        );
+        if let Some(t) = &token {
+            assert!(!first.contains(t.1.as_str()), "{first}");
+        }
+    }
+    assert_eq!(
+        get(format!("http://127.0.0.1:{local}/hello.txt"), None).await,
+        (200, "hello from the lease\n".into())
+    );
+    let _ = fwd.start_kill();
+    // Bad input.
+    for (args, says) in [
+        (vec!["port", "0"], "not a port"),
+        (vec!["port", "70000"], "not a port"),
+        (vec!["port", "--forward", "8080"], "LOCAL:REMOTE"),
+        (vec!["port"], "PORT"),
+        (vec!["port", "--ttl", "5m", "80"], "--signed"),
+        (vec!["port", "80", "--signed", "--ttl", "48h"], "24h"),
+    ] {
+        let out = super::Out(cli(all(&args)).output().await.expect("ran"));
+        assert_eq!(out.code(), 2, "{args:?}: {}", out.stderr());
+        assert!(out.stderr().contains(says), "{args:?}: {}", out.stderr());
+    }
+    let _ = server.start_kill();
+    let _ = server.wait().await;
+}

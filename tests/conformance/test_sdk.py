@@ -376,3 +376,44 @@ def test_a_sandbox_pushed_into_error(daytona, sim):
         assert got.state.value == "error" and got.error_reason == "disk on fire"
     finally:
         daytona.delete(sb)
+
+
+def test_preview_links_plain_and_signed_reach_a_server_in_the_sandbox(daytona):
+    sb = create(daytona)
+    try:
+        sb.fs.upload_file(b"served by the sandbox\n", "index.txt")
+        port = 18000 + os.getpid() % 1000
+        sb.process.create_session("web")
+        sb.process.execute_session_command(
+            "web", SessionExecuteRequest(command=f"python3 -m http.server {port} --bind 127.0.0.1", run_async=True))
+        link = sb.get_preview_link(port)
+        assert link.url and link.token and link.sandbox_id == sb.id
+
+        def fetch(url, headers=None):
+            req = urllib.request.Request(url, headers=headers or {})
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, ""
+            except OSError:
+                return 0, ""
+
+        for _ in range(100):
+            status, body = fetch(f"{link.url}/index.txt", {"X-Daytona-Preview-Token": link.token})
+            if status == 200:
+                break
+            time.sleep(0.1)
+        assert (status, body) == (200, "served by the sandbox\n")
+        assert fetch(f"{link.url}/index.txt")[0] == 401
+        assert fetch(f"{link.url}/index.txt", {"X-Daytona-Preview-Token": "wrong"})[0] == 401
+        signed = sb.create_signed_preview_url(port, expires_in_seconds=120)
+        assert signed.port == port and signed.token and signed.sandbox_id == sb.id
+        assert fetch(f"{signed.url}/index.txt") == (200, "served by the sandbox\n")
+        sb.expire_signed_preview_url(port, signed.token)
+        assert fetch(f"{signed.url}/index.txt")[0] == 401
+        with pytest.raises(DaytonaError):
+            sb.create_signed_preview_url(port, expires_in_seconds=10 ** 7)
+        sb.process.delete_session("web")
+    finally:
+        daytona.delete(sb)

@@ -12,6 +12,7 @@ mod copy;
 mod daemon;
 mod plan;
 mod pool;
+mod port;
 mod run;
 mod show_config;
 
@@ -205,6 +206,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
             | Command::Stop { lease: None, .. }
             | Command::Touch { lease: None }
             | Command::Cp { .. }
+            | Command::Port { .. }
             | Command::Runs {
                 lease: None,
                 all: false,
@@ -377,6 +379,19 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
         }
         Command::Cp { paths, any_path } => copy::cp(&ctx, &paths, any_path).await,
         Command::Runs { lease, all, limit } => runs(&ctx, lease, all, limit).await,
+        Command::Port {
+            words,
+            forward,
+            signed,
+            ttl,
+            show_secret,
+        } => {
+            let signed = signed.then(|| ttl.unwrap_or(std::time::Duration::from_secs(3600)));
+            if signed.is_some_and(|d| d > std::time::Duration::from_secs(24 * 3600)) {
+                return Err(CliError::usage("--ttl: a signed URL lasts at most 24h"));
+            }
+            port::port(&ctx, &words, forward.as_deref(), signed, show_secret).await
+        }
         Command::Touch { lease } => {
             let name = named_or_repos(&ctx, lease).await?;
             touch(&ctx, &name).await

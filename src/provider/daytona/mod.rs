@@ -567,6 +567,56 @@ impl Provider for DaytonaProvider {
         self.read_digest(sandbox, workdir).await
     }
 
+    async fn preview(
+        &self,
+        sandbox: &str,
+        port: u16,
+        signed: Option<Duration>,
+    ) -> Result<crate::provider::Preview, ProviderError> {
+        let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        match signed {
+            Some(ttl) => {
+                let secs = ttl.as_secs().clamp(1, 24 * 3600);
+                let v = self
+                    .api(
+                        Method::GET,
+                        &format!("/sandbox/{sandbox}/ports/{port}/signed-preview-url?expiresInSeconds={secs}"),
+                        None,
+                        Idempotent::Yes,
+                    )
+                    .await
+                    .map_err(|h| h.error)?;
+                Ok(crate::provider::Preview {
+                    url: text(&v, "url").ok_or_else(|| {
+                        e(ProviderErrorKind::Other, "Daytona answered no preview url")
+                    })?,
+                    token: None,
+                    header: None,
+                    expires_at_ms: Some(crate::clock::now_ms() + secs * 1000),
+                })
+            }
+            None => {
+                let v = self
+                    .api(
+                        Method::GET,
+                        &format!("/sandbox/{sandbox}/ports/{port}/preview-url"),
+                        None,
+                        Idempotent::Yes,
+                    )
+                    .await
+                    .map_err(|h| h.error)?;
+                Ok(crate::provider::Preview {
+                    url: text(&v, "url").ok_or_else(|| {
+                        e(ProviderErrorKind::Other, "Daytona answered no preview url")
+                    })?,
+                    token: text(&v, "token"),
+                    header: Some("X-Daytona-Preview-Token".into()),
+                    expires_at_ms: None,
+                })
+            }
+        }
+    }
+
     async fn execute(
         &self,
         sandbox: &str,

@@ -204,6 +204,7 @@ pub fn uuid() -> String {
 }
 
 mod access;
+pub mod previews;
 mod sandboxes;
 mod snapshots;
 
@@ -238,6 +239,18 @@ pub fn router() -> Router<Arc<Sim>> {
         .route(
             "/sandbox/{id}/ssh-access",
             post(create_ssh).delete(revoke_ssh),
+        )
+        .route(
+            "/sandbox/{id}/ports/{port}/preview-url",
+            get(previews::preview_url),
+        )
+        .route(
+            "/sandbox/{id}/ports/{port}/signed-preview-url",
+            get(previews::signed_preview_url),
+        )
+        .route(
+            "/sandbox/{id}/ports/{port}/signed-preview-url/{token}/expire",
+            post(previews::expire_signed),
         )
         .route("/snapshots", post(create_snapshot).get(list_snapshots))
         .route("/snapshots/{id}", get(get_snapshot).delete(delete_snapshot))
