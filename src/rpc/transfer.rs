@@ -1,5 +1,5 @@
 //! The copy use cases (`CopyFrom`, `CopyTo`): files in and out of a lease's sandbox as
-//! one gzip tar stream, through [`crate::lease::ops::transfer`].
+//! one tar stream, through [`crate::lease::ops::transfer`].
 
 use std::path::Path;
 use std::sync::Arc;
@@ -201,7 +201,7 @@ pub async fn copy_to(
         .map_err(|e| Error::Internal(format!("creating {}: {e}", tmp_dir.display())))?;
     let file = tempfile::Builder::new()
         .prefix("copy-")
-        .suffix(".tgz")
+        .suffix(".tar")
         .tempfile_in(&tmp_dir)
         .map_err(|e| Error::Internal(format!("a temp file for the copy: {e}")))?;
     let mut out = tokio::fs::File::from_std(

@@ -1,5 +1,5 @@
 //! `crabbox cp`: files between this machine and a lease's sandbox, as `docker cp` and
-//! `cp -r` do it: one gzip tar stream each way (modes, mtimes and symlinks kept), written
+//! `cp -r` do it: one tar stream each way (modes, mtimes and symlinks kept), written
 //! here atomically (unpacked beside the destination, then renamed into place).
 
 use std::io::Read;
@@ -151,11 +151,11 @@ impl Unpacker {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
         let into = staging.path().to_path_buf();
         let task = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(ChunkReader {
+            let mut archive = tar::Archive::new(ChunkReader {
                 rx,
                 buf: Vec::new(),
                 pos: 0,
-            }));
+            });
             archive.set_preserve_permissions(true);
             archive.set_preserve_mtime(true);
             archive.set_overwrite(true);
@@ -373,9 +373,50 @@ fn merge(from: &Path, to: &Path) -> std::io::Result<()> {
             if let Some(p) = to.parent() {
                 std::fs::create_dir_all(p)?;
             }
-            std::fs::rename(from, to)
+            match std::fs::rename(from, to) {
+                // Another file system: copied beside the destination, then renamed.
+                Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => copy_across(from, to),
+                r => r,
+            }
         }
     }
+}
+
+/// `from` onto another file system at `to`: each file written to a temp name beside its
+/// destination and renamed into place (links as links, modes and mtimes kept).
+fn copy_across(from: &Path, to: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(from)?;
+    if meta.is_dir() {
+        std::fs::create_dir_all(to)?;
+        std::fs::set_permissions(to, meta.permissions())?;
+        for e in std::fs::read_dir(from)? {
+            let e = e?;
+            merge(&e.path(), &to.join(e.file_name()))?;
+        }
+        return Ok(());
+    }
+    let dir = to.parent().unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".crabbox-cp.")
+        .tempfile_in(dir)?;
+    let staged = tmp.path().to_path_buf();
+    if meta.file_type().is_symlink() {
+        drop(tmp);
+        std::os::unix::fs::symlink(std::fs::read_link(from)?, &staged)?;
+    } else {
+        std::fs::copy(from, &staged)?;
+        let mtime = filetime_of(&meta);
+        let f = std::fs::File::options().write(true).open(&staged)?;
+        f.set_modified(mtime)?;
+        std::fs::set_permissions(&staged, meta.permissions())?;
+        tmp.keep().map_err(|e| e.error)?;
+    }
+    std::fs::rename(&staged, to)
+}
+
+fn filetime_of(meta: &std::fs::Metadata) -> std::time::SystemTime {
+    meta.modified()
+        .unwrap_or_else(|_| std::time::SystemTime::now())
 }
 
 async fn upload(
@@ -462,7 +503,7 @@ fn entry_name(p: &Path) -> Result<String, CliError> {
         .ok_or_else(|| CliError::usage(format!("{}: name a file or folder", p.display())))
 }
 
-/// Writes the sources as a gzip tar into `tx` (symlinks kept as links).
+/// Writes the sources as a tar into `tx` (symlinks kept as links).
 fn pack(
     sources: &[(PathBuf, String)],
     tx: tokio::sync::mpsc::Sender<Vec<u8>>,
@@ -486,9 +527,7 @@ fn pack(
             Ok(())
         }
     }
-    let gz =
-        flate2::write::GzEncoder::new(ChunkWriter(tx, Vec::new()), flate2::Compression::fast());
-    let mut tar = tar::Builder::new(gz);
+    let mut tar = tar::Builder::new(ChunkWriter(tx, Vec::new()));
     tar.follow_symlinks(false);
     for (path, name) in sources {
         let meta = std::fs::symlink_metadata(path)?;
@@ -498,7 +537,7 @@ fn pack(
             tar.append_path_with_name(path, name)?;
         }
     }
-    let mut w = tar.into_inner()?.finish()?;
+    let mut w = tar.into_inner()?;
     std::io::Write::flush(&mut w)
 }
 
@@ -524,6 +563,43 @@ mod tests {
         );
         assert_eq!(Side::parse("./a:b"), Side::Local("./a:b".into()));
         assert_eq!(Side::parse("out/report"), Side::Local("out/report".into()));
+    }
+
+    #[test]
+    fn a_copy_across_file_systems_keeps_modes_times_and_links() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().expect("tempdir");
+        let from = d.path().join("from");
+        std::fs::create_dir_all(from.join("sub")).expect("mkdir");
+        std::fs::write(from.join("sub/f"), "data").expect("w");
+        std::fs::set_permissions(from.join("sub/f"), std::fs::Permissions::from_mode(0o640))
+            .expect("chmod");
+        let old = std::time::UNIX_EPOCH + std::time::Duration::from_secs(981_173_106);
+        std::fs::File::options()
+            .write(true)
+            .open(from.join("sub/f"))
+            .and_then(|f| f.set_modified(old))
+            .expect("mtime");
+        std::os::unix::fs::symlink("sub/f", from.join("ln")).expect("symlink");
+        let to = d.path().join("to");
+        copy_across(&from, &to).expect("copy");
+        assert_eq!(
+            std::fs::read_to_string(to.join("sub/f")).expect("r"),
+            "data"
+        );
+        let m = std::fs::metadata(to.join("sub/f")).expect("m");
+        assert_eq!(m.permissions().mode() & 0o777, 0o640);
+        assert_eq!(m.modified().expect("mtime"), old);
+        assert_eq!(
+            std::fs::read_link(to.join("ln")).expect("link"),
+            Path::new("sub/f")
+        );
+        let stray: Vec<_> = std::fs::read_dir(to.join("sub"))
+            .expect("ls")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".crabbox-cp"))
+            .collect();
+        assert!(stray.is_empty());
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Files in and out of a lease's sandbox as one gzip tar stream (`crabbox cp`, a run's
+//! Files in and out of a lease's sandbox as one tar stream (`crabbox cp`, a run's
 //! downloads and artifacts), the same way on every provider: one short `tar` command in
 //! the sandbox, and reading or writing one file there. Modes, mtimes and symlinks travel
 //! as tar keeps them; remote globs are bash's (`*`, `?`, `[..]`, `**` across folders,
@@ -61,7 +61,7 @@ const PACK: &str = r#"set -u -o pipefail
 base=$1; arch=$2; shift 2
 cd -- "$base" 2>/dev/null || { printf 'x\0%s\0' "no such folder: $base"; exit 3; }
 shopt -s globstar nullglob dotglob
-tarf="${arch%.tgz}.tar"
+tarf="$arch.part"
 mkdir -p -- "$(dirname -- "$arch")" && rm -f -- "$tarf" || exit 4
 i=0; any=0
 add() { # add DIR NAME...: into ./<i>/ of the archive
@@ -92,8 +92,7 @@ while [ $# -gt 1 ]; do
   i=$((i+1))
 done
 [ $any = 0 ] && exit 0
-gzip -1 < "$tarf" > "$arch" || { rm -f -- "$tarf" "$arch"; printf 'x\0%s\0' "gzip failed"; exit 4; }
-rm -f -- "$tarf"
+mv -- "$tarf" "$arch" || { rm -f -- "$tarf"; exit 4; }
 printf 'a\0'
 "#;
 
@@ -103,11 +102,11 @@ printf 'a\0'
 const UNPACK: &str = r#"set -u
 arch=$1; dest=$2; one=$3
 if [ -z "$one" ] || [ -d "$dest" ]; then
-  mkdir -p -- "$dest" && tar xzpf "$arch" -C "$dest"; rc=$?
+  mkdir -p -- "$dest" && tar xpf "$arch" -C "$dest"; rc=$?
 else
   parent=$(dirname -- "$dest")
   mkdir -p -- "$parent" && tmp=$(mktemp -d "$parent/.crabbox-cp.XXXXXX") || { rm -f -- "$arch"; exit 4; }
-  tar xzpf "$arch" -C "$tmp" && rm -rf -- "$dest" && mv -- "$tmp/$one" "$dest"; rc=$?
+  tar xpf "$arch" -C "$tmp" && rm -rf -- "$dest" && mv -- "$tmp/$one" "$dest"; rc=$?
   rm -rf -- "$tmp"
 fi
 rm -f -- "$arch"
@@ -129,7 +128,7 @@ fn bash(program: &str, args: &[&str]) -> String {
 
 fn staging(work_root: &str) -> String {
     format!(
-        "{}/.crabbox-transfer/{:016x}.tgz",
+        "{}/.crabbox-transfer/{:016x}.tar",
         work_root.trim_end_matches('/'),
         rand::random::<u64>()
     )
@@ -159,7 +158,7 @@ fn failed(what: &str, code: i32, output: &str) -> ProviderError {
     )
 }
 
-/// Packs `sources` (relative to `base`, or absolute) into a gzip tar staged in the
+/// Packs `sources` (relative to `base`, or absolute) into a tar staged in the
 /// sandbox under `work_root`; answers what it holds, what was missing, and the staged
 /// archive (none when nothing matched) for [`send`].
 pub async fn pack(
@@ -225,7 +224,7 @@ pub async fn send(
     read
 }
 
-/// Unpacks the local gzip tar `archive` into the folder `dest` in the sandbox (created
+/// Unpacks the local tar `archive` into the folder `dest` in the sandbox (created
 /// if missing), keeping modes, mtimes and symlinks; with `single` (the archive's one
 /// top-level entry), a `dest` that is not a folder becomes that entry's name.
 pub async fn put(
