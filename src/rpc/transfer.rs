@@ -58,11 +58,12 @@ impl Api {
             .cloned()
             .ok_or_else(|| Error::Internal(format!("provider {} is gone", record.provider)))?;
         let work_root = provider.work_root(&record.sandbox_name);
-        // Relative paths start at the checkout of the asking repo (as `run` syncs it),
-        // else of the lease's own repo, else the lease's folder.
-        let repo = Some(repo_root)
-            .filter(|r| !r.is_empty())
-            .or(record.repo_root.as_deref());
+        // Relative paths start at the checkout of the lease's own repo (the one its runs
+        // sync), else of the asking repo, else the lease's folder.
+        let repo = record
+            .repo_root
+            .as_deref()
+            .or(Some(repo_root).filter(|r| !r.is_empty()));
         let lease_dir = format!("{work_root}/{}", record.id);
         let base = match repo
             .and_then(|r| Path::new(r).file_name())
