@@ -203,7 +203,10 @@ impl DaytonaProvider {
                     )
                 })?;
                 let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-                let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file));
+                let stream = tokio_util::io::ReaderStream::with_capacity(
+                    tokio::fs::File::from_std(file),
+                    256 * 1024,
+                );
                 Ok(client
                     .request(Method::POST, &url)
                     .query(&[("path", &path)])

@@ -101,7 +101,7 @@ pub(super) async fn download(
     let c = ctx(&sim, &id)?;
     let path = required_path(&raw)?;
     let file = open_for_read(&c, &path).await?;
-    let stream = tokio_util::io::ReaderStream::new(file);
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],
         Body::from_stream(stream),
@@ -159,7 +159,7 @@ pub(super) async fn bulk_download(
                     if tx.send(Ok(Bytes::from(head))).await.is_err() {
                         return;
                     }
-                    let mut s = tokio_util::io::ReaderStream::new(file);
+                    let mut s = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
                     while let Some(chunk) = s.next().await {
                         if tx.send(chunk).await.is_err() {
                             return;
