@@ -248,18 +248,32 @@ async fn runs_on_different_leases_run_in_parallel() {
     let (r1, r2) = (repo(), repo());
     d.run(r1.path(), &["warmup"]).await.expect(0);
     d.run(r2.path(), &["warmup"]).await.expect(0);
-    // A rendezvous: each run marks its arrival and waits for the other's (at most 20 s).
-    let meet = tempfile::tempdir().expect("tempdir");
-    let script = |me: &str, other: &str| {
-        format!(
-            "touch \"$MEET/{me}\"; i=0; while [ ! -e \"$MEET/{other}\" ]; do sleep 0.05; i=$((i+1)); [ $i -gt 400 ] && exit 9; done; exit 0"
-        )
+    // A rendezvous: each run marks its arrival in its own checkout (jailed, neither sees
+    // the other's) and waits for a `go` that this test puts there once both have arrived
+    // (at most 20 s).
+    let checkout = |r: &Path| {
+        let r = r.to_path_buf();
+        let d = &d;
+        async move {
+            let l = d.run(&r, &["status", "--json"]).await.expect(0).json();
+            let name = std::fs::canonicalize(&r).expect("canonical");
+            PathBuf::from(l["work_root"].as_str().expect("root"))
+                .join(l["id"].as_str().expect("id"))
+                .join(name.file_name().expect("name"))
+        }
     };
-    let (s1, s2) = (script("a", "b"), script("b", "a"));
-    let meet_env = format!("MEET={}", meet.path().display());
-    let args1 = ["run", "--env", &meet_env, "--", "sh", "-c", &s1];
-    let args2 = ["run", "--env", &meet_env, "--", "sh", "-c", &s2];
-    let (a, b) = tokio::join!(d.run(r1.path(), &args1), d.run(r2.path(), &args2));
+    let (c1, c2) = (checkout(r1.path()).await, checkout(r2.path()).await);
+    let script = "touch arrived; i=0; while [ ! -e go ]; do sleep 0.05; i=$((i+1)); [ $i -gt 400 ] && exit 9; done; exit 0";
+    let args = ["run", "--", "sh", "-c", script];
+    let meet = async {
+        eventually(20, "both runs at once", || async {
+            (c1.join("arrived").exists() && c2.join("arrived").exists()).then_some(())
+        })
+        .await;
+        std::fs::write(c1.join("go"), "").expect("go");
+        std::fs::write(c2.join("go"), "").expect("go");
+    };
+    let (a, b, ()) = tokio::join!(d.run(r1.path(), &args), d.run(r2.path(), &args), meet);
     a.expect(0);
     b.expect(0);
 }

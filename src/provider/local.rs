@@ -1,7 +1,9 @@
 //! The `local` provider, the embedded default: a sandbox is a folder under the state dir
-//! (see [`crate::sandbox`]), commands run through `/bin/sh` in their own process group.
-//! It needs no account and no network. Its sandboxes isolate files, not processes: a
-//! command can see the rest of this machine.
+//! (see [`crate::sandbox`]), commands run through `/bin/sh` in their own process group,
+//! jailed by bubblewrap ([`crate::sandbox::process::Jail::Local`]): a PID namespace of
+//! their own, the sandbox folder and its own `/tmp` writable, the user's home and the
+//! daemon's folders hidden, the rest read-only. It is a namespace jail, not a VM.
+//! `CRABBOX_LOCAL_ISOLATION=none` (read by the daemon) runs commands unjailed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,17 +19,65 @@ use super::{
 };
 use crate::sandbox::{self, Engine, EngineError, EngineState, SandboxMeta};
 
+/// How local commands are isolated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Isolation {
+    /// In a bubblewrap jail, with these folders hidden (empty) inside it.
+    Jail { hide: Vec<PathBuf> },
+    /// Unjailed: the command sees and can touch all that the user can.
+    None,
+}
+
+impl Isolation {
+    /// The daemon's choice: `CRABBOX_LOCAL_ISOLATION` (`jail`, the default, or `none`);
+    /// the jail hides the user's home, the state dir and the daemon's runtime folder.
+    pub fn from_env(state_dir: &Path) -> Result<Isolation, ProviderError> {
+        match std::env::var("CRABBOX_LOCAL_ISOLATION").ok().as_deref() {
+            None | Some("") | Some("jail") => {
+                let mut hide = vec![state_dir.to_path_buf()];
+                if let Some(home) = std::env::var_os("HOME") {
+                    hide.insert(0, PathBuf::from(home));
+                }
+                if let Some(rt) = std::env::var_os("XDG_RUNTIME_DIR") {
+                    hide.push(PathBuf::from(rt));
+                }
+                Ok(Isolation::Jail { hide })
+            }
+            Some("none") => Ok(Isolation::None),
+            Some(other) => Err(ProviderError::new(
+                ProviderErrorKind::Invalid,
+                format!(
+                    "CRABBOX_LOCAL_ISOLATION={other} is not jail or none: unset it for the \
+                     bubblewrap jail (the default), or set none to run local commands unjailed"
+                ),
+            )),
+        }
+    }
+}
+
 /// The `local` provider.
 #[derive(Debug, Clone)]
 pub struct LocalProvider {
     engine: Engine,
+    isolation: Isolation,
 }
 
 impl LocalProvider {
-    /// Sandboxes live under `root` (the daemon uses `<state dir>/sandboxes`).
+    /// Sandboxes live under `root` (the daemon uses `<state dir>/sandboxes`); commands
+    /// are jailed, hiding the user's home and `root`'s parent.
     pub fn open(root: impl Into<PathBuf>) -> Result<LocalProvider, ProviderError> {
+        let root = root.into();
+        let state = root
+            .parent()
+            .map_or_else(|| root.clone(), Path::to_path_buf);
+        let isolation = Isolation::from_env(&state)?;
         let engine = Engine::open(root).map_err(engine_err)?;
-        Ok(LocalProvider { engine })
+        Ok(LocalProvider { engine, isolation })
+    }
+
+    /// How its commands are isolated.
+    pub fn isolation(&self) -> &Isolation {
+        &self.isolation
     }
 
     /// The folder of a sandbox's files, for people who want to look.
@@ -111,7 +161,28 @@ impl Provider for LocalProvider {
     }
 
     async fn create(&self, spec: &CreateSpec) -> Result<SandboxInfo, ProviderError> {
-        let meta = self
+        // environment.network: allow_all (the default) and block work here; an allow
+        // list needs a filtering network stack this provider does not have.
+        let block = spec
+            .options
+            .get("network_block_all")
+            .is_some_and(|v| v == "true");
+        if spec.options.contains_key("network_allow_list") {
+            return Err(ProviderError::new(
+                ProviderErrorKind::Invalid,
+                "environment.network.mode: cidr_allow_list is not available on the local \
+                 provider (it would need a filtering user-mode network stack): use allow_all or \
+                 block locally, or the daytona provider for an allow list",
+            ));
+        }
+        if block && self.isolation == Isolation::None {
+            return Err(ProviderError::new(
+                ProviderErrorKind::Invalid,
+                "environment.network.mode: block needs the local jail, which \
+                 CRABBOX_LOCAL_ISOLATION=none turns off",
+            ));
+        }
+        let mut meta = self
             .engine
             .create(
                 &spec.name,
@@ -121,6 +192,10 @@ impl Provider for LocalProvider {
                 EngineState::Started,
             )
             .map_err(engine_err)?;
+        if block {
+            meta.network_block = true;
+            self.engine.save(&meta).map_err(engine_err)?;
+        }
         Ok(info(meta))
     }
 
@@ -330,6 +405,51 @@ impl Provider for LocalProvider {
         })
     }
 
+    fn caveat(&self) -> Option<String> {
+        (self.isolation == Isolation::None).then(|| {
+            "local commands are not isolated (crabboxd runs with CRABBOX_LOCAL_ISOLATION=none): \
+             they can read and change everything you can"
+                .to_string()
+        })
+    }
+
+    async fn doctor(&self, _options: &BTreeMap<String, String>) -> Vec<(String, bool, String)> {
+        let jail = match &self.isolation {
+            Isolation::None => (
+                "local jail".to_string(),
+                true,
+                "off (CRABBOX_LOCAL_ISOLATION=none): local commands can read and change \
+                 everything you can"
+                    .to_string(),
+            ),
+            Isolation::Jail { .. } if sandbox::process::jail_available() => (
+                "local jail".to_string(),
+                true,
+                "bubblewrap: own PID namespace, your home and the daemon's folders hidden, \
+                 the system read-only, network block available"
+                    .to_string(),
+            ),
+            Isolation::Jail { .. } => (
+                "local jail".to_string(),
+                false,
+                "bwrap is missing or cannot make namespaces here: install it (apt-get install \
+                 bubblewrap), or run crabboxd with CRABBOX_LOCAL_ISOLATION=none (unjailed)"
+                    .to_string(),
+            ),
+        };
+        vec![
+            ("provider local".to_string(), true, "ready".to_string()),
+            jail,
+            (
+                "local resources".to_string(),
+                true,
+                "environment.resources (cpu, memory) are not enforced by the local provider: \
+                 no cgroup limits yet"
+                    .to_string(),
+            ),
+        ]
+    }
+
     async fn ssh_access(
         &self,
         sandbox: &str,
@@ -376,12 +496,39 @@ impl LocalProvider {
                 format!("creating {}: {e}", cwd.display()),
             )
         })?;
+        let jail = match &self.isolation {
+            Isolation::None => None,
+            Isolation::Jail { hide } => {
+                if !sandbox::process::jail_available() {
+                    return Err(ProviderError::new(
+                        ProviderErrorKind::Provisioning,
+                        "the local provider runs commands in a bubblewrap jail, and bwrap is not \
+                         installed or cannot make namespaces here: install it (apt-get install \
+                         bubblewrap; `crabbox doctor` checks it), or run crabboxd with \
+                         CRABBOX_LOCAL_ISOLATION=none to run local commands unjailed",
+                    ));
+                }
+                let dir = self.engine.dir(sandbox);
+                Some(sandbox::process::Jail::Local {
+                    tmp: dir.join("tmp"),
+                    dir,
+                    hide: hide.clone(),
+                    block_network: meta.network_block,
+                })
+            }
+        };
+        let mut env = spec.env.clone();
+        if jail.is_some() {
+            // The real home is hidden: the sandbox's is the one to use.
+            env.entry("HOME".into())
+                .or_insert_with(|| self.engine.home(sandbox).to_string_lossy().into_owned());
+        }
         let process = sandbox::ProcessSpec {
             command: spec.command.clone(),
             cwd,
-            env: spec.env.clone(),
+            env,
             timeout: spec.timeout,
-            jail: None,
+            jail,
             tty: spec.tty,
         };
         sandbox::process::run(&process, input, out, cancel)

@@ -304,6 +304,11 @@ pub trait Provider: Send + Sync + 'static {
         Ok(())
     }
 
+    /// What every run on this provider is told (a setup that weakens a promise).
+    fn caveat(&self) -> Option<String> {
+        None
+    }
+
     /// Checks the provider's setup: `(check, ok, detail)` lines for `crabbox doctor`.
     async fn doctor(&self, _options: &BTreeMap<String, String>) -> Vec<(String, bool, String)> {
         vec![(format!("provider {}", self.name()), true, "ready".into())]

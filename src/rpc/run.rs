@@ -315,6 +315,14 @@ impl Run {
         self.lease = Some(handle.clone());
         tracing::Span::current().record("lease", handle.record().id.as_str());
         let _ = self.emit(RunEv::Lease(lease_pb(&handle.record()))).await;
+        if let Some(caveat) = self
+            .api
+            .providers
+            .get(&handle.record().provider)
+            .and_then(|p| p.caveat())
+        {
+            self.phase(format!("warning: {caveat}")).await;
+        }
 
         // 4. Usable, and ours alone.
         self.wait_usable(&handle).await?;

@@ -38,6 +38,10 @@ pub struct SandboxMeta {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     pub created_at_ms: u64,
+    /// The local provider's `environment.network.mode: block`: commands get a network
+    /// of their own with only loopback.
+    #[serde(default)]
+    pub network_block: bool,
 }
 
 /// Engine failures.
@@ -176,6 +180,7 @@ impl Engine {
             labels,
             env,
             created_at_ms: crate::clock::now_ms(),
+            network_block: false,
         };
         self.save(&meta)?;
         Ok(meta)

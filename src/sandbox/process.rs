@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -71,13 +71,30 @@ pub struct ProcessSpec {
     /// Added on top of the passed-through variables.
     pub env: BTreeMap<String, String>,
     pub timeout: Option<Duration>,
-    /// Run inside a bubblewrap jail whose `/home` and `/tmp` are this host folder's
-    /// `home/` and `tmp/` (the rest of the system read-only), so that sandbox paths such as
-    /// `/home/daytona` are real for the command. `daytona-sim` uses it.
-    pub jail: Option<PathBuf>,
+    /// Run inside a bubblewrap jail ([`Jail`]).
+    pub jail: Option<Jail>,
     /// Run on a new pseudo-terminal of this size (its stdin, stdout and stderr; the output
     /// comes back as one stream, as a terminal shows it) instead of pipes.
     pub tty: Option<PtySize>,
+}
+
+/// A bubblewrap jail for a command: the rest of the system read-only, `/dev` minimal, a
+/// `/proc` of its own, and nothing outliving the daemon.
+#[derive(Debug, Clone)]
+pub enum Jail {
+    /// daytona-sim's: `/home` and `/tmp` are this host folder's `home/` and `tmp/`, so
+    /// that sandbox paths such as `/home/daytona` are real for the command.
+    Sim(PathBuf),
+    /// The local provider's: a fresh PID namespace (no host process to see or signal),
+    /// the sandbox folder writable at its own path, its own `/tmp`, the `hide` folders
+    /// (the user's home, the daemon's state and socket folders) empty, and with
+    /// `block_network` a network of its own with only loopback.
+    Local {
+        dir: PathBuf,
+        tmp: PathBuf,
+        hide: Vec<PathBuf>,
+        block_network: bool,
+    },
 }
 
 /// Is bubblewrap available for [`ProcessSpec::jail`]?
@@ -103,13 +120,21 @@ pub fn jail_available() -> bool {
 }
 
 fn command_for(spec: &ProcessSpec) -> io::Result<tokio::process::Command> {
-    let Some(fs) = &spec.jail else {
+    let Some(jail) = &spec.jail else {
         let mut cmd = tokio::process::Command::new("/bin/sh");
         cmd.arg("-c").arg(&spec.command).current_dir(&spec.cwd);
         return Ok(cmd);
     };
-    for sub in ["home", "tmp"] {
-        std::fs::create_dir_all(fs.join(sub))?;
+    match jail {
+        Jail::Sim(fs) => {
+            for sub in ["home", "tmp"] {
+                std::fs::create_dir_all(fs.join(sub))?;
+            }
+        }
+        Jail::Local { dir, tmp, .. } => {
+            std::fs::create_dir_all(dir)?;
+            std::fs::create_dir_all(tmp)?;
+        }
     }
     if !jail_available() {
         return Err(io::Error::new(
@@ -130,15 +155,39 @@ fn command_for(spec: &ProcessSpec) -> io::Result<tokio::process::Command> {
         }
         None => tokio::process::Command::new("bwrap"),
     };
-    cmd.args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
-        .arg("--bind")
-        .arg(fs.join("home"))
-        .arg("/home")
-        .arg("--bind")
-        .arg(fs.join("tmp"))
-        .arg("/tmp")
-        .args(["--die-with-parent", "--chdir"])
-        .arg(&spec.cwd);
+    cmd.args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]);
+    match jail {
+        Jail::Sim(fs) => {
+            cmd.arg("--bind")
+                .arg(fs.join("home"))
+                .arg("/home")
+                .arg("--bind")
+                .arg(fs.join("tmp"))
+                .arg("/tmp");
+        }
+        Jail::Local {
+            dir,
+            tmp,
+            hide,
+            block_network,
+        } => {
+            cmd.arg("--unshare-pid");
+            if *block_network {
+                cmd.arg("--unshare-net");
+            }
+            // Emptied first, then its own /tmp, then the sandbox folder (which may lie
+            // inside any of them) put back at its own path.
+            for h in hide
+                .iter()
+                .filter(|h| h.is_dir() && h.as_path() != Path::new("/"))
+            {
+                cmd.arg("--tmpfs").arg(h);
+            }
+            cmd.arg("--bind").arg(tmp).arg("/tmp");
+            cmd.arg("--bind").arg(dir).arg(dir);
+        }
+    }
+    cmd.args(["--die-with-parent", "--chdir"]).arg(&spec.cwd);
     if spec.tty.is_some() {
         cmd.args(["setsid", "-c"]);
     }

@@ -145,7 +145,7 @@ impl Conn {
             cwd: PathBuf::from(format!("/home/{user}")),
             env,
             timeout: None,
-            jail: Some(fs),
+            jail: Some(crate::sandbox::process::Jail::Sim(fs)),
             tty,
         };
         let (in_tx, in_rx) = mpsc::channel(32);

@@ -496,14 +496,19 @@ fn provider_options(ctx: &Ctx) -> Result<HashMap<String, String>, CliError> {
             o.extend(extra);
         }
     } else if let Some(env) = &ctx.settings.environment {
-        // Checked all the same, so a mistake shows before the provider changes; and said,
-        // since the local provider cannot build images or fence networks.
-        let asked = env.provider_options(ctx.repo_root.as_deref())?;
+        // Checked all the same, so a mistake shows before the provider changes. The local
+        // provider takes the network mode (its jail can block it); the rest is said.
+        let mut asked = env.provider_options(ctx.repo_root.as_deref())?;
+        for k in ["network_block_all", "network_allow_list"] {
+            if let Some(v) = asked.remove(k) {
+                o.insert(k.to_string(), v);
+            }
+        }
         if !asked.is_empty() {
             ctx.progress(format!(
-                "note: environment.image, resources, network and lifecycle apply to the daytona \
-                 provider; the {} provider runs on this machine as it is and uses only \
-                 environment.labels",
+                "note: environment.image, resources and lifecycle apply to the daytona \
+                 provider; the {} provider runs on this machine's own image and uses \
+                 environment.labels and environment.network",
                 ctx.settings.provider
             ));
         }

@@ -191,7 +191,7 @@ fn spec(
         cwd: PathBuf::from(guest),
         env: c.env(env),
         timeout,
-        jail: Some(c.fs.clone()),
+        jail: Some(crate::sandbox::process::Jail::Sim(c.fs.clone())),
         tty: None,
     })
 }

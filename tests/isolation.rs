@@ -1,0 +1,285 @@
+//! The local provider's jail, for real: a command in a local lease cannot see host
+//! processes, read the user's home or the daemon's folders, write outside its sandbox,
+//! or (in `block` mode) reach this machine's network; its whole tree dies with it.
+
+mod common;
+
+use std::path::Path;
+
+use common::{Daemon, eventually, repo};
+
+fn host_has(cmdline: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == cmdline.as_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_command_is_jailed() {
+    if std::env::var("CRABBOX_LOCAL_ISOLATION").as_deref() == Ok("none") {
+        eprintln!("CRABBOX_LOCAL_ISOLATION=none: the jail is off, nothing to test");
+        return;
+    }
+    let d = Daemon::start().await;
+    let r = repo();
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let run = |script: &str| {
+        let script = script.to_string();
+        let d = &d;
+        let r = r.path().to_path_buf();
+        let home = home.clone();
+        async move {
+            let state = d.state.display().to_string();
+            d.run(
+                &r,
+                &[
+                    "run",
+                    "--env",
+                    &format!("REAL_HOME={home}"),
+                    "--env",
+                    &format!("STATE={state}"),
+                    "--env",
+                    &format!("DAEMON_PID={}", std::process::id()),
+                    "--",
+                    "sh",
+                    "-c",
+                    &script,
+                ],
+            )
+            .await
+        }
+    };
+    d.run(r.path(), &["warmup"]).await.expect(0);
+    // Processes: a PID namespace of its own; the daemon (this test process) is not there.
+    let out = run("ls /proc | grep -c '^[0-9]'; kill -0 $DAEMON_PID 2>/dev/null && echo SEES-DAEMON; ps -e 2>/dev/null | wc -l")
+        .await
+        .expect(0);
+    let text = out.stdout();
+    let lines: Vec<&str> = text.lines().collect();
+    let procs: usize = lines[0].trim().parse().expect("a count");
+    assert!(procs <= 6, "only its own processes: {procs}");
+    assert!(!out.stdout().contains("SEES-DAEMON"), "{}", out.stdout());
+    // The user's home and the daemon's state dir are empty inside; the daemon's store is
+    // not readable.
+    std::fs::write(d.state.join("planted-secret.txt"), "secret").expect("plant");
+    let out =
+        run("ls -A \"$REAL_HOME\" | wc -l; cat \"$STATE/planted-secret.txt\" 2>&1 || echo NO-READ")
+            .await
+            .expect(0);
+    assert!(
+        out.stdout().starts_with("0\n"),
+        "home hidden: {}",
+        out.stdout()
+    );
+    assert!(
+        out.stdout().contains("NO-READ") && !out.stdout().contains("secret\n"),
+        "{}",
+        out.stdout()
+    );
+    // Writes: the system is read-only; a write to the hidden home never reaches it.
+    let escape = format!("crabbox-escape-{}", std::process::id());
+    let out = run(&format!(
+        "touch /usr/{escape} 2>/dev/null && echo WROTE-USR; touch \"$REAL_HOME/{escape}\"; \
+         echo x > /tmp/mine && cat /tmp/mine && echo ok > here.txt"
+    ))
+    .await
+    .expect(0);
+    assert!(!out.stdout().contains("WROTE-USR"));
+    assert!(!Path::new("/usr").join(&escape).exists());
+    assert!(
+        !Path::new(&home).join(&escape).exists(),
+        "the real home is untouched"
+    );
+    assert_eq!(out.stdout(), "x\n");
+    // Its own folder is where its files go (the same path here).
+    let l = d
+        .run(r.path(), &["status", "--json"])
+        .await
+        .expect(0)
+        .json();
+    let name = std::fs::canonicalize(r.path()).expect("canonical");
+    let checkout = Path::new(l["work_root"].as_str().expect("root"))
+        .join(l["id"].as_str().expect("id"))
+        .join(name.file_name().expect("name"));
+    assert_eq!(
+        std::fs::read_to_string(checkout.join("here.txt")).expect("r"),
+        "ok\n"
+    );
+    // A timeout kills the whole tree, background children included.
+    let secs = format!("{}", 70_000 + std::process::id() % 10_000);
+    let out = d
+        .run(
+            r.path(),
+            &[
+                "run",
+                "--timeout",
+                "1s",
+                "--",
+                "sh",
+                "-c",
+                &format!("sleep {secs} & sleep {secs}"),
+            ],
+        )
+        .await;
+    assert_eq!(out.code(), 124);
+    let cmdline = format!("sleep\0{secs}\0");
+    eventually(10, "no sleep left on this machine", || async {
+        (!host_has(&cmdline)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_mode_has_only_loopback_and_an_allow_list_is_refused_locally() {
+    if std::env::var("CRABBOX_LOCAL_ISOLATION").as_deref() == Ok("none") {
+        eprintln!("CRABBOX_LOCAL_ISOLATION=none: the jail is off, nothing to test");
+        return;
+    }
+    let d = Daemon::start().await;
+    // A server of this machine, on loopback.
+    let host = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = host.local_addr().expect("addr").port();
+    let reach = format!(
+        "python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)\" \
+         && echo REACHED || echo BLOCKED; python3 -c \"import socket; s=socket.socket(); \
+         s.bind(('127.0.0.1', 0)); s.listen(); socket.create_connection(s.getsockname(), timeout=2); \
+         print('LOOPBACK')\""
+    );
+    let (open, shut) = (repo(), repo());
+    let cfg = shut.path().join("net.yaml");
+    std::fs::write(&cfg, "environment:\n  network: { mode: block }\n").expect("w");
+    let out = d
+        .run(open.path(), &["run", "--", "sh", "-c", &reach])
+        .await
+        .expect(0);
+    assert_eq!(
+        out.stdout(),
+        "REACHED\nLOOPBACK\n",
+        "allow_all reaches this machine"
+    );
+    let out = d
+        .run_env(
+            shut.path(),
+            &[("CRABBOX_CONFIG", cfg.as_ref())],
+            &["run", "--", "sh", "-c", &reach],
+        )
+        .await
+        .expect(0);
+    assert_eq!(
+        out.stdout(),
+        "BLOCKED\nLOOPBACK\n",
+        "block: only its own loopback"
+    );
+    std::fs::write(
+        &cfg,
+        "environment:\n  network: { mode: cidr_allow_list, allow: [\"10.0.0.0/8\"] }\n",
+    )
+    .expect("w");
+    let out = d
+        .run_env(
+            shut.path(),
+            &[("CRABBOX_CONFIG", cfg.as_ref())],
+            &["run", "--", "true"],
+        )
+        .await;
+    assert_eq!(out.code(), 125, "{}", out.stderr());
+    assert!(
+        out.stderr()
+            .contains("cidr_allow_list is not available on the local"),
+        "{}",
+        out.stderr()
+    );
+    drop(host);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_bubblewrap_local_commands_are_refused_unless_isolation_is_off() {
+    // A PATH with git but no bwrap.
+    let bin = tempfile::tempdir().expect("tempdir");
+    for tool in ["git", "sh", "bash", "tar", "cat", "ls"] {
+        for dir in ["/usr/bin", "/bin"] {
+            let p = Path::new(dir).join(tool);
+            if p.exists() {
+                let _ = std::os::unix::fs::symlink(&p, bin.path().join(tool));
+                break;
+            }
+        }
+    }
+    let r = repo();
+    // A value it does not know: the daemon refuses to start, saying why.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"))
+        .arg("--socket")
+        .arg(dir.path().join("d.sock"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("CRABBOX_CONFIG", "/dev/null")
+        .env("CRABBOX_LOCAL_ISOLATION", "sometimes")
+        .output()
+        .await
+        .expect("crabboxd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("CRABBOX_LOCAL_ISOLATION=sometimes is not jail or none"),
+        "{err}"
+    );
+    for (isolation, code, says) in [
+        ("", 125, "apt-get install bubblewrap"),
+        ("none", 0, "not isolated"),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("d.sock");
+        let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("PATH", bin.path())
+            .env("CRABBOX_CONFIG", "/dev/null")
+            .env("CRABBOX_LOCAL_ISOLATION", isolation)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("crabboxd");
+        if let Ok(Ok(Some(status))) =
+            tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                loop {
+                    if socket.exists() {
+                        return Ok::<_, std::io::Error>(None);
+                    }
+                    if let Some(s) = daemon.try_wait()? {
+                        return Ok(Some(s));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            })
+            .await
+        {
+            // A daemon that refuses its setup says why.
+            let out = daemon.wait_with_output().await.expect("out");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !status.success() && err.contains(says),
+                "{isolation}: {err}"
+            );
+            continue;
+        }
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"))
+            .current_dir(r.path())
+            .env("CRABBOX_SOCKET", &socket)
+            .env("CRABBOX_NO_AUTOSTART", "1")
+            .env("CRABBOX_CONFIG", "/dev/null")
+            .args(["run", "--", "echo", "ran"])
+            .output()
+            .await
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{isolation:?}: {err}");
+        assert!(err.contains(says), "{isolation:?}: {err}");
+        let _ = daemon.start_kill();
+    }
+}
