@@ -257,6 +257,21 @@ pub struct FileConfig {
     pub pool: Vec<PoolConfig>,
     /// Team mode: a registry shared by every daemon of a team, on PostgreSQL.
     pub team: Option<TeamConfig>,
+    /// The local provider's jail (read by the daemon from its own config).
+    #[serde(default)]
+    pub local: LocalConfig,
+}
+
+/// `local:`: how the local provider isolates commands.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// `jail` (the default: bubblewrap) or `none` (unjailed; every run says so).
+    pub isolation: Option<String>,
+    /// Host paths the jail shows its commands, read-only (`PATH:rw` for writable); the
+    /// user's home is otherwise hidden.
+    #[serde(default)]
+    pub mounts: Vec<String>,
 }
 
 /// `team:` as written.
@@ -609,6 +624,8 @@ pub struct Settings {
     pub pools: Vec<PoolSettings>,
     /// `team:`: team mode (the daemon's).
     pub team: Option<TeamSettings>,
+    /// `local:` (the daemon's).
+    pub local: LocalConfig,
     /// Repo config files with `pool:` entries: pools are the daemon's, read from its own
     /// config, so a CLI says these are not used.
     pub ignored_pools: Vec<PathBuf>,
@@ -634,6 +651,7 @@ impl Settings {
             stall_timeout: None,
             pools: Vec::new(),
             team: None,
+            local: LocalConfig::default(),
             ignored_pools: Vec::new(),
             ignored_daemon_keys: Vec::new(),
             sources: Vec::new(),
@@ -795,6 +813,7 @@ pub fn load(repo_root: Option<&Path>) -> Result<Settings, ConfigError> {
                 ("daytona.jwtToken", d.jwt_token.is_some()),
                 ("daytona.organizationId", d.organization_id.is_some()),
                 ("team", alone.team.is_some()),
+                ("local", alone.local != LocalConfig::default()),
             ] {
                 if set {
                     ignored_daemon_keys.push((path.clone(), key));
@@ -840,6 +859,7 @@ fn from_file(file: FileConfig, sources: Vec<PathBuf>) -> Result<Settings, Config
         stall_timeout: dur(file.run.stall_timeout, "config run.stall_timeout")?,
         pools: Vec::new(),
         team: None,
+        local: file.local,
         ignored_pools: Vec::new(),
         ignored_daemon_keys: Vec::new(),
         sources,

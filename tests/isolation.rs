@@ -283,3 +283,98 @@ async fn without_bubblewrap_local_commands_are_refused_unless_isolation_is_off()
         let _ = daemon.start_kill();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_local_shows_mounts_and_can_turn_the_jail_off() {
+    if std::env::var("CRABBOX_LOCAL_ISOLATION").is_ok() {
+        eprintln!("CRABBOX_LOCAL_ISOLATION is set: it overrides the config this test checks");
+        return;
+    }
+    let shared = tempfile::tempdir().expect("tempdir");
+    std::fs::write(shared.path().join("data.txt"), "shared data\n").expect("w");
+    let writable = tempfile::tempdir().expect("tempdir");
+    let r = repo();
+    let start = |yaml: String| async move {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = dir.path().join("config.yaml");
+        std::fs::write(&cfg, yaml).expect("w");
+        let socket = dir.path().join("d.sock");
+        let daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("CRABBOX_CONFIG", &cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("crabboxd");
+        (dir, socket, daemon)
+    };
+    let run = |socket: std::path::PathBuf, script: String| {
+        let r = r.path().to_path_buf();
+        async move {
+            eventually(10, "the daemon", || async { socket.exists().then_some(()) }).await;
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"))
+                .current_dir(&r)
+                .env("CRABBOX_SOCKET", &socket)
+                .env("CRABBOX_NO_AUTOSTART", "1")
+                .env("CRABBOX_CONFIG", "/dev/null")
+                .args(["run", "--", "sh", "-c", &script])
+                .output()
+                .await
+                .expect("run");
+            common::Out(out)
+        }
+    };
+    let (s, w) = (
+        shared.path().display().to_string(),
+        writable.path().display().to_string(),
+    );
+    // Mounts: read-only by default, writable with :rw; other host folders stay hidden.
+    let (_d, socket, mut daemon) =
+        start(format!("local:\n  mounts: [\"{s}\", \"{w}:rw\"]\n")).await;
+    let out = run(
+        socket,
+        format!(
+            "cat {s}/data.txt; touch {s}/x 2>/dev/null && echo WROTE-RO; echo made > {w}/out.txt"
+        ),
+    )
+    .await
+    .expect(0);
+    assert_eq!(out.stdout(), "shared data\n");
+    assert!(!shared.path().join("x").exists());
+    assert_eq!(
+        std::fs::read_to_string(writable.path().join("out.txt")).expect("r"),
+        "made\n"
+    );
+    let _ = daemon.start_kill();
+    // local.isolation: none runs unjailed, and every run says so.
+    let (_d, socket, mut daemon) = start("local:\n  isolation: none\n".into()).await;
+    let out = run(socket, format!("cat {s}/data.txt")).await.expect(0);
+    assert_eq!(out.stdout(), "shared data\n");
+    assert!(out.stderr().contains("not isolated"), "{}", out.stderr());
+    let _ = daemon.start_kill();
+    // Bad values stop the daemon with what to write.
+    for (yaml, says) in [
+        (
+            "local:\n  isolation: sometimes\n",
+            "config local.isolation=sometimes is not jail or none",
+        ),
+        (
+            "local:\n  mounts: [\"relative/path\"]\n",
+            "must be an absolute path",
+        ),
+        (
+            "local:\n  isolation: none\n  mounts: [\"/usr\"]\n",
+            "needs the jail",
+        ),
+        ("local:\n  jail: yes\n", "unknown field"),
+    ] {
+        let (_d, _socket, daemon) = start(yaml.into()).await;
+        let out = daemon.wait_with_output().await.expect("out");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{yaml}: {err}");
+    }
+}

@@ -106,7 +106,7 @@ async fn main() -> anyhow::Result<()> {
     }
     config.pools = settings.pools.clone();
     config.team = settings.team.clone();
-    let providers = daemon::providers_from_config(&state_dir, &settings.daytona)?;
+    let providers = daemon::providers_from_config(&state_dir, &settings.daytona, &settings.local)?;
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing a SIGTERM handler");

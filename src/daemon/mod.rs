@@ -88,7 +88,15 @@ pub enum DaemonError {
 
 /// The providers a daemon has with no configuration: `local`, under the state dir.
 pub fn default_providers(state_dir: &Path) -> Result<Providers, DaemonError> {
-    let local = LocalProvider::open(state_dir.join("sandboxes"))
+    local_providers(state_dir, &crate::config::LocalConfig::default())
+}
+
+/// `local` with config `local:`.
+fn local_providers(
+    state_dir: &Path,
+    local: &crate::config::LocalConfig,
+) -> Result<Providers, DaemonError> {
+    let local = LocalProvider::open_with(state_dir.join("sandboxes"), local)
         .map_err(|e| DaemonError::Setup(e.to_string()))?;
     let mut p: Providers = HashMap::new();
     p.insert("local".into(), Arc::new(local));
@@ -100,9 +108,10 @@ pub fn default_providers(state_dir: &Path) -> Result<Providers, DaemonError> {
 pub fn providers_from_config(
     state_dir: &Path,
     daytona: &crate::config::DaytonaConfig,
+    local: &crate::config::LocalConfig,
 ) -> Result<Providers, DaemonError> {
     use crate::provider::daytona::{DaytonaProvider, DaytonaSettings, auth};
-    let mut providers = default_providers(state_dir)?;
+    let mut providers = local_providers(state_dir, local)?;
     let (credentials, profile_url) = auth::resolve(daytona);
     let d = DaytonaSettings::default();
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());

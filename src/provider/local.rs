@@ -3,7 +3,8 @@
 //! jailed by bubblewrap ([`crate::sandbox::process::Jail::Local`]): a PID namespace of
 //! their own, the sandbox folder and its own `/tmp` writable, the user's home and the
 //! daemon's folders hidden, the rest read-only. It is a namespace jail, not a VM.
-//! `CRABBOX_LOCAL_ISOLATION=none` (read by the daemon) runs commands unjailed.
+//! Config `local.isolation: none` (or `CRABBOX_LOCAL_ISOLATION=none`, read by the daemon)
+//! runs commands unjailed; `local.mounts` shows host folders inside the jail.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,18 +23,35 @@ use crate::sandbox::{self, Engine, EngineError, EngineState, SandboxMeta};
 /// How local commands are isolated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Isolation {
-    /// In a bubblewrap jail, with these folders hidden (empty) inside it.
-    Jail { hide: Vec<PathBuf> },
+    /// In a bubblewrap jail, with `hide` folders empty inside it and `mounts` (host
+    /// path, writable) shown at their own path.
+    Jail {
+        hide: Vec<PathBuf>,
+        mounts: Vec<(PathBuf, bool)>,
+    },
     /// Unjailed: the command sees and can touch all that the user can.
     None,
 }
 
 impl Isolation {
-    /// The daemon's choice: `CRABBOX_LOCAL_ISOLATION` (`jail`, the default, or `none`);
-    /// the jail hides the user's home, the state dir and the daemon's runtime folder.
-    pub fn from_env(state_dir: &Path) -> Result<Isolation, ProviderError> {
-        match std::env::var("CRABBOX_LOCAL_ISOLATION").ok().as_deref() {
-            None | Some("") | Some("jail") => {
+    /// The daemon's choice: `CRABBOX_LOCAL_ISOLATION`, else config `local.isolation`
+    /// (`jail`, the default, or `none`); the jail hides the user's home, the state dir
+    /// and the daemon's runtime folder, and shows `local.mounts`.
+    pub fn resolve(
+        state_dir: &Path,
+        config: &crate::config::LocalConfig,
+    ) -> Result<Isolation, ProviderError> {
+        let env = std::env::var("CRABBOX_LOCAL_ISOLATION")
+            .ok()
+            .filter(|v| !v.is_empty());
+        let (mode, from) = match (&env, &config.isolation) {
+            (Some(v), _) => (v.as_str(), "CRABBOX_LOCAL_ISOLATION"),
+            (None, Some(v)) => (v.as_str(), "config local.isolation"),
+            (None, None) => ("jail", ""),
+        };
+        let invalid = |m: String| ProviderError::new(ProviderErrorKind::Invalid, m);
+        match mode {
+            "jail" => {
                 let mut hide = vec![state_dir.to_path_buf()];
                 if let Some(home) = std::env::var_os("HOME") {
                     hide.insert(0, PathBuf::from(home));
@@ -41,16 +59,37 @@ impl Isolation {
                 if let Some(rt) = std::env::var_os("XDG_RUNTIME_DIR") {
                     hide.push(PathBuf::from(rt));
                 }
-                Ok(Isolation::Jail { hide })
+                let mut mounts = Vec::new();
+                for m in &config.mounts {
+                    let (path, rw) = match m.strip_suffix(":rw") {
+                        Some(p) => (p, true),
+                        None => (m.strip_suffix(":ro").unwrap_or(m), false),
+                    };
+                    let p = Path::new(path);
+                    if !p.is_absolute() || !p.exists() {
+                        return Err(invalid(format!(
+                            "config local.mounts: {m} must be an absolute path that exists \
+                             (PATH for read-only, PATH:rw for writable)"
+                        )));
+                    }
+                    mounts.push((p.to_path_buf(), rw));
+                }
+                Ok(Isolation::Jail { hide, mounts })
             }
-            Some("none") => Ok(Isolation::None),
-            Some(other) => Err(ProviderError::new(
-                ProviderErrorKind::Invalid,
-                format!(
-                    "CRABBOX_LOCAL_ISOLATION={other} is not jail or none: unset it for the \
-                     bubblewrap jail (the default), or set none to run local commands unjailed"
-                ),
-            )),
+            "none" => {
+                if !config.mounts.is_empty() {
+                    return Err(invalid(
+                        "config local.mounts needs the jail, which local.isolation: none turns \
+                         off: drop one of them"
+                            .into(),
+                    ));
+                }
+                Ok(Isolation::None)
+            }
+            other => Err(invalid(format!(
+                "{from}={other} is not jail or none: jail (the default) runs local commands \
+                 in a bubblewrap jail, none runs them unjailed"
+            ))),
         }
     }
 }
@@ -66,11 +105,19 @@ impl LocalProvider {
     /// Sandboxes live under `root` (the daemon uses `<state dir>/sandboxes`); commands
     /// are jailed, hiding the user's home and `root`'s parent.
     pub fn open(root: impl Into<PathBuf>) -> Result<LocalProvider, ProviderError> {
+        LocalProvider::open_with(root, &crate::config::LocalConfig::default())
+    }
+
+    /// As [`LocalProvider::open`], with config `local:`.
+    pub fn open_with(
+        root: impl Into<PathBuf>,
+        config: &crate::config::LocalConfig,
+    ) -> Result<LocalProvider, ProviderError> {
         let root = root.into();
         let state = root
             .parent()
             .map_or_else(|| root.clone(), Path::to_path_buf);
-        let isolation = Isolation::from_env(&state)?;
+        let isolation = Isolation::resolve(&state, config)?;
         let engine = Engine::open(root).map_err(engine_err)?;
         Ok(LocalProvider { engine, isolation })
     }
@@ -498,7 +545,7 @@ impl LocalProvider {
         })?;
         let jail = match &self.isolation {
             Isolation::None => None,
-            Isolation::Jail { hide } => {
+            Isolation::Jail { hide, mounts } => {
                 if !sandbox::process::jail_available() {
                     return Err(ProviderError::new(
                         ProviderErrorKind::Provisioning,
@@ -513,6 +560,7 @@ impl LocalProvider {
                     tmp: dir.join("tmp"),
                     dir,
                     hide: hide.clone(),
+                    mounts: mounts.clone(),
                     block_network: meta.network_block,
                 })
             }

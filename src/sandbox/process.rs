@@ -93,6 +93,8 @@ pub enum Jail {
         dir: PathBuf,
         tmp: PathBuf,
         hide: Vec<PathBuf>,
+        /// Host paths shown at their own path (writable when true), after the hiding.
+        mounts: Vec<(PathBuf, bool)>,
         block_network: bool,
     },
 }
@@ -169,6 +171,7 @@ fn command_for(spec: &ProcessSpec) -> io::Result<tokio::process::Command> {
             dir,
             tmp,
             hide,
+            mounts,
             block_network,
         } => {
             cmd.arg("--unshare-pid");
@@ -184,6 +187,11 @@ fn command_for(spec: &ProcessSpec) -> io::Result<tokio::process::Command> {
                 cmd.arg("--tmpfs").arg(h);
             }
             cmd.arg("--bind").arg(tmp).arg("/tmp");
+            for (path, writable) in mounts {
+                cmd.arg(if *writable { "--bind" } else { "--ro-bind" })
+                    .arg(path)
+                    .arg(path);
+            }
             cmd.arg("--bind").arg(dir).arg(dir);
         }
     }
