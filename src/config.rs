@@ -272,6 +272,9 @@ pub struct LocalConfig {
     /// user's home is otherwise hidden.
     #[serde(default)]
     pub mounts: Vec<String>,
+    /// Processes a local command may have at once (a cgroup's pids limit, where the
+    /// machine lets the daemon make one) [default: 4096].
+    pub max_processes: Option<u64>,
 }
 
 /// `team:` as written.

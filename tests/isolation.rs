@@ -378,3 +378,146 @@ async fn config_local_shows_mounts_and_can_turn_the_jail_off() {
         assert!(!out.status.success() && err.contains(says), "{yaml}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_bomb_hits_the_process_limit_and_dies_with_its_timeout() {
+    if !crabbox::sandbox::cgroup::available() {
+        eprintln!(
+            "skipped: this machine lets the daemon make no cgroup (no v2 delegation, no \
+             writable v1 pids hierarchy), so local process limits are not enforced here"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(&cfg, "local:\n  max_processes: 32\n").expect("w");
+    let socket = dir.path().join("d.sock");
+    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("CRABBOX_CONFIG", &cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("crabboxd");
+    eventually(10, "the daemon", || async { socket.exists().then_some(()) }).await;
+    let r = repo();
+    let cli = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"));
+        c.current_dir(r.path())
+            .env("CRABBOX_SOCKET", &socket)
+            .env("CRABBOX_NO_AUTOSTART", "1")
+            .env("CRABBOX_CONFIG", "/dev/null")
+            .args(args);
+        c
+    };
+    // The limit is there, in a cgroup of the command's own.
+    let out = common::Out(
+        cli(&["run", "--", "sh", "-c", "cat /proc/self/cgroup"])
+            .output()
+            .await
+            .expect("run"),
+    );
+    assert!(out.stdout().contains("crabbox-"), "{}", out.stdout());
+    // A fork bomb: refused forks past 32 processes, killed whole by its timeout.
+    let out = common::Out(
+        cli(&[
+            "run",
+            "--timeout",
+            "3s",
+            "--",
+            "sh",
+            "-c",
+            "b() { b | b & }; b; sleep 60",
+        ])
+        .output()
+        .await
+        .expect("run"),
+    );
+    assert_eq!(out.code(), 124, "{}", out.stderr());
+    let err = out.stderr().to_lowercase();
+    assert!(
+        err.contains("fork") || err.contains("resource temporarily unavailable"),
+        "{err}"
+    );
+    // This machine still makes processes, and no cgroup of the command is left.
+    let ok = tokio::process::Command::new("true")
+        .status()
+        .await
+        .expect("true");
+    assert!(ok.success());
+    let all = common::Out(
+        cli(&["list", "--all", "--json"])
+            .output()
+            .await
+            .expect("list"),
+    )
+    .json();
+    let names: Vec<String> = all
+        .as_array()
+        .expect("leases")
+        .iter()
+        .filter_map(|l| l["sandbox_name"].as_str().map(|n| format!("crabbox-{n}-")))
+        .collect();
+    assert_eq!(names.len(), 2, "{all}");
+    eventually(10, "the commands' cgroups removed", || async {
+        let left = std::fs::read_dir("/sys/fs/cgroup/pids")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let f = e.file_name().to_string_lossy().into_owned();
+                names.iter().any(|n| f.starts_with(n.as_str()))
+            });
+        (!left).then_some(())
+    })
+    .await;
+    let _ = daemon.start_kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_hog_is_stopped_at_environment_resources_memory() {
+    if !crabbox::sandbox::cgroup::available() {
+        eprintln!(
+            "skipped: no cgroup this daemon may make, so local memory limits are not enforced here"
+        );
+        return;
+    }
+    let d = Daemon::start().await;
+    let r = repo();
+    let cfg = r.path().join("mem.yaml");
+    std::fs::write(&cfg, "environment:\n  resources: { memory: 1GB }\n").expect("w");
+    let hog = "python3 -c \"b = bytearray(2 * 1024**3); b[::4096] = b'x' * len(b[::4096]); print('ALLOCATED')\"";
+    let out = d
+        .run_env(
+            r.path(),
+            &[("CRABBOX_CONFIG", cfg.as_ref())],
+            &["run", "--", "sh", "-c", hog],
+        )
+        .await;
+    assert_ne!(out.code(), 0, "{}", out.stderr());
+    assert!(
+        !out.stdout().contains("ALLOCATED"),
+        "2 GiB under a 1 GB limit: {}",
+        out.stdout()
+    );
+    // Within the limit it runs.
+    let out = d
+        .run_env(
+            r.path(),
+            &[("CRABBOX_CONFIG", cfg.as_ref())],
+            &[
+                "run",
+                "--",
+                "python3",
+                "-c",
+                "b = bytearray(64 * 1024**2); print('fine')",
+            ],
+        )
+        .await
+        .expect(0);
+    assert_eq!(out.stdout(), "fine\n");
+}

@@ -99,6 +99,8 @@ impl Isolation {
 pub struct LocalProvider {
     engine: Engine,
     isolation: Isolation,
+    /// Processes a command may have at once (where cgroups can be made).
+    max_processes: u64,
 }
 
 impl LocalProvider {
@@ -118,8 +120,23 @@ impl LocalProvider {
             .parent()
             .map_or_else(|| root.clone(), Path::to_path_buf);
         let isolation = Isolation::resolve(&state, config)?;
+        let max_processes = match config.max_processes {
+            Some(0) => {
+                return Err(ProviderError::new(
+                    ProviderErrorKind::Invalid,
+                    "config local.max_processes: 0 would let no command start: give a number \
+                     of processes (4096 by default)",
+                ));
+            }
+            Some(n) => n,
+            None => 4096,
+        };
         let engine = Engine::open(root).map_err(engine_err)?;
-        Ok(LocalProvider { engine, isolation })
+        Ok(LocalProvider {
+            engine,
+            isolation,
+            max_processes,
+        })
     }
 
     /// How its commands are isolated.
@@ -239,8 +256,13 @@ impl Provider for LocalProvider {
                 EngineState::Started,
             )
             .map_err(engine_err)?;
-        if block {
-            meta.network_block = true;
+        let memory_gb = spec
+            .options
+            .get("memory")
+            .and_then(|v| v.parse::<u64>().ok());
+        if block || memory_gb.is_some() {
+            meta.network_block = block;
+            meta.memory_gb = memory_gb;
             self.engine.save(&meta).map_err(engine_err)?;
         }
         Ok(info(meta))
@@ -487,13 +509,27 @@ impl Provider for LocalProvider {
         vec![
             ("provider local".to_string(), true, "ready".to_string()),
             jail,
-            (
-                "local resources".to_string(),
-                true,
-                "environment.resources (cpu, memory) are not enforced by the local provider: \
-                 no cgroup limits yet"
-                    .to_string(),
-            ),
+            if sandbox::cgroup::available() {
+                (
+                    "local resources".to_string(),
+                    true,
+                    format!(
+                        "each command in a cgroup of its own: at most {} processes \
+                         (local.max_processes), memory as environment.resources.memory says; \
+                         cpu is not limited",
+                        self.max_processes
+                    ),
+                )
+            } else {
+                (
+                    "local resources".to_string(),
+                    true,
+                    "not enforced: no cgroup this daemon may make (cgroup v2 delegation, or \
+                     the v1 pids/memory hierarchies as root); processes and memory are \
+                     unbounded"
+                        .to_string(),
+                )
+            },
         ]
     }
 
@@ -571,6 +607,17 @@ impl LocalProvider {
             env.entry("HOME".into())
                 .or_insert_with(|| self.engine.home(sandbox).to_string_lossy().into_owned());
         }
+        // Its limits, where this machine lets the daemon make a cgroup.
+        let limits = sandbox::cgroup::Limits {
+            pids: Some(self.max_processes),
+            memory: meta.memory_gb.map(|g| g << 30),
+        };
+        let name = sandbox.to_string();
+        let cgroup =
+            tokio::task::spawn_blocking(move || sandbox::cgroup::Cgroup::create(&name, limits))
+                .await
+                .ok()
+                .flatten();
         let process = sandbox::ProcessSpec {
             command: spec.command.clone(),
             cwd,
@@ -578,14 +625,18 @@ impl LocalProvider {
             timeout: spec.timeout,
             jail,
             tty: spec.tty,
+            cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
         };
-        sandbox::process::run(&process, input, out, cancel)
-            .await
-            .map_err(|e| {
-                ProviderError::new(
-                    ProviderErrorKind::Other,
-                    format!("starting the command in sandbox {sandbox}: {e}"),
-                )
-            })
+        let ran = sandbox::process::run(&process, input, out, cancel).await;
+        if let Some(c) = cgroup {
+            // Removed once its processes are gone (they die with the command).
+            tokio::task::spawn_blocking(move || drop(c));
+        }
+        ran.map_err(|e| {
+            ProviderError::new(
+                ProviderErrorKind::Other,
+                format!("starting the command in sandbox {sandbox}: {e}"),
+            )
+        })
     }
 }

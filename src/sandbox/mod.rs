@@ -6,6 +6,7 @@
 //! `<id>/home/` (the sandbox's files).
 
 pub mod archive;
+pub mod cgroup;
 pub mod process;
 
 use std::collections::BTreeMap;
@@ -42,6 +43,9 @@ pub struct SandboxMeta {
     /// of their own with only loopback.
     #[serde(default)]
     pub network_block: bool,
+    /// The local provider's `environment.resources.memory`, in GB: its commands' limit.
+    #[serde(default)]
+    pub memory_gb: Option<u64>,
 }
 
 /// Engine failures.
@@ -181,6 +185,7 @@ impl Engine {
             env,
             created_at_ms: crate::clock::now_ms(),
             network_block: false,
+            memory_gb: None,
         };
         self.save(&meta)?;
         Ok(meta)

@@ -73,6 +73,9 @@ pub struct ProcessSpec {
     pub timeout: Option<Duration>,
     /// Run inside a bubblewrap jail ([`Jail`]).
     pub jail: Option<Jail>,
+    /// cgroup `cgroup.procs` files the command joins before it starts (its limits:
+    /// [`super::cgroup`]); its children inherit them.
+    pub cgroup_procs: Vec<PathBuf>,
     /// Run on a new pseudo-terminal of this size (its stdin, stdout and stderr; the output
     /// comes back as one stream, as a terminal shows it) instead of pipes.
     pub tty: Option<PtySize>,
@@ -121,9 +124,31 @@ pub fn jail_available() -> bool {
     })
 }
 
+/// Joins the cgroups named before `--`, then becomes the command after it.
+const JOIN_CGROUPS: &str =
+    r#"while [ "$1" != "--" ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@""#;
+
+/// A command that starts as `program args`, after joining `spec`'s cgroups.
+fn starting(spec: &ProcessSpec, program: &[&str]) -> tokio::process::Command {
+    if spec.cgroup_procs.is_empty() {
+        let mut c = tokio::process::Command::new(program[0]);
+        c.args(&program[1..]);
+        c
+    } else {
+        let mut c = tokio::process::Command::new("/bin/sh");
+        c.arg("-c")
+            .arg(JOIN_CGROUPS)
+            .arg("sh")
+            .args(&spec.cgroup_procs)
+            .arg("--")
+            .args(program);
+        c
+    }
+}
+
 fn command_for(spec: &ProcessSpec) -> io::Result<tokio::process::Command> {
     let Some(jail) = &spec.jail else {
-        let mut cmd = tokio::process::Command::new("/bin/sh");
+        let mut cmd = starting(spec, &["/bin/sh"]);
         cmd.arg("-c").arg(&spec.command).current_dir(&spec.cwd);
         return Ok(cmd);
     };
@@ -150,12 +175,8 @@ fn command_for(spec: &ProcessSpec) -> io::Result<tokio::process::Command> {
     // own without a terminal, and the command inside takes the terminal in a new session
     // (`setsid -c`), as the only thing on it.
     let mut cmd = match spec.tty {
-        Some(_) => {
-            let mut c = tokio::process::Command::new("setsid");
-            c.arg("bwrap");
-            c
-        }
-        None => tokio::process::Command::new("bwrap"),
+        Some(_) => starting(spec, &["setsid", "bwrap"]),
+        None => starting(spec, &["bwrap"]),
     };
     cmd.args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]);
     match jail {
@@ -434,6 +455,7 @@ mod tests {
             timeout: None,
             jail: None,
             tty: None,
+            cgroup_procs: Vec::new(),
         }
     }
 

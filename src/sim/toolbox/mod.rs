@@ -193,6 +193,7 @@ fn spec(
         timeout,
         jail: Some(crate::sandbox::process::Jail::Sim(c.fs.clone())),
         tty: None,
+        cgroup_procs: Vec::new(),
     })
 }
 

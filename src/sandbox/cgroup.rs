@@ -1,0 +1,129 @@
+//! Resource limits for a sandbox's commands, where this machine lets the daemon set them:
+//! a cgroup per command (v2 under the daemon's own cgroup when it is delegated, else the
+//! v1 `pids` and `memory` hierarchies when they are writable, as for root), with a
+//! process limit and a memory limit. Elsewhere [`Cgroup::create`] answers `None` and the
+//! caller says that limits are not enforced.
+
+use std::path::{Path, PathBuf};
+
+/// What a command may use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Processes (and threads) at once.
+    pub pids: Option<u64>,
+    /// Bytes of memory.
+    pub memory: Option<u64>,
+}
+
+/// The cgroups of one command: their folders, removed when dropped (once empty).
+#[derive(Debug)]
+pub struct Cgroup {
+    dirs: Vec<PathBuf>,
+}
+
+/// This process's path in a hierarchy (`0::` for v2, or the named v1 controller).
+fn own_path(controller: &str) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+        names
+            .split(',')
+            .any(|n| n == controller)
+            .then(|| path.to_string())
+    })
+}
+
+fn write(dir: &Path, file: &str, value: &str) -> std::io::Result<()> {
+    std::fs::write(dir.join(file), value)
+}
+
+impl Cgroup {
+    /// A cgroup named `crabbox-<name>` with `limits`, when the machine allows one.
+    pub fn create(name: &str, limits: Limits) -> Option<Cgroup> {
+        if limits == Limits::default() {
+            return None;
+        }
+        let leaf = format!("crabbox-{name}-{:08x}", rand::random::<u32>());
+        Cgroup::v1(&leaf, limits).or_else(|| Cgroup::v2(&leaf, limits))
+    }
+
+    fn v1(leaf: &str, limits: Limits) -> Option<Cgroup> {
+        let mut made = Cgroup { dirs: Vec::new() };
+        for (controller, limit, file) in [
+            ("pids", limits.pids, "pids.max"),
+            ("memory", limits.memory, "memory.limit_in_bytes"),
+        ] {
+            let Some(limit) = limit else { continue };
+            let root = Path::new("/sys/fs/cgroup").join(controller);
+            let own = own_path(controller)?;
+            let dir = root.join(own.trim_start_matches('/')).join(leaf);
+            std::fs::create_dir(&dir).ok()?;
+            made.dirs.push(dir.clone());
+            write(&dir, file, &limit.to_string()).ok()?;
+        }
+        (!made.dirs.is_empty()).then_some(made)
+    }
+
+    fn v2(leaf: &str, limits: Limits) -> Option<Cgroup> {
+        let root = Path::new("/sys/fs/cgroup");
+        if !root.join("cgroup.controllers").exists() {
+            return None;
+        }
+        let own = own_path("")?;
+        let dir = root.join(own.trim_start_matches('/')).join(leaf);
+        std::fs::create_dir(&dir).ok()?;
+        let made = Cgroup {
+            dirs: vec![dir.clone()],
+        };
+        if let Some(p) = limits.pids {
+            write(&dir, "pids.max", &p.to_string()).ok()?;
+        }
+        if let Some(m) = limits.memory {
+            write(&dir, "memory.max", &m.to_string()).ok()?;
+        }
+        Some(made)
+    }
+
+    /// The files a process writes its pid into to join.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// Its processes right now (of the first hierarchy).
+    pub fn current_pids(&self) -> Option<u64> {
+        let dir = self.dirs.first()?;
+        std::fs::read_to_string(dir.join("pids.current"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for d in &self.dirs {
+            // Empty once the command's processes are gone (they were killed with it).
+            for _ in 0..50 {
+                if std::fs::remove_dir(d).is_ok() || !d.exists() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// Can this machine give a command its own limits?
+pub fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        Cgroup::create(
+            "probe",
+            Limits {
+                pids: Some(1_000_000),
+                memory: None,
+            },
+        )
+        .is_some()
+    })
+}
