@@ -99,8 +99,10 @@ impl Isolation {
 pub struct LocalProvider {
     engine: Engine,
     isolation: Isolation,
-    /// Processes a command may have at once (where cgroups can be made).
+    /// Processes a sandbox's commands may have at once (where cgroups can be made).
     max_processes: u64,
+    /// Each sandbox's cgroup, made at its first command, removed with it.
+    cgroups: std::sync::Arc<dashmap::DashMap<String, std::sync::Arc<sandbox::cgroup::Cgroup>>>,
 }
 
 impl LocalProvider {
@@ -136,6 +138,7 @@ impl LocalProvider {
             engine,
             isolation,
             max_processes,
+            cgroups: Default::default(),
         })
     }
 
@@ -549,6 +552,10 @@ impl Provider for LocalProvider {
     }
 
     async fn release(&self, sandbox: &str) -> Result<(), ProviderError> {
+        if let Some((_, cgroup)) = self.cgroups.remove(sandbox) {
+            // Removed once its processes are gone.
+            tokio::task::spawn_blocking(move || drop(cgroup));
+        }
         let engine = self.engine.clone();
         let sandbox = sandbox.to_string();
         blocking(move || engine.delete(&sandbox).map_err(engine_err)).await
@@ -607,17 +614,29 @@ impl LocalProvider {
             env.entry("HOME".into())
                 .or_insert_with(|| self.engine.home(sandbox).to_string_lossy().into_owned());
         }
-        // Its limits, where this machine lets the daemon make a cgroup.
-        let limits = sandbox::cgroup::Limits {
-            pids: Some(self.max_processes),
-            memory: meta.memory_gb.map(|g| g << 30),
-        };
-        let name = sandbox.to_string();
-        let cgroup =
-            tokio::task::spawn_blocking(move || sandbox::cgroup::Cgroup::create(&name, limits))
+        // The sandbox's limits, where this machine lets the daemon make a cgroup: one per
+        // sandbox, made at its first command, removed with it.
+        let cgroup = match self.cgroups.get(sandbox).map(|c| c.clone()) {
+            Some(c) => Some(c),
+            None => {
+                let limits = sandbox::cgroup::Limits {
+                    pids: Some(self.max_processes),
+                    memory: meta.memory_gb.map(|g| g << 30),
+                };
+                let name = sandbox.to_string();
+                let made = tokio::task::spawn_blocking(move || {
+                    sandbox::cgroup::Cgroup::create(&name, limits)
+                })
                 .await
                 .ok()
-                .flatten();
+                .flatten()
+                .map(std::sync::Arc::new);
+                if let Some(c) = &made {
+                    self.cgroups.insert(sandbox.to_string(), c.clone());
+                }
+                made
+            }
+        };
         let process = sandbox::ProcessSpec {
             command: spec.command.clone(),
             cwd,
@@ -627,16 +646,13 @@ impl LocalProvider {
             tty: spec.tty,
             cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
         };
-        let ran = sandbox::process::run(&process, input, out, cancel).await;
-        if let Some(c) = cgroup {
-            // Removed once its processes are gone (they die with the command).
-            tokio::task::spawn_blocking(move || drop(c));
-        }
-        ran.map_err(|e| {
-            ProviderError::new(
-                ProviderErrorKind::Other,
-                format!("starting the command in sandbox {sandbox}: {e}"),
-            )
-        })
+        sandbox::process::run(&process, input, out, cancel)
+            .await
+            .map_err(|e| {
+                ProviderError::new(
+                    ProviderErrorKind::Other,
+                    format!("starting the command in sandbox {sandbox}: {e}"),
+                )
+            })
     }
 }

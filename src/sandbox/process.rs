@@ -124,26 +124,39 @@ pub fn jail_available() -> bool {
     })
 }
 
-/// Joins the cgroups named before `--`, then becomes the command after it.
-const JOIN_CGROUPS: &str =
-    r#"while [ "$1" != "--" ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@""#;
-
-/// A command that starts as `program args`, after joining `spec`'s cgroups.
+/// A command that starts as `program args`, in `spec`'s cgroups: the child joins them
+/// between fork and exec (writing `0`, itself, to each `cgroup.procs`: only `open`,
+/// `write` and `close`, which are safe there), so everything it starts is inside.
 fn starting(spec: &ProcessSpec, program: &[&str]) -> tokio::process::Command {
-    if spec.cgroup_procs.is_empty() {
-        let mut c = tokio::process::Command::new(program[0]);
-        c.args(&program[1..]);
-        c
-    } else {
-        let mut c = tokio::process::Command::new("/bin/sh");
-        c.arg("-c")
-            .arg(JOIN_CGROUPS)
-            .arg("sh")
-            .args(&spec.cgroup_procs)
-            .arg("--")
-            .args(program);
-        c
+    let mut c = tokio::process::Command::new(program[0]);
+    c.args(&program[1..]);
+    let files: Vec<std::ffi::CString> = spec
+        .cgroup_procs
+        .iter()
+        .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok())
+        .collect();
+    if !files.is_empty() {
+        // SAFETY: the closure only calls async-signal-safe functions (open, write,
+        // close) on memory prepared before the fork.
+        unsafe {
+            c.pre_exec(move || {
+                for f in &files {
+                    let fd =
+                        nix::libc::open(f.as_ptr(), nix::libc::O_WRONLY | nix::libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    let written = nix::libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                    nix::libc::close(fd);
+                    if written < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
     }
+    c
 }
 
 fn command_for(spec: &ProcessSpec) -> io::Result<tokio::process::Command> {
