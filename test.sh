@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 need_apt=()
 command -v git >/dev/null || need_apt+=(git)
 command -v cc >/dev/null || need_apt+=(gcc)
-command -v bwrap >/dev/null || need_apt+=(bubblewrap)          # daytona-sim jails sandbox commands
+command -v bwrap >/dev/null || need_apt+=(bubblewrap)          # the local provider and daytona-sim jail sandbox commands
 command -v ssh >/dev/null || need_apt+=(openssh-client)        # the SSH gateway is tested with OpenSSH
 command -v tmux >/dev/null || need_apt+=(tmux)                  # a real terminal and shell for `run -t`
 command -v setsid >/dev/null || need_apt+=(util-linux)         # daytona-sim gives a jailed command its terminal
