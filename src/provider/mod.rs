@@ -102,6 +102,11 @@ pub struct ExecSpec {
     pub tty: Option<PtySize>,
 }
 
+/// `s` as one word for a POSIX shell (`''` for text no shell can hold: a NUL byte).
+pub fn shell_quote(s: &str) -> String {
+    shlex::try_quote(s).map_or_else(|_| "''".into(), |q| q.into_owned())
+}
+
 /// A sandbox port's URL ([`Provider::preview`]).
 #[derive(Debug, Clone, Default)]
 pub struct Preview {

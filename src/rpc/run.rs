@@ -609,17 +609,7 @@ impl Run {
             }
         }
         let header = |entries: Vec<(u32, String)>, missing: Vec<String>| {
-            RunEv::Artifacts(pb::CopyChunk {
-                chunk: Some(pb::copy_chunk::Chunk::Header(pb::CopyHeader {
-                    lease: None,
-                    entries: entries
-                        .into_iter()
-                        .map(|(source, name)| pb::CopyEntry { source, name })
-                        .collect(),
-                    missing,
-                    base: base.to_string(),
-                })),
-            })
+            RunEv::Artifacts(super::transfer::header(None, entries, missing, base))
         };
         let sandbox = target.sandbox.clone();
         let packed = transfer::pack(
@@ -660,19 +650,14 @@ impl Run {
             return told;
         }
         let Some(archive) = archive else { return told };
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
-        let send = transfer::send(target.provider.as_ref(), &sandbox, &work_root, &archive, tx);
-        let forward = async {
-            while let Some(d) = rx.recv().await {
-                let chunk = RunEv::Artifacts(pb::CopyChunk {
-                    chunk: Some(pb::copy_chunk::Chunk::Data(d)),
-                });
-                if self.emit(chunk).await.is_err() {
-                    return;
-                }
-            }
-        };
-        let (sent, ()) = tokio::join!(send, forward);
+        let sent = super::transfer::send_chunks(
+            target.provider.as_ref(),
+            &sandbox,
+            &work_root,
+            &archive,
+            |c| async { self.emit(RunEv::Artifacts(c)).await.is_ok() },
+        )
+        .await;
         if let Err(e) = sent {
             self.phase(format!("warning: the artifacts broke off: {e}"))
                 .await;

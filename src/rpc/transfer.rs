@@ -117,51 +117,75 @@ pub async fn copy_from(
     .map_err(Error::from)?;
     t.handle.tell(LeaseMsg::KeepAlive);
     let (tx, rx) = mpsc::channel(16);
-    let header = pb::CopyHeader {
-        lease: Some(lease_pb(&t.record)),
-        entries: packed
-            .entries
-            .into_iter()
-            .map(|(source, name)| pb::CopyEntry { source, name })
-            .collect(),
-        missing: packed.missing,
-        base: t.base.clone(),
-    };
-    let _ = tx
-        .send(Ok(pb::CopyChunk {
-            chunk: Some(pb::copy_chunk::Chunk::Header(header)),
-        }))
-        .await;
+    let chunk = header(
+        Some(lease_pb(&t.record)),
+        packed.entries,
+        packed.missing,
+        &t.base,
+    );
+    let _ = tx.send(Ok(chunk)).await;
     if let Some(archive) = archive {
         tokio::spawn(async move {
-            let (data_tx, mut data_rx) = mpsc::channel::<Vec<u8>>(8);
-            let forward = {
+            let sent = send_chunks(t.provider.as_ref(), &sandbox, &t.work_root, &archive, |c| {
                 let tx = tx.clone();
-                async move {
-                    while let Some(d) = data_rx.recv().await {
-                        let chunk = pb::CopyChunk {
-                            chunk: Some(pb::copy_chunk::Chunk::Data(d)),
-                        };
-                        if tx.send(Ok(chunk)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            };
-            let send = transfer::send(
-                t.provider.as_ref(),
-                &sandbox,
-                &t.work_root,
-                &archive,
-                data_tx,
-            );
-            let (sent, ()) = tokio::join!(send, forward);
+                async move { tx.send(Ok(c)).await.is_ok() }
+            })
+            .await;
             if let Err(e) = sent {
                 let _ = tx.send(Err(Error::from(e).into())).await;
             }
         });
     }
     Ok(rx)
+}
+
+/// A fetched archive's header on the wire: what each source brought, what was missing.
+pub(super) fn header(
+    lease: Option<pb::Lease>,
+    entries: Vec<(u32, String)>,
+    missing: Vec<String>,
+    base: &str,
+) -> pb::CopyChunk {
+    pb::CopyChunk {
+        chunk: Some(pb::copy_chunk::Chunk::Header(pb::CopyHeader {
+            lease,
+            entries: entries
+                .into_iter()
+                .map(|(source, name)| pb::CopyEntry { source, name })
+                .collect(),
+            missing,
+            base: base.to_string(),
+        })),
+    }
+}
+
+/// Streams a staged archive as data chunks through `emit` (which answers false once the
+/// client is gone), then removes it; answers its size.
+pub(super) async fn send_chunks<F, Fut>(
+    provider: &dyn Provider,
+    sandbox: &str,
+    work_root: &str,
+    archive: &str,
+    mut emit: F,
+) -> Result<u64, crate::error::ProviderError>
+where
+    F: FnMut(pb::CopyChunk) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+    let send = transfer::send(provider, sandbox, work_root, archive, tx);
+    let forward = async {
+        while let Some(d) = rx.recv().await {
+            let chunk = pb::CopyChunk {
+                chunk: Some(pb::copy_chunk::Chunk::Data(d)),
+            };
+            if !emit(chunk).await {
+                return;
+            }
+        }
+    };
+    let (sent, ()) = tokio::join!(send, forward);
+    sent
 }
 
 /// `CopyTo`: the archive goes to a temp file in the daemon's state dir (constant

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use crate::error::{ProviderError, ProviderErrorKind};
-use crate::provider::Provider;
+use crate::provider::{Provider, shell_quote as quote};
 
 /// How long the sandbox's `tar` may take.
 const TAR_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -112,10 +112,6 @@ fi
 rm -f -- "$arch"
 exit $rc
 "#;
-
-fn quote(s: &str) -> String {
-    shlex::try_quote(s).map_or_else(|_| "''".into(), |q| q.into_owned())
-}
 
 fn bash(program: &str, args: &[&str]) -> String {
     let mut cmd = format!("bash -c {} bash", quote(program));

@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     CreateSpec, ExecExit, ExecOutput, ExecSpec, Input, Provider, ProviderError, ProviderErrorKind,
-    SandboxInfo, SandboxState, SshAccessInfo, UploadSpec,
+    SandboxInfo, SandboxState, SshAccessInfo, UploadSpec, shell_quote as quote,
 };
 use client::{Client, HttpError, Idempotent};
 
@@ -113,12 +113,6 @@ fn gone(sandbox: &str) -> ProviderError {
         ProviderErrorKind::Provisioning,
         format!("sandbox {sandbox} disappeared while starting"),
     )
-}
-
-fn quote(s: &str) -> String {
-    shlex::try_quote(s)
-        .map(|c| c.into_owned())
-        .unwrap_or_else(|_| "''".into())
 }
 
 impl DaytonaProvider {
@@ -574,47 +568,36 @@ impl Provider for DaytonaProvider {
         signed: Option<Duration>,
     ) -> Result<crate::provider::Preview, ProviderError> {
         let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
-        match signed {
-            Some(ttl) => {
-                let secs = ttl.as_secs().clamp(1, 24 * 3600);
-                let v = self
-                    .api(
-                        Method::GET,
-                        &format!("/sandbox/{sandbox}/ports/{port}/signed-preview-url?expiresInSeconds={secs}"),
-                        None,
-                        Idempotent::Yes,
-                    )
-                    .await
-                    .map_err(|h| h.error)?;
-                Ok(crate::provider::Preview {
-                    url: text(&v, "url").ok_or_else(|| {
-                        e(ProviderErrorKind::Other, "Daytona answered no preview url")
-                    })?,
-                    token: None,
-                    header: None,
-                    expires_at_ms: Some(crate::clock::now_ms() + secs * 1000),
-                })
+        let secs = signed.map(|ttl| ttl.as_secs().clamp(1, 24 * 3600));
+        let path = match secs {
+            Some(secs) => {
+                format!(
+                    "/sandbox/{sandbox}/ports/{port}/signed-preview-url?expiresInSeconds={secs}"
+                )
             }
-            None => {
-                let v = self
-                    .api(
-                        Method::GET,
-                        &format!("/sandbox/{sandbox}/ports/{port}/preview-url"),
-                        None,
-                        Idempotent::Yes,
-                    )
-                    .await
-                    .map_err(|h| h.error)?;
-                Ok(crate::provider::Preview {
-                    url: text(&v, "url").ok_or_else(|| {
-                        e(ProviderErrorKind::Other, "Daytona answered no preview url")
-                    })?,
-                    token: text(&v, "token"),
-                    header: Some("X-Daytona-Preview-Token".into()),
-                    expires_at_ms: None,
-                })
-            }
-        }
+            None => format!("/sandbox/{sandbox}/ports/{port}/preview-url"),
+        };
+        let v = self
+            .api(Method::GET, &path, None, Idempotent::Yes)
+            .await
+            .map_err(|h| h.error)?;
+        let url = text(&v, "url")
+            .ok_or_else(|| e(ProviderErrorKind::Other, "Daytona answered no preview url"))?;
+        // A signed URL carries its access; a plain one needs its token in a header.
+        Ok(match secs {
+            Some(secs) => crate::provider::Preview {
+                url,
+                token: None,
+                header: None,
+                expires_at_ms: Some(crate::clock::now_ms() + secs * 1000),
+            },
+            None => crate::provider::Preview {
+                url,
+                token: text(&v, "token"),
+                header: Some("X-Daytona-Preview-Token".into()),
+                expires_at_ms: None,
+            },
+        })
     }
 
     async fn execute(
