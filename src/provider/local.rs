@@ -517,7 +517,7 @@ impl Provider for LocalProvider {
                     "local resources".to_string(),
                     true,
                     format!(
-                        "each command in a cgroup of its own: at most {} processes \
+                        "each sandbox in a cgroup of its own, joined by its commands: at most {} processes \
                          (local.max_processes), memory as environment.resources.memory says; \
                          cpu is not limited",
                         self.max_processes

@@ -1,7 +1,7 @@
 //! Resource limits for a sandbox's commands, where this machine lets the daemon set them:
-//! a cgroup per command (v2 under the daemon's own cgroup when it is delegated, else the
-//! v1 `pids` and `memory` hierarchies when they are writable, as for root), with a
-//! process limit and a memory limit. Elsewhere [`Cgroup::create`] answers `None` and the
+//! a cgroup per sandbox, joined by each of its commands (v2 under the daemon's own cgroup
+//! when it is delegated, else the v1 `pids` and `memory` hierarchies when they are
+//! writable, as for root), with a process limit and a memory limit. Elsewhere [`Cgroup::create`] answers `None` and the
 //! caller says that limits are not enforced.
 
 use std::path::{Path, PathBuf};
