@@ -6,12 +6,36 @@
 
 use rand::Rng;
 
-const ADJECTIVES: [&str; 14] = [
-    "amber", "blue", "brisk", "coral", "crimson", "golden", "harbor", "jade", "pearl", "quick",
-    "silver", "swift", "tidal", "violet",
+const ADJECTIVES: [&str; 40] = [
+    "amber", "blue", "bold", "bright", "brisk", "calm", "clever", "coral", "cosmic", "crimson",
+    "dapper", "eager", "fancy", "gentle", "glossy", "golden", "happy", "harbor", "jade", "lively",
+    "lucky", "mellow", "nimble", "pearl", "plucky", "proud", "quick", "rapid", "salty", "sandy",
+    "shiny", "silver", "snappy", "sunny", "swift", "tidal", "tidy", "violet", "witty", "zesty",
 ];
-const NOUNS: [&str; 8] = [
-    "barnacle", "crab", "crayfish", "hermit", "krill", "lobster", "prawn", "shrimp",
+const NOUNS: [&str; 23] = [
+    "amphipod",
+    "barnacle",
+    "copepod",
+    "crab",
+    "crayfish",
+    "cyclops",
+    "daphnia",
+    "decapod",
+    "fiddler",
+    "hermit",
+    "isopod",
+    "krill",
+    "langoustine",
+    "lobster",
+    "marron",
+    "mysid",
+    "ostracod",
+    "prawn",
+    "scampi",
+    "shrimp",
+    "squilla",
+    "woodlouse",
+    "yabby",
 ];
 
 /// The longest slug a user may choose.
@@ -116,7 +140,7 @@ mod tests {
         assert!(ADJECTIVES.contains(&adj) && NOUNS.contains(&noun), "{slug}");
         // Every adjective and noun is reachable.
         let mut seen = std::collections::HashSet::new();
-        for _ in 0..5000 {
+        for _ in 0..40_000 {
             seen.insert(slug_for(&new_lease_id()));
         }
         assert_eq!(seen.len(), ADJECTIVES.len() * NOUNS.len());

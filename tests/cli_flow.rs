@@ -331,6 +331,37 @@ async fn bad_input_gets_clear_errors_and_exit_codes() {
     d.run(third.path(), &["warmup", "--slug", "Bad_Slug"])
         .await
         .expect(2);
+    // A slug is unique among live leases only: once released it may be taken again, and
+    // the name then means the newest lease that had it (a prefix of both stays ambiguous).
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let lease = d
+            .run(third.path(), &["warmup", "--slug", "reused-name", "--json"])
+            .await
+            .expect(0)
+            .json();
+        ids.push(lease["id"].as_str().expect("id").to_string());
+        d.run(third.path(), &["stop", "reused-name"])
+            .await
+            .expect(0);
+    }
+    assert_ne!(ids[0], ids[1]);
+    let st = d
+        .run(third.path(), &["status", "reused-name", "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(st["id"], ids[1].as_str(), "{st}");
+    assert_eq!(st["state"], "released", "{st}");
+    let out = d
+        .run(third.path(), &["status", "reused-na"])
+        .await
+        .expect(4);
+    assert!(
+        out.stderr().contains("matches 2 leases"),
+        "{}",
+        out.stderr()
+    );
 
     // Durations, labels, commands, providers, machine classes.
     let out = d

@@ -212,12 +212,14 @@ impl LeaseIndex {
         if let Some(h) = self.get(name) {
             return Ok(resolved(h));
         }
-        let live = self.records();
-        let stored: Vec<LeaseRecord> = store
-            .all_leases()?
-            .into_iter()
-            .filter(|r| self.get(&r.id).is_none())
-            .collect();
+        let (live, mut gone): (Vec<LeaseRecord>, Vec<LeaseRecord>) =
+            self.records().into_iter().partition(|r| r.state.is_live());
+        gone.extend(
+            store
+                .all_leases()?
+                .into_iter()
+                .filter(|r| self.get(&r.id).is_none()),
+        );
         let exact = |r: &LeaseRecord| {
             r.id == name
                 || r.slug == name
@@ -225,7 +227,10 @@ impl LeaseIndex {
                 || r.sandbox_id.as_deref() == Some(name)
         };
         let prefix = |r: &LeaseRecord| r.id.starts_with(name) || r.slug.starts_with(name);
-        for matches in [&exact as &dyn Fn(&LeaseRecord) -> bool, &prefix] {
+        for (matches, is_exact) in [
+            (&exact as &dyn Fn(&LeaseRecord) -> bool, true),
+            (&prefix, false),
+        ] {
             let live_hits: Vec<&LeaseRecord> = live.iter().filter(|r| matches(r)).collect();
             match live_hits.as_slice() {
                 [one] => {
@@ -236,11 +241,18 @@ impl LeaseIndex {
                 [] => {}
                 many => return Err(ambiguous(name, many)),
             }
-            let stored_hits: Vec<&LeaseRecord> = stored.iter().filter(|r| matches(r)).collect();
-            match stored_hits.as_slice() {
-                [one] => return Ok(Resolved::Stored(Box::new((*one).clone()))),
-                [] => {}
-                many => return Err(ambiguous(name, many)),
+            // A slug is unique among live leases only (SPEC "Leases"): released leases may
+            // share one, and their exact name means the newest of them, as a shell's history
+            // would. A prefix that matches several stays ambiguous.
+            let gone_hits: Vec<&LeaseRecord> = gone.iter().filter(|r| matches(r)).collect();
+            if gone_hits.len() > 1 && !is_exact {
+                return Err(ambiguous(name, &gone_hits));
+            }
+            if let Some(r) = gone_hits.iter().max_by_key(|r| r.created_at_ms) {
+                return Ok(match self.get(&r.id) {
+                    Some(h) => resolved(h),
+                    None => Resolved::Stored(Box::new((*r).clone())),
+                });
             }
         }
         Err(Error::NotFound(format!(
