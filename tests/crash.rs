@@ -74,7 +74,11 @@ impl ProcDaemon {
         eventually(20, "crabboxd to answer", || {
             let socket = socket.clone();
             async move {
-                crabbox::cli::client::connect_once(&socket)
+                // Answering an RPC, not only accepting: a socket can accept for a moment
+                // on behalf of a daemon that has just died.
+                let mut c = crabbox::cli::client::connect_once(&socket).await.ok()?;
+                c.daemon
+                    .info(crabbox::pb::InfoRequest {})
                     .await
                     .ok()
                     .map(|_| ())
@@ -124,7 +128,7 @@ impl ProcDaemon {
             .expect("ran");
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
-                "not JSON ({e}): {}\n{}",
+                "crabbox {args:?}: not JSON ({e}): {}\n{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             )

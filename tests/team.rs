@@ -65,7 +65,11 @@ impl Daemon {
         eventually(20, "crabboxd to answer", || {
             let socket = socket.clone();
             async move {
-                crabbox::cli::client::connect_once(&socket)
+                // Answering an RPC, not only accepting: a socket can accept for a moment
+                // on behalf of a daemon that has just died.
+                let mut c = crabbox::cli::client::connect_once(&socket).await.ok()?;
+                c.daemon
+                    .info(crabbox::pb::InfoRequest {})
                     .await
                     .ok()
                     .map(|_| ())

@@ -110,6 +110,9 @@ pub fn bind_unix(path: &Path) -> Result<BoundSocket, DaemonError> {
 
 /// The lock beside the socket (`<socket>.lock`, holding "PID VERSION"): only one daemon
 /// serves a socket.
+/// How long a starting daemon waits for the lock of one that has died.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn take_lock(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
     let setup = |what: &str, e: std::io::Error| DaemonError::Setup(format!("{what}: {e}"));
     // A lock beside the socket closes the race of two daemons starting at once. Never
@@ -129,12 +132,26 @@ fn take_lock(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonErro
                 e,
             )
         })?;
-    let mut lock =
+    // A daemon killed a moment ago may leave its lock held for a little while longer by a
+    // process it was starting (a child between fork and exec shares the lock): when the
+    // pid in the lock is gone, wait for the lock rather than report a daemon that is not.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut lock_file = lock_file;
+    let mut lock = loop {
         match nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err((_, _)) => {
+            Ok(l) => break l,
+            Err((file, _)) => {
                 let text = std::fs::read_to_string(&lock_path).unwrap_or_default();
                 let pid = text.split_whitespace().next().unwrap_or("");
+                let owner_gone = pid.parse::<i32>().is_ok_and(|p| {
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None)
+                        == Err(nix::errno::Errno::ESRCH)
+                });
+                if owner_gone && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    lock_file = file;
+                    continue;
+                }
                 return Err(DaemonError::AlreadyRunning {
                     socket: path.display().to_string(),
                     pid: if pid.is_empty() {
@@ -144,7 +161,8 @@ fn take_lock(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonErro
                     },
                 });
             }
-        };
+        }
+    };
     {
         use std::io::{Seek, Write};
         let _ = lock.set_len(0);
