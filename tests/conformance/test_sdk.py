@@ -140,7 +140,7 @@ def test_session_async_exec_status_logs_follow_input(daytona):
     try:
         sb.process.create_session("s1")
         cmd = sb.process.execute_session_command(
-            "s1", SessionExecuteRequest(command="echo one; sleep 0.3; echo two >&2; exit 4", run_async=True))
+            "s1", SessionExecuteRequest(command="echo one; sleep 0.3; echo two >&2; (exit 4)", run_async=True))
         out, err = [], []
         asyncio.run(sb.process.get_session_command_logs_async("s1", cmd.cmd_id, out.append, err.append))
         assert "".join(out) == "one\n" and "".join(err) == "two\n"
@@ -172,6 +172,41 @@ def test_session_async_exec_status_logs_follow_input(daytona):
         sb.process.delete_session("s1")
         with pytest.raises(DaytonaNotFoundError):
             sb.process.get_session("s1")
+    finally:
+        daytona.delete(sb)
+
+
+def test_a_session_keeps_one_shell(daytona):
+    """As on Daytona, a session's commands run one after another in one shell: the
+    directory, exported and plain shell variables and functions carry over; a syntax error
+    fails one command only; `exit` ends the shell, and the session says so."""
+    sb = create(daytona)
+    try:
+        sb.process.create_session("shell")
+        run = lambda c: sb.process.execute_session_command("shell", SessionExecuteRequest(command=c))
+        assert run("mkdir -p /tmp/w && cd /tmp/w && export A=1 && B=2 && f() { echo fn $1; }").exit_code == 0
+        r = run('echo "$PWD $A $B"; f x; sh -c \'echo child sees A=$A B=$B\'')
+        assert r.exit_code == 0
+        assert r.stdout == "/tmp/w 1 2\nfn x\nchild sees A=1 B=\n", r.stdout
+        bad = run("if then fi")
+        assert bad.exit_code == 2 and "syntax error" in bad.stderr, bad
+        assert run("echo still $A").stdout == "still 1\n"
+        # An async command runs in the shell too: what follows waits for it, and sees it.
+        slow = sb.process.execute_session_command(
+            "shell", SessionExecuteRequest(command="sleep 0.5; export C=3", run_async=True))
+        after = run("echo C=$C")
+        assert after.stdout == "C=3\n", after.stdout
+        assert sb.process.get_session_command("shell", slow.cmd_id).exit_code == 0
+        # Another session is another shell.
+        sb.process.create_session("other")
+        other = sb.process.execute_session_command("other", SessionExecuteRequest(command="echo \"[$A]\"; pwd"))
+        assert other.stdout == "[]\n/home/daytona\n", other.stdout
+        gone = run("exit 7")
+        assert gone.exit_code == 7
+        with pytest.raises(DaytonaError, match="shell has exited"):
+            run("true")
+        sb.process.delete_session("shell")
+        sb.process.delete_session("other")
     finally:
         daytona.delete(sb)
 

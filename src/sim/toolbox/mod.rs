@@ -20,6 +20,7 @@ use crate::sandbox::process::ProcessSpec;
 mod files;
 mod process;
 mod pty;
+mod shell;
 
 use files::{
     bulk_download, bulk_upload, create_folder, delete_path, download, file_info, list_files,

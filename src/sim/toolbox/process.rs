@@ -16,6 +16,9 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::shell::Shell;
 use super::{Ctx, ctx, param, spec};
 use crate::clock::now_ms;
 use crate::sandbox::process::{self, ExecOutput};
@@ -89,7 +92,7 @@ pub(super) struct Cmd {
     state: Mutex<CmdState>,
     changed: Notify,
     /// The command's stdin while it runs (async commands only: a sync one reads EOF).
-    input: Mutex<Option<mpsc::Sender<process::Input>>>,
+    input: Mutex<Option<mpsc::Sender<Vec<u8>>>>,
     /// Input is not echoed into the command's output (Daytona echoes it by default).
     suppress_echo: bool,
 }
@@ -131,10 +134,11 @@ impl Cmd {
     }
 }
 
-/// A session: its commands, and a token that ends them all.
+/// A session: its shell, its commands, and a token that ends them all.
 pub(super) struct Session {
     commands: Mutex<Vec<Arc<Cmd>>>,
     cancel: CancellationToken,
+    shell: Shell,
 }
 
 /// Every session of every sandbox.
@@ -143,6 +147,8 @@ pub struct Sessions {
     map: DashMap<(String, String), Arc<Session>>,
     /// PTY sessions, by (sandbox, session id).
     pub(super) ptys: DashMap<(String, String), Arc<super::pty::PtySession>>,
+    /// Numbers the sessions' FIFO folders (session ids are the client's, any text).
+    seq: AtomicU64,
 }
 
 impl Sessions {
@@ -205,11 +211,23 @@ pub(super) async fn create_session(
             req.session_id
         )));
     }
+    let n = sim.sessions.seq.fetch_add(1, Ordering::Relaxed);
+    let guest = format!("/tmp/.daytona/sessions/{n}");
+    let host = c.host(&guest)?;
+    let cancel = c.procs.child_token();
+    let shell = Shell::start(
+        spec(&c, "", None, &BTreeMap::new(), None)?,
+        host,
+        guest,
+        cancel.clone(),
+    )
+    .map_err(|e| ApiError::internal(format!("starting the session's shell: {e}")))?;
     sim.sessions.map.insert(
         key,
         Arc::new(Session {
             commands: Mutex::new(Vec::new()),
-            cancel: c.procs.child_token(),
+            cancel,
+            shell,
         }),
     );
     Ok(StatusCode::CREATED)
@@ -270,7 +288,6 @@ pub(super) async fn session_exec(
     if req.command.trim().is_empty() {
         return Err(ApiError::bad_request("command is required"));
     }
-    let p = spec(&c, &req.command, None, &BTreeMap::new(), None)?;
     let run_async = req.run_async.or(req.is_async).unwrap_or(false);
     // As on Daytona: an async command's stdin stays open for the input endpoint (it never
     // sees EOF from it); a sync one reads EOF at once.
@@ -289,38 +306,43 @@ pub(super) async fn session_exec(
         input: Mutex::new(in_tx),
         suppress_echo: req.suppress_input_echo.unwrap_or(false),
     });
-    if let Ok(mut cmds) = session.commands.lock() {
-        cmds.push(cmd.clone());
-    }
-    let (tx, mut rx) = mpsc::channel(64);
-    let cancel = session.cancel.child_token();
     let runner = cmd.clone();
     let sim2 = sim.clone();
     let sandbox = c.id.clone();
-    let done = tokio::spawn(async move {
-        let run = tokio::spawn(async move { process::run(&p, in_rx, tx, cancel).await });
-        while let Some(o) = rx.recv().await {
-            if let Ok(mut s) = runner.state.lock() {
-                s.chunks.push(o);
-            }
-            runner.changed.notify_waiters();
-            if let Ok(mut map) = sim2.sandboxes.lock()
-                && let Some(sb) = map.get_mut(&sandbox)
-            {
-                sb.last_activity_ms = now_ms();
-            }
-        }
-        let code = match run.await {
-            Ok(Ok(exit)) => exit.code,
-            _ => 1,
-        };
+    let output = move |o: ExecOutput| {
         if let Ok(mut s) = runner.state.lock() {
-            s.exit_code = Some(code);
-        }
-        if let Ok(mut i) = runner.input.lock() {
-            i.take();
+            s.chunks.push(o);
         }
         runner.changed.notify_waiters();
+        if let Ok(mut map) = sim2.sandboxes.lock()
+            && let Some(sb) = map.get_mut(&sandbox)
+        {
+            sb.last_activity_ms = now_ms();
+        }
+    };
+    let mut finished = session
+        .shell
+        .run(&cmd.id, &req.command, in_rx, output)
+        .await
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if let Ok(mut cmds) = session.commands.lock() {
+        cmds.push(cmd.clone());
+    }
+    let ender = cmd.clone();
+    let done = tokio::spawn(async move {
+        let code = finished
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|c| *c)
+            .unwrap_or(1);
+        if let Ok(mut s) = ender.state.lock() {
+            s.exit_code = Some(code);
+        }
+        if let Ok(mut i) = ender.input.lock() {
+            i.take();
+        }
+        ender.changed.notify_waiters();
     });
     if run_async {
         return Ok((StatusCode::ACCEPTED, Json(json!({ "cmdId": cmd.id }))).into_response());
@@ -458,8 +480,6 @@ pub(super) async fn command_input(
         }
         cmd.changed.notify_waiters();
     }
-    tx.send(process::Input::Data(data))
-        .await
-        .map_err(|_| gone())?;
+    tx.send(data).await.map_err(|_| gone())?;
     Ok(StatusCode::NO_CONTENT)
 }
