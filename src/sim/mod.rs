@@ -283,13 +283,19 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(e) => Err(ApiError::bad_request(format!(
-                "invalid request body: {}",
-                e.body_text()
-            ))),
-        }
+        // Whatever the content type says, as Daytona's daemon binds JSON (the SDK sends
+        // some JSON bodies, `/env`'s, with none).
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    e.status(),
+                    format!("invalid request body: {}", e.body_text()),
+                )
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(ApiJson)
+            .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
     }
 }
 

@@ -18,8 +18,11 @@ use crate::clock::now_ms;
 use crate::sandbox::process::ProcessSpec;
 
 mod files;
+mod git;
+pub(crate) mod info;
 mod process;
 mod pty;
+mod search;
 mod shell;
 
 use files::{
@@ -66,6 +69,32 @@ pub fn router() -> Router<Arc<Sim>> {
         )
         .route("/process/pty/{sid}/resize", post(pty::resize_pty))
         .route("/process/pty/{sid}/connect", get(pty::connect_pty))
+        .route("/files/find", get(search::find))
+        .route("/files/search", get(search::search))
+        .route("/files/replace", post(search::replace))
+        .route("/files/move", post(search::move_path))
+        .route("/files/permissions", post(search::permissions))
+        .route("/work-dir", get(info::work_dir))
+        .route("/user-home-dir", get(info::user_home_dir))
+        .route("/version", get(info::version))
+        .route("/env", post(info::update_env))
+        .route("/init", post(info::init))
+        .route("/port", get(info::ports))
+        .route("/port/{port}/in-use", get(info::port_in_use))
+        .route("/system/metrics", get(info::metrics))
+        .route("/git/clone", post(git::clone))
+        .route("/git/init", post(git::init))
+        .route("/git/status", get(git::status))
+        .route(
+            "/git/branches",
+            get(git::list_branches)
+                .post(git::create_branch)
+                .delete(git::delete_branch),
+        )
+        .route("/git/add", post(git::add))
+        .route("/git/commit", post(git::commit))
+        .route("/git/checkout", post(git::checkout))
+        .route("/git/history", get(git::history))
 }
 
 /// What a toolbox call needs of its sandbox.

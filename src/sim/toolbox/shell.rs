@@ -55,7 +55,7 @@ pub(super) struct Shell {
 }
 
 /// Quotes `s` for the shell as one word.
-fn quote(s: &str) -> String {
+pub(super) fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
