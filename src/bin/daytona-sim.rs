@@ -17,8 +17,9 @@ use crabbox::sim::{self, Faults, SimConfig};
 /// and rate_limit_path (only requests whose `METHOD /path` contains it),
 /// drop_rate (fraction of connections dropped mid-answer), drop_next + drop_path (drop
 /// the next N requests whose `METHOD /path` contains a string; drop_skip lets that many
-/// matching requests through first), cpu_quota (the organization's total CPUs: a create
-/// past it is refused as Daytona does; 0 lifts it), stuck_create (new sandboxes
+/// matching requests through first), cpu_quota, memory_quota and sandbox_quota (the
+/// organization's totals: a create, start or resize past one is refused with Daytona's
+/// 403; 0 lifts it), stuck_create (new sandboxes
 /// never leave `creating`), sandbox_error + error_reason (push a sandbox into `error`).
 /// GET /_sim/faults shows the current faults.
 #[derive(Debug, Parser)]
@@ -50,6 +51,24 @@ struct Args {
     create_delay: Duration,
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     start_delay: Duration,
+    /// How long `stopping` (and `destroying`) lasts.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    stop_delay: Duration,
+    /// Each delay varies by up to this fraction of itself, either way (0.3: ±30%).
+    #[arg(long, default_value_t = 0.0)]
+    jitter: f64,
+    /// The organization's total CPUs over sandboxes that run (none: no quota).
+    #[arg(long)]
+    quota_cpu: Option<i64>,
+    /// The organization's total memory in GiB over sandboxes that run.
+    #[arg(long)]
+    quota_memory: Option<i64>,
+    /// The most sandboxes the organization may have.
+    #[arg(long)]
+    quota_sandboxes: Option<i64>,
+    /// The largest JSON request body taken (larger ones get 413).
+    #[arg(long, default_value = "1MiB")]
+    max_json_body: bytesize::ByteSize,
     /// How long a snapshot spends in each of its pending and building states.
     #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
     snapshot_delay: Duration,
@@ -98,12 +117,33 @@ async fn main() -> anyhow::Result<()> {
     config.create_delay = args.create_delay;
     config.start_delay = args.start_delay;
     config.snapshot_delay = args.snapshot_delay;
+    config.stop_delay = args.stop_delay;
+    if !(0.0..=1.0).contains(&args.jitter) {
+        anyhow::bail!(
+            "--jitter {} is not a fraction between 0 and 1 (0.3 varies each delay by ±30%)",
+            args.jitter
+        );
+    }
+    config.jitter = args.jitter;
+    for (flag, v) in [
+        ("--quota-cpu", args.quota_cpu),
+        ("--quota-memory", args.quota_memory),
+        ("--quota-sandboxes", args.quota_sandboxes),
+    ] {
+        if v.is_some_and(|n| n < 1) {
+            anyhow::bail!("{flag} must be at least 1 (leave it out for no quota)");
+        }
+    }
+    config.max_json_body = usize::try_from(args.max_json_body.as_u64()).unwrap_or(usize::MAX);
     config.events = !args.no_events;
     config.faults = Faults {
         latency_ms: args.latency_ms,
         error_rate: args.error_rate,
         drop_rate: args.drop_rate,
         stuck_create: args.stuck_create,
+        cpu_quota: args.quota_cpu,
+        memory_quota: args.quota_memory,
+        sandbox_quota: args.quota_sandboxes,
         ..Faults::default()
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)

@@ -51,6 +51,12 @@ pub struct SimConfig {
     pub start_delay: Duration,
     /// How long a snapshot spends in `pending` and `building`, each.
     pub snapshot_delay: Duration,
+    /// How long `stopping` lasts.
+    pub stop_delay: Duration,
+    /// Each delay varies by up to this fraction of it, either way (0: exact).
+    pub jitter: f64,
+    /// The largest JSON body a route takes (Daytona answers 413 past its limit).
+    pub max_json_body: usize,
     /// The SSH gateway's port, if one runs (printed in `sshCommand`).
     pub ssh_port: Option<u16>,
     pub faults: Faults,
@@ -70,6 +76,9 @@ impl SimConfig {
             create_delay: Duration::from_millis(100),
             start_delay: Duration::from_millis(100),
             snapshot_delay: Duration::from_millis(200),
+            stop_delay: Duration::from_millis(100),
+            jitter: 0.0,
+            max_json_body: 1024 * 1024,
             ssh_port: None,
             events: true,
             faults: Faults::default(),
@@ -119,10 +128,14 @@ pub struct Faults {
     pub drop_skip: u64,
     /// New sandboxes stay `creating` forever.
     pub stuck_create: bool,
-    /// The organization's total CPU quota: a create that would take the CPUs of the
-    /// sandboxes not stopped past it is refused as Daytona does (400, "Total CPU limit
-    /// exceeded. Maximum allowed: N."). None: no quota.
+    /// The organization's total CPU quota: a create, start or resize that would take the
+    /// CPUs of the sandboxes not stopped past it is refused as Daytona does (403, "Total
+    /// CPU limit exceeded. Maximum allowed: N."). None: no quota.
     pub cpu_quota: Option<i64>,
+    /// The same for memory, in GiB.
+    pub memory_quota: Option<i64>,
+    /// The most sandboxes (not destroyed) the organization may have.
+    pub sandbox_quota: Option<i64>,
 }
 
 /// A runtime fault request: the [`Faults`] fields to change, plus one-shot actions.
@@ -144,6 +157,8 @@ pub struct FaultsUpdate {
     stuck_create: Option<bool>,
     /// 0 lifts the quota.
     cpu_quota: Option<i64>,
+    memory_quota: Option<i64>,
+    sandbox_quota: Option<i64>,
     /// Push this sandbox (id or name) into `error`.
     sandbox_error: Option<String>,
     /// The `errorReason` for `sandbox_error`.
@@ -183,6 +198,64 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// Would the organization's quotas (CPU and memory of the sandboxes that run, the
+    /// count of sandboxes) be exceeded if `sandbox` (None: a new one) ran with `cpu` CPUs
+    /// and `memory` GiB? Answers Daytona's 403 when so. Call with the sandboxes locked
+    /// out of `map`.
+    pub fn quota_error(
+        &self,
+        map: &HashMap<String, control::SimSandbox>,
+        sandbox: Option<&str>,
+        cpu: i64,
+        memory: i64,
+    ) -> Option<ApiError> {
+        let f = self.faults.lock().map(|f| f.clone()).unwrap_or_default();
+        let others = || map.values().filter(move |s| Some(s.id.as_str()) != sandbox);
+        let running = |s: &&control::SimSandbox| {
+            !matches!(
+                s.state.as_str(),
+                "stopped"
+                    | "archived"
+                    | "archiving"
+                    | "destroyed"
+                    | "destroying"
+                    | "error"
+                    | "build_failed"
+            )
+        };
+        let forbid = |m: String| Some(ApiError::new(StatusCode::FORBIDDEN, m));
+        if sandbox.is_none()
+            && let Some(q) = f.sandbox_quota
+            && others().filter(|s| s.state != "destroyed").count() as i64 >= q
+        {
+            return forbid(format!("Sandbox limit exceeded. Maximum allowed: {q}."));
+        }
+        if let Some(q) = f.cpu_quota
+            && others().filter(running).map(|s| s.cpu).sum::<i64>() + cpu > q
+        {
+            return forbid(format!("Total CPU limit exceeded. Maximum allowed: {q}."));
+        }
+        if let Some(q) = f.memory_quota
+            && others().filter(running).map(|s| s.memory).sum::<i64>() + memory > q
+        {
+            return forbid(format!(
+                "Total memory limit exceeded. Maximum allowed: {q}GiB."
+            ));
+        }
+        None
+    }
+
+    /// `delay` give or take the configured jitter (a fraction of it, uniformly), so that
+    /// clients meet the spread of a real control plane, not one fixed figure.
+    pub fn jittered(&self, delay: Duration) -> Duration {
+        let j = self.config.jitter.clamp(0.0, 1.0);
+        if j == 0.0 || delay.is_zero() {
+            return delay;
+        }
+        let factor = 1.0 + j * (rand::random::<f64>() * 2.0 - 1.0);
+        delay.mul_f64(factor.max(0.0))
     }
 
     /// Real time for `minutes` of sim time.
@@ -243,6 +316,8 @@ impl IntoResponse for ApiError {
             StatusCode::NOT_FOUND => "NOT_FOUND",
             StatusCode::REQUEST_TIMEOUT => "REQUEST_TIMEOUT",
             StatusCode::CONFLICT => "CONFLICT",
+            StatusCode::PAYLOAD_TOO_LARGE => "PAYLOAD_TOO_LARGE",
+            StatusCode::NOT_IMPLEMENTED => "NOT_IMPLEMENTED",
             StatusCode::TOO_MANY_REQUESTS => "TOO_MANY_REQUESTS",
             StatusCode::SERVICE_UNAVAILABLE => "SERVICE_UNAVAILABLE",
             _ => "INTERNAL_SERVER_ERROR",
@@ -272,6 +347,10 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The JSON body limit of this sim, put in each request's extensions by the gate.
+#[derive(Clone, Copy)]
+pub struct JsonLimit(pub usize);
+
 /// JSON bodies whose rejection is a Daytona-shaped 400 (not axum's plain text).
 pub struct ApiJson<T>(pub T);
 
@@ -284,13 +363,18 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         // Whatever the content type says, as Daytona's daemon binds JSON (the SDK sends
-        // some JSON bodies, `/env`'s, with none).
-        let bytes = axum::body::Bytes::from_request(req, state)
+        // some JSON bodies, `/env`'s, with none). Bounded as Daytona bounds them.
+        let _ = state;
+        let limit = req
+            .extensions()
+            .get::<JsonLimit>()
+            .map_or(1024 * 1024, |l| l.0);
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
-            .map_err(|e| {
+            .map_err(|_| {
                 ApiError::new(
-                    e.status(),
-                    format!("invalid request body: {}", e.body_text()),
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request entity too large: a JSON body is at most {limit} bytes"),
                 )
             })?;
         serde_json::from_slice(&bytes)
@@ -468,6 +552,8 @@ async fn gate(State(sim): State<Arc<Sim>>, mut req: Request, next: Next) -> Resp
                 });
                 return Response::new(axum::body::Body::from_stream(stream));
             }
+            req.extensions_mut()
+                .insert(JsonLimit(sim.config.max_json_body));
             match authenticate(&sim, req.headers()) {
                 Ok(p) => {
                     req.extensions_mut().insert(p);
@@ -552,6 +638,12 @@ async fn set_faults(
     }
     if let Some(v) = u.cpu_quota {
         f.cpu_quota = (v > 0).then_some(v);
+    }
+    if let Some(v) = u.memory_quota {
+        f.memory_quota = (v > 0).then_some(v);
+    }
+    if let Some(v) = u.sandbox_quota {
+        f.sandbox_quota = (v > 0).then_some(v);
     }
     if let Some(v) = u.stuck_create {
         f.stuck_create = v;

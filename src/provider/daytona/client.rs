@@ -187,9 +187,18 @@ fn split_tail(word: &str) -> (&str, &str) {
     }
 }
 
-fn kind_for(status: StatusCode) -> ProviderErrorKind {
+/// Whether Daytona's message says an organization quota is used up (its 403s for the
+/// total CPU, memory, disk or sandbox count).
+fn is_quota(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("limit exceeded") || m.contains("quota")
+}
+
+fn kind_for(status: StatusCode, message: &str) -> ProviderErrorKind {
     match status.as_u16() {
         401 => ProviderErrorKind::Auth,
+        // A quota is not a permission: nothing is wrong with the key.
+        403 if is_quota(message) => ProviderErrorKind::Provisioning,
         403 => ProviderErrorKind::Permission,
         404 => ProviderErrorKind::NotFound,
         408 | 429 | 500..=599 => ProviderErrorKind::Unavailable,
@@ -409,7 +418,7 @@ impl Client {
                 }
                 Err(detail) => {
                     let kind = status
-                        .map(kind_for)
+                        .map(|s| kind_for(s, &message))
                         .unwrap_or(ProviderErrorKind::Unavailable);
                     return Err(HttpError {
                         status,
@@ -441,6 +450,10 @@ impl Client {
             .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(300).collect());
         let hint = match status.as_u16() {
             401 => "; check the Daytona API key (CRABBOX_DAYTONA_API_KEY or DAYTONA_API_KEY)",
+            403 if is_quota(&text) => {
+                "; the organization's quota is used up: stop or delete sandboxes (`crabbox list`), \
+                 or raise the quota"
+            }
             403 => {
                 "; the key lacks a permission (crabbox needs write:sandboxes and delete:sandboxes)"
             }

@@ -204,6 +204,7 @@ pub fn uuid() -> String {
 }
 
 mod access;
+mod lifecycle;
 pub mod previews;
 mod sandboxes;
 mod snapshots;
@@ -226,6 +227,17 @@ pub fn router() -> Router<Arc<Sim>> {
         .route("/sandbox/{id}", get(get_sandbox).delete(delete_sandbox))
         .route("/sandbox/{id}/start", post(start_sandbox))
         .route("/sandbox/{id}/stop", post(stop_sandbox))
+        .route("/sandbox/{id}/pause", post(lifecycle::pause_sandbox))
+        .route("/sandbox/{id}/archive", post(lifecycle::archive_sandbox))
+        .route("/sandbox/{id}/resize", post(lifecycle::resize_sandbox))
+        .route(
+            "/sandbox/{id}/build-logs",
+            get(lifecycle::sandbox_build_logs),
+        )
+        .route(
+            "/sandbox/{id}/build-logs-url",
+            get(lifecycle::sandbox_build_logs_url),
+        )
         .route("/sandbox/{id}/labels", put(put_labels))
         .route("/sandbox/{id}/autostop/{n}", post(set_interval))
         .route("/sandbox/{id}/autoarchive/{n}", post(set_interval))
@@ -304,6 +316,7 @@ fn schedule(
     then: Option<(Duration, &'static str)>,
 ) {
     let sim = sim.clone();
+    let delay = sim.jittered(delay);
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
         let next_gen = {

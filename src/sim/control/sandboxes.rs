@@ -116,29 +116,12 @@ pub(super) async fn create_sandbox(
     if user.contains('/') || user == "." || user == ".." {
         return Err(ApiError::bad_request(format!("invalid user {user:?}")));
     }
-    let (stuck, quota) = {
-        let f = lock(&sim.faults)?;
-        (f.stuck_create, f.cpu_quota)
-    };
+    let stuck = lock(&sim.faults)?.stuck_create;
     let now = now_ms();
     let sb = {
         let mut map = lock(&sim.sandboxes)?;
-        if let Some(quota) = quota {
-            let used: i64 = map
-                .values()
-                .filter(|s| {
-                    !matches!(
-                        s.state.as_str(),
-                        "stopped" | "archived" | "destroyed" | "error" | "build_failed"
-                    )
-                })
-                .map(|s| s.cpu)
-                .sum();
-            if used + resources.0 > quota {
-                return Err(ApiError::bad_request(format!(
-                    "Total CPU limit exceeded. Maximum allowed: {quota}."
-                )));
-            }
+        if let Some(e) = sim.quota_error(&map, None, resources.0, resources.2) {
+            return Err(e);
         }
         if find_id(&map, &name).is_some() {
             return Err(ApiError::conflict(format!(
@@ -296,7 +279,7 @@ pub(super) async fn delete_sandbox(
         .engine
         .update(&key, |m| m.name = format!("{}.destroying", m.id));
     let sim2 = sim.clone();
-    let delay = sim.config.start_delay;
+    let delay = sim.jittered(sim.config.stop_delay);
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
         if let Ok(mut map) = sim2.sandboxes.lock()
@@ -319,14 +302,38 @@ pub(super) async fn start_sandbox(
 ) -> ApiResult {
     who.require("write:sandboxes")?;
     let mut scheduled = None;
-    let r = with_sandbox(&sim, &id, |sb| {
-        match sb.state.as_str() {
-            "started" | "starting" => {}
-            "stopped" => {
+    let json = {
+        let mut map = lock(&sim.sandboxes)?;
+        let key = find_id(&map, &id).ok_or_else(|| not_found(&id))?;
+        let (state, cpu, memory) = map
+            .get(&key)
+            .map(|s| (s.state.clone(), s.cpu, s.memory))
+            .ok_or_else(|| not_found(&id))?;
+        // Coming back (not `paused`: its resources were never given up) must fit the quota.
+        if matches!(state.as_str(), "stopped" | "archived")
+            && let Some(e) = sim.quota_error(&map, Some(&key), cpu, memory)
+        {
+            return Err(e);
+        }
+        let sb = map.get_mut(&key).ok_or_else(|| not_found(&id))?;
+        match state.as_str() {
+            "started" | "starting" | "resuming" => {}
+            "stopped" | "archived" => {
                 sb.set_state(&sim, "starting");
                 sb.desired_state = "started".into();
                 sb.procs = CancellationToken::new();
-                scheduled = Some((sb.id.clone(), sb.generation));
+                // An archived sandbox's files come back from storage first.
+                let delay = match state.as_str() {
+                    "archived" => sim.config.start_delay * 2,
+                    _ => sim.config.start_delay,
+                };
+                scheduled = Some((sb.id.clone(), sb.generation, delay));
+            }
+            "paused" => {
+                super::lifecycle::signal_sandbox(&sb.id, nix::sys::signal::Signal::SIGCONT);
+                sb.set_state(&sim, "resuming");
+                sb.desired_state = "started".into();
+                scheduled = Some((sb.id.clone(), sb.generation, sim.config.start_delay));
             }
             other => {
                 return Err(ApiError::bad_request(format!(
@@ -335,24 +342,20 @@ pub(super) async fn start_sandbox(
             }
         }
         sb.last_activity_ms = now_ms();
-        Ok(())
-    });
-    if let Some((sid, generation)) = scheduled {
-        schedule(
-            &sim,
-            sid,
-            generation,
-            sim.config.start_delay,
-            "started",
-            None,
-        );
+        sb.to_json(&sim, true)
+    };
+    if let Some((sid, generation, delay)) = scheduled {
+        schedule(&sim, sid, generation, delay, "started", None);
     }
-    r
+    Ok(Json(json))
 }
 
 /// Stops a sandbox: `stopping`, its processes ended, then `stopped`.
 pub(super) fn stop_now(sim: &Arc<Sim>, sb: &mut SimSandbox) -> Option<(String, u64)> {
-    if sb.state != "started" {
+    if sb.state == "paused" {
+        // Frozen processes cannot act on SIGTERM: thaw them, then end them.
+        super::lifecycle::signal_sandbox(&sb.id, nix::sys::signal::Signal::SIGCONT);
+    } else if sb.state != "started" {
         return None;
     }
     sb.procs.cancel();
@@ -371,7 +374,7 @@ pub(super) async fn stop_sandbox(
     let mut scheduled = None;
     let r = with_sandbox(&sim, &id, |sb| match sb.state.as_str() {
         "stopped" | "stopping" => Ok(()),
-        "started" => {
+        "started" | "paused" => {
             scheduled = stop_now(&sim, sb);
             Ok(())
         }
@@ -384,7 +387,7 @@ pub(super) async fn stop_sandbox(
             &sim,
             sid,
             generation,
-            sim.config.start_delay,
+            sim.config.stop_delay,
             "stopped",
             None,
         );
@@ -538,14 +541,7 @@ pub fn spawn_auto_stop(sim: Arc<Sim>) {
                 }
             }
             for (id, generation) in to_schedule {
-                schedule(
-                    &sim,
-                    id,
-                    generation,
-                    sim.config.start_delay,
-                    "stopped",
-                    None,
-                );
+                schedule(&sim, id, generation, sim.config.stop_delay, "stopped", None);
             }
         }
     });

@@ -111,7 +111,11 @@ pub(super) async fn create_snapshot(
         s
     };
     let failure = dockerfile.as_deref().and_then(dockerfile_error);
-    let (sim2, id, delay) = (sim.clone(), snap.id.clone(), sim.config.snapshot_delay);
+    let (sim2, id, delay) = (
+        sim.clone(),
+        snap.id.clone(),
+        sim.jittered(sim.config.snapshot_delay),
+    );
     let middle = if dockerfile.is_some() {
         "building"
     } else {

@@ -155,7 +155,7 @@ pub(crate) fn listening_ports(sandbox: &str) -> BTreeSet<u16> {
 }
 
 /// The processes whose environment carries `needle` (the sandbox's id variable).
-fn sandbox_pids(needle: &str) -> Vec<u32> {
+pub(crate) fn sandbox_pids(needle: &str) -> Vec<u32> {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
