@@ -12,6 +12,7 @@
 
 pub mod control;
 pub mod events;
+pub mod routes;
 pub mod ssh;
 pub mod toolbox;
 
@@ -565,10 +566,34 @@ async fn gate(State(sim): State<Arc<Sim>>, mut req: Request, next: Next) -> Resp
         .await
 }
 
-async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+/// A request no handler took: a route of Daytona's the sim does not serve is a 501 that
+/// names it; anything else is the 404 Daytona's router answers.
+async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
+    let path = uri.path().to_string();
     REQUEST
-        .scope((uri.path().to_string(), method.to_string()), async {
-            ApiError::not_found(format!("Cannot {method} {}", uri.path()))
+        .scope((path.clone(), method.to_string()), async move {
+            let known = if let Some(rest) = path.strip_prefix("/api/") {
+                routes::sdk_route("api", method.as_str(), rest).map(|t| format!("{method} /api{t}"))
+            } else if let Some(rest) = path.strip_prefix("/toolbox/") {
+                rest.split_once('/').and_then(|(_, tail)| {
+                    routes::sdk_route("toolbox", method.as_str(), tail)
+                        .map(|t| format!("{method} /toolbox/{{sandboxId}}{t}"))
+                })
+            } else {
+                None
+            };
+            let e = match known {
+                Some(route) => ApiError::new(
+                    StatusCode::NOT_IMPLEMENTED,
+                    format!(
+                        "daytona-sim does not serve {route}, a route of Daytona's (use a real \
+                         Daytona for it)"
+                    ),
+                ),
+                None => ApiError::not_found(format!("Cannot {method} {path}")),
+            };
+            // Inside the scope: the body names the path.
+            e.into_response()
         })
         .await
 }
@@ -685,6 +710,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
             }),
         )
         .fallback(not_found)
+        .method_not_allowed_fallback(not_found)
         .with_state(sim)
 }
 
