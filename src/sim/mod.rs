@@ -12,6 +12,7 @@
 
 pub mod control;
 pub mod events;
+pub mod persist;
 pub mod routes;
 pub mod ssh;
 pub mod toolbox;
@@ -743,6 +744,9 @@ pub async fn start(
         started: Instant::now(),
         shutdown: shutdown.clone(),
     });
+    let restored = persist::load(&sim).map_err(std::io::Error::other)?;
+    tracing::info!("state: {restored}");
+    persist::spawn_saver(sim.clone(), shutdown.clone());
     control::spawn_auto_stop(sim.clone());
     let app = router(sim.clone());
     let task = tokio::spawn(async move {

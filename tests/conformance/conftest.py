@@ -15,8 +15,8 @@ ORG = "org-conformance"
 
 
 class Sim:
-    def __init__(self, *extra):
-        self.dir = tempfile.mkdtemp(prefix="daytona-sim-")
+    def __init__(self, *extra, state_dir=None):
+        self.dir = state_dir or tempfile.mkdtemp(prefix="daytona-sim-")
         self.proc = subprocess.Popen(
             [SIM, "--listen", "127.0.0.1:0", "--state-dir", self.dir, "--api-key", API_KEY,
              "--jwt", JWT, "--org", ORG, *extra],
@@ -35,6 +35,11 @@ class Sim:
 
     def client(self, **kw):
         return Daytona(DaytonaConfig(api_key=kw.pop("api_key", API_KEY), api_url=self.api, target="us", **kw))
+
+    def kill9(self):
+        """SIGKILL: no shutdown, no last save; the state folder stays."""
+        self.proc.kill()
+        self.proc.wait(timeout=30)
 
     def stop(self):
         self.proc.terminate()

@@ -16,8 +16,8 @@ use crate::sandbox::EngineState;
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
-/// One sandbox as the sim keeps it.
-#[derive(Debug, Clone)]
+/// One sandbox as the sim keeps it (and persists: [`crate::sim::persist`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SimSandbox {
     pub id: String,
     pub name: String,
@@ -45,8 +45,10 @@ pub struct SimSandbox {
     pub last_activity_ms: u64,
     pub build_info: Option<Value>,
     /// Cancels the sandbox's running processes (stop, delete, error).
+    #[serde(skip)]
     pub procs: CancellationToken,
     /// Bumped at each state change: a delayed move applies only if nothing changed since.
+    #[serde(skip)]
     pub generation: u64,
 }
 
@@ -104,6 +106,48 @@ impl SimSandbox {
         );
     }
 
+    /// A sandbox found only as a folder at start (its create was cut short before the
+    /// state was saved): what its folder says, `stopped`, the default resources.
+    pub fn adopted(sim: &Sim, meta: &crate::sandbox::SandboxMeta) -> SimSandbox {
+        let home = sim.engine.dir(&meta.id).join("fs").join("home");
+        let user = std::fs::read_dir(&home)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .and_then(|e| e.file_name().to_str().map(str::to_string))
+            .unwrap_or_else(|| "daytona".into());
+        let now = now_ms();
+        SimSandbox {
+            id: meta.id.clone(),
+            name: meta.name.clone(),
+            snapshot: None,
+            user,
+            env: meta.env.clone(),
+            labels: meta.labels.clone(),
+            public: false,
+            network_block_all: false,
+            network_allow_list: None,
+            domain_allow_list: None,
+            target: "us".into(),
+            cpu: 1,
+            gpu: 0,
+            memory: 1,
+            disk: 3,
+            state: "stopped".into(),
+            desired_state: "stopped".into(),
+            error_reason: None,
+            auto_stop_interval: 15,
+            auto_archive_interval: 10080,
+            auto_delete_interval: -1,
+            created_ms: meta.created_at_ms,
+            updated_ms: now,
+            last_activity_ms: now,
+            build_info: None,
+            procs: CancellationToken::new(),
+            generation: 0,
+        }
+    }
+
     /// The host folder behind the sandbox's `/home` and `/tmp`.
     pub fn fs(&self, sim: &Sim) -> std::path::PathBuf {
         sim.engine.dir(&self.id).join("fs")
@@ -111,7 +155,7 @@ impl SimSandbox {
 }
 
 /// A snapshot as the sim keeps it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SimSnapshot {
     pub id: String,
     pub name: String,
@@ -181,7 +225,7 @@ impl SimSnapshot {
 }
 
 /// An SSH access token.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SshToken {
     pub id: String,
     pub sandbox_id: String,

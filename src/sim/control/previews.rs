@@ -21,7 +21,7 @@ use crate::clock::now_ms;
 use crate::sim::{ApiError, Sim};
 
 /// A preview's access: for one sandbox's port; a signed one expires.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Grant {
     pub sandbox_id: String,
     pub port: u16,

@@ -183,6 +183,9 @@ pub(super) async fn create_sandbox(
         sim.events.emit("sandbox.created", sb.to_json(&sim, false));
         sb
     };
+    // On disk before the answer: a sim killed right after still knows it whole.
+    let saver = sim.clone();
+    let _ = tokio::task::spawn_blocking(move || crate::sim::persist::save(&saver, None)).await;
     if build_failed.is_none() && !stuck {
         schedule(
             &sim,
