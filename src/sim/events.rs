@@ -57,11 +57,15 @@ impl Events {
 pub async fn socket_io(
     State(sim): State<Arc<Sim>>,
     RawQuery(raw): RawQuery,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     if !sim.config.events {
         return super::ApiError::not_found("Cannot GET /api/socket.io/").into_response();
     }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => return super::ApiError::new(e.status(), e.body_text()).into_response(),
+    };
     let query: Vec<(String, String)> = raw
         .as_deref()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())

@@ -349,6 +349,36 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// How much of a too-large body is read (and dropped) before the 413, so that the client
+/// gets to finish sending and reads the answer rather than a broken pipe.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+
+/// The body, if it is at most `limit` bytes; else Daytona's 413 once the rest was drained
+/// (up to [`DRAIN_LIMIT`]).
+async fn read_bounded(body: axum::body::Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut out = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
+        seen = seen.saturating_add(chunk.len());
+        if seen <= limit {
+            out.extend_from_slice(&chunk);
+        } else if seen > DRAIN_LIMIT {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request entity too large: a JSON body is at most {limit} bytes"),
+        ));
+    }
+    Ok(out)
+}
+
 /// The JSON body limit of this sim, put in each request's extensions by the gate.
 #[derive(Clone, Copy)]
 pub struct JsonLimit(pub usize);
@@ -371,14 +401,7 @@ where
             .extensions()
             .get::<JsonLimit>()
             .map_or(1024 * 1024, |l| l.0);
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("request entity too large: a JSON body is at most {limit} bytes"),
-                )
-            })?;
+        let bytes = read_bounded(req.into_body(), limit).await?;
         serde_json::from_slice(&bytes)
             .map(ApiJson)
             .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
@@ -556,6 +579,28 @@ async fn gate(State(sim): State<Arc<Sim>>, mut req: Request, next: Next) -> Resp
             }
             req.extensions_mut()
                 .insert(JsonLimit(sim.config.max_json_body));
+            // A body past the limit on a route that takes no upload is refused whatever the
+            // handler would read of it, after it was drained (the client reads a 413, not a
+            // broken pipe).
+            let declared = req
+                .headers()
+                .get(axum::http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            let upload = ["/files/upload", "/files/bulk-upload", "/files/upload-v2"]
+                .iter()
+                .any(|u| line.ends_with(u));
+            if !upload && declared.is_some_and(|n| n > sim.config.max_json_body as u64) {
+                let limit = sim.config.max_json_body;
+                return match read_bounded(req.into_body(), limit).await {
+                    Ok(_) => ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("request entity too large: a body is at most {limit} bytes here"),
+                    )
+                    .into_response(),
+                    Err(e) => e.into_response(),
+                };
+            }
             match authenticate(&sim, req.headers()) {
                 Ok(p) => {
                     req.extensions_mut().insert(p);

@@ -241,9 +241,10 @@ pub(super) fn place(staged: &FsPath, dest: &FsPath, path: &str) -> Result<(), Ap
 pub(super) async fn bulk_upload(
     State(sim): State<Arc<Sim>>,
     Path(id): Path<String>,
-    mut mp: Multipart,
+    mp: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let c = ctx(&sim, &id)?;
+    let mut mp = mp.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let mut paths: BTreeMap<usize, String> = BTreeMap::new();
     let mut staged: BTreeMap<usize, (PathBuf, u64)> = BTreeMap::new();
     let parse_index = |name: &str| -> Option<(usize, String)> {

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -297,9 +298,10 @@ pub(super) async fn connect_pty(
     State(sim): State<Arc<Sim>>,
     Path((id, sid)): Path<(String, String)>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let c = ctx(&sim, &id)?;
+    let ws = ws.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let protocols = offered(&headers);
     let exit_control = protocols.iter().any(|p| p == EXIT_CONTROL);
     let ws = if exit_control {
@@ -323,9 +325,10 @@ pub(super) async fn create_connect_pty(
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let c = ctx(&sim, &id)?;
+    let ws = ws.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let protocols = offered(&headers);
     let exit_control = protocols.iter().any(|p| p == EXIT_CONTROL);
     let mut envs = None;
