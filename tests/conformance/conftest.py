@@ -55,6 +55,11 @@ def sim():
     s.stop()
 
 
-@pytest.fixture(scope="session")
-def daytona(sim):
-    return sim.client()
+@pytest.fixture(scope="session", params=[False, True], ids=["events", "polling"])
+def daytona(sim, request):
+    """Each test that uses the SDK client runs in both of its modes: state changes from the
+    events channel (its default), and the deprecated polling."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return sim.client(use_deprecated_polling=request.param)

@@ -268,7 +268,9 @@ def test_snapshots_active_and_build_failed(daytona, tmp_path):
     with pytest.raises(DaytonaError) as e:
         daytona.snapshot.create(CreateSnapshotParams(name="conf-broken", image=Image.from_dockerfile(dockerfile)))
     assert "FROM" in str(e.value)
-    assert daytona.snapshot.get("conf-broken").state.value == "build_failed"
+    broken = daytona.snapshot.get("conf-broken")
+    assert broken.state.value == "build_failed"
+    daytona.snapshot.delete(broken)
     daytona.snapshot.delete(snap)
     with pytest.raises(DaytonaNotFoundError):
         daytona.snapshot.get("conf-py312")
