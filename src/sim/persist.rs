@@ -148,6 +148,15 @@ pub fn load(sim: &Sim) -> Result<String, String> {
                 continue;
             }
             "stopped" | "archived" | "error" | "build_failed" => {}
+            "pending_build" | "building_snapshot" => {
+                sb.state = "build_failed".into();
+                sb.error_reason = Some(
+                    "daytona-sim restarted during the build: delete the sandbox and create it \
+                     again"
+                        .into(),
+                );
+                stopped += 1;
+            }
             _ => {
                 sb.state = "stopped".into();
                 sb.desired_state = "stopped".into();

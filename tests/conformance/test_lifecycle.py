@@ -108,3 +108,25 @@ def test_json_bodies_past_the_limit_get_413(sim):
     assert status == 413 and body["statusCode"] == 413 and "too large" in body["message"], body
     status, _, _ = raw(sim, "GET", "/api/sandbox")
     assert status == 200
+
+
+def test_a_sandbox_built_from_an_image_streams_its_build(daytona, tmp_path):
+    lines = []
+    image = Image.debian_slim("3.12").run_commands("echo one", "echo two")
+    sb = daytona.create(CreateSandboxFromImageParams(image=image), timeout=60,
+                        on_snapshot_create_logs=lines.append)
+    try:
+        assert sb.state == "started"
+        text = "\n".join(lines)
+        assert "Step 1/" in text and "echo two" in text and "Successfully built" in text, text
+    finally:
+        daytona.delete(sb)
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text("RUN echo no base image\n")
+    with pytest.raises(DaytonaError):
+        daytona.create(CreateSandboxFromImageParams(image=Image.from_dockerfile(dockerfile)), timeout=60)
+    broken = [s for s in daytona.list() if s.state == "build_failed"]
+    assert broken, "the failed build's sandbox is in build_failed"
+    for s in broken:
+        assert "FROM" in (s.error_reason or "")
+        daytona.delete(s)

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Extension, Path, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
@@ -178,43 +178,132 @@ pub(super) async fn resize_sandbox(
     Ok(Json(json))
 }
 
-/// `GET /sandbox/{id}/build-logs`: the build of a sandbox made from a declarative image,
-/// as docker prints it (a step per instruction, then the outcome).
-pub(super) async fn sandbox_build_logs(
-    State(sim): State<Arc<Sim>>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let map = lock(&sim.sandboxes)?;
-    let key = super::find_id(&map, &id).ok_or_else(|| super::not_found(&id))?;
-    let sb = map.get(&key).ok_or_else(|| super::not_found(&id))?;
-    let Some(info) = &sb.build_info else {
-        return Err(ApiError::bad_request(format!(
-            "Sandbox {id} was made from a snapshot, not built from an image: it has no build logs"
-        )));
-    };
-    let dockerfile = info
-        .get("dockerfileContent")
-        .and_then(|d| d.as_str())
-        .unwrap_or("");
-    let steps: Vec<&str> = dockerfile
+/// The build of a sandbox made from a declarative image, as Daytona runs it:
+/// `pending_build`, then `building_snapshot` printing a step per instruction, then
+/// `starting` and `started`, or `build_failed` with the reason.
+pub(super) fn spawn_build(sim: &Arc<Sim>, id: String, dockerfile: String, failure: Option<String>) {
+    let sim = sim.clone();
+    let delay = sim.jittered(sim.config.snapshot_delay);
+    let steps: Vec<String> = dockerfile
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
         .collect();
-    let mut text: String = steps
+    tokio::spawn(async move {
+        // Runs `f` on the sandbox while it is still this build's; false once it is gone or
+        // moved on (deleted, stopped).
+        let with = |f: &dyn Fn(&mut super::SimSandbox)| {
+            let Ok(mut map) = sim.sandboxes.lock() else {
+                return false;
+            };
+            match map.get_mut(&id) {
+                Some(sb) if matches!(sb.state.as_str(), "pending_build" | "building_snapshot") => {
+                    f(sb);
+                    true
+                }
+                _ => false,
+            }
+        };
+        tokio::time::sleep(sim.config.create_delay).await;
+        if !with(&|sb| sb.set_state(&sim, "building_snapshot")) {
+            return;
+        }
+        let each = delay / (steps.len() as u32 + 1);
+        for (i, step) in steps.iter().enumerate() {
+            let line = format!("Step {}/{} : {step}", i + 1, steps.len());
+            if !with(&|sb| sb.build_log.push(line.clone())) {
+                return;
+            }
+            tokio::time::sleep(each).await;
+        }
+        tokio::time::sleep(each).await;
+        let mut generation = None;
+        with(&|sb| match &failure {
+            Some(reason) => {
+                sb.build_log.push(format!("ERROR: {reason}"));
+                sb.error_reason = Some(reason.clone());
+                sb.set_state(&sim, "build_failed");
+            }
+            None => {
+                sb.build_log.push(format!(
+                    "Successfully built {}",
+                    &sb.id[..12.min(sb.id.len())]
+                ));
+                sb.set_state(&sim, "starting");
+            }
+        });
+        if failure.is_none()
+            && let Ok(map) = sim.sandboxes.lock()
+        {
+            generation = map.get(&id).map(|sb| sb.generation);
+        }
+        if let Some(g) = generation {
+            schedule(&sim, id, g, sim.config.start_delay, "started", None);
+        }
+    });
+}
+
+/// `GET /sandbox/{id}/build-logs[?follow=true]`: the build of a sandbox made from a
+/// declarative image; following, each line as it is printed until the build ends.
+pub(super) async fn sandbox_build_logs(
+    State(sim): State<Arc<Sim>>,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let follow = super::query_pairs(&raw)
         .iter()
-        .enumerate()
-        .map(|(i, s)| format!("Step {}/{} : {s}\n", i + 1, steps.len()))
-        .collect();
-    match (&sb.error_reason, sb.state.as_str()) {
-        (Some(reason), "build_failed" | "error") => text.push_str(&format!("ERROR: {reason}\n")),
-        _ if !steps.is_empty() => text.push_str(&format!(
-            "Successfully built {}\n",
-            &sb.id[..12.min(sb.id.len())]
-        )),
-        _ => {}
+        .any(|(k, v)| k == "follow" && v == "true");
+    let key = {
+        let map = lock(&sim.sandboxes)?;
+        let key = super::find_id(&map, &id).ok_or_else(|| super::not_found(&id))?;
+        if map.get(&key).is_some_and(|sb| sb.build_info.is_none()) {
+            return Err(ApiError::bad_request(format!(
+                "Sandbox {id} was made from a snapshot, not built from an image: it has no \
+                 build logs"
+            )));
+        }
+        key
+    };
+    let read = move |sim: &Sim, from: usize| -> Option<(Vec<String>, bool)> {
+        let map = sim.sandboxes.lock().ok()?;
+        let sb = map.get(&key)?;
+        let building = matches!(sb.state.as_str(), "pending_build" | "building_snapshot");
+        Some((sb.build_log.iter().skip(from).cloned().collect(), !building))
+    };
+    let text = |lines: &[String]| -> String { lines.iter().map(|l| format!("{l}\n")).collect() };
+    if !follow {
+        let (lines, _) = read(&sim, 0).unwrap_or_default();
+        return Ok((
+            [(axum::http::header::CONTENT_TYPE, "text/plain")],
+            text(&lines),
+        )
+            .into_response());
     }
-    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain")], text).into_response())
+    let stream = futures_util::stream::unfold((sim, 0usize, false), move |(sim, seen, done)| {
+        let read = read.clone();
+        async move {
+            if done {
+                return None;
+            }
+            loop {
+                let (lines, settled) = read(&sim, seen)?;
+                if !lines.is_empty() || settled {
+                    let n = lines.len();
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(text(&lines)),
+                        (sim, seen + n, settled),
+                    ));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "text/plain")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 /// `GET /sandbox/{id}/build-logs-url`.

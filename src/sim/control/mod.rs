@@ -44,6 +44,9 @@ pub struct SimSandbox {
     pub updated_ms: u64,
     pub last_activity_ms: u64,
     pub build_info: Option<Value>,
+    /// What the build of a sandbox made from an image printed so far.
+    #[serde(default)]
+    pub build_log: Vec<String>,
     /// Cancels the sandbox's running processes (stop, delete, error).
     #[serde(skip)]
     pub procs: CancellationToken,
@@ -143,6 +146,7 @@ impl SimSandbox {
             updated_ms: now,
             last_activity_ms: now,
             build_info: None,
+            build_log: Vec::new(),
             procs: CancellationToken::new(),
             generation: 0,
         }

@@ -159,13 +159,15 @@ pub(super) async fn create_sandbox(
             gpu: resources.1,
             memory: resources.2,
             disk: resources.3,
-            state: if build_failed.is_some() {
-                "build_failed".into()
+            // Built from an image: the build comes first, as on Daytona.
+            state: if req.build_info.is_some() {
+                "pending_build".into()
             } else {
                 "creating".into()
             },
             desired_state: "started".into(),
-            error_reason: build_failed.clone(),
+            error_reason: None,
+            build_log: Vec::new(),
             auto_stop_interval: req.auto_stop_interval.unwrap_or(15),
             auto_archive_interval: req.auto_archive_interval.unwrap_or(7 * 24 * 60),
             auto_delete_interval: req.auto_delete_interval.unwrap_or(-1),
@@ -186,15 +188,26 @@ pub(super) async fn create_sandbox(
     // On disk before the answer: a sim killed right after still knows it whole.
     let saver = sim.clone();
     let _ = tokio::task::spawn_blocking(move || crate::sim::persist::save(&saver, None)).await;
-    if build_failed.is_none() && !stuck {
-        schedule(
+    if stuck {
+        return Ok(Json(sb.to_json(&sim, true)));
+    }
+    match &req.build_info {
+        Some(bi) => {
+            let dockerfile = bi
+                .get("dockerfileContent")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            super::lifecycle::spawn_build(&sim, id, dockerfile, build_failed);
+        }
+        None => schedule(
             &sim,
             id,
             sb.generation,
             sim.config.create_delay,
             "starting",
             Some((sim.config.start_delay, "started")),
-        );
+        ),
     }
     Ok(Json(sb.to_json(&sim, true)))
 }
