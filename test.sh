@@ -44,6 +44,30 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import daytona, pytest, g
   .venv/bin/pip install -q --disable-pip-version-check daytona==0.226.1 pytest==8.3.4 \
     grpcio==1.76.0 grpcio-tools==1.76.0
 fi
+# The TypeScript SDK's generated clients, pinned: only their route tables are read (by
+# tests/conformance/test_routes.py), so the package tarballs are unpacked, nothing is run.
+TS_SDK=0.218.0
+if [ ! -f ".sdk-ts/$TS_SDK/toolbox-api-client/package.json" ]; then
+  echo "== the TypeScript SDK's @daytona/api-client and toolbox-api-client $TS_SDK"
+  python3 - "$TS_SDK" <<'PY'
+import io, os, sys, tarfile, urllib.request
+version = sys.argv[1]
+for pkg in ("api-client", "toolbox-api-client"):
+    url = f"https://registry.npmjs.org/@daytona/{pkg}/-/{pkg}-{version}.tgz"
+    with urllib.request.urlopen(url, timeout=120) as r:
+        data = r.read()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as t:
+        for m in t.getmembers():
+            rel = m.name[len("package/"):]
+            if not m.isfile() or not m.name.startswith("package/") or ".." in rel.split("/"):
+                continue
+            dest = os.path.join(".sdk-ts", version, pkg, rel)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with open(dest, "wb") as f:
+                f.write(t.extractfile(m).read())
+PY
+fi
+export DAYTONA_TS_SDK_DIR="$PWD/.sdk-ts/$TS_SDK"
 
 echo "== cargo test"
 cargo test --all-targets 2>&1 | tee /tmp/crabbox-test-$$.log

@@ -5,12 +5,13 @@ another 5xx."""
 import importlib
 import inspect
 import json
+import os
 import pkgutil
 import re
 import urllib.error
 import urllib.request
 
-from conftest import API_KEY, Sim
+from conftest import API_KEY, ROOT, Sim
 
 ROUTE = re.compile(r"method='([A-Z]+)',\s*resource_path='([^']+)'")
 
@@ -37,6 +38,41 @@ MUST_SERVE = {
     ("api", "GET", "/sandbox/{sandboxIdOrName}/ports/{port}/signed-preview-url"),
     ("api", "GET", "/snapshots/{id}/build-logs"), ("api", "GET", "/sandbox/{sandboxIdOrName}/build-logs"),
 }
+
+
+TS_ROUTE = re.compile(r"const localVarPath = `([^`]+)`(.*?)method: '([A-Z]+)'", re.S)
+TS_PARAM = re.compile(r"\$\{encodeURIComponent\(String\((\w+)\)\)\}")
+
+
+def ts_routes():
+    """The TypeScript SDK's generated clients (@daytona/api-client, toolbox-api-client),
+    unpacked by test.sh into $DAYTONA_TS_SDK_DIR."""
+    base = os.environ.get("DAYTONA_TS_SDK_DIR") or os.path.join(ROOT, ".sdk-ts", "0.218.0")
+    routes = set()
+    for pkg, surface in (("api-client", "api"), ("toolbox-api-client", "toolbox")):
+        folder = os.path.join(base, pkg, "src", "api")
+        assert os.path.isdir(folder), f"{folder} is missing: run ./test.sh, which unpacks the TypeScript SDK's clients"
+        for name in os.listdir(folder):
+            if name.endswith(".js"):
+                src = open(os.path.join(folder, name)).read()
+                for path, _, method in TS_ROUTE.findall(src):
+                    routes.add((surface, method, TS_PARAM.sub(r"{\1}", path)))
+    return sorted(routes)
+
+
+def shape(route):
+    surface, method, template = route
+    return surface, method, re.sub(r"\{[^}]+\}", "{}", template)
+
+
+def test_the_typescript_sdk_calls_no_route_the_python_one_does_not():
+    """The TypeScript SDK's routes are checked through the Python SDK's list: each must be
+    there (parameter names aside), so test_every_sdk_route_is_served_or_a_named_501 covers
+    them too."""
+    ts = ts_routes()
+    assert len(ts) > 250, len(ts)
+    missing = {shape(r) for r in ts} - {shape(r) for r in sdk_routes()}
+    assert not missing, sorted(missing)
 
 
 def sdk_routes():
