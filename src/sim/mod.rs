@@ -3,9 +3,14 @@
 //! `/toolbox/{sandboxId}`, with Daytona's status codes and error bodies, API-key and
 //! JWT + organisation auth, key permissions, and scriptable faults (`/_sim/faults`).
 //!
-//! - [`control`]: sandboxes, snapshots, SSH access, API-key introspection.
-//! - [`toolbox`]: files, process execution, sessions (with the log-follow WebSocket).
+//! - [`control`]: sandboxes (with pause, archive, resize, builds), snapshots, previews,
+//!   SSH access, API-key introspection, quotas.
+//! - [`toolbox`]: files, process execution, sessions (one shell each), PTYs, git, ports,
+//!   metrics.
+//! - [`events`]: the Socket.IO channel of state changes.
 //! - [`ssh`]: the SSH gateway (access token as user name, auth `none`).
+//! - [`persist`]: the state on disk across restarts.
+//! - [`routes`]: every route of the official SDKs, so that an unserved one is a named 501.
 //!
 //! Sandboxes are real: each has a folder (its `/home` and `/tmp`) and its commands run as
 //! real processes, jailed with bubblewrap so that sandbox paths are real paths.
@@ -187,6 +192,8 @@ pub struct Sim {
     pub faults: Mutex<Faults>,
     pub started: Instant,
     pub shutdown: CancellationToken,
+    /// Asks the state saver ([`persist`]) to write now; it answers once written.
+    pub flush: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Sim {
@@ -258,6 +265,14 @@ impl Sim {
         }
         let factor = 1.0 + j * (rand::random::<f64>() * 2.0 - 1.0);
         delay.mul_f64(factor.max(0.0))
+    }
+
+    /// Returns once the state is on disk (or the saver is gone).
+    pub async fn flush_state(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.flush.send(tx).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     /// Real time for `minutes` of sim time.
@@ -774,6 +789,7 @@ pub async fn start(
     let addr = listener.local_addr()?;
     std::fs::create_dir_all(&config.state_dir)?;
     let engine = Engine::open(config.state_dir.join("sandboxes")).map_err(std::io::Error::other)?;
+    let (flush_tx, flush_rx) = tokio::sync::mpsc::channel(64);
     let sim = Arc::new(Sim {
         faults: Mutex::new(config.faults.clone()),
         config,
@@ -788,10 +804,11 @@ pub async fn start(
         requests: Mutex::new(Vec::new()),
         started: Instant::now(),
         shutdown: shutdown.clone(),
+        flush: flush_tx,
     });
     let restored = persist::load(&sim).map_err(std::io::Error::other)?;
     tracing::info!("state: {restored}");
-    persist::spawn_saver(sim.clone(), shutdown.clone());
+    persist::spawn_saver(sim.clone(), flush_rx, shutdown.clone());
     control::spawn_auto_stop(sim.clone());
     let app = router(sim.clone());
     let task = tokio::spawn(async move {

@@ -56,12 +56,8 @@ fn snapshot_of(sim: &Sim) -> Option<Vec<u8>> {
     serde_json::to_vec(&state).ok()
 }
 
-/// One writer at a time (the saver and a create's own save share the temporary file).
-static WRITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 /// Writes the state now if it changed since `last`; answers what is on disk.
 pub fn save(sim: &Sim, last: Option<&[u8]>) -> Option<Vec<u8>> {
-    let _one = WRITING.lock().ok()?;
     let bytes = snapshot_of(sim)?;
     if last == Some(bytes.as_slice()) {
         return Some(bytes);
@@ -88,14 +84,25 @@ pub fn save(sim: &Sim, last: Option<&[u8]>) -> Option<Vec<u8>> {
     }
 }
 
-/// Saves every [`SAVE_EVERY`] until `shutdown`, then once more.
-pub fn spawn_saver(sim: Arc<Sim>, shutdown: CancellationToken) {
+/// Saves every [`SAVE_EVERY`], and at once when asked through `flush` (answering once
+/// written), until `shutdown`; then once more.
+pub fn spawn_saver(
+    sim: Arc<Sim>,
+    mut flush: tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
+    shutdown: CancellationToken,
+) {
     tokio::spawn(async move {
         let mut last = None;
         loop {
+            let mut waiting = Vec::new();
             tokio::select! {
                 () = tokio::time::sleep(SAVE_EVERY) => {}
+                Some(ack) = flush.recv() => waiting.push(ack),
                 () = shutdown.cancelled() => break,
+            }
+            // Every flush asked meanwhile is served by this one write.
+            while let Ok(ack) = flush.try_recv() {
+                waiting.push(ack);
             }
             let s = sim.clone();
             let prev = last.take();
@@ -103,6 +110,9 @@ pub fn spawn_saver(sim: Arc<Sim>, shutdown: CancellationToken) {
                 .await
                 .ok()
                 .flatten();
+            for ack in waiting {
+                let _ = ack.send(());
+            }
         }
         save(&sim, last.as_deref());
     });

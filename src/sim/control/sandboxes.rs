@@ -186,8 +186,7 @@ pub(super) async fn create_sandbox(
         sb
     };
     // On disk before the answer: a sim killed right after still knows it whole.
-    let saver = sim.clone();
-    let _ = tokio::task::spawn_blocking(move || crate::sim::persist::save(&saver, None)).await;
+    sim.flush_state().await;
     if stuck {
         return Ok(Json(sb.to_json(&sim, true)));
     }
