@@ -1,7 +1,8 @@
 """Stdout throughput through `crabbox run` on a warm lease (local, and daytona-sim on
 loopback) against the same bytes through one pipe (`head | cat`), best of 3, in one run.
 
-Usage: python3 bench/stream_bench.py [MB]   (after `cargo build --release`; default 500)
+Usage: .venv/bin/python bench/stream_bench.py [MB]   (after `cargo build --release`;
+default 500; the raw WebSocket baseline needs aiohttp, which the SDK's venv has)
 """
 import os
 import subprocess
@@ -33,6 +34,49 @@ def daemon(name, extra):
     return env, repo
 
 
+def raw_reader(url, n):
+    """Seconds for a raw WebSocket reader (aiohttp) to read a session command's log stream
+    of `n` bytes from daytona-sim: the floor for crabbox's Daytona path."""
+    import asyncio
+    import json
+    import urllib.request
+    import aiohttp
+
+    def call(method, path, body=None):
+        req = urllib.request.Request(url + path, method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as r:
+            return json.loads(r.read() or b"null")
+
+    sb = call("POST", "/api/sandbox", {"snapshot": "default"})
+    for _ in range(200):
+        if call("GET", f"/api/sandbox/{sb['id']}")["state"] == "started":
+            break
+        time.sleep(0.02)
+    tb = f"/toolbox/{sb['id']}/process/session"
+    call("POST", tb, {"sessionId": "raw"})
+
+    async def once():
+        cmd = call("POST", f"{tb}/raw/exec", {"command": f"head -c {n} /dev/zero", "runAsync": True})
+        t = time.perf_counter()
+        got = 0
+        async with aiohttp.ClientSession() as s:
+            ws_url = url.replace("http://", "ws://") + f"{tb}/raw/command/{cmd['cmdId']}/logs?follow=true"
+            async with s.ws_connect(ws_url, headers={"Authorization": f"Bearer {KEY}"}, max_msg_size=0) as ws:
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        got += len(msg.data) - 3
+                    else:
+                        break
+        assert got == n, (got, n)
+        return time.perf_counter() - t
+
+    took = min(asyncio.run(once()) for _ in range(3))
+    call("DELETE", f"/api/sandbox/{sb['id']}")
+    return took
+
+
 def best(cmd, cwd=None, env=None):
     times = []
     for _ in range(3):
@@ -59,6 +103,10 @@ try:
         took = best([f"{BIN}/crabbox", "run", "-q", "--no-sync", "--", "head", "-c", str(n), "/dev/zero"],
                     cwd=repo, env=env)
         print(f"  crabbox run, {name:<11} warm:   {MB / took:7.0f} MB/s  ({pipe / took:.2f}x the pipe)")
+        if name == "daytona-sim":
+            raw = raw_reader(url, n)
+            print(f"  raw WebSocket reader of the sim's log stream: {MB / raw:7.0f} MB/s"
+                  f"  (crabbox run is {raw / took:.2f}x of it)")
 finally:
     for p in reversed(procs):
         p.terminate()
