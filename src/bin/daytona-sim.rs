@@ -17,7 +17,7 @@ use crabbox::sim::{self, Faults, SimConfig};
 /// and rate_limit_path (only requests whose `METHOD /path` contains it),
 /// drop_rate (fraction of connections dropped mid-answer), drop_next + drop_path (drop
 /// the next N requests whose `METHOD /path` contains a string; drop_skip lets that many
-/// matching requests through first), cpu_quota, memory_quota and sandbox_quota (the
+/// matching requests through first), cpu_quota, memory_quota, disk_quota and sandbox_quota (the
 /// organization's totals: a create, start or resize past one is refused with Daytona's
 /// 403; 0 lifts it), stuck_create (new sandboxes
 /// never leave `creating`), sandbox_error + error_reason (push a sandbox into `error`).
@@ -63,7 +63,10 @@ struct Args {
     /// The organization's total memory in GiB over sandboxes that run.
     #[arg(long)]
     quota_memory: Option<i64>,
-    /// The most sandboxes the organization may have.
+    /// The organization's total disk in GiB over sandboxes not archived.
+    #[arg(long)]
+    quota_disk: Option<i64>,
+    /// The most sandboxes the organization may have (the sim's own: Daytona has none).
     #[arg(long)]
     quota_sandboxes: Option<i64>,
     /// The largest JSON request body taken (larger ones get 413).
@@ -128,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
     for (flag, v) in [
         ("--quota-cpu", args.quota_cpu),
         ("--quota-memory", args.quota_memory),
+        ("--quota-disk", args.quota_disk),
         ("--quota-sandboxes", args.quota_sandboxes),
     ] {
         if v.is_some_and(|n| n < 1) {
@@ -143,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
         stuck_create: args.stuck_create,
         cpu_quota: args.quota_cpu,
         memory_quota: args.quota_memory,
+        disk_quota: args.quota_disk,
         sandbox_quota: args.quota_sandboxes,
         ..Faults::default()
     };

@@ -141,6 +141,8 @@ pub struct Faults {
     pub cpu_quota: Option<i64>,
     /// The same for memory, in GiB.
     pub memory_quota: Option<i64>,
+    /// The organization's total disk in GiB over sandboxes not archived.
+    pub disk_quota: Option<i64>,
     /// The most sandboxes (not destroyed) the organization may have.
     pub sandbox_quota: Option<i64>,
 }
@@ -165,6 +167,7 @@ pub struct FaultsUpdate {
     /// 0 lifts the quota.
     cpu_quota: Option<i64>,
     memory_quota: Option<i64>,
+    disk_quota: Option<i64>,
     sandbox_quota: Option<i64>,
     /// Push this sandbox (id or name) into `error`.
     sandbox_error: Option<String>,
@@ -219,8 +222,12 @@ impl Sim {
         sandbox: Option<&str>,
         cpu: i64,
         memory: i64,
+        disk: i64,
     ) -> Option<ApiError> {
         let f = self.faults.lock().map(|f| f.clone()).unwrap_or_default();
+        // Daytona's own words (its API's validateOrganizationQuotas).
+        let upgrade = "To increase concurrency limits, upgrade your organization's Tier by \
+                       visiting https://app.daytona.io/dashboard/limits.";
         let others = || map.values().filter(move |s| Some(s.id.as_str()) != sandbox);
         let running = |s: &&control::SimSandbox| {
             !matches!(
@@ -239,18 +246,37 @@ impl Sim {
             && let Some(q) = f.sandbox_quota
             && others().filter(|s| s.state != "destroyed").count() as i64 >= q
         {
-            return forbid(format!("Sandbox limit exceeded. Maximum allowed: {q}."));
+            // Daytona has no such quota of its own: the sim's, worded like the others.
+            return forbid(format!(
+                "Total sandbox limit exceeded. Maximum allowed: {q}.\n{upgrade}"
+            ));
         }
         if let Some(q) = f.cpu_quota
             && others().filter(running).map(|s| s.cpu).sum::<i64>() + cpu > q
         {
-            return forbid(format!("Total CPU limit exceeded. Maximum allowed: {q}."));
+            return forbid(format!(
+                "Total CPU limit exceeded. Maximum allowed: {q}.\n{upgrade}"
+            ));
         }
         if let Some(q) = f.memory_quota
             && others().filter(running).map(|s| s.memory).sum::<i64>() + memory > q
         {
             return forbid(format!(
-                "Total memory limit exceeded. Maximum allowed: {q}GiB."
+                "Total memory limit exceeded. Maximum allowed: {q}GiB.\n{upgrade}"
+            ));
+        }
+        // A stopped sandbox keeps its disk; an archived one has given it back.
+        if let Some(q) = f.disk_quota
+            && others()
+                .filter(|s| !matches!(s.state.as_str(), "archived" | "destroyed" | "destroying"))
+                .map(|s| s.disk)
+                .sum::<i64>()
+                + disk
+                > q
+        {
+            return forbid(format!(
+                "Total disk limit exceeded. Maximum allowed: {q}GiB.\nConsider archiving your \
+                 unused Sandboxes to free up available storage.\n{upgrade}"
             ));
         }
         None
@@ -727,6 +753,9 @@ async fn set_faults(
     }
     if let Some(v) = u.memory_quota {
         f.memory_quota = (v > 0).then_some(v);
+    }
+    if let Some(v) = u.disk_quota {
+        f.disk_quota = (v > 0).then_some(v);
     }
     if let Some(v) = u.sandbox_quota {
         f.sandbox_quota = (v > 0).then_some(v);

@@ -92,12 +92,31 @@ def test_quotas_are_daytonas_403_and_free_up():
         c = client.create(CreateSandboxFromImageParams(image=Image.debian_slim("3.12"), resources=Resources(cpu=1, memory=1)), timeout=60)
         with pytest.raises(DaytonaForbiddenError, match="Total CPU limit exceeded"):
             b.start()
-        with pytest.raises(DaytonaForbiddenError, match="Sandbox limit exceeded. Maximum allowed: 3."):
+        with pytest.raises(DaytonaForbiddenError, match="Total sandbox limit exceeded. Maximum allowed: 3."):
             client.create(CreateSandboxFromImageParams(image=Image.debian_slim("3.12"), resources=Resources(cpu=1, memory=1)), timeout=60)
         status, body, _ = raw(sim, "POST", "/api/sandbox", '{"cpu": 1, "memory": 1}')
         assert status == 403 and body["statusCode"] == 403 and body["error"] == "Forbidden", body
+        assert "upgrade your organization's Tier" in body["message"], body
         for s in (a, b, c):
             client.delete(s)
+    finally:
+        sim.stop()
+    # Disk: a stopped sandbox keeps its disk, an archived one gives it back.
+    sim = Sim("--quota-disk", "8")
+    try:
+        client = sim.client()
+        a = client.create(CreateSandboxFromImageParams(image=Image.debian_slim("3.12"), resources=Resources(disk=5)), timeout=60)
+        a.stop()
+        with pytest.raises(DaytonaForbiddenError, match="Total disk limit exceeded. Maximum allowed: 8GiB.\nConsider archiving"):
+            client.create(CreateSandboxFromImageParams(image=Image.debian_slim("3.12"), resources=Resources(disk=5)), timeout=60)
+        a.archive()
+        for _ in range(100):
+            a.refresh_data()
+            if a.state == "archived":
+                break
+            time.sleep(0.05)
+        b = client.create(CreateSandboxFromImageParams(image=Image.debian_slim("3.12"), resources=Resources(disk=5)), timeout=60)
+        assert b.state == "started"
     finally:
         sim.stop()
 

@@ -156,7 +156,14 @@ pub(super) async fn resize_sandbox(
         }
         let cpu = req.cpu.unwrap_or(sb.cpu);
         let memory = req.memory.unwrap_or(sb.memory);
-        if hot && let Some(e) = sim.quota_error(&map, Some(&key), cpu, memory) {
+        let disk = req.disk.unwrap_or(sb.disk);
+        if let Some(e) = sim.quota_error(
+            &map,
+            Some(&key),
+            if hot { cpu } else { 0 },
+            if hot { memory } else { 0 },
+            disk,
+        ) {
             return Err(e);
         }
         let sb = map.get_mut(&key).ok_or_else(|| super::not_found(&id))?;

@@ -120,7 +120,7 @@ pub(super) async fn create_sandbox(
     let now = now_ms();
     let sb = {
         let mut map = lock(&sim.sandboxes)?;
-        if let Some(e) = sim.quota_error(&map, None, resources.0, resources.2) {
+        if let Some(e) = sim.quota_error(&map, None, resources.0, resources.2, resources.3) {
             return Err(e);
         }
         if find_id(&map, &name).is_some() {
@@ -320,13 +320,13 @@ pub(super) async fn start_sandbox(
     let json = {
         let mut map = lock(&sim.sandboxes)?;
         let key = find_id(&map, &id).ok_or_else(|| not_found(&id))?;
-        let (state, cpu, memory) = map
+        let (state, cpu, memory, disk) = map
             .get(&key)
-            .map(|s| (s.state.clone(), s.cpu, s.memory))
+            .map(|s| (s.state.clone(), s.cpu, s.memory, s.disk))
             .ok_or_else(|| not_found(&id))?;
         // Coming back (not `paused`: its resources were never given up) must fit the quota.
         if matches!(state.as_str(), "stopped" | "archived")
-            && let Some(e) = sim.quota_error(&map, Some(&key), cpu, memory)
+            && let Some(e) = sim.quota_error(&map, Some(&key), cpu, memory, disk)
         {
             return Err(e);
         }
