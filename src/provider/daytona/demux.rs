@@ -19,29 +19,37 @@ pub struct Demux {
 impl Demux {
     /// Feeds one frame; answers the output it completes.
     pub fn push(&mut self, frame: &[u8]) -> Vec<ExecOutput> {
-        let mut buf = std::mem::take(&mut self.pending);
-        buf.extend_from_slice(frame);
+        // Only a frame that follows a held-back partial marker is copied to join it.
+        let joined;
+        let buf: &[u8] = if self.pending.is_empty() {
+            frame
+        } else {
+            let mut b = std::mem::take(&mut self.pending);
+            b.extend_from_slice(frame);
+            joined = b;
+            &joined
+        };
         let mut out = Vec::new();
         let mut start = 0;
         let mut i = 0;
-        while i < buf.len() {
+        // Jump from one candidate marker byte to the next (SIMD), not byte by byte.
+        while let Some(at) = memchr::memchr2(STDOUT, STDERR, &buf[i..]) {
+            i += at;
             let b = buf[i];
-            if b == STDOUT || b == STDERR {
-                let have = buf.len() - i;
-                if have < 3 {
-                    // Might be a marker cut by the frame boundary.
-                    if buf[i..].iter().all(|x| *x == b) {
-                        self.emit(&buf[start..i], &mut out);
-                        self.pending = buf[i..].to_vec();
-                        return out;
-                    }
-                } else if buf[i + 1] == b && buf[i + 2] == b {
+            let have = buf.len() - i;
+            if have < 3 {
+                // Might be a marker cut by the frame boundary.
+                if buf[i..].iter().all(|x| *x == b) {
                     self.emit(&buf[start..i], &mut out);
-                    self.stderr = b == STDERR;
-                    i += 3;
-                    start = i;
-                    continue;
+                    self.pending = buf[i..].to_vec();
+                    return out;
                 }
+            } else if buf[i + 1] == b && buf[i + 2] == b {
+                self.emit(&buf[start..i], &mut out);
+                self.stderr = b == STDERR;
+                i += 3;
+                start = i;
+                continue;
             }
             i += 1;
         }

@@ -452,7 +452,7 @@ impl ExitTrailer {
         for chunk in chunks {
             match chunk {
                 ExecOutput::Stdout(b) => {
-                    let shown = self.push(&b);
+                    let shown = self.push(b);
                     if !shown.is_empty() {
                         out.push(ExecOutput::Stdout(shown));
                     }
@@ -463,16 +463,17 @@ impl ExitTrailer {
         out
     }
 
-    fn push(&mut self, bytes: &[u8]) -> Vec<u8> {
+    fn push(&mut self, bytes: Vec<u8>) -> Vec<u8> {
         if self.code.is_some() {
             // After the trailer only Daytona's added newline can come.
-            return if bytes == b"\n" {
-                Vec::new()
-            } else {
-                bytes.to_vec()
-            };
+            return if bytes == b"\n" { Vec::new() } else { bytes };
         }
-        self.held.extend_from_slice(bytes);
+        // The marker starts with 0x1E: output without one (nearly all of it) passes as it
+        // is, without a copy or a search for the whole marker.
+        if self.held.is_empty() && memchr::memchr(0x1e, &bytes).is_none() {
+            return bytes;
+        }
+        self.held.extend_from_slice(&bytes);
         if let Some(at) = find(&self.held, &self.marker) {
             let rest = &self.held[at + self.marker.len()..];
             if let Some(end) = rest.iter().position(|&b| b == 0x1e) {
@@ -515,7 +516,7 @@ impl ExitTrailer {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
 
 /// How a command that crabbox stopped (its timeout, or cancelled) ended.
@@ -599,6 +600,28 @@ mod tests {
         shown.extend(out(t.finish()));
         assert_eq!(shown, b"hello\n");
         assert_eq!(t.code, Some(42));
+    }
+
+    #[test]
+    fn plain_output_passes_whole_and_a_partial_marker_still_joins_the_next_chunk() {
+        let mut t = ExitTrailer::new("ab12");
+        let big = vec![b'x'; 100_000];
+        assert_eq!(out(t.filter(vec![ExecOutput::Stdout(big.clone())])), big);
+        // A marker start held back makes the next plain chunk go through the slow path.
+        assert_eq!(
+            out(t.filter(vec![ExecOutput::Stdout(b"y\x1e".to_vec())])),
+            b"y"
+        );
+        assert_eq!(
+            out(t.filter(vec![ExecOutput::Stdout(b"zz".to_vec())])),
+            b"\x1ezz"
+        );
+        shown_code(&mut t, b"\x1ecrabbox-exit-ab12:0\x1e");
+        assert_eq!(t.code, Some(0));
+    }
+
+    fn shown_code(t: &mut ExitTrailer, bytes: &[u8]) {
+        assert!(out(t.filter(vec![ExecOutput::Stdout(bytes.to_vec())])).is_empty());
     }
 
     #[test]
