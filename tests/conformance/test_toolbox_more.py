@@ -119,3 +119,42 @@ def test_git_init_add_commit_branch_checkout_clone_status(daytona):
             sb.git.checkout_branch(repo, "no-such-branch")
     finally:
         daytona.delete(sb)
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0
+
+
+def test_a_session_commands_output_is_kept_on_disk_not_in_memory(sim, daytona):
+    """As Daytona's daemon does: a command's log is a file; the sim's memory does not grow
+    with what its commands print, and the file goes with the session."""
+    import glob
+    import os
+    sb = create(daytona)
+    try:
+        sb.process.create_session("chatty")
+        before = rss_mib(sim.proc.pid)
+        big = sb.process.execute_session_command("chatty", SessionExecuteRequest(
+            command="head -c 300000000 /dev/zero", run_async=True))
+        for _ in range(600):
+            if sb.process.get_session_command("chatty", big.cmd_id).exit_code is not None:
+                break
+            time.sleep(0.05)
+        logs = glob.glob(os.path.join(sim.dir, "logs", "*.log"))
+        assert max(os.path.getsize(p) for p in logs) >= 300_000_000
+        after = rss_mib(sim.proc.pid)
+        assert after - before < 100, f"the sim grew {after - before:.0f} MiB for 300 MB of output"
+        follow = []
+        cmd = sb.process.execute_session_command("chatty", SessionExecuteRequest(
+            command="seq 1 200000", run_async=True))
+        import asyncio
+        asyncio.run(sb.process.get_session_command_logs_async("chatty", cmd.cmd_id, follow.append, follow.append))
+        assert "".join(follow).split() == [str(i) for i in range(1, 200001)]
+        sb.process.delete_session("chatty")
+        assert not any(os.path.exists(p) for p in logs), "the session's logs went with it"
+    finally:
+        daytona.delete(sb)

@@ -20,6 +20,7 @@ use crate::sandbox::process::ProcessSpec;
 mod files;
 mod git;
 pub(crate) mod info;
+mod outlog;
 mod process;
 mod pty;
 mod search;

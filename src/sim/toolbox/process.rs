@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::outlog::{self, OutputLog};
 use super::shell::Shell;
 use super::{Ctx, ctx, param, spec};
 use crate::clock::now_ms;
@@ -97,11 +98,13 @@ pub(super) struct Cmd {
     suppress_echo: bool,
 }
 
-#[derive(Default)]
 pub(super) struct CmdState {
     exit_code: Option<i32>,
-    chunks: Vec<ExecOutput>,
+    log: OutputLog,
 }
+
+/// The most output one round of a log follower reads from disk.
+const FOLLOW_BATCH: usize = 4 * 1024 * 1024;
 
 impl Cmd {
     fn json(&self) -> Value {
@@ -115,8 +118,9 @@ impl Cmd {
 
     fn logs(&self) -> (String, String, String) {
         let (mut all, mut out, mut err) = (Vec::new(), Vec::new(), Vec::new());
-        if let Ok(s) = self.state.lock() {
-            for c in &s.chunks {
+        let pieces = self.state.lock().map(|s| s.log.after(0, usize::MAX)).ok();
+        if let Some((pieces, file)) = pieces {
+            for c in &outlog::read(&file, &pieces) {
                 match c {
                     ExecOutput::Stdout(b) => {
                         all.extend(b);
@@ -301,7 +305,11 @@ pub(super) async fn session_exec(
     let cmd = Arc::new(Cmd {
         id: crate::sim::control::uuid(),
         command: req.command.clone(),
-        state: Mutex::new(CmdState::default()),
+        state: Mutex::new(CmdState {
+            exit_code: None,
+            log: OutputLog::create(&sim.config.state_dir.join("logs"))
+                .map_err(|e| ApiError::internal(format!("creating the command's log file: {e}")))?,
+        }),
         changed: Notify::new(),
         input: Mutex::new(in_tx),
         suppress_echo: req.suppress_input_echo.unwrap_or(false),
@@ -311,7 +319,7 @@ pub(super) async fn session_exec(
     let sandbox = c.id.clone();
     let output = move |o: ExecOutput| {
         if let Ok(mut s) = runner.state.lock() {
-            s.chunks.push(o);
+            s.log.push(o);
         }
         runner.changed.notify_waiters();
         if let Ok(mut map) = sim2.sandboxes.lock()
@@ -401,10 +409,14 @@ pub(super) async fn follow_logs(mut socket: WebSocket, cmd: Arc<Cmd>) {
     let mut sent = 0;
     loop {
         let notified = cmd.changed.notified();
-        let (chunks, done) = match cmd.state.lock() {
-            Ok(s) => (s.chunks[sent..].to_vec(), s.exit_code.is_some()),
+        let (pieces, file, done, total) = match cmd.state.lock() {
+            Ok(s) => {
+                let (pieces, file) = s.log.after(sent, FOLLOW_BATCH);
+                (pieces, file, s.exit_code.is_some(), s.log.len())
+            }
             Err(_) => return,
         };
+        let chunks = outlog::read(&file, &pieces);
         for chunk in &chunks {
             let (mark, data) = match chunk {
                 ExecOutput::Stdout(b) => (STDOUT_MARK, b),
@@ -417,7 +429,11 @@ pub(super) async fn follow_logs(mut socket: WebSocket, cmd: Arc<Cmd>) {
                 return;
             }
         }
-        sent += chunks.len();
+        sent += pieces.len();
+        if sent < total {
+            // More is on disk already: no waiting for news.
+            continue;
+        }
         if done {
             let _ = socket
                 .send(Message::Close(Some(CloseFrame {
@@ -476,7 +492,7 @@ pub(super) async fn command_input(
     }
     if !cmd.suppress_echo {
         if let Ok(mut s) = cmd.state.lock() {
-            s.chunks.push(ExecOutput::Stdout(data.clone()));
+            s.log.push(ExecOutput::Stdout(data.clone()));
         }
         cmd.changed.notify_waiters();
     }
