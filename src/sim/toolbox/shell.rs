@@ -115,12 +115,13 @@ impl Shell {
                 Ok(Ok(exit)) => exit.code,
                 _ => 1,
             };
+            // Under the lock: a command is either taken here or refused by `run`.
             if let Ok(mut m) = marks.lock() {
                 for (_, done) in std::mem::take(&mut *m) {
                     let _ = done.send(Some(code));
                 }
+                let _ = ended_tx.send(Some(code));
             }
-            let _ = ended_tx.send(Some(code));
         });
         Ok(Shell {
             script,
@@ -191,10 +192,21 @@ impl Shell {
             None => None,
         };
         let (done_tx, done) = watch::channel(None);
-        self.pending
-            .lock()
-            .map_err(|_| io::Error::other("lock poisoned"))?
-            .insert(id.to_string(), done_tx);
+        {
+            let mut pending = self
+                .pending
+                .lock()
+                .map_err(|_| io::Error::other("lock poisoned"))?;
+            // Checked under the lock the shell's end takes: never a command left waiting
+            // on a shell that has gone.
+            if let Some(code) = self.ended() {
+                return Err(io::Error::other(format!(
+                    "the session's shell has exited (code {code}); delete the session and \
+                     create a new one"
+                )));
+            }
+            pending.insert(id.to_string(), done_tx);
+        }
         let script = format!(
             "{{ eval {}\n}} < {} > {} 2> {}; printf '{} {id} %d\\n' \"$?\"\n",
             quote(command),
