@@ -285,12 +285,7 @@ impl Sim {
     /// `delay` give or take the configured jitter (a fraction of it, uniformly), so that
     /// clients meet the spread of a real control plane, not one fixed figure.
     pub fn jittered(&self, delay: Duration) -> Duration {
-        let j = self.config.jitter.clamp(0.0, 1.0);
-        if j == 0.0 || delay.is_zero() {
-            return delay;
-        }
-        let factor = 1.0 + j * (rand::random::<f64>() * 2.0 - 1.0);
-        delay.mul_f64(factor.max(0.0))
+        jitter(delay, self.config.jitter, rand::random::<f64>())
     }
 
     /// Returns once the state is on disk (or the saver is gone).
@@ -305,6 +300,16 @@ impl Sim {
     pub fn scaled_minutes(&self, minutes: f64) -> Duration {
         Duration::from_secs_f64((minutes * 60.0 / self.config.time_scale.max(1e-6)).max(0.0))
     }
+}
+
+/// `delay` scaled by `1 + fraction * (2 * r - 1)`: `r` uniform in [0, 1) spreads it over
+/// ±`fraction` of itself (the fraction clamped to [0, 1]).
+fn jitter(delay: Duration, fraction: f64, r: f64) -> Duration {
+    let j = fraction.clamp(0.0, 1.0);
+    if j == 0.0 || delay.is_zero() {
+        return delay;
+    }
+    delay.mul_f64((1.0 + j * (r * 2.0 - 1.0)).max(0.0))
 }
 
 /// A Daytona-shaped error answer.
@@ -848,4 +853,24 @@ pub async fn start(
             .await
     });
     Ok((sim, addr, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_spreads_a_delay_by_its_fraction_either_way() {
+        let d = Duration::from_millis(200);
+        assert_eq!(jitter(d, 0.0, 0.9), d, "no jitter: exact");
+        assert_eq!(jitter(d, 0.5, 0.0), Duration::from_millis(100));
+        assert_eq!(jitter(d, 0.5, 0.5), d);
+        assert_eq!(jitter(d, 0.5, 1.0), Duration::from_millis(300));
+        assert_eq!(
+            jitter(d, 7.0, 0.0),
+            Duration::ZERO,
+            "clamped to 1: never negative"
+        );
+        assert_eq!(jitter(Duration::ZERO, 0.5, 1.0), Duration::ZERO);
+    }
 }
