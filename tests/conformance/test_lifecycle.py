@@ -149,3 +149,13 @@ def test_a_sandbox_built_from_an_image_streams_its_build(daytona, tmp_path):
     for s in broken:
         assert "FROM" in (s.error_reason or "")
         daytona.delete(s)
+
+
+def test_bad_timing_and_quota_flags_are_refused_with_what_to_use(tmp_path):
+    import subprocess
+    from conftest import SIM
+    for flags, said in ((["--jitter", "2"], "between 0 and 1"), (["--quota-cpu", "0"], "at least 1"),
+                        (["--max-json-body", "lots"], "max-json-body")):
+        r = subprocess.run([SIM, "--state-dir", str(tmp_path), "--api-key", "k", *flags],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0 and said in r.stderr, (flags, r.returncode, r.stderr)
