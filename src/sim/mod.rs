@@ -399,6 +399,44 @@ impl IntoResponse for ApiError {
 /// gets to finish sending and reads the answer rather than a broken pipe.
 const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
 
+type SharedBody = Arc<tokio::sync::Mutex<Option<axum::body::BodyDataStream>>>;
+
+/// `req` with its body read through a handle the caller keeps, to drain what the handler
+/// leaves unread.
+fn shared_body(req: Request) -> (Request, SharedBody) {
+    let (parts, body) = req.into_parts();
+    let shared: SharedBody = Arc::new(tokio::sync::Mutex::new(Some(body.into_data_stream())));
+    let stream = futures_util::stream::unfold(shared.clone(), |shared| async move {
+        let item = {
+            let mut guard = shared.lock().await;
+            let s = guard.as_mut()?;
+            futures_util::StreamExt::next(s).await?
+        };
+        Some((item, shared))
+    });
+    (
+        Request::from_parts(parts, axum::body::Body::from_stream(stream)),
+        shared,
+    )
+}
+
+/// Reads and drops what is left of a shared body, up to [`DRAIN_LIMIT`] bytes and 10 s.
+async fn drain(shared: SharedBody) {
+    let Some(mut rest) = shared.lock().await.take() else {
+        return;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut seen = 0usize;
+        while let Some(Ok(chunk)) = futures_util::StreamExt::next(&mut rest).await {
+            seen = seen.saturating_add(chunk.len());
+            if seen > DRAIN_LIMIT {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// The body, if it is at most `limit` bytes; else Daytona's 413 once the rest was drained
 /// (up to [`DRAIN_LIMIT`]).
 async fn read_bounded(body: axum::body::Body, limit: usize) -> Result<Vec<u8>, ApiError> {
@@ -647,13 +685,28 @@ async fn gate(State(sim): State<Arc<Sim>>, mut req: Request, next: Next) -> Resp
                     Err(e) => e.into_response(),
                 };
             }
-            match authenticate(&sim, req.headers()) {
+            // An upload refused before its body was read (no path, bad auth, ...) is drained
+            // after the answer is made, so the client reads the answer, not a broken pipe.
+            let (mut req, leftover) = if upload {
+                let (req, rest) = shared_body(req);
+                (req, Some(rest))
+            } else {
+                (req, None)
+            };
+            let resp = match authenticate(&sim, req.headers()) {
                 Ok(p) => {
                     req.extensions_mut().insert(p);
                     next.run(req).await
                 }
-                Err(e) => e.into_response(),
+                Err(e) => {
+                    drop(req);
+                    e.into_response()
+                }
+            };
+            if let Some(rest) = leftover {
+                drain(rest).await;
             }
+            resp
         })
         .await
 }
