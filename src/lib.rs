@@ -30,6 +30,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod files;
 pub mod ids;
 pub mod lease;
 pub mod logging;

@@ -161,25 +161,12 @@ impl Store {
             }
             None => self.daemon_id()?,
         };
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let tmp = id_file.with_extension("tmp");
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(format!("{id}\n").as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, id_file)
-        };
         if std::fs::read_to_string(id_file)
             .map(|s| s.trim() != id)
             .unwrap_or(true)
         {
-            write().map_err(|e| Error::Store(format!("writing {}: {e}", id_file.display())))?;
+            crate::files::write_private(id_file, format!("{id}\n").as_bytes())
+                .map_err(|e| Error::Store(format!("writing {}: {e}", id_file.display())))?;
         }
         Ok(id)
     }

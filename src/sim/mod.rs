@@ -402,7 +402,7 @@ const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
 type SharedBody = Arc<tokio::sync::Mutex<Option<axum::body::BodyDataStream>>>;
 
 /// `req` with its body read through a handle the caller keeps, to drain what the handler
-/// leaves unread.
+/// leaves unread (see the gate).
 fn shared_body(req: Request) -> (Request, SharedBody) {
     let (parts, body) = req.into_parts();
     let shared: SharedBody = Arc::new(tokio::sync::Mutex::new(Some(body.into_data_stream())));
@@ -663,31 +663,18 @@ async fn gate(State(sim): State<Arc<Sim>>, mut req: Request, next: Next) -> Resp
             }
             req.extensions_mut()
                 .insert(JsonLimit(sim.config.max_json_body));
-            // A body past the limit on a route that takes no upload is refused whatever the
-            // handler would read of it, after it was drained (the client reads a 413, not a
-            // broken pipe).
-            let declared = req
+            // Whatever part of a body its handler leaves unread (a refusal before reading,
+            // a route that takes none, bad auth) is drained after the answer is made, so
+            // the client reads the answer, not a broken pipe.
+            let has_body = req
                 .headers()
-                .get(axum::http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            let upload = ["/files/upload", "/files/bulk-upload", "/files/upload-v2"]
-                .iter()
-                .any(|u| line.ends_with(u));
-            if !upload && declared.is_some_and(|n| n > sim.config.max_json_body as u64) {
-                let limit = sim.config.max_json_body;
-                return match read_bounded(req.into_body(), limit).await {
-                    Ok(_) => ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!("request entity too large: a body is at most {limit} bytes here"),
-                    )
-                    .into_response(),
-                    Err(e) => e.into_response(),
-                };
-            }
-            // An upload refused before its body was read (no path, bad auth, ...) is drained
-            // after the answer is made, so the client reads the answer, not a broken pipe.
-            let (mut req, leftover) = if upload {
+                .contains_key(axum::http::header::TRANSFER_ENCODING)
+                || req
+                    .headers()
+                    .get(axum::http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v != "0");
+            let (mut req, leftover) = if has_body {
                 let (req, rest) = shared_body(req);
                 (req, Some(rest))
             } else {

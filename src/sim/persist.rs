@@ -10,8 +10,6 @@
 //! gone is dropped. A snapshot cut mid-build is in `error` and says why.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,19 +61,7 @@ pub fn save(sim: &Sim, last: Option<&[u8]>) -> Option<Vec<u8>> {
         return Some(bytes);
     }
     let path = state_file(&sim.config.state_dir);
-    let tmp = path.with_extension("json.tmp");
-    let written = (|| -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    })();
-    match written {
+    match crate::files::write_private(&path, &bytes) {
         Ok(()) => Some(bytes),
         Err(e) => {
             tracing::warn!(path = %path.display(), "could not save the sim's state: {e}");

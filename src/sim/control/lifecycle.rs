@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Extension, Path, RawQuery, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -278,39 +278,7 @@ pub(super) async fn sandbox_build_logs(
         let building = matches!(sb.state.as_str(), "pending_build" | "building_snapshot");
         Some((sb.build_log.iter().skip(from).cloned().collect(), !building))
     };
-    let text = |lines: &[String]| -> String { lines.iter().map(|l| format!("{l}\n")).collect() };
-    if !follow {
-        let (lines, _) = read(&sim, 0).unwrap_or_default();
-        return Ok((
-            [(axum::http::header::CONTENT_TYPE, "text/plain")],
-            text(&lines),
-        )
-            .into_response());
-    }
-    let stream = futures_util::stream::unfold((sim, 0usize, false), move |(sim, seen, done)| {
-        let read = read.clone();
-        async move {
-            if done {
-                return None;
-            }
-            loop {
-                let (lines, settled) = read(&sim, seen)?;
-                if !lines.is_empty() || settled {
-                    let n = lines.len();
-                    return Some((
-                        Ok::<_, std::convert::Infallible>(text(&lines)),
-                        (sim, seen + n, settled),
-                    ));
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        }
-    });
-    Ok((
-        [(axum::http::header::CONTENT_TYPE, "text/plain")],
-        axum::body::Body::from_stream(stream),
-    )
-        .into_response())
+    Ok(super::build_log_answer(sim, follow, read))
 }
 
 /// `GET /sandbox/{id}/build-logs-url`.

@@ -394,6 +394,43 @@ fn schedule(
     });
 }
 
+/// A build's log (a snapshot's, or a sandbox's made from an image) as text: what `read`
+/// gives from line 0; with `follow`, each line as it is printed until `read` says the
+/// build has settled.
+fn build_log_answer(
+    sim: Arc<Sim>,
+    follow: bool,
+    read: impl Fn(&Sim, usize) -> Option<(Vec<String>, bool)> + Clone + Send + Sync + 'static,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let text = |lines: &[String]| -> String { lines.iter().map(|l| format!("{l}\n")).collect() };
+    let plain = [(axum::http::header::CONTENT_TYPE, "text/plain")];
+    if !follow {
+        let (lines, _) = read(&sim, 0).unwrap_or_default();
+        return (plain, text(&lines)).into_response();
+    }
+    let stream = futures_util::stream::unfold((sim, 0usize, false), move |(sim, seen, done)| {
+        let read = read.clone();
+        async move {
+            if done {
+                return None;
+            }
+            loop {
+                let (lines, settled) = read(&sim, seen)?;
+                if !lines.is_empty() || settled {
+                    let n = lines.len();
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(text(&lines)),
+                        (sim, seen + n, settled),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    (plain, axum::body::Body::from_stream(stream)).into_response()
+}
+
 /// Query pairs, repeated keys kept.
 pub(super) fn query_pairs(raw: &Option<String>) -> Vec<(String, String)> {
     raw.as_deref()

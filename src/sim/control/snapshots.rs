@@ -209,7 +209,6 @@ pub(super) async fn build_logs(
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<axum::response::Response, ApiError> {
-    use axum::response::IntoResponse;
     let follow = query_pairs(&raw)
         .iter()
         .any(|(k, v)| k == "follow" && v == "true");
@@ -229,39 +228,7 @@ pub(super) async fn build_logs(
             s.settled(),
         ))
     };
-    if !follow {
-        let (lines, _) = read(&sim, 0).unwrap_or_default();
-        let mut text = lines.join("\n");
-        if !text.is_empty() {
-            text.push('\n');
-        }
-        return Ok(([(axum::http::header::CONTENT_TYPE, "text/plain")], text).into_response());
-    }
-    let stream = futures_util::stream::unfold((sim, 0usize, false), move |(sim, seen, done)| {
-        let read = read.clone();
-        async move {
-            if done {
-                return None;
-            }
-            loop {
-                let (lines, settled) = read(&sim, seen)?;
-                if !lines.is_empty() || settled {
-                    let n = lines.len();
-                    let chunk: String = lines.iter().map(|l| format!("{l}\n")).collect();
-                    return Some((
-                        Ok::<_, std::convert::Infallible>(chunk),
-                        (sim, seen + n, settled),
-                    ));
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        }
-    });
-    Ok((
-        [(axum::http::header::CONTENT_TYPE, "text/plain")],
-        axum::body::Body::from_stream(stream),
-    )
-        .into_response())
+    Ok(super::build_log_answer(sim, follow, read))
 }
 
 pub(super) async fn list_snapshots(

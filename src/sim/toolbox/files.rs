@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
-use super::{Ctx, ctx, info_json, io_error, param, required_path};
+use super::{Ctx, ctx, info_json, io_error, octal_mode, param, required_path};
 use crate::sim::{ApiError, ApiJson, Sim};
 
 pub(super) async fn list_files(
@@ -59,9 +59,7 @@ pub(super) async fn create_folder(
 ) -> Result<StatusCode, ApiError> {
     let c = ctx(&sim, &id)?;
     let path = required_path(&raw)?;
-    let mode = param(&raw, "mode").unwrap_or_else(|| "755".into());
-    let mode = u32::from_str_radix(&mode, 8)
-        .map_err(|_| ApiError::bad_request(format!("mode {mode:?} is not octal")))?;
+    let mode = octal_mode(&param(&raw, "mode").unwrap_or_else(|| "755".into()))?;
     let host = c.host(&path)?;
     std::fs::create_dir_all(&host).map_err(|e| io_error(&path, e))?;
     use std::os::unix::fs::PermissionsExt;

@@ -11,11 +11,9 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
 use super::shell::quote;
-use super::{Ctx, ctx, required_path, spec};
-use crate::sandbox::process::{self, ExecOutput};
+use super::{Ctx, ctx, required_path, run_to_end, spec};
 use crate::sim::{ApiError, ApiJson, Sim};
 
 /// How long one git command may take in the sim.
@@ -36,20 +34,7 @@ async fn git(c: &Ctx, dir: &str, args: &[&str], secret: Option<&str>) -> Result<
     // Never a prompt for credentials: a clone that needs them fails at once.
     env.insert("GIT_TERMINAL_PROMPT".to_string(), "0".to_string());
     let p = spec(c, &command, Some(dir), &env, Some(GIT_TIMEOUT))?;
-    let (tx, mut rx) = mpsc::channel(64);
-    let cancel = c.procs.child_token();
-    let run = tokio::spawn(async move { process::run(&p, None, tx, cancel).await });
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    while let Some(o) = rx.recv().await {
-        match o {
-            ExecOutput::Stdout(b) => out.extend(b),
-            ExecOutput::Stderr(b) => err.extend(b),
-        }
-    }
-    let exit = run
-        .await
-        .map_err(|e| ApiError::internal(format!("git task: {e}")))?
-        .map_err(|e| ApiError::internal(format!("starting git: {e}")))?;
+    let (exit, _, out, err) = run_to_end(c, p, "git").await?;
     if exit.code != 0 {
         let mut msg = String::from_utf8_lossy(&err).trim().to_string();
         if let Some(s) = secret.filter(|s| !s.is_empty()) {

@@ -228,6 +228,45 @@ fn spec(
     })
 }
 
+/// A file mode in octal (`755`, `0644`), at most `7777`.
+fn octal_mode(text: &str) -> Result<u32, ApiError> {
+    u32::from_str_radix(text, 8)
+        .ok()
+        .filter(|b| *b <= 0o7777)
+        .ok_or_else(|| ApiError::bad_request(format!("mode {text:?} is not octal (e.g. 0755)")))
+}
+
+/// Runs `p` in the sandbox `c` to its end: how it ended, and its output (both streams in
+/// the order read, stdout, stderr).
+async fn run_to_end(
+    c: &Ctx,
+    p: ProcessSpec,
+    what: &str,
+) -> Result<(crate::sandbox::process::ExecExit, Vec<u8>, Vec<u8>, Vec<u8>), ApiError> {
+    use crate::sandbox::process::{self, ExecOutput};
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let cancel = c.procs.child_token();
+    let run = tokio::spawn(async move { process::run(&p, None, tx, cancel).await });
+    let (mut all, mut out, mut err) = (Vec::new(), Vec::new(), Vec::new());
+    while let Some(o) = rx.recv().await {
+        match o {
+            ExecOutput::Stdout(b) => {
+                all.extend_from_slice(&b);
+                out.extend(b);
+            }
+            ExecOutput::Stderr(b) => {
+                all.extend_from_slice(&b);
+                err.extend(b);
+            }
+        }
+    }
+    let exit = run
+        .await
+        .map_err(|e| ApiError::internal(format!("{what} task: {e}")))?
+        .map_err(|e| ApiError::internal(format!("starting {what}: {e}")))?;
+    Ok((exit, all, out, err))
+}
+
 fn query(raw: &Option<String>) -> Vec<(String, String)> {
     raw.as_deref()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())

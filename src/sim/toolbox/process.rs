@@ -20,9 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::outlog::{self, OutputLog};
 use super::shell::Shell;
-use super::{Ctx, ctx, param, spec};
+use super::{Ctx, ctx, param, run_to_end, spec};
 use crate::clock::now_ms;
-use crate::sandbox::process::{self, ExecOutput};
+use crate::sandbox::process::ExecOutput;
 use crate::sim::{ApiError, ApiJson, Sim};
 
 /// Default `process/execute` timeout when the request names none (Daytona documents 10 s).
@@ -57,19 +57,7 @@ pub(super) async fn execute(
         &req.envs.unwrap_or_default(),
         Some(timeout),
     )?;
-    let (tx, mut rx) = mpsc::channel(64);
-    let cancel = c.procs.child_token();
-    let run = tokio::spawn(async move { process::run(&p, None, tx, cancel).await });
-    let mut output = Vec::new();
-    while let Some(o) = rx.recv().await {
-        match o {
-            ExecOutput::Stdout(b) | ExecOutput::Stderr(b) => output.extend(b),
-        }
-    }
-    let exit = run
-        .await
-        .map_err(|e| ApiError::internal(format!("exec task: {e}")))?
-        .map_err(|e| ApiError::internal(format!("starting the command: {e}")))?;
+    let (exit, output, _, _) = run_to_end(&c, p, "the command").await?;
     if exit.timed_out {
         return Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,

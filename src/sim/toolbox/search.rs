@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Ctx, ctx, io_error, param, required_path};
+use super::{Ctx, ctx, io_error, octal_mode, param, required_path};
 use crate::sim::{ApiError, ApiJson, Sim};
 
 /// At most this many matches or names in one answer (Daytona's daemon bounds them too).
@@ -207,12 +207,7 @@ pub(super) async fn permissions(
     let host = c.host(&path)?;
     std::fs::symlink_metadata(&host).map_err(|e| io_error(&path, e))?;
     if let Some(mode) = param(&raw, "mode").filter(|m| !m.is_empty()) {
-        let bits = u32::from_str_radix(&mode, 8)
-            .ok()
-            .filter(|b| *b <= 0o7777)
-            .ok_or_else(|| {
-                ApiError::bad_request(format!("mode {mode:?} is not octal (e.g. 0755)"))
-            })?;
+        let bits = octal_mode(&mode)?;
         std::fs::set_permissions(&host, std::fs::Permissions::from_mode(bits))
             .map_err(|e| io_error(&path, e))?;
     }
