@@ -422,7 +422,10 @@ async fn a_fork_bomb_hits_the_process_limit_and_dies_with_its_timeout() {
             .expect("run"),
     );
     assert!(out.stdout().contains("crabbox-"), "{}", out.stdout());
-    // A fork bomb: refused forks past 32 processes, killed whole by its timeout.
+    // A fork bomb: refused forks past 32 processes, killed whole by its timeout. The
+    // shell starts its sleep before the bomb and waits for it with a builtin: once the
+    // bomb fills the limit, a `sleep` started after it could not be forked either and the
+    // shell would end on its own (dash: exit 2), before the timeout this checks.
     let out = common::Out(
         cli(&[
             "run",
@@ -431,7 +434,7 @@ async fn a_fork_bomb_hits_the_process_limit_and_dies_with_its_timeout() {
             "--",
             "sh",
             "-c",
-            "b() { b | b & }; b; sleep 60",
+            "sleep 60 & s=$!; b() { b | b & }; b; wait $s",
         ])
         .output()
         .await
