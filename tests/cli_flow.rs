@@ -1578,6 +1578,13 @@ async fn a_large_file_change_sends_about_the_chunks_it_touched() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_is_told_as_it_goes() {
+    let d = Daemon::start().await;
+    let r = repo();
+    common::sync::an_upload_is_told_as_it_goes(&d, r.path(), &[], false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_lease_keeps_its_disk_and_the_next_run_resumes_it() {
     let d = Daemon::start().await;
     let r = repo();

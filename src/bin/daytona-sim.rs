@@ -20,7 +20,8 @@ use crabbox::sim::{self, Faults, SimConfig};
 /// matching requests through first), cpu_quota, memory_quota, disk_quota and sandbox_quota (the
 /// organization's totals: a create, start or resize past one is refused with Daytona's
 /// 403; 0 lifts it), stuck_create (new sandboxes
-/// never leave `creating`), sandbox_error + error_reason (push a sandbox into `error`).
+/// never leave `creating`), sandbox_error + error_reason (push a sandbox into `error`),
+/// upload_bytes_per_sec (uploads read at most that fast, as over a slow link; 0 lifts it).
 /// GET /_sim/faults shows the current faults.
 #[derive(Debug, Parser)]
 #[command(name = "daytona-sim", version, verbatim_doc_comment)]

@@ -63,6 +63,18 @@ impl Spinner {
         bar.set_message(msg.to_string());
     }
 
+    /// Changes what the current step says (its counts as it goes), keeping its start.
+    pub fn update(&self, msg: &str) {
+        let st = self.state();
+        match (&st.bar, st.finished) {
+            (Some(bar), false) => bar.set_message(msg.to_string()),
+            _ => {
+                drop(st);
+                self.step(msg);
+            }
+        }
+    }
+
     /// Runs `f` (which prints) with the spinner line out of the way.
     pub fn suspend<T>(&self, f: impl FnOnce() -> T) -> T {
         let bar = self.state().bar.clone();

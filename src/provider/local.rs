@@ -361,7 +361,7 @@ impl Provider for LocalProvider {
             sandbox::archive::remove_paths(&workdir, &spec.remove)
                 .map_err(|e| sync_err("removing old files", e))?;
             if let Some(archive) = &spec.archive {
-                sandbox::archive::unpack(archive, &workdir)
+                sandbox::archive::unpack_counted(archive, &workdir, spec.sent.counter())
                     .map_err(|e| sync_err("unpacking the archive", e))?;
             }
             if !spec.deltas.is_empty() {

@@ -84,6 +84,9 @@ pub struct UploadSpec {
     /// changes and written once everything is in place, so the sandbox says whether it
     /// holds exactly what the daemon's record says.
     pub digest: String,
+    /// Counts the archive's bytes as they reach the sandbox (progress; restarts from 0
+    /// when an upload is sent again).
+    pub sent: crate::sync::Sent,
 }
 
 /// Where a synced workdir keeps the digest of what it holds.

@@ -20,7 +20,7 @@ use super::{Api, validate_repo_root};
 use crate::clock::now_ms;
 use crate::error::{Error, echo};
 use crate::lease::ops::exec::Execution;
-use crate::lease::ops::sync::{DELETE_GUARD_DEFAULT, SyncJob, SyncReport};
+use crate::lease::ops::sync::{DELETE_GUARD_DEFAULT, SyncJob, SyncProgress, SyncReport};
 use crate::lease::record::FreshRun;
 use crate::lease::state::{Readiness, readiness};
 use crate::lease::store::RunRecord;
@@ -159,6 +159,43 @@ impl Run {
             phase: phase.into(),
             ms: since.elapsed().as_millis() as u64,
         });
+    }
+
+    /// Runs a sync, telling the client how its upload goes: when it begins, about every
+    /// 250 ms while it runs, and when all of it has been sent.
+    async fn with_upload_progress<T>(
+        &self,
+        job: impl std::future::Future<Output = T>,
+        progress: &SyncProgress,
+    ) -> T {
+        let mut job = std::pin::pin!(job);
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut told: Option<(u64, u64, u64, u64)> = None;
+        loop {
+            tokio::select! {
+                out = &mut job => {
+                    // Its end, if it got as far as sending (all of it: the sync succeeded).
+                    if let Some((files, deleted, total, _)) = progress.now() {
+                        let _ = self.emit(RunEv::SyncProgress(pb::SyncProgress {
+                            files, deleted, bytes_total: total, bytes_sent: total, done: true,
+                        })).await;
+                    }
+                    return out;
+                }
+                _ = tick.tick() => {
+                    let now = progress.now();
+                    if let Some((files, deleted, total, sent)) = now
+                        && now != told
+                    {
+                        told = now;
+                        let _ = self.emit(RunEv::SyncProgress(pb::SyncProgress {
+                            files, deleted, bytes_total: total, bytes_sent: sent, done: false,
+                        })).await;
+                    }
+                }
+            }
+        }
     }
 
     async fn phase(&self, text: impl Into<String>) {
@@ -380,7 +417,8 @@ impl Run {
                 phase_guard = Some(PhaseGuard(handle.clone()));
                 self.phase("syncing").await;
                 let previous = self.api.store.get_manifest(&record.id)?;
-                let synced = SyncJob {
+                let progress = SyncProgress::default();
+                let job = SyncJob {
                     lease: &handle,
                     target: &target,
                     store: &self.api.store,
@@ -391,9 +429,10 @@ impl Run {
                     previous,
                     full: sync_opts.full_resync,
                     delete_guard: delete_guard(&sync_opts),
+                    progress: progress.clone(),
                 }
-                .run()
-                .await;
+                .run();
+                let synced = self.with_upload_progress(job, &progress).await;
                 self.api.checkouts.mark_synced(
                     root,
                     &record.id,

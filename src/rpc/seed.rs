@@ -136,6 +136,7 @@ async fn seed(api: &Api, h: &LeaseHandle, repo: &Path) -> Result<(), crate::erro
         previous: None,
         full: true,
         delete_guard: None,
+        progress: Default::default(),
     }
     .run()
     .await;

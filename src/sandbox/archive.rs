@@ -79,8 +79,20 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
 /// relative path; one that is not fails the whole unpack with its name. Symlinks are
 /// created as links, never followed.
 pub fn unpack(archive: &Path, dest: &Path) -> io::Result<u64> {
+    unpack_counted(archive, dest, &std::sync::atomic::AtomicU64::new(0))
+}
+
+/// [`unpack`], adding to `read` each byte of the archive as it is read (progress).
+pub fn unpack_counted(
+    archive: &Path,
+    dest: &Path,
+    read: &std::sync::atomic::AtomicU64,
+) -> io::Result<u64> {
     std::fs::create_dir_all(dest)?;
-    let file = File::open(archive)?;
+    let file = Counted {
+        inner: File::open(archive)?,
+        read,
+    };
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(io::BufReader::new(file)));
     tar.set_preserve_permissions(true);
     tar.set_preserve_mtime(true);
@@ -100,6 +112,21 @@ pub fn unpack(archive: &Path, dest: &Path) -> io::Result<u64> {
         count += 1;
     }
     Ok(count)
+}
+
+/// A reader that counts what passes through it.
+struct Counted<'a, R> {
+    inner: R,
+    read: &'a std::sync::atomic::AtomicU64,
+}
+
+impl<R: io::Read> io::Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
 }
 
 /// A changed file sent as the difference from the version the sandbox holds: the new

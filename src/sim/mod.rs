@@ -145,6 +145,9 @@ pub struct Faults {
     pub disk_quota: Option<i64>,
     /// The most sandboxes (not destroyed) the organization may have.
     pub sandbox_quota: Option<i64>,
+    /// Uploads are read at most this fast (bytes per second; 0: as fast as they come), as
+    /// over a slow link to a remote Daytona.
+    pub upload_bytes_per_sec: u64,
 }
 
 /// A runtime fault request: the [`Faults`] fields to change, plus one-shot actions.
@@ -169,6 +172,7 @@ pub struct FaultsUpdate {
     memory_quota: Option<i64>,
     disk_quota: Option<i64>,
     sandbox_quota: Option<i64>,
+    upload_bytes_per_sec: Option<u64>,
     /// Push this sandbox (id or name) into `error`.
     sandbox_error: Option<String>,
     /// The `errorReason` for `sandbox_error`.
@@ -807,6 +811,9 @@ async fn set_faults(
     }
     if let Some(v) = u.stuck_create {
         f.stuck_create = v;
+    }
+    if let Some(v) = u.upload_bytes_per_sec {
+        f.upload_bytes_per_sec = v;
     }
     Ok(axum::Json(f.clone()).into_response())
 }

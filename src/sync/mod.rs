@@ -13,6 +13,23 @@ pub mod watch;
 
 pub use manifest::{Collected, Diff, FileEntry, Manifest, SyncLimits, SyncRules};
 
+/// How much of a sync's archive has reached the sandbox: counted by the provider as it
+/// sends or unpacks, read by whoever shows the upload's progress.
+#[derive(Debug, Clone, Default)]
+pub struct Sent(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Sent {
+    /// The counter the provider adds to.
+    pub fn counter(&self) -> &std::sync::atomic::AtomicU64 {
+        &self.0
+    }
+
+    /// Bytes sent so far.
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Sync failures; each message says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {

@@ -57,6 +57,17 @@ impl Ctx {
         }
     }
 
+    /// A step's counts as it goes: the spinner's line changes in place on a terminal;
+    /// elsewhere a line is printed when `plain` says it is due (not for every change).
+    fn progress_update(&self, msg: impl AsRef<str>, plain: bool) {
+        if self.quiet {
+        } else if let Some(s) = &self.spinner {
+            s.update(msg.as_ref());
+        } else if plain {
+            self.progress(msg);
+        }
+    }
+
     /// The daemon's own steps for `lease`, as they happen, while the answer lives: with
     /// -v all of them (provider calls, retries, waits), else, while the lease is being
     /// provisioned, the ones a person waits on (an image build's output) as progress.

@@ -320,6 +320,7 @@ async fn stream_run(
     // -v: the daemon's steps for the run's lease, once it has one.
     let mut trace: Option<super::Trace> = None;
     let mut sync_seen = None;
+    let mut upload_lines = UploadLines::default();
     let mut receiving: Option<super::artifacts::Receiving> = None;
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
@@ -412,6 +413,20 @@ async fn stream_run(
                         )
                     })?);
                 }
+            }
+            Some(Event::SyncProgress(p)) => {
+                if ndjson {
+                    event(&json!({
+                        "event": "sync_progress",
+                        "files": p.files,
+                        "deleted": p.deleted,
+                        "bytes_total": p.bytes_total,
+                        "bytes_sent": p.bytes_sent,
+                        "done": p.done,
+                    }));
+                }
+                let due = upload_lines.due(p.done);
+                ctx.progress_update(upload_line(&p), due);
             }
             Some(Event::Sync(s)) => {
                 ctx.progress(format!(
@@ -628,6 +643,63 @@ fn is_connection_lost(status: &tonic::Status) -> bool {
             || m.contains("transport")
             || m.contains("connection")
             || m.contains("broken pipe"))
+}
+
+/// What a sync's upload has done, for people: "syncing: sending 3 files, deleting 1:
+/// 4.2 MiB of 12.0 MiB (35%)".
+fn upload_line(p: &pb::SyncProgress) -> String {
+    let mut line = format!(
+        "syncing: sending {} file{}",
+        p.files,
+        if p.files == 1 { "" } else { "s" }
+    );
+    if p.deleted > 0 {
+        line.push_str(&format!(", deleting {}", p.deleted));
+    }
+    if p.bytes_sent >= p.bytes_total && !p.done {
+        line.push_str(&format!(
+            ": {} sent, unpacking in the sandbox",
+            human_bytes(p.bytes_total)
+        ));
+        return line;
+    }
+    let pct = (p.bytes_sent.saturating_mul(100))
+        .checked_div(p.bytes_total)
+        .unwrap_or(100);
+    line.push_str(&format!(
+        ": {} of {} ({pct}%)",
+        human_bytes(p.bytes_sent),
+        human_bytes(p.bytes_total)
+    ));
+    line
+}
+
+/// When a long upload is said as plain lines (no terminal): not before it has run
+/// [`Self::QUIET_FOR`], then at most every [`Self::EVERY`], never its end (the sync's
+/// own line follows).
+#[derive(Default)]
+struct UploadLines {
+    first: Option<std::time::Instant>,
+    last: Option<std::time::Instant>,
+}
+
+impl UploadLines {
+    const QUIET_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn due(&mut self, finished: bool) -> bool {
+        let now = std::time::Instant::now();
+        let first = *self.first.get_or_insert(now);
+        let due = !finished
+            && now.duration_since(first) >= Self::QUIET_FOR
+            && self
+                .last
+                .is_none_or(|l| now.duration_since(l) >= Self::EVERY);
+        if due {
+            self.last = Some(now);
+        }
+        due
+    }
 }
 
 pub(super) fn human_bytes(b: u64) -> String {

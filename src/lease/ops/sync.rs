@@ -43,6 +43,26 @@ pub struct SyncJob<'a> {
     /// Refuse to delete more than this share (0 to 1) of the files the lease holds;
     /// `None`: no limit.
     pub delete_guard: Option<f64>,
+    /// What the sync is sending, for whoever shows its progress.
+    pub progress: SyncProgress,
+}
+
+/// A sync's upload as it goes: set when its archive is built, `sent` counted by the
+/// provider. Clones share it.
+#[derive(Debug, Clone, Default)]
+pub struct SyncProgress {
+    /// Files sent and files deleted; the archive's size (0 until it is built).
+    plan: std::sync::Arc<std::sync::OnceLock<(u64, u64, u64)>>,
+    pub sent: sync::Sent,
+}
+
+impl SyncProgress {
+    /// (files, deleted, archive bytes, bytes sent), once the upload has begun.
+    pub fn now(&self) -> Option<(u64, u64, u64, u64)> {
+        self.plan
+            .get()
+            .map(|&(files, deleted, total)| (files, deleted, total, self.sent.get().min(total)))
+    }
 }
 
 /// The deletion guard's default: half of a lease's files.
@@ -156,6 +176,11 @@ impl SyncJob<'_> {
         tracing::debug!(lease = %id, files = report.files_uploaded, deleted = report.files_deleted,
             archive = %bytesize::ByteSize::b(report.bytes_uploaded), archive_ms = report.archive_ms,
             "uploading the changes");
+        let _ = self.progress.plan.set((
+            report.files_uploaded,
+            report.files_deleted,
+            report.bytes_uploaded,
+        ));
         let upload_started = Instant::now();
         let upload = UploadSpec {
             workdir: self.workdir,
@@ -164,6 +189,7 @@ impl SyncJob<'_> {
             remove: diff.remove.clone(),
             clean,
             digest: self.manifest.digest(),
+            sent: self.progress.sent.clone(),
         };
         if let Err(e) = self
             .target

@@ -188,6 +188,19 @@ impl DaytonaProvider {
         local: &std::path::Path,
         path: &str,
     ) -> Result<(), ProviderError> {
+        self.put_file_counted(sandbox, local, path, &crate::sync::Sent::default())
+            .await
+    }
+
+    /// [`Self::put_file`], counting in `sent` the bytes handed to the connection (from 0
+    /// again when the upload is retried).
+    pub(super) async fn put_file_counted(
+        &self,
+        sandbox: &str,
+        local: &std::path::Path,
+        path: &str,
+        sent: &crate::sync::Sent,
+    ) -> Result<(), ProviderError> {
         self.ready()?;
         let base = self.toolbox_url(sandbox).await?;
         let url = format!("{base}/files/upload-v2");
@@ -203,9 +216,22 @@ impl DaytonaProvider {
                     )
                 })?;
                 let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-                let stream = tokio_util::io::ReaderStream::with_capacity(
-                    tokio::fs::File::from_std(file),
-                    256 * 1024,
+                sent.counter()
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
+                let counter = sent.clone();
+                let stream = futures_util::StreamExt::inspect(
+                    tokio_util::io::ReaderStream::with_capacity(
+                        tokio::fs::File::from_std(file),
+                        256 * 1024,
+                    ),
+                    move |chunk| {
+                        if let Ok(bytes) = chunk {
+                            counter.counter().fetch_add(
+                                bytes.len() as u64,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
+                        }
+                    },
                 );
                 Ok(client
                     .request(Method::POST, &url)
@@ -279,7 +305,8 @@ impl DaytonaProvider {
         match &spec.archive {
             Some(archive) => {
                 let remote = format!("/tmp/.crabbox-sync-{tag:x}.tgz");
-                self.put_file(sandbox, archive, &remote).await?;
+                self.put_file_counted(sandbox, archive, &remote, &spec.sent)
+                    .await?;
                 // Changed files are in the removal list too (a stale symlink is never
                 // written through): the removal only runs while the archive is there to
                 // put them back.

@@ -194,6 +194,7 @@ pub(super) async fn bulk_download(
 
 /// Streams a multipart field into a file (never the whole of it in memory).
 pub(super) async fn field_to_file(
+    sim: &Sim,
     field: &mut axum::extract::multipart::Field<'_>,
     dest: &FsPath,
 ) -> Result<u64, ApiError> {
@@ -201,12 +202,14 @@ pub(super) async fn field_to_file(
         .await
         .map_err(|e| io_error(&dest.display().to_string(), e))?;
     let mut n = 0u64;
+    let pace = Pace::new(sim);
     while let Some(chunk) = field
         .chunk()
         .await
         .map_err(|e| ApiError::bad_request(format!("reading the upload: {e}")))?
     {
         n += chunk.len() as u64;
+        pace.wait(n).await;
         f.write_all(&chunk)
             .await
             .map_err(|e| ApiError::internal(format!("writing the upload: {e}")))?;
@@ -215,6 +218,30 @@ pub(super) async fn field_to_file(
         .await
         .map_err(|e| ApiError::internal(format!("writing the upload: {e}")))?;
     Ok(n)
+}
+
+/// The `upload_bytes_per_sec` fault: an upload read no faster than that.
+struct Pace {
+    started: std::time::Instant,
+    per_sec: u64,
+}
+
+impl Pace {
+    fn new(sim: &Sim) -> Pace {
+        let per_sec = sim.faults.lock().map_or(0, |f| f.upload_bytes_per_sec);
+        Pace {
+            started: std::time::Instant::now(),
+            per_sec,
+        }
+    }
+
+    /// Waits until `read` bytes are due at the paced rate.
+    async fn wait(&self, read: u64) {
+        if self.per_sec > 0 {
+            let due = std::time::Duration::from_secs_f64(read as f64 / self.per_sec as f64);
+            tokio::time::sleep_until((self.started + due).into()).await;
+        }
+    }
 }
 
 /// A temp file inside the sandbox's folder, renamed into place when complete.
@@ -272,7 +299,7 @@ pub(super) async fn bulk_upload(
                 }
                 "file" => {
                     let tmp = staging(&c)?;
-                    let n = field_to_file(&mut field, &tmp).await?;
+                    let n = field_to_file(&sim, &mut field, &tmp).await?;
                     staged.insert(i, (tmp, n));
                 }
                 _ => {
@@ -353,7 +380,7 @@ pub(super) async fn upload_v2(
             .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?
         {
             if field.name() == Some("file") {
-                n = Some(field_to_file(&mut field, &tmp).await?);
+                n = Some(field_to_file(&sim, &mut field, &tmp).await?);
             }
         }
         n.ok_or_else(|| ApiError::bad_request("the multipart body has no `file` field"))
@@ -364,10 +391,12 @@ pub(super) async fn upload_v2(
         let mut stream = req.into_body().into_data_stream();
         let mut n = 0u64;
         let mut res = Ok(());
+        let pace = Pace::new(&sim);
         while let Some(chunk) = stream.next().await {
             match chunk {
                 Ok(b) => {
                     n += b.len() as u64;
+                    pace.wait(n).await;
                     if let Err(e) = f.write_all(&b).await {
                         res = Err(ApiError::internal(format!("writing the upload: {e}")));
                         break;
