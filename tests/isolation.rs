@@ -129,6 +129,48 @@ async fn a_local_command_is_jailed() {
         (!host_has(&cmdline)).then_some(())
     })
     .await;
+    // A stop of the lease under a running command kills its whole tree too.
+    let secs = format!("{}", 80_000 + std::process::id() % 10_000);
+    let mut running = d
+        .cli(r.path())
+        .args([
+            "run",
+            "--",
+            "sh",
+            "-c",
+            &format!("sleep {secs} & sleep {secs}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run");
+    let cmdline = format!("sleep\0{secs}\0");
+    eventually(10, "the command's two sleeps running", || async {
+        (std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == cmdline.as_bytes())
+            })
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    d.run(r.path(), &["stop"]).await.expect(0);
+    eventually(10, "no sleep left after the stop", || async {
+        (!host_has(&cmdline)).then_some(())
+    })
+    .await;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(10), running.wait())
+        .await
+        .expect("the run ends with its lease")
+        .expect("exit");
+    assert!(
+        !ended.success(),
+        "a stopped run does not claim success: {ended:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
