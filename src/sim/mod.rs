@@ -869,8 +869,6 @@ pub async fn start(
 )> {
     let addr = listener.local_addr()?;
     std::fs::create_dir_all(&config.state_dir)?;
-    // Session commands' output of an earlier run: their sessions are gone with it.
-    let _ = std::fs::remove_dir_all(config.state_dir.join("logs"));
     let engine = Engine::open(config.state_dir.join("sandboxes")).map_err(std::io::Error::other)?;
     let (flush_tx, flush_rx) = tokio::sync::mpsc::channel(64);
     let sim = Arc::new(Sim {

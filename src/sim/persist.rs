@@ -1,5 +1,5 @@
 //! daytona-sim's state on disk, so that a restart (kill -9 included) loses no sandbox and
-//! duplicates none: sandboxes, snapshots, SSH tokens and preview grants in
+//! duplicates none: sandboxes, snapshots, SSH tokens, preview grants and sessions in
 //! `<state-dir>/sim-state.json` (0600, written whole to a temporary file and renamed, at
 //! once after a create and every [`SAVE_EVERY`] otherwise).
 //!
@@ -7,7 +7,9 @@
 //! comes back `stopped` when it was running (its processes are gone, as after a reboot of
 //! its machine), one that was being destroyed is finished off, a folder the file does not
 //! know (a create cut short) comes back as a stopped sandbox, and an entry whose folder is
-//! gone is dropped. A snapshot cut mid-build is in `error` and says why.
+//! gone is dropped. A snapshot cut mid-build is in `error` and says why. Sessions come
+//! back with their commands, exit codes and output (a command cut off by the restart ended
+//! as killed, 137), but their shells are gone: nothing more runs in them.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::Sim;
 use super::control::previews::Grant;
 use super::control::{SimSandbox, SimSnapshot, SshToken};
+use super::toolbox::SavedSession;
 use crate::clock::now_ms;
 
 /// How often changes are written when nothing forces a write.
@@ -32,6 +35,10 @@ struct OnDisk {
     snapshots: Vec<SimSnapshot>,
     ssh_tokens: HashMap<String, SshToken>,
     previews: HashMap<String, Grant>,
+    /// Sessions' metadata (their commands, exit codes and log files); written by
+    /// version 1 files from this release on, absent in older ones.
+    #[serde(default)]
+    sessions: Vec<SavedSession>,
 }
 
 fn state_file(dir: &Path) -> PathBuf {
@@ -50,6 +57,7 @@ fn snapshot_of(sim: &Sim) -> Option<Vec<u8>> {
         snapshots,
         ssh_tokens: sim.ssh_tokens.lock().ok()?.clone(),
         previews: sim.previews.lock().ok()?.clone(),
+        sessions: sim.sessions.saved(),
     };
     serde_json::to_vec(&state).ok()
 }
@@ -198,6 +206,14 @@ pub fn load(sim: &Sim) -> Result<String, String> {
             g.expires_ms.is_none_or(|e| e > now) && sandboxes.contains_key(&g.sandbox_id)
         })
         .collect();
+    let sessions: Vec<SavedSession> = state
+        .sessions
+        .into_iter()
+        .filter(|s| sandboxes.contains_key(&s.sandbox))
+        .collect();
+    let sessions = sim
+        .sessions
+        .restore(sessions, &sim.config.state_dir.join("logs"));
     let kept = sandboxes.len();
     let lock = |what: &str| format!("the sim's {what} lock is poisoned");
     *sim.sandboxes.lock().map_err(|_| lock("sandboxes"))? = sandboxes;
@@ -209,6 +225,7 @@ pub fn load(sim: &Sim) -> Result<String, String> {
     *sim.previews.lock().map_err(|_| lock("previews"))? = previews;
     Ok(format!(
         "{kept} sandboxes back ({stopped} were running and are stopped, {adopted} found only \
-         as folders), {finished} deletions finished, {dropped} entries without a folder dropped"
+         as folders), {finished} deletions finished, {dropped} entries without a folder dropped, \
+         {sessions} sessions kept (their shells ended)"
     ))
 }

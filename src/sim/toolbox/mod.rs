@@ -30,7 +30,7 @@ use files::{
     bulk_download, bulk_upload, create_folder, delete_path, download, file_info, list_files,
     upload_v2,
 };
-pub use process::Sessions;
+pub use process::{SavedSession, Sessions};
 use process::{
     command_input, command_logs, create_session, delete_session, execute, get_command, get_session,
     list_sessions, session_exec,

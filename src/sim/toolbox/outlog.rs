@@ -1,6 +1,8 @@
 //! A session command's output, kept on disk as Daytona's daemon keeps it (a log file per
 //! command), not in memory: a chatty command in a long-lived sim costs disk, and the sim
-//! holds only where each piece lies.
+//! holds only where each piece lies. Each piece is written after a 5-byte header (its
+//! stream, its length), so a log outlives the sim: [`OutputLog::open`] reads one back
+//! after a restart. A log file goes with its session ([`OutputLog::remove`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -34,16 +36,25 @@ impl OutputLog {
     /// A new, empty log in `dir`.
     pub fn create(dir: &Path) -> std::io::Result<OutputLog> {
         std::fs::create_dir_all(dir)?;
+        // Unique across runs too: the logs of an earlier run may be kept.
         let path = dir.join(format!(
-            "{}-{}.log",
+            "{}-{}-{:08x}.log",
             std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
         ));
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(true)
             .read(true)
             .write(true)
+            .open(&path)?;
+        // Appends only (a refused write's partial piece is cut off with set_len, and the
+        // next write must follow what is left).
+        drop(file);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
             .open(&path)?;
         Ok(OutputLog {
             file: Arc::new(file),
@@ -53,25 +64,80 @@ impl OutputLog {
         })
     }
 
+    /// A log written by an earlier run of the sim: its pieces read back from their
+    /// headers (a piece cut short by a crash is left out).
+    pub fn open(path: &Path) -> std::io::Result<OutputLog> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(path)?;
+        let end = file.metadata()?.len();
+        let mut pieces = Vec::new();
+        let mut at = 0u64;
+        let mut header = [0u8; HEADER];
+        while at + HEADER as u64 <= end {
+            file.read_exact_at(&mut header, at)?;
+            let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize;
+            let offset = at + HEADER as u64;
+            if offset + len as u64 > end {
+                break;
+            }
+            pieces.push(Piece {
+                stderr: header[0] == 2,
+                offset,
+                len,
+            });
+            at = offset + len as u64;
+        }
+        // Whatever follows the last whole piece is cut off, so appends start clean.
+        file.set_len(at)?;
+        Ok(OutputLog {
+            file: Arc::new(file),
+            path: path.to_path_buf(),
+            pieces,
+            size: at,
+        })
+    }
+
+    /// Where the log lies.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the log's file (its session is gone).
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+
     /// Appends a piece; a piece the disk refuses is dropped (and said in the sim's log).
     pub fn push(&mut self, o: ExecOutput) {
         let (stderr, bytes) = match o {
             ExecOutput::Stdout(b) => (false, b),
             ExecOutput::Stderr(b) => (true, b),
         };
-        if bytes.is_empty() {
-            return;
+        // Pieces longer than a header can say are split.
+        for part in bytes.chunks(u32::MAX as usize) {
+            if part.is_empty() {
+                continue;
+            }
+            let mut header = [if stderr { 2u8 } else { 1u8 }; HEADER];
+            header[1..].copy_from_slice(&(part.len() as u32).to_le_bytes());
+            let written = (&*self.file)
+                .write_all(&header)
+                .and_then(|()| (&*self.file).write_all(part));
+            if let Err(e) = written {
+                tracing::warn!(path = %self.path.display(), "a command's output was lost: {e}");
+                // A header without its bytes would hide every later piece from `open`.
+                let _ = self.file.set_len(self.size);
+                return;
+            }
+            self.pieces.push(Piece {
+                stderr,
+                offset: self.size + HEADER as u64,
+                len: part.len(),
+            });
+            self.size += (HEADER + part.len()) as u64;
         }
-        if let Err(e) = (&*self.file).write_all(&bytes) {
-            tracing::warn!(path = %self.path.display(), "a command's output was lost: {e}");
-            return;
-        }
-        self.pieces.push(Piece {
-            stderr,
-            offset: self.size,
-            len: bytes.len(),
-        });
-        self.size += bytes.len() as u64;
     }
 
     /// How many pieces there are.
@@ -114,8 +180,43 @@ pub(super) fn read(file: &File, pieces: &[Piece]) -> Vec<ExecOutput> {
         .collect()
 }
 
-impl Drop for OutputLog {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+/// A piece's header: 1 (stdout) or 2 (stderr), then its length (u32, little-endian).
+const HEADER: usize = 5;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_is_read_back_piece_by_piece_and_a_torn_tail_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = OutputLog::create(dir.path()).expect("create");
+        log.push(ExecOutput::Stdout(b"out\x01\x02".to_vec()));
+        log.push(ExecOutput::Stderr(b"err".to_vec()));
+        log.push(ExecOutput::Stdout(Vec::new()));
+        let path = log.path().to_path_buf();
+        drop(log);
+        // A crash in the middle of a piece: its header is there, its bytes are not all.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open");
+        f.write_all(&[1, 9, 0, 0, 0, b'x']).expect("torn");
+        let mut back = OutputLog::open(&path).expect("open");
+        let (pieces, file) = back.after(0, usize::MAX);
+        let got = read(&file, &pieces);
+        assert_eq!(
+            got,
+            vec![
+                ExecOutput::Stdout(b"out\x01\x02".to_vec()),
+                ExecOutput::Stderr(b"err".to_vec())
+            ]
+        );
+        // Appends go after the last whole piece.
+        back.push(ExecOutput::Stderr(b"more".to_vec()));
+        let again = OutputLog::open(&path).expect("open");
+        assert_eq!(again.len(), 3);
+        again.remove();
+        assert!(!path.exists());
     }
 }

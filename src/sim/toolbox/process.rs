@@ -143,12 +143,124 @@ pub struct Sessions {
     seq: AtomicU64,
 }
 
+/// A session as the sim's state file keeps it: what it ran and how that ended, and where
+/// each command's output lies.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+pub struct SavedSession {
+    pub sandbox: String,
+    pub id: String,
+    pub commands: Vec<SavedCmd>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+pub struct SavedCmd {
+    pub id: String,
+    pub command: String,
+    pub exit_code: Option<i32>,
+    pub log: std::path::PathBuf,
+}
+
+impl Session {
+    /// Its commands' logs go (the session is deleted or its sandbox stopped).
+    fn remove_logs(&self) {
+        if let Ok(cmds) = self.commands.lock() {
+            for c in cmds.iter() {
+                if let Ok(s) = c.state.lock() {
+                    s.log.remove();
+                }
+            }
+        }
+    }
+}
+
 impl Sessions {
+    /// Every session, for the state file (sorted, so an unchanged set saves the same).
+    pub fn saved(&self) -> Vec<SavedSession> {
+        let mut all: Vec<SavedSession> = self
+            .map
+            .iter()
+            .map(|e| {
+                let (sandbox, id) = e.key().clone();
+                let commands = e
+                    .value()
+                    .commands
+                    .lock()
+                    .map(|cmds| {
+                        cmds.iter()
+                            .filter_map(|c| {
+                                let st = c.state.lock().ok()?;
+                                Some(SavedCmd {
+                                    id: c.id.clone(),
+                                    command: c.command.clone(),
+                                    exit_code: st.exit_code,
+                                    log: st.log.path().to_path_buf(),
+                                })
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                SavedSession {
+                    sandbox,
+                    id,
+                    commands,
+                }
+            })
+            .collect();
+        all.sort_by(|a, b| (&a.sandbox, &a.id).cmp(&(&b.sandbox, &b.id)));
+        all
+    }
+
+    /// Sessions of an earlier run of the sim, back with their commands and output; their
+    /// shells died with it, so a command that was running ended as killed
+    /// ([`super::shell::GONE`]) and nothing more runs in them. Log files no kept session
+    /// names are removed. Answers how many sessions came back.
+    pub fn restore(&self, saved: Vec<SavedSession>, logs: &std::path::Path) -> usize {
+        let mut kept = std::collections::HashSet::new();
+        let mut n = 0;
+        for s in saved {
+            let commands = s
+                .commands
+                .into_iter()
+                .filter_map(|c| {
+                    let log = OutputLog::open(&c.log).ok()?;
+                    kept.insert(c.log.clone());
+                    Some(Arc::new(Cmd {
+                        id: c.id,
+                        command: c.command,
+                        state: Mutex::new(CmdState {
+                            exit_code: Some(c.exit_code.unwrap_or(super::shell::GONE)),
+                            log,
+                        }),
+                        changed: Notify::new(),
+                        input: Mutex::new(None),
+                        suppress_echo: false,
+                    }))
+                })
+                .collect();
+            self.map.insert(
+                (s.sandbox, s.id),
+                Arc::new(Session {
+                    commands: Mutex::new(commands),
+                    cancel: CancellationToken::new(),
+                    shell: Shell::gone(),
+                }),
+            );
+            n += 1;
+        }
+        for entry in std::fs::read_dir(logs).into_iter().flatten().flatten() {
+            if !kept.contains(&entry.path()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        n
+    }
+
     /// Ends a sandbox's sessions (stop, delete).
     pub fn drop_sandbox(&self, sandbox: &str) {
         self.map.retain(|(sb, _), s| {
             if sb == sandbox {
                 s.cancel.cancel();
+                s.remove_logs();
                 false
             } else {
                 true
@@ -256,6 +368,7 @@ pub(super) async fn delete_session(
     let c = ctx(&sim, &id)?;
     let s = sim.sessions.get(&c.id, &sid)?;
     s.cancel.cancel();
+    s.remove_logs();
     sim.sessions.map.remove(&(c.id, sid));
     Ok(StatusCode::NO_CONTENT)
 }
@@ -316,11 +429,20 @@ pub(super) async fn session_exec(
             sb.last_activity_ms = now_ms();
         }
     };
-    let mut finished = session
+    let mut finished = match session
         .shell
         .run(&cmd.id, &req.command, in_rx, output)
         .await
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    {
+        Ok(f) => f,
+        Err(e) => {
+            // Never run: its log goes now (no session lists it).
+            if let Ok(st) = cmd.state.lock() {
+                st.log.remove();
+            }
+            return Err(ApiError::bad_request(e.to_string()));
+        }
+    };
     if let Ok(mut cmds) = session.commands.lock() {
         cmds.push(cmd.clone());
     }

@@ -54,6 +54,10 @@ pub(super) struct Shell {
     seq: Mutex<u64>,
 }
 
+/// The exit code of a command that was running when the sim went down: killed, as by
+/// SIGKILL (128 + 9), which is what happened to it.
+pub(super) const GONE: i32 = 137;
+
 /// Quotes `s` for the shell as one word.
 pub(super) fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -139,6 +143,22 @@ impl Shell {
         *self.ended.borrow()
     }
 
+    /// The shell of a session kept across a restart of the sim: it died with the sim, so
+    /// the session's commands and output can be read but nothing more runs in it.
+    pub fn gone() -> Shell {
+        let (script, _) = mpsc::channel(1);
+        let (_, ended) = watch::channel(Some(GONE));
+        Shell {
+            script,
+            nonce: String::new(),
+            host_dir: PathBuf::new(),
+            guest_dir: String::new(),
+            pending: Arc::default(),
+            ended,
+            seq: Mutex::new(0),
+        }
+    }
+
     /// Runs `command` as the command `id` after those before it: its output goes to
     /// `out` as it is written, and with `stdin` what arrives there is its stdin (never at
     /// its end while it runs, as on Daytona); without, it reads an empty stdin.
@@ -149,6 +169,12 @@ impl Shell {
         stdin: Option<mpsc::Receiver<Vec<u8>>>,
         out: impl Fn(ExecOutput) + Send + Sync + 'static,
     ) -> io::Result<Done> {
+        if self.ended() == Some(GONE) && self.nonce.is_empty() {
+            return Err(io::Error::other(
+                "this session's shell ended when daytona-sim restarted (its commands and \
+                 their output are kept); delete the session and create a new one",
+            ));
+        }
         if let Some(code) = self.ended() {
             return Err(io::Error::other(format!(
                 "the session's shell has exited (code {code}, e.g. after `exit` in a \
