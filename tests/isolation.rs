@@ -566,3 +566,68 @@ async fn a_memory_hog_is_stopped_at_environment_resources_memory() {
         .expect(0);
     assert_eq!(out.stdout(), "fine\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_time_is_held_to_environment_resources_cpu() {
+    let probe = crabbox::sandbox::cgroup::Cgroup::create(
+        "cpu-probe",
+        crabbox::sandbox::cgroup::Limits {
+            cpus: Some(1),
+            ..Default::default()
+        },
+    );
+    if probe.is_none() {
+        eprintln!("skipped: no cgroup with a CPU quota this daemon may make here");
+        return;
+    }
+    drop(probe);
+    let d = Daemon::start().await;
+    let r = repo();
+    let cfg = r.path().join("cpu.yaml");
+    std::fs::write(&cfg, "environment:\n  resources: { cpu: 1 }\n").expect("w");
+    // Two processes spin for 1.5 s of wall time; under a quota of one CPU they get at most
+    // about 1.5 s of CPU time together (3 s on two free cores without it).
+    let spin = r#"import multiprocessing, os, time
+def spin():
+    end = time.time() + 1.5
+    while time.time() < end: pass
+ps = [multiprocessing.Process(target=spin) for _ in range(2)]
+[p.start() for p in ps]; [p.join() for p in ps]
+t = os.times(); print(round(t.children_user + t.children_system, 2))
+quota = "none"
+for line in open("/proc/self/cgroup"):
+    _, names, path = line.strip().split(":", 2)
+    if "crabbox-" not in path:
+        continue
+    if "cpu" in names.split(","):
+        f = "/sys/fs/cgroup/cpu" + path + "/cpu.cfs_quota_us"
+    elif names == "":
+        f = "/sys/fs/cgroup" + path + "/cpu.max"
+    else:
+        continue
+    if os.path.exists(f):
+        quota = open(f).read().split()[0]
+print(quota)
+"#;
+    let out = d
+        .run_env(
+            r.path(),
+            &[("CRABBOX_CONFIG", cfg.as_ref())],
+            &["run", "--", "python3", "-c", spin],
+        )
+        .await
+        .expect(0);
+    let text = out.stdout();
+    let mut lines = text.lines();
+    let used: f64 = lines.next().unwrap_or("").parse().expect("seconds");
+    assert_eq!(
+        lines.next(),
+        Some("100000"),
+        "the command's cgroup holds one CPU's quota per 100 ms period: {text}"
+    );
+    assert!(
+        used < 1.5 * 1.25,
+        "two spinners under a 1-CPU quota used {used} s of CPU in 1.5 s"
+    );
+    assert!(!out.stderr().contains("resources.cpu"), "{}", out.stderr());
+}

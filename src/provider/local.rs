@@ -263,9 +263,15 @@ impl Provider for LocalProvider {
             .options
             .get("memory")
             .and_then(|v| v.parse::<u64>().ok());
-        if block || memory_gb.is_some() {
+        let cpus = spec
+            .options
+            .get("cpu")
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&c| c > 0);
+        if block || memory_gb.is_some() || cpus.is_some() {
             meta.network_block = block;
             meta.memory_gb = memory_gb;
+            meta.cpus = cpus;
             self.engine.save(&meta).map_err(engine_err)?;
         }
         Ok(info(meta))
@@ -518,8 +524,8 @@ impl Provider for LocalProvider {
                     true,
                     format!(
                         "each sandbox in a cgroup of its own, joined by its commands: at most {} processes \
-                         (local.max_processes), memory as environment.resources.memory says; \
-                         cpu is not limited",
+                         (local.max_processes), memory and CPU time as environment.resources.memory \
+                         and cpu say",
                         self.max_processes
                     ),
                 )
@@ -622,6 +628,7 @@ impl LocalProvider {
                 let limits = sandbox::cgroup::Limits {
                     pids: Some(self.max_processes),
                     memory: meta.memory_gb.map(|g| g << 30),
+                    cpus: meta.cpus,
                 };
                 let name = sandbox.to_string();
                 let made = tokio::task::spawn_blocking(move || {
@@ -633,6 +640,16 @@ impl LocalProvider {
                 .map(std::sync::Arc::new);
                 if let Some(c) = &made {
                     self.cgroups.insert(sandbox.to_string(), c.clone());
+                } else if meta.memory_gb.is_some() || meta.cpus.is_some() {
+                    // Asked for, and not to be had: refused rather than run unbounded.
+                    return Err(ProviderError::new(
+                        ProviderErrorKind::Invalid,
+                        "environment.resources (cpu/memory) cannot be enforced here: this \
+                         machine gives the daemon no cgroup with those controllers (cgroup v2 \
+                         delegation with cpu and memory, or the v1 hierarchies as root; see \
+                         `crabbox doctor`). Remove resources from environment for the local \
+                         provider, or use the daytona provider",
+                    ));
                 }
                 made
             }

@@ -1,7 +1,7 @@
 //! Resource limits for a sandbox's commands, where this machine lets the daemon set them:
 //! a cgroup per sandbox, joined by each of its commands (v2 under the daemon's own cgroup
 //! when it is delegated, else the v1 `pids` and `memory` hierarchies when they are
-//! writable, as for root), with a process limit and a memory limit. Elsewhere [`Cgroup::create`] answers `None` and the
+//! writable, as for root), with a process limit, a memory limit and a CPU quota. Elsewhere [`Cgroup::create`] answers `None` and the
 //! caller says that limits are not enforced.
 
 use std::path::{Path, PathBuf};
@@ -13,7 +13,12 @@ pub struct Limits {
     pub pids: Option<u64>,
     /// Bytes of memory.
     pub memory: Option<u64>,
+    /// CPUs' worth of time, per scheduling period, for all its processes together.
+    pub cpus: Option<u64>,
 }
+
+/// The CPU scheduling period a quota is measured in (the kernel's default), in µs.
+const CPU_PERIOD_US: u64 = 100_000;
 
 /// The cgroups of one command: their folders, removed when dropped (once empty).
 #[derive(Debug)]
@@ -62,6 +67,20 @@ impl Cgroup {
             made.dirs.push(dir.clone());
             write(&dir, file, &limit.to_string()).ok()?;
         }
+        if let Some(cpus) = limits.cpus {
+            let root = Path::new("/sys/fs/cgroup/cpu");
+            let own = own_path("cpu")?;
+            let dir = root.join(own.trim_start_matches('/')).join(leaf);
+            std::fs::create_dir(&dir).ok()?;
+            made.dirs.push(dir.clone());
+            write(&dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string()).ok()?;
+            write(
+                &dir,
+                "cpu.cfs_quota_us",
+                &(cpus * CPU_PERIOD_US).to_string(),
+            )
+            .ok()?;
+        }
         (!made.dirs.is_empty()).then_some(made)
     }
 
@@ -81,6 +100,14 @@ impl Cgroup {
         }
         if let Some(m) = limits.memory {
             write(&dir, "memory.max", &m.to_string()).ok()?;
+        }
+        if let Some(cpus) = limits.cpus {
+            write(
+                &dir,
+                "cpu.max",
+                &format!("{} {CPU_PERIOD_US}", cpus * CPU_PERIOD_US),
+            )
+            .ok()?;
         }
         Some(made)
     }
@@ -122,6 +149,7 @@ pub fn available() -> bool {
             Limits {
                 pids: Some(1_000_000),
                 memory: None,
+                cpus: None,
             },
         )
         .is_some()

@@ -46,6 +46,10 @@ pub struct SandboxMeta {
     /// The local provider's `environment.resources.memory`, in GB: its commands' limit.
     #[serde(default)]
     pub memory_gb: Option<u64>,
+    /// The local provider's `environment.resources.cpu`: how many CPUs' time its commands
+    /// may use together.
+    #[serde(default)]
+    pub cpus: Option<u64>,
 }
 
 /// Engine failures.
@@ -186,6 +190,7 @@ impl Engine {
             created_at_ms: crate::clock::now_ms(),
             network_block: false,
             memory_gb: None,
+            cpus: None,
         };
         self.save(&meta)?;
         Ok(meta)

@@ -510,16 +510,16 @@ fn provider_options(ctx: &Ctx) -> Result<HashMap<String, String>, CliError> {
         // Checked all the same, so a mistake shows before the provider changes. The local
         // provider takes the network mode (its jail can block it); the rest is said.
         let mut asked = env.provider_options(ctx.repo_root.as_deref())?;
-        for k in ["network_block_all", "network_allow_list", "memory"] {
+        for k in ["network_block_all", "network_allow_list", "memory", "cpu"] {
             if let Some(v) = asked.remove(k) {
                 o.insert(k.to_string(), v);
             }
         }
         if !asked.is_empty() {
             ctx.progress(format!(
-                "note: environment.image, resources.cpu/disk and lifecycle apply to the \
+                "note: environment.image, resources.disk and lifecycle apply to the \
                  daytona provider; the {} provider runs on this machine's own image and uses \
-                 environment.labels, network and resources.memory",
+                 environment.labels, network and resources.cpu and memory",
                 ctx.settings.provider
             ));
         }
