@@ -176,6 +176,36 @@ def test_session_async_exec_status_logs_follow_input(daytona):
         daytona.delete(sb)
 
 
+def test_an_async_commands_group_dies_with_its_session(daytona):
+    """An async command's process group (its background children included) goes when its
+    session is deleted, although it left the shell's group."""
+    sb = create(daytona)
+    try:
+        sb.process.create_session("grp")
+        sb.process.execute_session_command("grp", SessionExecuteRequest(
+            command="sleep 300 & echo $! > /tmp/bg; wait", run_async=True))
+        pid = None
+        for _ in range(100):
+            try:
+                pid = int(sb.fs.download_file("/tmp/bg"))
+                break
+            except Exception:
+                time.sleep(0.05)
+        assert pid, "the background sleep said its pid"
+        os.kill(pid, 0)
+        sb.process.delete_session("grp")
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+                time.sleep(0.05)
+            except ProcessLookupError:
+                break
+        else:
+            raise AssertionError(f"the async command's child {pid} outlived its session")
+    finally:
+        daytona.delete(sb)
+
+
 def test_a_session_keeps_one_shell(daytona):
     """As on Daytona, a session's commands run one after another in one shell: the
     directory, exported and plain shell variables and functions carry over; a syntax error
@@ -191,12 +221,25 @@ def test_a_session_keeps_one_shell(daytona):
         bad = run("if then fi")
         assert bad.exit_code == 2 and "syntax error" in bad.stderr, bad
         assert run("echo still $A").stdout == "still 1\n"
-        # An async command runs in the shell too: what follows waits for it, and sees it.
+        # An async command runs in a process group of its own (as Daytona's newer daemons
+        # run commands, under setsid), in order: what follows waits for it. It sees the
+        # session's directory, variables and functions; what it changes stays in it.
         slow = sb.process.execute_session_command(
-            "shell", SessionExecuteRequest(command="sleep 0.5; export C=3", run_async=True))
-        after = run("echo C=$C")
-        assert after.stdout == "C=3\n", after.stdout
+            "shell", SessionExecuteRequest(
+                command='sleep 0.5; echo "$PWD $A $B"; f y; export C=3; cd /', run_async=True))
+        after = run("echo C=$C; pwd; echo $$ $(ps -o pgid= -p $$)")
+        assert after.stdout.splitlines()[:2] == ["C=", "/tmp/w"], after.stdout
+        shell_pid, shell_group = after.stdout.split()[-2:]
         assert sb.process.get_session_command("shell", slow.cmd_id).exit_code == 0
+        assert sb.process.get_session_command_logs("shell", slow.cmd_id).stdout == "/tmp/w 1 2\nfn y\n"
+        group = sb.process.execute_session_command("shell", SessionExecuteRequest(
+            command="echo $$ $(ps -o pgid= -p $$) $PPID", run_async=True))
+        for _ in range(100):
+            if sb.process.get_session_command("shell", group.cmd_id).exit_code is not None:
+                break
+            time.sleep(0.05)
+        pid, pgid, parent = sb.process.get_session_command_logs("shell", group.cmd_id).stdout.split()
+        assert pid == pgid and pgid != shell_group and parent == shell_pid, (pid, pgid, parent, shell_group)
         # Another session is another shell.
         sb.process.create_session("other")
         other = sb.process.execute_session_command("other", SessionExecuteRequest(command="echo \"[$A]\"; pwd"))

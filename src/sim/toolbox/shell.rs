@@ -10,6 +10,15 @@
 //! stdout carries only the completion lines. `eval` keeps a syntax error in one command
 //! from ending the shell (its status is 2, as bash says); `exit` in a command ends the
 //! shell, as on Daytona, and the session says so on its next command.
+//!
+//! An async command runs in a process group of its own (as Daytona's newer daemons run
+//! every command, under `setsid`), still in order: the shell dumps its variables and
+//! functions to a file, starts `setsid [setpriv --pdeathsig KILL] bash -c '. STATE; eval
+//! CMD'` in the background with the same FIFOs, says its pid (`<nonce> pid <cmd id>
+//! <pid>`) and waits for it. So the command sees the session's directory, environment,
+//! variables and functions, but what it changes stays in it; its group can be signalled
+//! alone, and it dies with the shell (a deleted session or a stopped sandbox kills the
+//! groups still running; a killed sim takes it down through PDEATHSIG).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -58,6 +67,22 @@ pub(super) struct Shell {
 /// SIGKILL (128 + 9), which is what happened to it.
 pub(super) const GONE: i32 = 137;
 
+/// Async commands' process groups (their leaders' pids), by command id.
+type Groups = Arc<Mutex<BTreeMap<String, i32>>>;
+
+/// Kills what is left of async commands' process groups (their shell has ended).
+fn kill_groups(groups: &Groups) {
+    let left = groups.lock().map(|mut g| std::mem::take(&mut *g));
+    for (_, pid) in left.into_iter().flatten() {
+        if pid > 1 {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 /// Quotes `s` for the shell as one word.
 pub(super) fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -85,6 +110,7 @@ impl Shell {
         let run =
             tokio::spawn(async move { process::run(&spec, Some(script_rx), out_tx, cancel).await });
         let marks = pending.clone();
+        let started: Groups = Arc::default();
         let prefix = format!("{nonce} ");
         tokio::spawn(async move {
             // Completion lines: `<nonce> <cmd id> <code>`; anything else the shell prints
@@ -104,10 +130,22 @@ impl Shell {
                     let Some(rest) = text.strip_prefix(&prefix) else {
                         continue;
                     };
+                    if let Some(said) = rest.strip_prefix("pid ") {
+                        if let Some((id, pid)) = said.split_once(' ')
+                            && let Ok(pid) = pid.trim().parse::<i32>()
+                            && let Ok(mut g) = started.lock()
+                        {
+                            g.insert(id.to_string(), pid);
+                        }
+                        continue;
+                    }
                     let Some((id, code)) = rest.split_once(' ') else {
                         continue;
                     };
                     let code = code.trim().parse().unwrap_or(1);
+                    if let Ok(mut g) = started.lock() {
+                        g.remove(id);
+                    }
                     if let Some(done) = marks.lock().ok().and_then(|mut m| m.remove(id)) {
                         let _ = done.send(Some(code));
                     }
@@ -119,6 +157,8 @@ impl Shell {
                 Ok(Ok(exit)) => exit.code,
                 _ => 1,
             };
+            // Async commands left their shell's group: theirs go too.
+            kill_groups(&started);
             // Under the lock: a command is either taken here or refused by `run`.
             if let Ok(mut m) = marks.lock() {
                 for (_, done) in std::mem::take(&mut *m) {
@@ -204,6 +244,14 @@ impl Shell {
             Some(_) => open("in")?,
             None => "/dev/null".into(),
         };
+        // An async command's dump of the shell's state (a plain file the shell writes).
+        let state_g = match stdin {
+            Some(_) => {
+                fifos.host.push(self.host_dir.join(name("state")));
+                Some(format!("{}/{}", self.guest_dir, name("state")))
+            }
+            None => None,
+        };
         // Opened read-write: neither end waits for the shell, nor sees an end of file
         // between the shell's opens.
         let opts = || {
@@ -233,14 +281,32 @@ impl Shell {
             }
             pending.insert(id.to_string(), done_tx);
         }
-        let script = format!(
-            "{{ eval {}\n}} < {} > {} 2> {}; printf '{} {id} %d\\n' \"$?\"\n",
-            quote(command),
+        let redirects = format!(
+            "< {} > {} 2> {}",
             quote(&in_g),
             quote(&out_g),
-            quote(&err_g),
-            self.nonce,
+            quote(&err_g)
         );
+        let script = if let Some(state) = &state_g {
+            // Async: in a process group of its own, with the session's state (see the
+            // module's notes).
+            format!(
+                "{{ declare -p; declare -f; }} > {state} 2>/dev/null; \
+                 setsid $(command -v setpriv >/dev/null 2>&1 && echo setpriv --pdeathsig KILL) \
+                 \"${{BASH:-sh}}\" -c '. \"$1\" 2>/dev/null; rm -f \"$1\"; eval \"$2\"' _ {state} {cmd} \
+                 {redirects} & _sim_pid=$!; printf '{nonce} pid {id} %d\\n' \"$_sim_pid\"; \
+                 wait \"$_sim_pid\"; printf '{nonce} {id} %d\\n' \"$?\"\n",
+                state = quote(state),
+                cmd = quote(command),
+                nonce = self.nonce,
+            )
+        } else {
+            format!(
+                "{{ eval {}\n}} {redirects}; printf '{} {id} %d\\n' \"$?\"\n",
+                quote(command),
+                self.nonce,
+            )
+        };
         if self
             .script
             .send(Input::Data(script.into_bytes()))
