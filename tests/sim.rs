@@ -108,6 +108,46 @@ fn assert_error_body(status: u16, body: &Value) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_passes_through_stopping_for_its_delay() {
+    let r = start(|c| c.stop_delay = Duration::from_millis(400)).await;
+    let state = |s: &Value| s["state"].as_str().unwrap_or("").to_string();
+    let (_, sb) = r
+        .call(
+            reqwest::Method::POST,
+            "/api/sandbox",
+            Some(json!({"name": "halts"})),
+        )
+        .await;
+    let id = sb["id"].as_str().expect("id").to_string();
+    let path = format!("/api/sandbox/{id}");
+    for _ in 0..300 {
+        if state(&r.call(reqwest::Method::GET, &path, None).await.1) == "started" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, s) = r
+        .call(reqwest::Method::POST, &format!("{path}/stop"), None)
+        .await;
+    assert_eq!(status, 200, "{s}");
+    // The answer and a look right after both say stopping; it ends stopped.
+    let (_, now) = r.call(reqwest::Method::GET, &path, None).await;
+    assert_eq!(state(&now), "stopping", "{now}");
+    let mut seen = vec![state(&now)];
+    for _ in 0..300 {
+        let st = state(&r.call(reqwest::Method::GET, &path, None).await.1);
+        if seen.last() != Some(&st) {
+            seen.push(st.clone());
+        }
+        if st == "stopped" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen, ["stopping", "stopped"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn states_move_like_daytona() {
     let r = start(|c| {
         c.create_delay = Duration::from_millis(300);
