@@ -434,17 +434,20 @@ async fn a_fork_bomb_hits_the_process_limit_and_dies_with_its_timeout() {
     let cfg = dir.path().join("config.yaml");
     std::fs::write(&cfg, "local:\n  max_processes: 32\n").expect("w");
     let socket = dir.path().join("d.sock");
-    let mut daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .env("CRABBOX_CONFIG", &cfg)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("crabboxd");
+    let start = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("CRABBOX_CONFIG", &cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("crabboxd")
+    };
+    let mut daemon = start();
     eventually(10, "the daemon", || async { socket.exists().then_some(()) }).await;
     let r = repo();
     let cli = |args: &[&str]| {
@@ -505,22 +508,56 @@ async fn a_fork_bomb_hits_the_process_limit_and_dies_with_its_timeout() {
         .as_array()
         .expect("leases")
         .iter()
-        .filter_map(|l| l["sandbox_name"].as_str().map(|n| format!("crabbox-{n}-")))
+        .filter_map(|l| l["sandbox_name"].as_str().map(str::to_string))
         .collect();
     assert_eq!(names.len(), 2, "{all}");
     eventually(10, "the commands' cgroups removed", || async {
-        let left = std::fs::read_dir("/sys/fs/cgroup/pids")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| {
-                let f = e.file_name().to_string_lossy().into_owned();
-                names.iter().any(|n| f.starts_with(n.as_str()))
-            });
-        (!left).then_some(())
+        (!names.iter().any(|n| cgroup_left(n))).then_some(())
     })
     .await;
+    // A daemon killed with a warm lease leaves that lease's cgroup; the next daemon takes
+    // it over and removes it when the lease goes.
+    let out = common::Out(
+        cli(&["run", "--keep", "--", "true"])
+            .output()
+            .await
+            .expect("run"),
+    );
+    assert_eq!(out.code(), 0, "{}", out.stderr());
+    let lease = common::Out(cli(&["status", "--json"]).output().await.expect("status")).json();
+    let name = lease["sandbox_name"].as_str().expect("name").to_string();
+    assert!(cgroup_left(&name), "the warm lease has its cgroup");
     let _ = daemon.start_kill();
+    let _ = daemon.wait().await;
+    let mut daemon = start();
+    eventually(10, "the daemon again", || async {
+        cli(&["list"])
+            .output()
+            .await
+            .ok()?
+            .status
+            .success()
+            .then_some(())
+    })
+    .await;
+    let out = common::Out(cli(&["stop"]).output().await.expect("stop"));
+    assert_eq!(out.code(), 0, "{}", out.stderr());
+    eventually(
+        10,
+        "the earlier daemon's cgroup removed at release",
+        || async { (!cgroup_left(&name)).then_some(()) },
+    )
+    .await;
+    let _ = daemon.start_kill();
+}
+
+/// Is sandbox `name`'s cgroup still there (v1 pids hierarchy or v2, at the top, where
+/// this test machine's daemons make them)?
+fn cgroup_left(name: &str) -> bool {
+    let leaf = format!("crabbox-{name}");
+    ["/sys/fs/cgroup/pids", "/sys/fs/cgroup"]
+        .iter()
+        .any(|root| Path::new(root).join(&leaf).is_dir())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

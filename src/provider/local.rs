@@ -558,9 +558,16 @@ impl Provider for LocalProvider {
     }
 
     async fn release(&self, sandbox: &str) -> Result<(), ProviderError> {
-        if let Some((_, cgroup)) = self.cgroups.remove(sandbox) {
+        match self.cgroups.remove(sandbox) {
             // Removed once its processes are gone.
-            tokio::task::spawn_blocking(move || drop(cgroup));
+            Some((_, cgroup)) => drop(tokio::task::spawn_blocking(move || drop(cgroup))),
+            // Made by an earlier daemon, if any.
+            None => {
+                let name = sandbox.to_string();
+                drop(tokio::task::spawn_blocking(move || {
+                    sandbox::cgroup::remove_named(&name)
+                }));
+            }
         }
         let engine = self.engine.clone();
         let sandbox = sandbox.to_string();

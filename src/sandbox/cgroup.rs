@@ -39,17 +39,65 @@ fn own_path(controller: &str) -> Option<String> {
     })
 }
 
+/// A sandbox's cgroup folder name.
+fn leaf(name: &str) -> String {
+    format!("crabbox-{name}")
+}
+
+/// Makes a cgroup folder, or takes the one already there.
+fn make_dir(dir: &Path) -> Option<()> {
+    match std::fs::create_dir(dir) {
+        Ok(()) => Some(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Some(()),
+        Err(_) => None,
+    }
+}
+
+/// Where `crabbox-<name>` would be, in every hierarchy this process could use.
+fn places(name: &str) -> Vec<PathBuf> {
+    let leaf = leaf(name);
+    let mut all = Vec::new();
+    for controller in ["pids", "memory", "cpu"] {
+        if let Some(own) = own_path(controller) {
+            all.push(
+                Path::new("/sys/fs/cgroup")
+                    .join(controller)
+                    .join(own.trim_start_matches('/'))
+                    .join(&leaf),
+            );
+        }
+    }
+    if let Some(own) = own_path("") {
+        all.push(
+            Path::new("/sys/fs/cgroup")
+                .join(own.trim_start_matches('/'))
+                .join(&leaf),
+        );
+    }
+    all
+}
+
+/// Removes the cgroup of sandbox `name` wherever it is (made by an earlier daemon, which
+/// stopped before the sandbox was released), once it is empty.
+pub fn remove_named(name: &str) {
+    drop(Cgroup {
+        dirs: places(name).into_iter().filter(|d| d.is_dir()).collect(),
+    });
+}
+
 fn write(dir: &Path, file: &str, value: &str) -> std::io::Result<()> {
     std::fs::write(dir.join(file), value)
 }
 
 impl Cgroup {
-    /// A cgroup named `crabbox-<name>` with `limits`, when the machine allows one.
+    /// The cgroup `crabbox-<name>` with `limits`, when the machine allows one. One left
+    /// by an earlier daemon (it stopped before the sandbox was released) is taken over,
+    /// so a sandbox never has more than one and [`remove_named`] finds it.
     pub fn create(name: &str, limits: Limits) -> Option<Cgroup> {
         if limits == Limits::default() {
             return None;
         }
-        let leaf = format!("crabbox-{name}-{:08x}", rand::random::<u32>());
+        let leaf = leaf(name);
         Cgroup::v1(&leaf, limits).or_else(|| Cgroup::v2(&leaf, limits))
     }
 
@@ -63,7 +111,7 @@ impl Cgroup {
             let root = Path::new("/sys/fs/cgroup").join(controller);
             let own = own_path(controller)?;
             let dir = root.join(own.trim_start_matches('/')).join(leaf);
-            std::fs::create_dir(&dir).ok()?;
+            make_dir(&dir)?;
             made.dirs.push(dir.clone());
             write(&dir, file, &limit.to_string()).ok()?;
         }
@@ -71,7 +119,7 @@ impl Cgroup {
             let root = Path::new("/sys/fs/cgroup/cpu");
             let own = own_path("cpu")?;
             let dir = root.join(own.trim_start_matches('/')).join(leaf);
-            std::fs::create_dir(&dir).ok()?;
+            make_dir(&dir)?;
             made.dirs.push(dir.clone());
             write(&dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string()).ok()?;
             write(
@@ -91,7 +139,7 @@ impl Cgroup {
         }
         let own = own_path("")?;
         let dir = root.join(own.trim_start_matches('/')).join(leaf);
-        std::fs::create_dir(&dir).ok()?;
+        make_dir(&dir)?;
         let made = Cgroup {
             dirs: vec![dir.clone()],
         };
@@ -145,7 +193,7 @@ pub fn available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {
         Cgroup::create(
-            "probe",
+            &format!("probe-{:08x}", rand::random::<u32>()),
             Limits {
                 pids: Some(1_000_000),
                 memory: None,
