@@ -8,6 +8,21 @@ use std::path::Path;
 
 use common::{Daemon, eventually, repo};
 
+/// A crabboxd process with its socket (`d.sock`) and state in `dir`, reading `cfg`.
+fn crabboxd(dir: &Path, cfg: &Path, stderr: std::process::Stdio) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"))
+        .arg("--socket")
+        .arg(dir.join("d.sock"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .env("CRABBOX_CONFIG", cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("crabboxd")
+}
+
 fn host_has(cmdline: &str) -> bool {
     std::fs::read_dir("/proc")
         .into_iter()
@@ -341,17 +356,7 @@ async fn config_local_shows_mounts_and_can_turn_the_jail_off() {
         let cfg = dir.path().join("config.yaml");
         std::fs::write(&cfg, yaml).expect("w");
         let socket = dir.path().join("d.sock");
-        let daemon = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .env("CRABBOX_CONFIG", &cfg)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("crabboxd");
+        let daemon = crabboxd(dir.path(), &cfg, std::process::Stdio::piped());
         (dir, socket, daemon)
     };
     let run = |socket: std::path::PathBuf, script: String| {
@@ -434,19 +439,7 @@ async fn a_fork_bomb_hits_the_process_limit_and_dies_with_its_timeout() {
     let cfg = dir.path().join("config.yaml");
     std::fs::write(&cfg, "local:\n  max_processes: 32\n").expect("w");
     let socket = dir.path().join("d.sock");
-    let start = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .env("CRABBOX_CONFIG", &cfg)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("crabboxd")
-    };
+    let start = || crabboxd(dir.path(), &cfg, std::process::Stdio::null());
     let mut daemon = start();
     eventually(10, "the daemon", || async { socket.exists().then_some(()) }).await;
     let r = repo();

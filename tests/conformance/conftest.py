@@ -2,6 +2,7 @@
 import os
 import subprocess
 import tempfile
+import time
 
 import pytest
 from daytona import Daytona, DaytonaConfig
@@ -63,3 +64,24 @@ def daytona(sim, request):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return sim.client(use_deprecated_polling=request.param)
+
+
+def wait_gone(pid, why, tries=100):
+    """Waits until process `pid` of this machine is gone; fails saying `why` otherwise."""
+    for _ in range(tries):
+        try:
+            os.kill(pid, 0)
+            time.sleep(0.05)
+        except ProcessLookupError:
+            return
+    raise AssertionError(f"process {pid} {why}")
+
+
+def wait_exit(sb, session, cmd_id, tries=100):
+    """Waits until a session command has an exit code; answers it."""
+    for _ in range(tries):
+        code = sb.process.get_session_command(session, cmd_id).exit_code
+        if code is not None:
+            return code
+        time.sleep(0.05)
+    raise AssertionError(f"command {cmd_id} of session {session} never ended")

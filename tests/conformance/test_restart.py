@@ -10,7 +10,7 @@ import pytest
 from daytona import (CreateSandboxFromImageParams, DaytonaError, CreateSandboxFromSnapshotParams, CreateSnapshotParams,
                      Image, Resources, SessionExecuteRequest)
 
-from conftest import Sim
+from conftest import Sim, wait_gone
 
 
 def test_state_survives_kill9_and_running_sandboxes_come_back_stopped():
@@ -41,14 +41,7 @@ def test_state_survives_kill9_and_running_sandboxes_come_back_stopped():
     sim.kill9()
     # The sandbox's processes die with the sim (their jail's --die-with-parent), as a
     # machine's do when it goes down.
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-            time.sleep(0.05)
-        except ProcessLookupError:
-            break
-    else:
-        raise AssertionError(f"the sandbox's process {pid} outlived the killed sim")
+    wait_gone(pid, "(the sandbox's) outlived the killed sim")
     sim = Sim(state_dir=state_dir)
     try:
         client = sim.client()

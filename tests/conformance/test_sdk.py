@@ -17,7 +17,7 @@ from daytona.common.errors import (DaytonaAuthenticationError, DaytonaBadRequest
                                    DaytonaError, DaytonaForbiddenError, DaytonaNotFoundError,
                                    DaytonaTimeoutError)
 
-from conftest import API_KEY, JWT, LIMITED_KEY, ORG, Sim
+from conftest import API_KEY, JWT, LIMITED_KEY, ORG, Sim, wait_exit, wait_gone
 
 
 def create(daytona, **kw):
@@ -159,10 +159,7 @@ def test_session_async_exec_status_logs_follow_input(daytona):
         sb.process.send_session_command_input("s1", quiet.cmd_id, "one\n")
         sb.process.send_session_command_input("s1", quiet.cmd_id, "two")
         for c in (reader, quiet):
-            for _ in range(100):
-                if sb.process.get_session_command("s1", c.cmd_id).exit_code is not None:
-                    break
-                time.sleep(0.05)
+            wait_exit(sb, "s1", c.cmd_id)
         assert sb.process.get_session_command_logs("s1", reader.cmd_id).stdout == "typed\ngot typed\n"
         assert sb.process.get_session_command_logs("s1", quiet.cmd_id).stdout == "got one two\n"
         with pytest.raises(DaytonaError, match="already completed"):
@@ -194,14 +191,7 @@ def test_an_async_commands_group_dies_with_its_session(daytona):
         assert pid, "the background sleep said its pid"
         os.kill(pid, 0)
         sb.process.delete_session("grp")
-        for _ in range(100):
-            try:
-                os.kill(pid, 0)
-                time.sleep(0.05)
-            except ProcessLookupError:
-                break
-        else:
-            raise AssertionError(f"the async command's child {pid} outlived its session")
+        wait_gone(pid, "(an async command's child) outlived its session")
     finally:
         daytona.delete(sb)
 
@@ -234,10 +224,7 @@ def test_a_session_keeps_one_shell(daytona):
         assert sb.process.get_session_command_logs("shell", slow.cmd_id).stdout == "/tmp/w 1 2\nfn y\n"
         group = sb.process.execute_session_command("shell", SessionExecuteRequest(
             command="echo $$ $(ps -o pgid= -p $$) $PPID", run_async=True))
-        for _ in range(100):
-            if sb.process.get_session_command("shell", group.cmd_id).exit_code is not None:
-                break
-            time.sleep(0.05)
+        wait_exit(sb, "shell", group.cmd_id)
         pid, pgid, parent = sb.process.get_session_command_logs("shell", group.cmd_id).stdout.split()
         assert pid == pgid and pgid != shell_group and parent == shell_pid, (pid, pgid, parent, shell_group)
         # Another session is another shell.

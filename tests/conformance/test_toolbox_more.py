@@ -6,6 +6,7 @@ import pytest
 from daytona import SessionExecuteRequest
 from daytona.common.errors import DaytonaError
 
+from conftest import wait_exit
 from test_sdk import create
 
 
@@ -140,10 +141,7 @@ def test_a_session_commands_output_is_kept_on_disk_not_in_memory(sim, daytona):
         before = rss_mib(sim.proc.pid)
         big = sb.process.execute_session_command("chatty", SessionExecuteRequest(
             command="head -c 300000000 /dev/zero", run_async=True))
-        for _ in range(600):
-            if sb.process.get_session_command("chatty", big.cmd_id).exit_code is not None:
-                break
-            time.sleep(0.05)
+        wait_exit(sb, "chatty", big.cmd_id, tries=600)
         logs = glob.glob(os.path.join(sim.dir, "logs", "*.log"))
         assert max(os.path.getsize(p) for p in logs) >= 300_000_000
         after = rss_mib(sim.proc.pid)
