@@ -216,12 +216,12 @@ def test_a_session_keeps_one_shell(daytona):
         # session's directory, variables and functions; what it changes stays in it.
         slow = sb.process.execute_session_command(
             "shell", SessionExecuteRequest(
-                command='sleep 0.5; echo "$PWD $A $B"; f y; export C=3; cd /', run_async=True))
+                command='sleep 0.5; echo "$PWD $A $B"; f y; echo "[$#][${__sim_c-}]"; export C=3; cd /', run_async=True))
         after = run("echo C=$C; pwd; echo $$ $(ps -o pgid= -p $$)")
         assert after.stdout.splitlines()[:2] == ["C=", "/tmp/w"], after.stdout
         shell_pid, shell_group = after.stdout.split()[-2:]
         assert sb.process.get_session_command("shell", slow.cmd_id).exit_code == 0
-        assert sb.process.get_session_command_logs("shell", slow.cmd_id).stdout == "/tmp/w 1 2\nfn y\n"
+        assert sb.process.get_session_command_logs("shell", slow.cmd_id).stdout == "/tmp/w 1 2\nfn y\n[0][]\n"
         group = sb.process.execute_session_command("shell", SessionExecuteRequest(
             command="echo $$ $(ps -o pgid= -p $$) $PPID", run_async=True))
         wait_exit(sb, "shell", group.cmd_id)

@@ -293,7 +293,9 @@ impl Shell {
             format!(
                 "{{ declare -p; declare -f; }} > {state} 2>/dev/null; \
                  setsid $(command -v setpriv >/dev/null 2>&1 && echo setpriv --pdeathsig KILL) \
-                 \"${{BASH:-sh}}\" -c '. \"$1\" 2>/dev/null; rm -f \"$1\"; eval \"$2\"' _ {state} {cmd} \
+                 \"${{BASH:-sh}}\" -c '__sim_s=$1 __sim_c=$2; shift 2; . \"$__sim_s\" 2>/dev/null; \
+                 rm -f \"$__sim_s\"; unset __sim_s; eval \"unset __sim_c
+$__sim_c\"' _ {state} {cmd} \
                  {redirects} & _sim_pid=$!; printf '{nonce} pid {id} %d\\n' \"$_sim_pid\"; \
                  wait \"$_sim_pid\"; printf '{nonce} {id} %d\\n' \"$?\"\n",
                 state = quote(state),
