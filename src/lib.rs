@@ -29,6 +29,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod direct;
 pub mod error;
 pub mod files;
 pub mod ids;

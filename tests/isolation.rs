@@ -461,9 +461,9 @@ async fn a_fork_bomb_hits_the_process_limit_and_dies_with_its_timeout() {
     );
     assert!(out.stdout().contains("crabbox-"), "{}", out.stdout());
     // A fork bomb: refused forks past 32 processes, killed whole by its timeout. The
-    // shell starts its sleep before the bomb and waits for it with a builtin: once the
-    // bomb fills the limit, a `sleep` started after it could not be forked either and the
-    // shell would end on its own (dash: exit 2), before the timeout this checks.
+    // shell forks only before the bomb goes off (its sleep, then one subshell the bomb
+    // grows in) and waits with a builtin: a shell that had to fork once the bomb filled
+    // the limit would end on its own (dash: exit 2) before the timeout this checks.
     let out = common::Out(
         cli(&[
             "run",
@@ -472,7 +472,7 @@ async fn a_fork_bomb_hits_the_process_limit_and_dies_with_its_timeout() {
             "--",
             "sh",
             "-c",
-            "sleep 60 & s=$!; b() { b | b & }; b; wait $s",
+            "sleep 60 & s=$!; (b() { b | b & }; b) & wait $s",
         ])
         .output()
         .await
@@ -660,4 +660,72 @@ print(quota)
         "two spinners under a 1-CPU quota used {used} s of CPU in 1.5 s"
     );
     assert!(!out.stderr().contains("resources.cpu"), "{}", out.stderr());
+}
+
+/// A local run writes the command's output straight into the CLI's own stdout and stderr
+/// (handed to the daemon): the command's fd 1 is the very file the CLI's stdout was sent
+/// to, appended after what crabbox wrote there; with `--output ndjson`, a stall watchdog
+/// or a terminal the output goes through the daemon as before; a run that fails before
+/// its command starts lets go of them (the reader sees its end at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_output_goes_straight_to_the_clients_stdout() {
+    if std::env::var("CRABBOX_LOCAL_ISOLATION").as_deref() == Ok("none") {
+        eprintln!("CRABBOX_LOCAL_ISOLATION=none: output goes through the daemon unjailed");
+        return;
+    }
+    let d = Daemon::start().await;
+    let r = repo();
+    d.run(r.path(), &["warmup"]).await.expect(0);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (out_path, err_path) = (dir.path().join("out.txt"), dir.path().join("err.txt"));
+    let status = d
+        .cli(r.path())
+        .args([
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "readlink /proc/self/fd/1; echo to-err >&2; exit 3",
+        ])
+        .stdout(std::fs::File::create(&out_path).expect("out"))
+        .stderr(std::fs::File::create(&err_path).expect("err"))
+        .status()
+        .await
+        .expect("run");
+    assert_eq!(status.code(), Some(3));
+    let out = std::fs::read_to_string(&out_path).expect("read");
+    assert_eq!(
+        out.trim_end(),
+        out_path.display().to_string(),
+        "the command wrote into the file itself"
+    );
+    let err = std::fs::read_to_string(&err_path).expect("read");
+    assert!(
+        err.contains("crabbox: syncing") && err.ends_with("to-err\n"),
+        "crabbox's lines, then the command's, in one file: {err}"
+    );
+    // Through the daemon when the CLI must see the output.
+    for extra in [&["--output", "ndjson"][..], &["--stall-timeout", "1m"][..]] {
+        let o = d
+            .run(
+                r.path(),
+                &[
+                    &["run"][..],
+                    extra,
+                    &["--", "readlink", "/proc/self/fd/1"][..],
+                ]
+                .concat(),
+            )
+            .await
+            .expect(0);
+        assert!(o.stdout().contains("pipe:["), "{extra:?}: {}", o.stdout());
+    }
+    // A run refused before its command starts: the pipe ends with the CLI.
+    let o = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        d.run(r.path(), &["run", "--id", "no-such-lease", "--", "true"]),
+    )
+    .await
+    .expect("the CLI's output ends with it");
+    assert_ne!(o.code(), 0);
 }

@@ -196,7 +196,7 @@ pub fn secure_state_dir(dir: &Path) -> Result<(), DaemonError> {
 pub async fn run(
     config: DaemonConfig,
     providers: Providers,
-    socket: BoundSocket,
+    mut socket: BoundSocket,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     secure_state_dir(&config.state_dir)?;
@@ -272,7 +272,12 @@ pub async fn run(
         shutdown: token.clone(),
         checkouts: Default::default(),
         team,
+        handed: Default::default(),
     });
+    let fds_socket = socket
+        .fds
+        .take()
+        .and_then(|l| serve_handed(l, &socket.path, api.handed.clone(), token.clone()));
     rpc::seed::spawn(api.clone(), config.pools.clone());
     if let Some(listener) = &config.metrics {
         let listener = listener
@@ -355,8 +360,75 @@ pub async fn run(
     // Every lease is persisted at each move; stop the actors (they hold the store).
     registry.stop(registry_join, Duration::from_secs(2)).await;
     let _ = std::fs::remove_file(&socket.path);
+    if let Some(path) = fds_socket {
+        let _ = std::fs::remove_file(path);
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Takes clients' stdout/stderr handed over beside the socket ([`crate::direct`]) until
+/// `token` is cancelled; answers the descriptor socket's path. Without it (its folder is
+/// not private, or it cannot be bound) runs stream their output as events, as always.
+fn serve_handed(
+    listener: std::os::unix::net::UnixListener,
+    socket: &std::path::Path,
+    handed: Arc<crate::direct::Handed>,
+    token: CancellationToken,
+) -> Option<std::path::PathBuf> {
+    let path = crate::direct::socket_path(socket);
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "no descriptor socket: run output goes through the daemon");
+            return None;
+        }
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    tokio::spawn(async move {
+        loop {
+            let conn = tokio::select! {
+                c = listener.accept() => c,
+                () = token.cancelled() => break,
+            };
+            let Ok((stream, _)) = conn else { continue };
+            if !stream.peer_cred().is_ok_and(|p| p.uid() == me) {
+                tracing::warn!("refused descriptors from another user");
+                continue;
+            }
+            let handed = handed.clone();
+            tokio::spawn(async move {
+                let h = handed.clone();
+                let received = tokio::task::spawn_blocking(move || {
+                    let s = stream.into_std().map_err(|e| e.to_string())?;
+                    s.set_nonblocking(false).map_err(|e| e.to_string())?;
+                    s.set_read_timeout(Some(Duration::from_secs(2)))
+                        .map_err(|e| e.to_string())?;
+                    let token = h.receive(&s)?;
+                    s.set_nonblocking(true).map_err(|e| e.to_string())?;
+                    Ok::<_, String>((token, s))
+                })
+                .await;
+                let (token, s) = match received {
+                    Ok(Ok(got)) => got,
+                    Ok(Err(why)) => {
+                        tracing::debug!(%why, "descriptors not taken");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                // The client keeps this open while it lives: once it closes, what its run
+                // did not take is dropped (a pipe's reader must see its end).
+                if let Ok(mut s) = tokio::net::UnixStream::from_std(s) {
+                    use tokio::io::AsyncReadExt;
+                    let mut byte = [0u8; 1];
+                    let _ = s.read(&mut byte).await;
+                }
+                handed.forget(&token);
+            });
+        }
+    });
+    Some(path)
 }
 
 /// Serves `/metrics` (Prometheus text) on `listener` until `token` is cancelled.

@@ -12,6 +12,10 @@ use super::DaemonError;
 pub struct BoundSocket {
     pub(super) listener: UnixListener,
     pub(super) path: PathBuf,
+    /// The descriptor socket beside it ([`crate::direct`]), bound first so that a client
+    /// that finds the daemon's socket finds this one too (None: bound later, or not at
+    /// all; runs then stream their output through the daemon).
+    pub(super) fds: Option<std::os::unix::net::UnixListener>,
     /// Held while the daemon lives: a second daemon fails to take it.
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
@@ -80,6 +84,7 @@ pub fn bind_unix(path: &Path) -> Result<BoundSocket, DaemonError> {
         std::fs::remove_file(path)
             .map_err(|e| setup(&format!("removing stale {}", path.display()), e))?;
     }
+    let fds = bind_fds(path);
     // The folder is ours and private (checked above), so no one else can reach the socket
     // between the bind and the chmod. (Not a umask around bind: the umask is the whole
     // process's, and would race with anything else creating files at that moment.)
@@ -104,8 +109,28 @@ pub fn bind_unix(path: &Path) -> Result<BoundSocket, DaemonError> {
     Ok(BoundSocket {
         listener,
         path: path.to_path_buf(),
+        fds,
         _lock: lock,
     })
+}
+
+/// Binds the descriptor socket beside `socket` (0600; its folder must already be known
+/// private, and the daemon's lock held: a socket left there is a dead daemon's).
+pub(super) fn bind_fds(socket: &Path) -> Option<std::os::unix::net::UnixListener> {
+    let path = crate::direct::socket_path(socket);
+    let _ = std::fs::remove_file(&path);
+    let bound = std::os::unix::net::UnixListener::bind(&path).and_then(|l| {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    });
+    match bound {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "no descriptor socket: run output goes through the daemon");
+            None
+        }
+    }
 }
 
 /// The lock beside the socket (`<socket>.lock`, holding "PID VERSION"): only one daemon
@@ -227,9 +252,16 @@ pub fn from_systemd(path: &Path) -> Result<Option<BoundSocket>, DaemonError> {
     let listener = UnixListener::from_std(std_listener)
         .map_err(|e| DaemonError::Setup(format!("the socket systemd passed: {e}")))?;
     tracing::info!(socket = %path.display(), "serving the socket systemd passed");
+    // Beside systemd's socket, when its folder is private (the first client may find the
+    // daemon's socket before this one: its output then goes through the daemon).
+    let fds = path
+        .parent()
+        .filter(|dir| private_dir(dir, "the socket folder").is_ok())
+        .and_then(|_| bind_fds(&path));
     Ok(Some(BoundSocket {
         listener,
         path,
+        fds,
         _lock: lock,
     }))
 }

@@ -661,6 +661,13 @@ impl LocalProvider {
                 made
             }
         };
+        // The client's own descriptors, when it handed them over: only into the jail, whose
+        // PID namespace ends every process of the command with it (unjailed, a background
+        // child could hold the client's pipe open after the run).
+        let direct = match (&jail, spec.tty) {
+            (Some(_), None) => spec.direct.clone(),
+            _ => Default::default(),
+        };
         let process = sandbox::ProcessSpec {
             command: spec.command.clone(),
             cwd,
@@ -668,6 +675,7 @@ impl LocalProvider {
             timeout: spec.timeout,
             jail,
             tty: spec.tty,
+            direct,
             cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
         };
         sandbox::process::run(&process, input, out, cancel)

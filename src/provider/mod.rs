@@ -103,6 +103,10 @@ pub struct ExecSpec {
     /// Run on a pseudo-terminal of this size (output then comes back as one stream, as a
     /// terminal shows it; `TERM` is in `env`).
     pub tty: Option<PtySize>,
+    /// The client's own stdout/stderr ([`crate::direct`]): a provider that runs the
+    /// command on this machine may give them to it, and those streams then send nothing
+    /// to `out`; any other ignores them.
+    pub direct: crate::direct::DirectOutput,
 }
 
 /// `s` as one word for a POSIX shell (`''` for text no shell can hold: a NUL byte).
@@ -229,6 +233,7 @@ pub trait Provider: Send + Sync + 'static {
             env: BTreeMap::new(),
             timeout: Some(timeout),
             tty: None,
+            direct: Default::default(),
         };
         let collect = async move {
             let (mut out, mut err) = (Vec::new(), Vec::new());

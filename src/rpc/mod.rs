@@ -54,6 +54,8 @@ pub struct Api {
     pub checkouts: crate::sync::watch::Checkouts,
     /// Team mode's registry, when configured.
     pub team: Option<Arc<crate::team::Team>>,
+    /// Clients' own stdout/stderr handed over for their runs ([`crate::direct`]).
+    pub handed: Arc<crate::direct::Handed>,
 }
 
 impl Api {

@@ -57,10 +57,12 @@ pub async fn run(
     tx: EventTx,
     stdin: Option<mpsc::Receiver<Input>>,
 ) {
+    let direct = api.handed.take(&req.direct_output).unwrap_or_default();
     let mut run = Run {
         api,
         tx: tx.clone(),
         req,
+        direct,
         lease: None,
         fresh: false,
         stdin,
@@ -127,6 +129,9 @@ struct Run {
     api: Arc<Api>,
     tx: EventTx,
     req: pb::RunRequest,
+    /// The client's own stdout/stderr, when it handed them over: given to the command,
+    /// or dropped with the run (a pipe's reader then sees its end).
+    direct: crate::direct::DirectOutput,
     lease: Option<LeaseHandle>,
     /// The lease was created for this run.
     fresh: bool,
@@ -496,6 +501,12 @@ impl Run {
             timeout: (self.req.timeout_secs > 0)
                 .then(|| Duration::from_secs(self.req.timeout_secs)),
             tty,
+            // The client's own descriptors, unless the daemon must see the output (the
+            // stall watchdog) or a terminal carries it.
+            direct: match (self.req.stall_timeout_secs, tty) {
+                (0, None) => std::mem::take(&mut self.direct),
+                _ => Default::default(),
+            },
         };
         let _ = self
             .emit(RunEv::Started(pb::Started {

@@ -79,6 +79,9 @@ pub struct ProcessSpec {
     /// Run on a new pseudo-terminal of this size (its stdin, stdout and stderr; the output
     /// comes back as one stream, as a terminal shows it) instead of pipes.
     pub tty: Option<PtySize>,
+    /// Descriptors the command writes its stdout/stderr to itself (a client's own, see
+    /// [`crate::direct`]); those streams then do not come back as output. Not with `tty`.
+    pub direct: crate::direct::DirectOutput,
 }
 
 /// A bubblewrap jail for a command: the rest of the system read-only, `/dev` minimal, a
@@ -151,6 +154,25 @@ fn starting(spec: &ProcessSpec, program: &[&str]) -> tokio::process::Command {
                     if written < 0 {
                         return Err(io::Error::last_os_error());
                     }
+                }
+                Ok(())
+            });
+        }
+    }
+    if spec.jail.is_some() {
+        // The jail dies with the daemon (bubblewrap's --die-with-parent), but bubblewrap
+        // asks for that only once it runs: a daemon killed between the fork and that
+        // moment would leave the jail behind. Asked here already, before exec, and if the
+        // daemon is already gone the command is not started.
+        let daemon = nix::unistd::getpid();
+        // SAFETY: prctl and getppid are async-signal-safe; nothing is allocated.
+        unsafe {
+            c.pre_exec(move || {
+                if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if nix::libc::getppid() != daemon.as_raw() {
+                    return Err(io::Error::other("the daemon has gone"));
                 }
                 Ok(())
             });
@@ -261,6 +283,9 @@ pub async fn run(
     out: mpsc::Sender<ExecOutput>,
     cancel: CancellationToken,
 ) -> io::Result<ExecExit> {
+    // Open until the command has ended, also when no stream is read here (both handed to
+    // the command directly): whoever reads `out` reads until the end of the command.
+    let _open = out.clone();
     let (mut child, pumps) = match spec.tty {
         Some(size) => spawn_on_pty(spec, size, input, out)?,
         None => spawn_piped(spec, input, out)?,
@@ -319,8 +344,8 @@ fn spawn_piped(
     } else {
         Stdio::null()
     })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
+    .stdout(direct_or_piped(spec.direct.stdout.as_deref())?)
+    .stderr(direct_or_piped(spec.direct.stderr.as_deref())?)
     .process_group(0);
     let mut child = cmd.spawn()?;
     if let (Some(mut stdin), Some(mut input)) = (child.stdin.take(), input) {
@@ -344,6 +369,14 @@ fn spawn_piped(
         );
     });
     Ok((child, pumps))
+}
+
+/// A stream of the command: its client's own descriptor when handed over, else a pipe.
+fn direct_or_piped(fd: Option<&std::os::fd::OwnedFd>) -> io::Result<Stdio> {
+    Ok(match fd {
+        Some(fd) => Stdio::from(fd.try_clone()?),
+        None => Stdio::piped(),
+    })
 }
 
 /// The command on a new pseudo-terminal, as the leader of its own session (and so of its
@@ -468,6 +501,7 @@ mod tests {
             timeout: None,
             jail: None,
             tty: None,
+            direct: Default::default(),
             cgroup_procs: Vec::new(),
         }
     }

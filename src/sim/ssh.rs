@@ -147,6 +147,7 @@ impl Conn {
             timeout: None,
             jail: Some(crate::sandbox::process::Jail::Sim(fs)),
             tty,
+            direct: Default::default(),
             cgroup_procs: Vec::new(),
         };
         let (in_tx, in_rx) = mpsc::channel(32);

@@ -85,6 +85,11 @@ impl Capture {
         })
     }
 
+    /// Does it need to see the command's output (a capture file or a failure report)?
+    pub fn sees_output(&self) -> bool {
+        self.stdout.is_some() || self.stderr.is_some() || self.on_fail.is_some()
+    }
+
     /// Keeps a chunk of the command's stdout (`err`: stderr).
     pub fn keep(&mut self, err: bool, b: &[u8]) -> Result<(), CliError> {
         let (file, tail) = if err {

@@ -90,7 +90,20 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
     let wanted = super::artifacts::Wanted::from_args(&args)?;
     let script = read_script(&args)?;
     let mut capture = super::capture::Capture::open(&args, ctx.quiet)?;
+    let stall_timeout = args.stall_timeout.or(ctx.settings.stall_timeout);
+    // The command may write to this process's own stdout/stderr itself (no copy through
+    // the daemon and this process) when nothing here needs to see its output: no document
+    // or event format, no capture, no stall watchdog, no terminal for the command; and
+    // only streams that are not a terminal here (a command must not find a terminal it was
+    // not given with -t).
+    let direct = !(tty
+        || args.sync_only
+        || ctx.json
+        || ctx.format == OutputFormat::Ndjson
+        || capture.sees_output()
+        || stall_timeout.is_some());
     let req = pb::RunRequest {
+        direct_output: String::new(),
         artifacts: wanted.sources.clone(),
         script,
         lease: args.id.clone().unwrap_or_default(),
@@ -110,10 +123,7 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
         }),
         sync_only: args.sync_only,
         timeout_secs: args.timeout.map_or(0, |d| d.as_secs().max(1)),
-        stall_timeout_secs: args
-            .stall_timeout
-            .or(ctx.settings.stall_timeout)
-            .map_or(0, |d| d.as_secs().max(1)),
+        stall_timeout_secs: stall_timeout.map_or(0, |d| d.as_secs().max(1)),
         keep: args.keep || preserve,
         keep_on_failure: args.keep_on_failure,
         reclaim: args.reclaim,
@@ -135,7 +145,19 @@ pub(super) async fn run(ctx: &Ctx, args: RunArgs) -> Result<i32, CliError> {
     let send_stdin =
         !args.no_stdin && !args.script_stdin && (tty || args.interactive || stdin_has_input());
     let ndjson = ctx.format == OutputFormat::Ndjson;
-    let result = stream_run(ctx, &args, req, send_stdin, ndjson, &wanted, &mut capture).await;
+    let result = stream_run(
+        ctx,
+        &args,
+        req,
+        Streams {
+            stdin: send_stdin,
+            direct,
+        },
+        ndjson,
+        &wanted,
+        &mut capture,
+    )
+    .await;
     if preserve && !args.keep && result.is_ok() {
         ctx.progress(
             "environment.lifecycle.preserve keeps this run's lease (as --keep does): \
@@ -292,11 +314,18 @@ fn chunk(kind: &str, bytes: &[u8]) -> serde_json::Value {
     }
 }
 
+/// How a run's streams travel: stdin sent over the stream; stdout/stderr handed to the
+/// daemon for the command to write itself ([`hand_over_output`]).
+struct Streams {
+    stdin: bool,
+    direct: bool,
+}
+
 async fn stream_run(
     ctx: &Ctx,
     args: &RunArgs,
-    req: pb::RunRequest,
-    send_stdin: bool,
+    mut req: pb::RunRequest,
+    streams: Streams,
     ndjson: bool,
     wanted: &super::artifacts::Wanted,
     capture: &mut super::capture::Capture,
@@ -305,7 +334,17 @@ async fn stream_run(
     let begun = std::time::Instant::now();
     let tty = req.tty.is_some();
     let mut c = ctx.clients().await?;
-    let mut stream = if send_stdin {
+    // After connecting: the daemon is up by now (this may have started it).
+    // Held until this function returns: the daemon drops what its run did not take once
+    // it closes.
+    let _handed = if streams.direct {
+        let (token, conn) = hand_over_output(ctx);
+        req.direct_output = token;
+        conn
+    } else {
+        None
+    };
+    let mut stream = if streams.stdin {
         c.leases
             .run_with_input(stdin_stream(req))
             .await?
@@ -643,6 +682,33 @@ fn is_connection_lost(status: &tonic::Status) -> bool {
             || m.contains("transport")
             || m.contains("connection")
             || m.contains("broken pipe"))
+}
+
+/// Hands this process's stdout and stderr (those that are not a terminal) to the daemon
+/// for the command to write to ([`crate::direct`]); answers the token for the Run request
+/// (with the connection to keep open until the run ends), or "" when there is nothing to
+/// hand over or the daemon does not take them (its output then comes through the daemon,
+/// as always).
+fn hand_over_output(ctx: &Ctx) -> (String, Option<std::os::unix::net::UnixStream>) {
+    use std::io::IsTerminal;
+    use std::os::fd::AsFd;
+    let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
+    let out = (!stdout.is_terminal()).then(|| stdout.as_fd());
+    let err = (!stderr.is_terminal()).then(|| stderr.as_fd());
+    if out.is_none() && err.is_none() {
+        return (String::new(), None);
+    }
+    match crate::direct::hand_over(&crate::direct::socket_path(&ctx.socket), out, err) {
+        Ok((token, conn)) => (token, Some(conn)),
+        Err(why) => {
+            if ctx.verbose {
+                ctx.progress(format!(
+                    "the command's output comes through the daemon ({why})"
+                ));
+            }
+            (String::new(), None)
+        }
+    }
 }
 
 /// What a sync's upload has done, for people: "syncing: sending 3 files, deleting 1:

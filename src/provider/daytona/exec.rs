@@ -649,6 +649,7 @@ mod tests {
             env: Default::default(),
             timeout: None,
             tty: None,
+            direct: Default::default(),
         };
         let script = session_script(&spec, false, "n1");
         let out = std::process::Command::new("sh")

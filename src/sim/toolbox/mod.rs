@@ -224,6 +224,7 @@ fn spec(
         timeout,
         jail: Some(crate::sandbox::process::Jail::Sim(c.fs.clone())),
         tty: None,
+        direct: Default::default(),
         cgroup_procs: Vec::new(),
     })
 }

@@ -60,6 +60,9 @@ pub(super) struct Shell {
     pending: Arc<Mutex<BTreeMap<String, watch::Sender<Option<i32>>>>>,
     /// The shell's own exit code once it has ended.
     ended: watch::Receiver<Option<i32>>,
+    /// Async commands' process groups still running (killed when the shell ends, or when
+    /// it is dropped without ending: a sim dropped in a test, a runtime shut down).
+    groups: Groups,
     seq: Mutex<u64>,
 }
 
@@ -80,6 +83,12 @@ fn kill_groups(groups: &Groups) {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+    }
+}
+
+impl Drop for Shell {
+    fn drop(&mut self) {
+        kill_groups(&self.groups);
     }
 }
 
@@ -111,6 +120,7 @@ impl Shell {
             tokio::spawn(async move { process::run(&spec, Some(script_rx), out_tx, cancel).await });
         let marks = pending.clone();
         let started: Groups = Arc::default();
+        let groups = started.clone();
         let prefix = format!("{nonce} ");
         tokio::spawn(async move {
             // Completion lines: `<nonce> <cmd id> <code>`; anything else the shell prints
@@ -174,6 +184,7 @@ impl Shell {
             guest_dir,
             pending,
             ended,
+            groups,
             seq: Mutex::new(0),
         })
     }
@@ -195,6 +206,7 @@ impl Shell {
             guest_dir: String::new(),
             pending: Arc::default(),
             ended,
+            groups: Arc::default(),
             seq: Mutex::new(0),
         }
     }

@@ -1,0 +1,244 @@
+//! Direct output: a client on this machine hands its own stdout and stderr to the daemon
+//! (SCM_RIGHTS over a Unix socket beside the daemon's, `<socket>.fds`), so that a command
+//! run on this machine writes to them itself instead of through the daemon and the gRPC
+//! stream: the same file, pipe or socket the client was given, at the speed of a pipe.
+//!
+//! The exchange: one message from the client, a token (32 hex characters) and a byte
+//! saying which streams follow (1 stdout, 2 stderr), with the descriptors attached; one
+//! byte back (`k`) once the daemon holds them. The Run request then names the token and
+//! takes them (the run drops them when it ends, so a pipe's reader sees its end). The
+//! client keeps the connection open while it lives: when it closes before its Run took
+//! them, the daemon drops them (and in any case after [`KEEP_FOR`]). Only from the
+//! daemon's own user.
+
+use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+
+/// How long handed descriptors wait for their Run request.
+pub const KEEP_FOR: Duration = Duration::from_secs(30);
+
+const TOKEN_LEN: usize = 32;
+
+/// The descriptor socket beside the daemon's socket.
+pub fn socket_path(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".fds");
+    PathBuf::from(name)
+}
+
+/// A command's output descriptors, handed over by its client.
+#[derive(Debug, Clone, Default)]
+pub struct DirectOutput {
+    pub stdout: Option<Arc<OwnedFd>>,
+    pub stderr: Option<Arc<OwnedFd>>,
+}
+
+impl DirectOutput {
+    pub fn is_empty(&self) -> bool {
+        self.stdout.is_none() && self.stderr.is_none()
+    }
+}
+
+/// Client side: hands `stdout`/`stderr` (either may be absent) to the daemon listening at
+/// `fds_socket`; answers the token to put in the Run request and the connection to keep
+/// open until the run has ended, or why it could not.
+pub fn hand_over(
+    fds_socket: &Path,
+    stdout: Option<BorrowedFd<'_>>,
+    stderr: Option<BorrowedFd<'_>>,
+) -> Result<(String, UnixStream), String> {
+    if stdout.is_none() && stderr.is_none() {
+        return Err("nothing to hand over".into());
+    }
+    let stream = UnixStream::connect(fds_socket)
+        .map_err(|e| format!("connecting to {}: {e}", fds_socket.display()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    let token = format!("{:032x}", rand::random::<u128>());
+    let mut message = token.clone().into_bytes();
+    message.push(u8::from(stdout.is_some()) | (u8::from(stderr.is_some()) << 1));
+    let fds: Vec<RawFd> = [stdout, stderr]
+        .into_iter()
+        .flatten()
+        .map(|fd| fd.as_raw_fd())
+        .collect();
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[IoSlice::new(&message)],
+        &cmsg,
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| format!("handing over the descriptors: {e}"))?;
+    let mut ack = [0u8; 1];
+    use std::io::Read;
+    match (&stream).read(&mut ack) {
+        Ok(1) if ack[0] == b'k' => Ok((token, stream)),
+        Ok(_) => Err("the daemon did not take the descriptors".into()),
+        Err(e) => Err(format!(
+            "waiting for the daemon to take the descriptors: {e}"
+        )),
+    }
+}
+
+/// Daemon side: what clients handed over, by token.
+#[derive(Default)]
+pub struct Handed {
+    map: Mutex<HashMap<String, (Instant, DirectOutput)>>,
+}
+
+impl Handed {
+    /// Takes what was handed under `token` (once).
+    pub fn take(&self, token: &str) -> Option<DirectOutput> {
+        if token.is_empty() {
+            return None;
+        }
+        let mut map = self.map.lock().ok()?;
+        map.remove(token).map(|(_, d)| d)
+    }
+
+    /// Drops what was handed under `token`, if no run took it (its client has gone).
+    pub fn forget(&self, token: &str) {
+        if let Ok(mut map) = self.map.lock() {
+            map.remove(token);
+        }
+    }
+
+    fn put(&self, token: String, out: DirectOutput) {
+        if let Ok(mut map) = self.map.lock() {
+            map.retain(|_, (at, _)| at.elapsed() < KEEP_FOR);
+            map.insert(token, (Instant::now(), out));
+        }
+    }
+
+    /// Takes one client's message on `stream` (blocking; the stream has a read timeout)
+    /// and acknowledges it; answers its token.
+    pub fn receive(&self, stream: &UnixStream) -> Result<String, String> {
+        let mut buf = [0u8; TOKEN_LEN + 1];
+        let mut space = nix::cmsg_space!([RawFd; 2]);
+        let (len, fds) = {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let msg = recvmsg::<()>(
+                stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map_err(|e| format!("receiving descriptors: {e}"))?;
+            let mut fds: Vec<OwnedFd> = Vec::new();
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for c in cmsgs {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        // SAFETY: the kernel has just installed these descriptors in this
+                        // process for us; nothing else owns them.
+                        fds.extend(
+                            raw.into_iter()
+                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                        );
+                    }
+                }
+            }
+            (msg.bytes, fds)
+        };
+        if len != TOKEN_LEN + 1 || !buf[..TOKEN_LEN].iter().all(u8::is_ascii_hexdigit) {
+            return Err("a malformed descriptor message".into());
+        }
+        let mask = buf[TOKEN_LEN];
+        let wanted = usize::from(mask & 1 != 0) + usize::from(mask & 2 != 0);
+        if wanted == 0 || fds.len() != wanted {
+            return Err(format!(
+                "a descriptor message said {wanted} descriptors and carried {}",
+                fds.len()
+            ));
+        }
+        let mut fds = fds.into_iter().map(Arc::new);
+        let out = DirectOutput {
+            stdout: if mask & 1 != 0 { fds.next() } else { None },
+            stderr: if mask & 2 != 0 { fds.next() } else { None },
+        };
+        let token = String::from_utf8_lossy(&buf[..TOKEN_LEN]).into_owned();
+        self.put(token.clone(), out);
+        use std::io::Write;
+        (&*stream)
+            .write_all(b"k")
+            .map_err(|e| format!("acknowledging descriptors: {e}"))?;
+        Ok(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn descriptors_handed_over_are_taken_once_by_token() {
+        let (client, daemon) = UnixStream::pair().expect("pair");
+        daemon
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let handed = Arc::new(Handed::default());
+        let h = handed.clone();
+        let receiver = std::thread::spawn(move || h.receive(&daemon));
+        let (mut read_end, write_end) = std::io::pipe().expect("pipe");
+        // The client side of `hand_over`, on the pair instead of a named socket.
+        let token = format!("{:032x}", 7u128);
+        let mut message = token.clone().into_bytes();
+        message.push(1);
+        let fds = [write_end.as_fd().as_raw_fd()];
+        sendmsg::<()>(
+            client.as_raw_fd(),
+            &[IoSlice::new(&message)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("send");
+        drop(write_end);
+        assert_eq!(receiver.join().expect("join").expect("received"), token);
+        let mut ack = [0u8; 1];
+        (&client).read_exact(&mut ack).expect("ack");
+        assert_eq!(&ack, b"k");
+        let out = handed.take(&token).expect("held");
+        assert!(out.stderr.is_none());
+        let fd = out.stdout.expect("stdout");
+        nix::unistd::write(fd.as_fd(), b"through the handed pipe").expect("write");
+        drop(fd);
+        let mut got = String::new();
+        read_end.read_to_string(&mut got).expect("read");
+        assert_eq!(got, "through the handed pipe");
+        assert!(handed.take(&token).is_none(), "taken once");
+        assert!(handed.take("").is_none());
+    }
+
+    #[test]
+    fn a_message_that_does_not_match_its_descriptors_is_refused() {
+        let (client, daemon) = UnixStream::pair().expect("pair");
+        daemon
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let mut message = format!("{:032x}", 9u128).into_bytes();
+        message.push(3);
+        sendmsg::<()>(
+            client.as_raw_fd(),
+            &[IoSlice::new(&message)],
+            &[],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("send");
+        let handed = Handed::default();
+        let err = handed.receive(&daemon).expect_err("refused");
+        assert!(err.contains("said 2 descriptors and carried 0"), "{err}");
+    }
+}
