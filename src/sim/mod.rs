@@ -889,13 +889,17 @@ pub async fn start(
     });
     let restored = persist::load(&sim).map_err(std::io::Error::other)?;
     tracing::info!("state: {restored}");
-    persist::spawn_saver(sim.clone(), flush_rx, shutdown.clone());
+    let saver = persist::spawn_saver(sim.clone(), flush_rx, shutdown.clone());
     control::spawn_auto_stop(sim.clone());
     let app = router(sim.clone());
+    // Ends once the server has stopped and the state's last write is on disk (a clean
+    // stop loses nothing that happened just before it).
     let task = tokio::spawn(async move {
-        axum::serve(listener, app)
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
+            .await;
+        let _ = saver.await;
+        served
     });
     Ok((sim, addr, task))
 }

@@ -79,12 +79,12 @@ pub fn save(sim: &Sim, last: Option<&[u8]>) -> Option<Vec<u8>> {
 }
 
 /// Saves every [`SAVE_EVERY`], and at once when asked through `flush` (answering once
-/// written), until `shutdown`; then once more.
+/// written), until `shutdown`; then once more (await the handle for that last write).
 pub fn spawn_saver(
     sim: Arc<Sim>,
     mut flush: tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
     shutdown: CancellationToken,
-) {
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut last = None;
         loop {
@@ -109,7 +109,7 @@ pub fn spawn_saver(
             }
         }
         save(&sim, last.as_deref());
-    });
+    })
 }
 
 /// Reads the state back into a fresh sim (see the module's notes). Answers what it did,
