@@ -63,22 +63,7 @@ pub fn hand_over(
         .set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
     let token = format!("{:032x}", rand::random::<u128>());
-    let mut message = token.clone().into_bytes();
-    message.push(u8::from(stdout.is_some()) | (u8::from(stderr.is_some()) << 1));
-    let fds: Vec<RawFd> = [stdout, stderr]
-        .into_iter()
-        .flatten()
-        .map(|fd| fd.as_raw_fd())
-        .collect();
-    let cmsg = [ControlMessage::ScmRights(&fds)];
-    sendmsg::<()>(
-        stream.as_raw_fd(),
-        &[IoSlice::new(&message)],
-        &cmsg,
-        MsgFlags::empty(),
-        None,
-    )
-    .map_err(|e| format!("handing over the descriptors: {e}"))?;
+    send(&stream, &token, stdout, stderr)?;
     let mut ack = [0u8; 1];
     use std::io::Read;
     match (&stream).read(&mut ack) {
@@ -88,6 +73,31 @@ pub fn hand_over(
             "waiting for the daemon to take the descriptors: {e}"
         )),
     }
+}
+
+/// The client's message on `stream`: `token`, which streams follow, and their descriptors.
+fn send(
+    stream: &UnixStream,
+    token: &str,
+    stdout: Option<BorrowedFd<'_>>,
+    stderr: Option<BorrowedFd<'_>>,
+) -> Result<(), String> {
+    let mut message = token.as_bytes().to_vec();
+    message.push(u8::from(stdout.is_some()) | (u8::from(stderr.is_some()) << 1));
+    let fds: Vec<RawFd> = [stdout, stderr]
+        .into_iter()
+        .flatten()
+        .map(|fd| fd.as_raw_fd())
+        .collect();
+    sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[IoSlice::new(&message)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map(|_| ())
+    .map_err(|e| format!("handing over the descriptors: {e}"))
 }
 
 /// Daemon side: what clients handed over, by token.
@@ -193,17 +203,7 @@ mod tests {
         let (mut read_end, write_end) = std::io::pipe().expect("pipe");
         // The client side of `hand_over`, on the pair instead of a named socket.
         let token = format!("{:032x}", 7u128);
-        let mut message = token.clone().into_bytes();
-        message.push(1);
-        let fds = [write_end.as_fd().as_raw_fd()];
-        sendmsg::<()>(
-            client.as_raw_fd(),
-            &[IoSlice::new(&message)],
-            &[ControlMessage::ScmRights(&fds)],
-            MsgFlags::empty(),
-            None,
-        )
-        .expect("send");
+        send(&client, &token, Some(write_end.as_fd()), None).expect("send");
         drop(write_end);
         assert_eq!(receiver.join().expect("join").expect("received"), token);
         let mut ack = [0u8; 1];

@@ -53,28 +53,25 @@ fn make_dir(dir: &Path) -> Option<()> {
     }
 }
 
+/// Where cgroup `leaf` is in `controller`'s v1 hierarchy ("": the v2 one), under this
+/// process's own cgroup there.
+fn dir_in(controller: &str, leaf: &str) -> Option<PathBuf> {
+    let own = own_path(controller)?;
+    Some(
+        Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join(own.trim_start_matches('/'))
+            .join(leaf),
+    )
+}
+
 /// Where `crabbox-<name>` would be, in every hierarchy this process could use.
 fn places(name: &str) -> Vec<PathBuf> {
     let leaf = leaf(name);
-    let mut all = Vec::new();
-    for controller in ["pids", "memory", "cpu"] {
-        if let Some(own) = own_path(controller) {
-            all.push(
-                Path::new("/sys/fs/cgroup")
-                    .join(controller)
-                    .join(own.trim_start_matches('/'))
-                    .join(&leaf),
-            );
-        }
-    }
-    if let Some(own) = own_path("") {
-        all.push(
-            Path::new("/sys/fs/cgroup")
-                .join(own.trim_start_matches('/'))
-                .join(&leaf),
-        );
-    }
-    all
+    ["pids", "memory", "cpu", ""]
+        .into_iter()
+        .filter_map(|c| dir_in(c, &leaf))
+        .collect()
 }
 
 /// Removes the cgroup of sandbox `name` wherever it is (made by an earlier daemon, which
@@ -103,42 +100,36 @@ impl Cgroup {
 
     fn v1(leaf: &str, limits: Limits) -> Option<Cgroup> {
         let mut made = Cgroup { dirs: Vec::new() };
-        for (controller, limit, file) in [
-            ("pids", limits.pids, "pids.max"),
-            ("memory", limits.memory, "memory.limit_in_bytes"),
+        let cpu = limits.cpus.map(|c| {
+            vec![
+                ("cpu.cfs_period_us", CPU_PERIOD_US),
+                ("cpu.cfs_quota_us", c * CPU_PERIOD_US),
+            ]
+        });
+        for (controller, writes) in [
+            ("pids", limits.pids.map(|p| vec![("pids.max", p)])),
+            (
+                "memory",
+                limits.memory.map(|m| vec![("memory.limit_in_bytes", m)]),
+            ),
+            ("cpu", cpu),
         ] {
-            let Some(limit) = limit else { continue };
-            let root = Path::new("/sys/fs/cgroup").join(controller);
-            let own = own_path(controller)?;
-            let dir = root.join(own.trim_start_matches('/')).join(leaf);
+            let Some(writes) = writes else { continue };
+            let dir = dir_in(controller, leaf)?;
             make_dir(&dir)?;
             made.dirs.push(dir.clone());
-            write(&dir, file, &limit.to_string()).ok()?;
-        }
-        if let Some(cpus) = limits.cpus {
-            let root = Path::new("/sys/fs/cgroup/cpu");
-            let own = own_path("cpu")?;
-            let dir = root.join(own.trim_start_matches('/')).join(leaf);
-            make_dir(&dir)?;
-            made.dirs.push(dir.clone());
-            write(&dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string()).ok()?;
-            write(
-                &dir,
-                "cpu.cfs_quota_us",
-                &(cpus * CPU_PERIOD_US).to_string(),
-            )
-            .ok()?;
+            for (file, value) in writes {
+                write(&dir, file, &value.to_string()).ok()?;
+            }
         }
         (!made.dirs.is_empty()).then_some(made)
     }
 
     fn v2(leaf: &str, limits: Limits) -> Option<Cgroup> {
-        let root = Path::new("/sys/fs/cgroup");
-        if !root.join("cgroup.controllers").exists() {
+        if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
             return None;
         }
-        let own = own_path("")?;
-        let dir = root.join(own.trim_start_matches('/')).join(leaf);
+        let dir = dir_in("", leaf)?;
         make_dir(&dir)?;
         let made = Cgroup {
             dirs: vec![dir.clone()],

@@ -24,6 +24,16 @@ impl Sent {
         &self.0
     }
 
+    /// `n` more bytes sent.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Sending starts over (a retried upload).
+    pub fn reset(&self) {
+        self.0.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Bytes sent so far.
     pub fn get(&self) -> u64 {
         self.0.load(std::sync::atomic::Ordering::Relaxed)

@@ -216,8 +216,7 @@ impl DaytonaProvider {
                     )
                 })?;
                 let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-                sent.counter()
-                    .store(0, std::sync::atomic::Ordering::Relaxed);
+                sent.reset();
                 let counter = sent.clone();
                 let stream = futures_util::StreamExt::inspect(
                     tokio_util::io::ReaderStream::with_capacity(
@@ -226,10 +225,7 @@ impl DaytonaProvider {
                     ),
                     move |chunk| {
                         if let Ok(bytes) = chunk {
-                            counter.counter().fetch_add(
-                                bytes.len() as u64,
-                                std::sync::atomic::Ordering::Relaxed,
-                            );
+                            counter.add(bytes.len() as u64);
                         }
                     },
                 );
