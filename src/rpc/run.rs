@@ -166,8 +166,9 @@ impl Run {
         });
     }
 
-    /// Runs a sync, telling the client how its upload goes: when it begins, about every
-    /// 250 ms while it runs, and when all of it has been sent.
+    /// Runs a sync, telling the client how its upload goes: when it begins, every 250 ms
+    /// while its figures change (at least every second while it lasts, also when they do
+    /// not: all sent and waiting for the sandbox to unpack), and when it is done.
     async fn with_upload_progress<T>(
         &self,
         job: impl std::future::Future<Output = T>,
@@ -177,6 +178,7 @@ impl Run {
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut told: Option<(u64, u64, u64, u64)> = None;
+        let mut told_at = std::time::Instant::now();
         loop {
             tokio::select! {
                 out = &mut job => {
@@ -191,9 +193,10 @@ impl Run {
                 _ = tick.tick() => {
                     let now = progress.now();
                     if let Some((files, deleted, total, sent)) = now
-                        && now != told
+                        && (now != told || told_at.elapsed() >= Duration::from_secs(1))
                     {
                         told = now;
+                        told_at = std::time::Instant::now();
                         let _ = self.emit(RunEv::SyncProgress(pb::SyncProgress {
                             files, deleted, bytes_total: total, bytes_sent: sent, done: false,
                         })).await;
