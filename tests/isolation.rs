@@ -662,9 +662,9 @@ print(quota)
     assert!(!out.stderr().contains("resources.cpu"), "{}", out.stderr());
 }
 
-/// A local run writes the command's output straight into the CLI's own stdout and stderr
-/// (handed to the daemon): the command's fd 1 is the very file the CLI's stdout was sent
-/// to, appended after what crabbox wrote there; with `--output ndjson`, a stall watchdog
+/// A local run writes the command's stdout straight into the CLI's own stdout (handed to
+/// the daemon): the command's fd 1 is the very file the CLI's stdout was sent to; its
+/// stderr comes after crabbox's lines in the CLI's stderr; with `--output ndjson`, a stall watchdog
 /// or a terminal the output goes through the daemon as before; a run that fails before
 /// its command starts lets go of them (the reader sees its end at once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -692,10 +692,14 @@ fn is_connection_lost(status: &tonic::Status) -> bool {
 fn hand_over_output(ctx: &Ctx) -> (String, Option<std::os::unix::net::UnixStream>) {
     use std::io::IsTerminal;
     use std::os::fd::AsFd;
-    let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
+    // stdout only (where the volume is): stderr keeps carrying crabbox's own lines
+    // through this process, and a jail that outlives a daemon killed at the very moment it
+    // started it (bubblewrap's inner process sets its parent-death signal itself, a
+    // window no fork-side setting closes) then holds at most the client's stdout.
+    let stdout = std::io::stdout();
     let out = (!stdout.is_terminal()).then(|| stdout.as_fd());
-    let err = (!stderr.is_terminal()).then(|| stderr.as_fd());
-    if out.is_none() && err.is_none() {
+    let err = None;
+    if out.is_none() {
         return (String::new(), None);
     }
     match crate::direct::hand_over(&crate::direct::socket_path(&ctx.socket), out, err) {
