@@ -279,6 +279,26 @@ pub async fn run(
         .take()
         .and_then(|l| serve_handed(l, &socket.path, api.handed.clone(), token.clone()));
     rpc::seed::spawn(api.clone(), config.pools.clone());
+    // Lazy writes (a run's phase, last use, history) become durable within a moment.
+    let flusher = {
+        let store = api.store.clone();
+        let token = token.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(crate::lease::store::LAZY_FLUSH_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    () = token.cancelled() => break,
+                }
+                let store = store.clone();
+                match tokio::task::spawn_blocking(move || store.flush()).await {
+                    Ok(Err(e)) => tracing::warn!(error = %e, "could not flush the store"),
+                    Ok(Ok(_)) | Err(_) => {}
+                }
+            }
+        })
+    };
     if let Some(listener) = &config.metrics {
         let listener = listener
             .try_clone()
@@ -359,6 +379,10 @@ pub async fn run(
     let _ = ticker.await;
     // Every lease is persisted at each move; stop the actors (they hold the store).
     registry.stop(registry_join, Duration::from_secs(2)).await;
+    let _ = flusher.await;
+    if let Err(e) = api.store.flush() {
+        tracing::warn!(error = %e, "could not flush the store at shutdown");
+    }
     let _ = std::fs::remove_file(&socket.path);
     if let Some(path) = fds_socket {
         let _ = std::fs::remove_file(path);

@@ -19,6 +19,7 @@ use super::handle::{LeaseChange, LeaseMsg, Outcome, Publisher, RunTarget};
 use super::ops;
 use super::record::LeaseRecord;
 use super::state::{Effect, Event, Observation, step};
+use super::store::Durability;
 use super::store::Store;
 use crate::clock::now_ms;
 use crate::error::{Error, ProviderError, ProviderErrorKind};
@@ -203,8 +204,13 @@ impl LeaseActorState {
         let mut published = false;
         for effect in step.effects {
             match effect {
-                Effect::Persist => {
-                    if let Err(e) = self.ctx.store.put_lease(&self.record) {
+                Effect::Persist | Effect::PersistLazily => {
+                    let durability = if effect == Effect::Persist {
+                        Durability::Now
+                    } else {
+                        Durability::Lazy
+                    };
+                    if let Err(e) = self.ctx.store.put_lease_with(&self.record, durability) {
                         tracing::error!(lease = %self.record.id, error = %e, "could not persist the lease; nothing done");
                         self.record = before;
                         return Err(e);

@@ -131,6 +131,11 @@ pub enum Effect {
     /// Write the record to the store. It comes before the provider work it is the intent
     /// of: when the write fails, nothing after it is done and the event fails.
     Persist,
+    /// Write the record to the store without waiting for the disk (the store's lazy
+    /// durability): a run's phase and the lease's last use, which a crash of the daemon may
+    /// lose (the lease then comes back as it last was durably, still held and released as
+    /// ever). A failed write fails the event as [`Effect::Persist`] does.
+    PersistLazily,
     /// Tell watchers what happened (the event feed behind `Watch`).
     Announce(&'static str),
     /// Start the provisioning task.
@@ -371,7 +376,7 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
             // event feed.
             if r.state.is_live() && r.state != S::Pooled {
                 r.last_touched_ms = now_ms;
-                fx.push(F::Persist);
+                fx.push(F::PersistLazily);
             }
         }
         Event::Begin(phase) => {
@@ -411,13 +416,13 @@ pub fn step(record: &LeaseRecord, event: Event, now_ms: u64) -> Result<Step, Err
                 Phase::Sync => "syncing",
                 Phase::Exec => "running",
             };
-            fx.extend([F::Persist, F::Announce(said)]);
+            fx.extend([F::PersistLazily, F::Announce(said)]);
         }
         Event::Finish => match r.state {
             S::Syncing | S::Running => {
                 r.state = S::Ready;
                 r.last_touched_ms = now_ms;
-                fx.extend([F::Persist, F::Announce("run finished")]);
+                fx.extend([F::PersistLazily, F::Announce("run finished")]);
             }
             // The phase guard fires however a run ends, also after a release.
             S::Pending

@@ -37,7 +37,25 @@ pub struct RunRecord {
 /// The store. Cheap to share behind an `Arc`; redb serializes writers itself.
 pub struct Store {
     db: Database,
+    /// A lazy write is not yet on disk (see [`Store::flush`]).
+    unflushed: std::sync::atomic::AtomicBool,
 }
+
+/// How a write reaches the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// On disk when the write returns: what a lost daemon must find (a lease, its
+    /// sandbox, its release).
+    Now,
+    /// Written without waiting for the disk: bookkeeping (a lease's phase and last use, run
+    /// history) that a crash of the daemon may lose. A later durable write or
+    /// [`Store::flush`] (the daemon's flusher, within [`LAZY_FLUSH_EVERY`]) makes it
+    /// durable; until then a crash brings the store back to its last durable write.
+    Lazy,
+}
+
+/// How soon the daemon makes lazy writes durable.
+pub const LAZY_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// redb's page cache.
 const STORE_CACHE: usize = 4 * 1024 * 1024;
@@ -61,7 +79,41 @@ impl Store {
         tx.open_table(RUNS).map_err(err)?;
         tx.open_table(META).map_err(err)?;
         tx.commit().map_err(err)?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            unflushed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// A write transaction of `durability`.
+    fn write(&self, durability: Durability) -> Result<redb::WriteTransaction, Error> {
+        use std::sync::atomic::Ordering;
+        let mut tx = self.db.begin_write().map_err(err)?;
+        // (A durable write makes the lazy ones before it durable too; the flag is left to
+        // the flusher, whose commit then costs one empty write.)
+        if durability == Durability::Lazy {
+            tx.set_durability(redb::Durability::None).map_err(err)?;
+            self.unflushed.store(true, Ordering::SeqCst);
+        }
+        Ok(tx)
+    }
+
+    /// Makes every lazy write so far durable (one durable commit, nothing else written);
+    /// nothing to do when there is none. Answers whether there was.
+    pub fn flush(&self) -> Result<bool, Error> {
+        use std::sync::atomic::Ordering;
+        if !self.unflushed.swap(false, Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let done = self
+            .db
+            .begin_write()
+            .map_err(err)
+            .and_then(|tx| tx.commit().map_err(err));
+        if done.is_err() {
+            self.unflushed.store(true, Ordering::SeqCst);
+        }
+        done.map(|()| true)
     }
 
     /// Opens the store at `path`; a store that cannot be used (an empty file, a file redb
@@ -172,7 +224,7 @@ impl Store {
     }
 
     fn set_daemon_id(&self, id: &str) -> Result<(), Error> {
-        let tx = self.db.begin_write().map_err(err)?;
+        let tx = self.write(Durability::Now)?;
         {
             let mut t = tx.open_table(META).map_err(err)?;
             let current = t
@@ -191,7 +243,7 @@ impl Store {
 
     /// This daemon's id, made on first use and kept for good (sandbox `owner` label).
     pub fn daemon_id(&self) -> Result<String, Error> {
-        let tx = self.db.begin_write().map_err(err)?;
+        let tx = self.write(Durability::Now)?;
         let id = {
             let mut t = tx.open_table(META).map_err(err)?;
             let existing = t
@@ -212,9 +264,13 @@ impl Store {
     }
 
     pub fn put_lease(&self, lease: &LeaseRecord) -> Result<(), Error> {
+        self.put_lease_with(lease, Durability::Now)
+    }
+
+    pub fn put_lease_with(&self, lease: &LeaseRecord, durability: Durability) -> Result<(), Error> {
         let started = std::time::Instant::now();
         let bytes = serde_json::to_vec(lease).map_err(err)?;
-        let tx = self.db.begin_write().map_err(err)?;
+        let tx = self.write(durability)?;
         tx.open_table(LEASES)
             .map_err(err)?
             .insert(lease.id.as_str(), bytes.as_slice())
@@ -254,7 +310,7 @@ impl Store {
 
     pub fn put_manifest(&self, lease_id: &str, m: &Manifest) -> Result<(), Error> {
         let bytes = serde_json::to_vec(m).map_err(err)?;
-        let tx = self.db.begin_write().map_err(err)?;
+        let tx = self.write(Durability::Now)?;
         tx.open_table(MANIFESTS)
             .map_err(err)?
             .insert(lease_id, bytes.as_slice())
@@ -272,7 +328,7 @@ impl Store {
     }
 
     pub fn delete_manifest(&self, lease_id: &str) -> Result<(), Error> {
-        let tx = self.db.begin_write().map_err(err)?;
+        let tx = self.write(Durability::Now)?;
         tx.open_table(MANIFESTS)
             .map_err(err)?
             .remove(lease_id)
@@ -280,10 +336,11 @@ impl Store {
         tx.commit().map_err(err)
     }
 
+    /// Keeps a finished run (lazily: history, see [`Durability::Lazy`]).
     pub fn add_run(&self, run: &RunRecord) -> Result<(), Error> {
         let key = format!("{}/{:016}", run.lease_id, run.started_ms);
         let bytes = serde_json::to_vec(run).map_err(err)?;
-        let tx = self.db.begin_write().map_err(err)?;
+        let tx = self.write(Durability::Lazy)?;
         tx.open_table(RUNS)
             .map_err(err)?
             .insert(key.as_str(), bytes.as_slice())
@@ -363,6 +420,49 @@ mod tests {
         assert!(s.runs("cbx_ffffffffffff").expect("runs").is_empty());
         s.delete_manifest(&lease.id).expect("delete");
         assert!(s.get_manifest(&lease.id).expect("m").is_none());
+    }
+
+    #[test]
+    fn a_crash_loses_only_lazy_writes_and_a_flush_keeps_them() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("db.redb");
+        // What a kill -9 leaves is what the file holds: a copy of it, reopened.
+        let after_crash = |name: &str| {
+            let copy = tmp.path().join(name);
+            std::fs::copy(&path, &copy).expect("copy");
+            Store::open(&copy).expect("reopen the copy")
+        };
+        let s = Store::open(&path).expect("open");
+        let ready = LeaseRecord::sample(LeaseState::Ready);
+        s.put_lease(&ready).expect("durable");
+        let mut running = ready.clone();
+        running.state = LeaseState::Running;
+        s.put_lease_with(&running, Durability::Lazy).expect("lazy");
+        let run = RunRecord {
+            lease_id: ready.id.clone(),
+            started_ms: 5,
+            ended_ms: 6,
+            command: "true".into(),
+            exit_code: 0,
+            files_uploaded: 0,
+            artifacts: Vec::new(),
+            missing_artifacts: Vec::new(),
+        };
+        s.add_run(&run).expect("run");
+        // The live store sees its lazy writes at once.
+        assert_eq!(s.get_lease(&ready.id).expect("get"), Some(running.clone()));
+        let crashed = after_crash("crash1.redb");
+        assert_eq!(
+            crashed.get_lease(&ready.id).expect("get"),
+            Some(ready.clone())
+        );
+        assert!(crashed.runs(&ready.id).expect("runs").is_empty());
+        // Flushed: durable. A second flush has nothing to do.
+        assert!(s.flush().expect("flush"));
+        assert!(!s.flush().expect("flush again"));
+        let flushed = after_crash("crash2.redb");
+        assert_eq!(flushed.get_lease(&ready.id).expect("get"), Some(running));
+        assert_eq!(flushed.runs(&ready.id).expect("runs").len(), 1);
     }
 
     #[test]
