@@ -292,9 +292,8 @@ pub async fn run(
                     () = token.cancelled() => break,
                 }
                 let store = store.clone();
-                match tokio::task::spawn_blocking(move || store.flush()).await {
-                    Ok(Err(e)) => tracing::warn!(error = %e, "could not flush the store"),
-                    Ok(Ok(_)) | Err(_) => {}
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.flush()).await {
+                    tracing::warn!(error = %e, "could not flush the store");
                 }
             }
         })
