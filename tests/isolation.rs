@@ -729,3 +729,83 @@ async fn local_output_goes_straight_to_the_clients_stdout() {
     .expect("the CLI's output ends with it");
     assert_ne!(o.code(), 0);
 }
+
+/// A local sandbox's commands are started by its agent, inside its jail: one agent for all
+/// of them; an agent that dies fails the command it was running with a clear error and is
+/// replaced at the next command; `stop` ends it with the sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandboxs_commands_are_started_by_its_agent() {
+    if std::env::var("CRABBOX_LOCAL_ISOLATION").as_deref() == Ok("none") {
+        eprintln!("CRABBOX_LOCAL_ISOLATION=none: the jail is off, nothing to test");
+        return;
+    }
+    let d = Daemon::start().await;
+    let r = repo();
+    d.run(r.path(), &["warmup"]).await.expect(0);
+    // The agent as the sandbox sees it: its pid and start time (a new one in a new PID
+    // namespace may get the same pid).
+    let agent = r#"for p in /proc/[0-9]*; do case "$(tr '\0' ' ' < $p/cmdline)" in /proc/self/fd/*--sandbox-agent*) echo "${p#/proc/} $(cut -d' ' -f22 $p/stat)";; esac; done"#;
+    let first = d
+        .run(r.path(), &["run", "--", "sh", "-c", agent])
+        .await
+        .expect(0)
+        .stdout();
+    assert_eq!(first.lines().count(), 1, "one agent: {first}");
+    let again = d
+        .run(r.path(), &["run", "--", "sh", "-c", agent])
+        .await
+        .expect(0)
+        .stdout();
+    assert_eq!(first, again, "the same agent for every command");
+    let sandbox = d
+        .run(r.path(), &["run", "--", "pwd"])
+        .await
+        .expect(0)
+        .stdout();
+    let sandbox = sandbox
+        .split("/sandboxes/")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("the sandbox folder in the working folder")
+        .to_string();
+    // Killed under a command: that command fails saying so (the exit code of crabbox's own
+    // failure), and the next one gets a new agent.
+    let pid = first.split_whitespace().next().expect("pid").to_string();
+    let killed = d
+        .run(
+            r.path(),
+            &["run", "--", "sh", "-c", &format!("kill -9 {pid}; sleep 5")],
+        )
+        .await;
+    assert_eq!(killed.code(), 125, "{}", killed.stderr());
+    assert!(
+        killed.stderr().contains("agent has ended"),
+        "{}",
+        killed.stderr()
+    );
+    let replaced = d
+        .run(r.path(), &["run", "--", "sh", "-c", agent])
+        .await
+        .expect(0)
+        .stdout();
+    assert_eq!(replaced.lines().count(), 1, "one agent: {replaced}");
+    assert_ne!(replaced, first, "a new agent");
+    // Stopped: nothing of the sandbox is left on this machine.
+    d.run(r.path(), &["stop"]).await.expect(0);
+    let left = || {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.contains("--sandbox-agent") && c.contains(&sandbox)
+                })
+            })
+    };
+    eventually(10, "the sandbox's agent is gone after stop", || async {
+        (!left()).then_some(())
+    })
+    .await;
+}

@@ -179,11 +179,28 @@ async fn quotas_are_exact_across_daemons() {
         assert!(["alice", "bob", "carol"].contains(&l["user"].as_str().unwrap_or("")));
         assert!(!l["host"].as_str().unwrap_or("").is_empty(), "{l}");
     }
+    // Filtered by a user who holds one (which of them won the race for the quota varies).
+    let holder = live[0]["user"].as_str().unwrap_or("").to_string();
+    let other = ["alice", "bob", "carol"]
+        .into_iter()
+        .find(|u| *u != holder && !live.iter().any(|l| l["user"] == *u))
+        .map(str::to_string);
     let (code, text, _) = daemons[0]
-        .cb(repos[0].path(), &["list", "--team", "--user", "alice"])
+        .cb(repos[0].path(), &["list", "--team", "--user", &holder])
         .await;
-    assert_eq!(code, 0);
-    assert!(text.contains("alice") && !text.contains(" bob "), "{text}");
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains(&holder), "{text}");
+    for u in ["alice", "bob", "carol"].iter().filter(|u| **u != holder) {
+        assert!(!text.contains(&format!(" {u} ")), "only {holder}'s: {text}");
+    }
+    if let Some(other) = other {
+        // One who holds none is told so.
+        let (code, text, _) = daemons[0]
+            .cb(repos[0].path(), &["list", "--team", "--user", &other])
+            .await;
+        assert_eq!(code, 0, "{text}");
+        assert!(text.contains("no leases"), "{text}");
+    }
     // Releasing one frees a slot.
     let first = live[0]["id"].as_str().unwrap_or("").to_string();
     let owner = daemons

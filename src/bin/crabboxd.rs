@@ -45,8 +45,17 @@ struct Args {
     log_max_size: bytesize::ByteSize,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // A local sandbox's agent is this binary too, started by the daemon in the jail: it
+    // runs before anything else (one thread, no runtime).
+    crabbox::sandbox::agent::run_if_asked();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(daemon_main())
+}
+
+async fn daemon_main() -> anyhow::Result<()> {
     // Everything the daemon writes (its database, logs, local sandboxes) is this user's
     // alone, whatever the umask it was started with.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));

@@ -103,6 +103,17 @@ pub struct LocalProvider {
     max_processes: u64,
     /// Each sandbox's cgroup, made at its first command, removed with it.
     cgroups: std::sync::Arc<dashmap::DashMap<String, std::sync::Arc<sandbox::cgroup::Cgroup>>>,
+    /// Each sandbox's agent, which starts its commands inside its jail and cgroup
+    /// ([`sandbox::agent`]): started at its first command (again if it ended or the jail
+    /// it was started in changed), ended at its release.
+    agents: std::sync::Arc<dashmap::DashMap<String, RunningAgent>>,
+}
+
+/// An agent and the jail it was started in.
+#[derive(Debug, Clone)]
+struct RunningAgent {
+    agent: std::sync::Arc<sandbox::agent::Agent>,
+    jail: String,
 }
 
 impl LocalProvider {
@@ -139,6 +150,7 @@ impl LocalProvider {
             isolation,
             max_processes,
             cgroups: Default::default(),
+            agents: Default::default(),
         })
     }
 
@@ -558,6 +570,8 @@ impl Provider for LocalProvider {
     }
 
     async fn release(&self, sandbox: &str) -> Result<(), ProviderError> {
+        // Its agent goes first, and every process of the sandbox with it.
+        self.agents.remove(sandbox);
         match self.cgroups.remove(sandbox) {
             // Removed once its processes are gone.
             Some((_, cgroup)) => drop(tokio::task::spawn_blocking(move || drop(cgroup))),
@@ -576,6 +590,40 @@ impl Provider for LocalProvider {
 }
 
 impl LocalProvider {
+    /// The sandbox's agent, started now when it has none (or its agent ended, or was
+    /// started in another jail: the sandbox's network setting changed).
+    fn agent(
+        &self,
+        program: &Path,
+        sandbox: &str,
+        jail: Option<&sandbox::process::Jail>,
+        cgroup_procs: &[PathBuf],
+    ) -> std::io::Result<std::sync::Arc<sandbox::agent::Agent>> {
+        let fingerprint = format!("{jail:?} {cgroup_procs:?}");
+        let entry = self.agents.entry(sandbox.to_string());
+        if let dashmap::Entry::Occupied(e) = &entry
+            && e.get().agent.is_alive()
+            && e.get().jail == fingerprint
+        {
+            return Ok(e.get().agent.clone());
+        }
+        let dir = self.engine.dir(sandbox);
+        let agent = sandbox::agent::Agent::spawn(
+            program,
+            &sandbox::agent::AgentSpec {
+                jail,
+                cgroup_procs,
+                dir: &dir,
+            },
+        )?;
+        let running = RunningAgent {
+            agent: agent.clone(),
+            jail: fingerprint,
+        };
+        entry.insert(running);
+        Ok(agent)
+    }
+
     /// Runs a command in the sandbox's folder, its stdin fed from `input` when given.
     async fn run_in(
         &self,
@@ -668,6 +716,19 @@ impl LocalProvider {
             (Some(_), None) => spec.direct.clone(),
             _ => Default::default(),
         };
+        let cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
+        let agent = match sandbox::agent::program() {
+            Some(program) => Some(
+                self.agent(program, sandbox, jail.as_ref(), &cgroup_procs)
+                    .map_err(|e| {
+                        ProviderError::new(
+                            ProviderErrorKind::Other,
+                            format!("starting the agent of sandbox {sandbox}: {e}"),
+                        )
+                    })?,
+            ),
+            None => None,
+        };
         let process = sandbox::ProcessSpec {
             command: spec.command.clone(),
             cwd,
@@ -676,14 +737,15 @@ impl LocalProvider {
             jail,
             tty: spec.tty,
             direct,
-            cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
+            cgroup_procs,
+            agent,
         };
         sandbox::process::run(&process, input, out, cancel)
             .await
             .map_err(|e| {
                 ProviderError::new(
                     ProviderErrorKind::Other,
-                    format!("starting the command in sandbox {sandbox}: {e}"),
+                    format!("the command in sandbox {sandbox}: {e}"),
                 )
             })
     }

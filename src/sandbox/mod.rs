@@ -5,6 +5,7 @@
 //! Layout under the engine root: `<id>/sandbox.json` (metadata, written atomically) and
 //! `<id>/home/` (the sandbox's files).
 
+pub mod agent;
 pub mod archive;
 pub mod cgroup;
 pub mod process;

@@ -2,6 +2,7 @@
 //! stderr streamed separately, a timeout and cancellation that end the whole group.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -82,6 +83,9 @@ pub struct ProcessSpec {
     /// Descriptors the command writes its stdout/stderr to itself (a client's own, see
     /// [`crate::direct`]); those streams then do not come back as output. Not with `tty`.
     pub direct: crate::direct::DirectOutput,
+    /// The sandbox's agent, which starts the command inside its jail and cgroups (then
+    /// `jail` and `cgroup_procs` are the agent's already and not used again).
+    pub agent: Option<std::sync::Arc<super::agent::Agent>>,
 }
 
 /// A bubblewrap jail for a command: the rest of the system read-only, `/dev` minimal, a
@@ -130,11 +134,14 @@ pub fn jail_available() -> bool {
 /// A command that starts as `program args`, in `spec`'s cgroups: the child joins them
 /// between fork and exec (writing `0`, itself, to each `cgroup.procs`: only `open`,
 /// `write` and `close`, which are safe there), so everything it starts is inside.
-fn starting(spec: &ProcessSpec, program: &[&str]) -> tokio::process::Command {
+fn starting(
+    jail: Option<&Jail>,
+    cgroup_procs: &[PathBuf],
+    program: &[&OsStr],
+) -> tokio::process::Command {
     let mut c = tokio::process::Command::new(program[0]);
     c.args(&program[1..]);
-    let files: Vec<std::ffi::CString> = spec
-        .cgroup_procs
+    let files: Vec<std::ffi::CString> = cgroup_procs
         .iter()
         .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok())
         .collect();
@@ -159,7 +166,7 @@ fn starting(spec: &ProcessSpec, program: &[&str]) -> tokio::process::Command {
             });
         }
     }
-    if spec.jail.is_some() {
+    if jail.is_some() {
         // The jail dies with the daemon (bubblewrap's --die-with-parent), but bubblewrap
         // asks for that only once it runs: a daemon killed between the fork and that
         // moment would leave the jail behind. Asked here already, before exec, and if the
@@ -182,9 +189,33 @@ fn starting(spec: &ProcessSpec, program: &[&str]) -> tokio::process::Command {
 }
 
 fn command_for(spec: &ProcessSpec) -> io::Result<tokio::process::Command> {
-    let Some(jail) = &spec.jail else {
-        let mut cmd = starting(spec, &["/bin/sh"]);
-        cmd.arg("-c").arg(&spec.command).current_dir(&spec.cwd);
+    let program = [
+        OsStr::new("/bin/sh"),
+        OsStr::new("-c"),
+        OsStr::new(&spec.command),
+    ];
+    jailed_command(
+        spec.jail.as_ref(),
+        &spec.cgroup_procs,
+        &spec.cwd,
+        spec.tty.is_some(),
+        &program,
+    )
+}
+
+/// `program` (its path and arguments) started in `cwd` inside `jail` (none: as it is) and
+/// the cgroups whose `cgroup.procs` files are given (see [`starting`]); with `tty` in a
+/// session of its own that can take a terminal. Environment and stdio are the caller's.
+pub fn jailed_command(
+    jail: Option<&Jail>,
+    cgroup_procs: &[PathBuf],
+    cwd: &Path,
+    tty: bool,
+    program: &[&OsStr],
+) -> io::Result<tokio::process::Command> {
+    let Some(jail) = jail else {
+        let mut cmd = starting(None, cgroup_procs, program);
+        cmd.current_dir(cwd);
         return Ok(cmd);
     };
     match jail {
@@ -209,9 +240,14 @@ fn command_for(spec: &ProcessSpec) -> io::Result<tokio::process::Command> {
     // (a Ctrl-C would kill it rather than reach the command): it runs in a session of its
     // own without a terminal, and the command inside takes the terminal in a new session
     // (`setsid -c`), as the only thing on it.
-    let mut cmd = match spec.tty {
-        Some(_) => starting(spec, &["setsid", "bwrap"]),
-        None => starting(spec, &["bwrap"]),
+    let mut cmd = if tty {
+        starting(
+            Some(jail),
+            cgroup_procs,
+            &[OsStr::new("setsid"), OsStr::new("bwrap")],
+        )
+    } else {
+        starting(Some(jail), cgroup_procs, &[OsStr::new("bwrap")])
     };
     cmd.args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]);
     match jail {
@@ -251,11 +287,11 @@ fn command_for(spec: &ProcessSpec) -> io::Result<tokio::process::Command> {
             cmd.arg("--bind").arg(dir).arg(dir);
         }
     }
-    cmd.args(["--die-with-parent", "--chdir"]).arg(&spec.cwd);
-    if spec.tty.is_some() {
+    cmd.args(["--die-with-parent", "--chdir"]).arg(cwd);
+    if tty {
         cmd.args(["setsid", "-c"]);
     }
-    cmd.args(["/bin/sh", "-c"]).arg(&spec.command);
+    cmd.args(program);
     Ok(cmd)
 }
 
@@ -286,11 +322,11 @@ pub async fn run(
     // Open until the command has ended, also when no stream is read here (both handed to
     // the command directly): whoever reads `out` reads until the end of the command.
     let _open = out.clone();
-    let (mut child, pumps) = match spec.tty {
-        Some(size) => spawn_on_pty(spec, size, input, out)?,
-        None => spawn_piped(spec, input, out)?,
+    let (mut child, pumps) = match (&spec.agent, spec.tty) {
+        (Some(agent), tty) => by_agent(agent, spec, tty, input, out).await?,
+        (None, Some(size)) => spawn_on_pty(spec, size, input, out)?,
+        (None, None) => spawn_piped(spec, input, out)?,
     };
-    let pgid = child.id().map(|p| p as i32);
 
     let timeout = async {
         match spec.timeout {
@@ -300,15 +336,20 @@ pub async fn run(
     };
     let (status, timed_out, cancelled) = tokio::select! {
         status = child.wait() => (status?, false, false),
-        () = timeout => (terminate(pgid, &mut child).await?, true, false),
-        () = cancel.cancelled() => (terminate(pgid, &mut child).await?, false, true),
+        () = timeout => (terminate(&mut child).await?, true, false),
+        () = cancel.cancelled() => (terminate(&mut child).await?, false, true),
     };
 
+    // A command whose output went straight to its client (no pipe here to watch) ends
+    // with its leader: a background job would otherwise hold the client's pipe open.
+    if spec.agent.is_some() && !spec.direct.is_empty() {
+        child.signal(Signal::SIGKILL);
+    }
     // The command has exited; its output may still be in the pipes. Background processes
     // that keep the pipes open would hold us forever: give them a moment, then end them.
     let mut pumps = pumps;
     if tokio::time::timeout(DRAIN_GRACE, &mut pumps).await.is_err() {
-        signal_group(pgid, Signal::SIGKILL);
+        child.signal(Signal::SIGKILL);
         let _ = tokio::time::timeout(DRAIN_GRACE, pumps).await;
     }
 
@@ -332,12 +373,140 @@ pub async fn run(
     })
 }
 
+/// A started command: a child of the daemon, or of the sandbox's agent.
+enum Running {
+    Own(tokio::process::Child),
+    Agent(super::agent::AgentChild),
+}
+
+impl Running {
+    async fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        match self {
+            Running::Own(c) => c.wait().await,
+            Running::Agent(c) => c.wait().await,
+        }
+    }
+
+    /// `signal` to the command's whole process group (nothing when it is gone).
+    fn signal(&self, signal: Signal) {
+        match self {
+            Running::Own(c) => {
+                if let Some(pgid) = c.id() {
+                    // ESRCH (the group is gone) is the expected outcome once everything
+                    // has exited.
+                    let _ = killpg(Pid::from_raw(pgid as i32), signal);
+                }
+            }
+            Running::Agent(c) => c.signal(signal),
+        }
+    }
+}
+
+/// The command started by the sandbox's agent: on pipes made here (stdout and stderr
+/// apart, or the client's own), or on a new terminal.
+async fn by_agent(
+    agent: &std::sync::Arc<super::agent::Agent>,
+    spec: &ProcessSpec,
+    tty: Option<PtySize>,
+    input: Option<mpsc::Receiver<Input>>,
+    out: mpsc::Sender<ExecOutput>,
+) -> io::Result<(Running, tokio::task::JoinHandle<()>)> {
+    use std::os::fd::{AsFd, OwnedFd};
+    use tokio::net::unix::pipe;
+    let env = environment(spec);
+    if let Some(size) = tty {
+        let (pty, pts) = pty_process::open().map_err(io::Error::other)?;
+        pty.resize(pty_process::Size::new(size.rows, size.cols))
+            .map_err(io::Error::other)?;
+        let fd = pts.as_fd();
+        let child = agent
+            .start(&spec.command, env, &spec.cwd, [fd, fd, fd], true)
+            .await?;
+        drop(pts);
+        let pumps = pump_pty(pty, input, out);
+        return Ok((Running::Agent(child), pumps));
+    }
+    let pipe = || -> io::Result<(OwnedFd, OwnedFd)> {
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
+    };
+    let null = || -> io::Result<OwnedFd> { Ok(std::fs::File::open("/dev/null")?.into()) };
+    // (the command's end, ours)
+    let (stdin_theirs, stdin_ours) = match &input {
+        Some(_) => {
+            let (r, w) = pipe()?;
+            (r, Some(w))
+        }
+        None => (null()?, None),
+    };
+    let stream =
+        |direct: Option<&std::sync::Arc<OwnedFd>>| -> io::Result<(OwnedFd, Option<OwnedFd>)> {
+            match direct {
+                Some(fd) => Ok((fd.try_clone()?, None)),
+                None => {
+                    let (r, w) = pipe()?;
+                    Ok((w, Some(r)))
+                }
+            }
+        };
+    let (stdout_theirs, stdout_ours) = stream(spec.direct.stdout.as_ref())?;
+    let (stderr_theirs, stderr_ours) = stream(spec.direct.stderr.as_ref())?;
+    let child = agent
+        .start(
+            &spec.command,
+            env,
+            &spec.cwd,
+            [
+                stdin_theirs.as_fd(),
+                stdout_theirs.as_fd(),
+                stderr_theirs.as_fd(),
+            ],
+            false,
+        )
+        .await?;
+    drop((stdin_theirs, stdout_theirs, stderr_theirs));
+    if let (Some(stdin), Some(input)) = (stdin_ours, input) {
+        let stdin = pipe::Sender::from_owned_fd(stdin)?;
+        tokio::spawn(feed(stdin, input));
+    }
+    let stdout = stdout_ours.map(pipe::Receiver::from_owned_fd).transpose()?;
+    let stderr = stderr_ours.map(pipe::Receiver::from_owned_fd).transpose()?;
+    let pumps = tokio::spawn(async move {
+        tokio::join!(
+            pump(stdout, out.clone(), ExecOutput::Stdout),
+            pump(stderr, out, ExecOutput::Stderr)
+        );
+    });
+    Ok((Running::Agent(child), pumps))
+}
+
+/// Writes what arrives on `input` to a command's stdin pipe until either ends.
+async fn feed(mut stdin: impl tokio::io::AsyncWrite + Unpin, mut input: mpsc::Receiver<Input>) {
+    use tokio::io::AsyncWriteExt;
+    while let Some(msg) = input.recv().await {
+        // A window size means nothing to a pipe.
+        let Input::Data(data) = msg else { continue };
+        if stdin.write_all(&data).await.is_err() || stdin.flush().await.is_err() {
+            break;
+        }
+    }
+}
+
+/// The command's environment: the passed-through variables and `spec.env`, nothing else.
+fn environment(spec: &ProcessSpec) -> Vec<(String, String)> {
+    let mut env: BTreeMap<String, String> = PASSTHROUGH_ENV
+        .iter()
+        .filter_map(|k| Some((k.to_string(), std::env::var(k).ok()?)))
+        .collect();
+    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.into_iter().collect()
+}
+
 /// The command on pipes, in its own process group: stdout and stderr apart.
 fn spawn_piped(
     spec: &ProcessSpec,
     input: Option<mpsc::Receiver<Input>>,
     out: mpsc::Sender<ExecOutput>,
-) -> io::Result<(tokio::process::Child, tokio::task::JoinHandle<()>)> {
+) -> io::Result<(Running, tokio::task::JoinHandle<()>)> {
     let mut cmd = prepared_command(spec)?;
     cmd.stdin(if input.is_some() {
         Stdio::piped()
@@ -348,17 +517,8 @@ fn spawn_piped(
     .stderr(direct_or_piped(spec.direct.stderr.as_deref())?)
     .process_group(0);
     let mut child = cmd.spawn()?;
-    if let (Some(mut stdin), Some(mut input)) = (child.stdin.take(), input) {
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            while let Some(msg) = input.recv().await {
-                // A window size means nothing to a pipe.
-                let Input::Data(data) = msg else { continue };
-                if stdin.write_all(&data).await.is_err() || stdin.flush().await.is_err() {
-                    break;
-                }
-            }
-        });
+    if let (Some(stdin), Some(input)) = (child.stdin.take(), input) {
+        tokio::spawn(feed(stdin, input));
     }
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
@@ -368,7 +528,7 @@ fn spawn_piped(
             pump(stderr, out, ExecOutput::Stderr)
         );
     });
-    Ok((child, pumps))
+    Ok((Running::Own(child), pumps))
 }
 
 /// A stream of the command: its client's own descriptor when handed over, else a pipe.
@@ -387,7 +547,7 @@ fn spawn_on_pty(
     size: PtySize,
     input: Option<mpsc::Receiver<Input>>,
     out: mpsc::Sender<ExecOutput>,
-) -> io::Result<(tokio::process::Child, tokio::task::JoinHandle<()>)> {
+) -> io::Result<(Running, tokio::task::JoinHandle<()>)> {
     let (pty, pts) = pty_process::open().map_err(io::Error::other)?;
     pty.resize(pty_process::Size::new(size.rows, size.cols))
         .map_err(io::Error::other)?;
@@ -406,6 +566,15 @@ fn spawn_on_pty(
     // The terminal's other end is closed here once the command has it, so that reading
     // ends (EIO) when the last process holding it is gone.
     drop(pts);
+    Ok((Running::Own(child), pump_pty(pty, input, out)))
+}
+
+/// Feeds a terminal from `input` (bytes and window sizes) and reads what it shows to `out`.
+fn pump_pty(
+    pty: pty_process::Pty,
+    input: Option<mpsc::Receiver<Input>>,
+    out: mpsc::Sender<ExecOutput>,
+) -> tokio::task::JoinHandle<()> {
     let (reader, mut writer) = pty.into_split();
     if let Some(mut input) = input {
         tokio::spawn(async move {
@@ -425,33 +594,22 @@ fn spawn_on_pty(
             // half keeps it open): a terminal has no EOF of its own, a person types ^D.
         });
     }
-    let pumps = tokio::spawn(pump(Some(reader), out, ExecOutput::Stdout));
-    Ok((child, pumps))
+    tokio::spawn(pump(Some(reader), out, ExecOutput::Stdout))
 }
 
 /// SIGTERM to the group, SIGKILL after a grace period; waits for the leader.
-async fn terminate(
-    pgid: Option<i32>,
-    child: &mut tokio::process::Child,
-) -> io::Result<std::process::ExitStatus> {
-    signal_group(pgid, Signal::SIGTERM);
+async fn terminate(child: &mut Running) -> io::Result<std::process::ExitStatus> {
+    child.signal(Signal::SIGTERM);
     let status = match tokio::time::timeout(KILL_GRACE, child.wait()).await {
         Ok(status) => status?,
         Err(_) => {
-            signal_group(pgid, Signal::SIGKILL);
+            child.signal(Signal::SIGKILL);
             child.wait().await?
         }
     };
     // Whatever else of the group survived SIGTERM goes now.
-    signal_group(pgid, Signal::SIGKILL);
+    child.signal(Signal::SIGKILL);
     Ok(status)
-}
-
-fn signal_group(pgid: Option<i32>, signal: Signal) {
-    if let Some(pgid) = pgid {
-        // ESRCH (the group is gone) is the expected outcome once everything has exited.
-        let _ = killpg(Pid::from_raw(pgid), signal);
-    }
 }
 
 async fn pump<R: AsyncRead + Unpin>(
@@ -503,6 +661,7 @@ mod tests {
             tty: None,
             direct: Default::default(),
             cgroup_procs: Vec::new(),
+            agent: None,
         }
     }
 

@@ -149,6 +149,7 @@ impl Conn {
             tty,
             direct: Default::default(),
             cgroup_procs: Vec::new(),
+            agent: None,
         };
         let (in_tx, in_rx) = mpsc::channel(32);
         self.input.insert(channel, in_tx);

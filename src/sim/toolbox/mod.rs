@@ -226,6 +226,7 @@ fn spec(
         tty: None,
         direct: Default::default(),
         cgroup_procs: Vec::new(),
+        agent: None,
     })
 }
 

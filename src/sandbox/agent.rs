@@ -1,0 +1,820 @@
+//! A local sandbox's resident agent: one small process per sandbox, started once inside the
+//! sandbox's jail and cgroup, that starts the sandbox's commands (fork and exec) when the
+//! daemon asks, as Daytona's toolbox daemon does inside its sandboxes.
+//!
+//! Why: a command started by the daemon itself paid, every time, a fork of the whole daemon,
+//! a move into the sandbox's cgroup (on cgroup v1 the kernel waits for an RCU grace period:
+//! 5-15 ms after any idle moment) and a bubblewrap start (3.4 ms of namespaces and mounts).
+//! Forked by the agent, a command is born inside all of them.
+//!
+//! The agent is the daemon's own binary (`crabboxd --sandbox-agent CONTROL EXE`), executed
+//! through a descriptor (`/proc/self/fd/EXE`), so it needs no path inside the jail. It
+//! talks to the daemon over a Unix stream socket (descriptor CONTROL) in frames: a u32
+//! length (little-endian) and a JSON message; a `Start` carries the command's stdin, stdout
+//! and stderr as SCM_RIGHTS on its first byte. Each command runs as the leader of a session
+//! (and process group) of its own, with the terminal it was given as its controlling one;
+//! `Signal` reaches its whole group. The agent ends when the daemon closes the socket or
+//! goes away (SIGTERM through its parent-death signal), ending every group it started
+//! first; in a jail its PID namespace ends everything else with it.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use serde::{Deserialize, Serialize};
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+use tokio::sync::oneshot;
+
+/// The daemon binary's first argument that makes it an agent.
+pub const AGENT_FLAG: &str = "--sandbox-agent";
+
+/// The largest frame either side accepts (a command line and its environment are bounded by
+/// the kernel's own limits well below this).
+const MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// The daemon's word to the agent.
+#[derive(Debug, Serialize, Deserialize)]
+enum ToAgent {
+    /// Run `/bin/sh -c command` in `cwd` with exactly `env`; three descriptors (stdin,
+    /// stdout, stderr) come with it. With `tty`, stdin is a terminal that becomes the
+    /// command's controlling terminal.
+    Start {
+        id: u64,
+        command: String,
+        env: Vec<(String, String)>,
+        cwd: Vec<u8>,
+        tty: bool,
+    },
+    /// Send `signal` to the command's process group.
+    Signal { id: u64, signal: i32 },
+    /// The daemon is done with the command (it has been waited for).
+    Forget { id: u64 },
+}
+
+/// The agent's word to the daemon.
+#[derive(Debug, Serialize, Deserialize)]
+enum FromAgent {
+    Started {
+        id: u64,
+    },
+    Failed {
+        id: u64,
+        error: String,
+    },
+    /// The command's leader ended; `status` is the raw wait status.
+    Exited {
+        id: u64,
+        status: i32,
+    },
+}
+
+// ---------------------------------------------------------------------------------------
+// Framing (both sides)
+
+fn frame<T: Serialize>(message: &T) -> io::Result<Vec<u8>> {
+    let body = serde_json::to_vec(message).map_err(io::Error::other)?;
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(
+        &u32::try_from(body.len())
+            .map_err(io::Error::other)?
+            .to_le_bytes(),
+    );
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+fn unframe<T: for<'de> Deserialize<'de>>(body: &[u8]) -> io::Result<T> {
+    serde_json::from_slice(body).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+fn frame_len(header: [u8; 4]) -> io::Result<usize> {
+    let len = u32::from_le_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a frame of {len} bytes"),
+        ));
+    }
+    Ok(len)
+}
+
+// ---------------------------------------------------------------------------------------
+// The daemon's side
+
+/// How the agent is to be started: its jail (none: unjailed) and the cgroups it joins
+/// before it starts (its commands inherit them).
+pub struct AgentSpec<'a> {
+    pub jail: Option<&'a super::process::Jail>,
+    pub cgroup_procs: &'a [std::path::PathBuf],
+    /// The sandbox folder, where the jail starts.
+    pub dir: &'a Path,
+}
+
+/// A running agent. Dropping it ends the agent, and with it every command it started.
+pub struct Agent {
+    /// The end of what it said on stderr.
+    said: Arc<Mutex<String>>,
+    /// The socket's writing half (its reading half is the reader task's).
+    stream: tokio::net::unix::OwnedWriteHalf,
+    /// One frame at a time.
+    writing: tokio::sync::Mutex<()>,
+    waiters: Arc<Mutex<HashMap<u64, Waiter>>>,
+    next: AtomicU64,
+    alive: Arc<AtomicBool>,
+    reader: tokio::task::JoinHandle<()>,
+    _process: tokio::process::Child,
+}
+
+enum Waiter {
+    /// Waiting for `Started`/`Failed`.
+    Starting(oneshot::Sender<Result<(), String>>, oneshot::Sender<i32>),
+    /// Started; waiting for `Exited`.
+    Running(oneshot::Sender<i32>),
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("alive", &self.alive.load(Ordering::SeqCst))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.reader.abort();
+        // The process is killed on drop (kill_on_drop): in a jail its PID namespace ends
+        // with it.
+    }
+}
+
+/// A command the agent started.
+pub struct AgentChild {
+    agent: Arc<Agent>,
+    id: u64,
+    exited: Option<oneshot::Receiver<i32>>,
+    status: Option<std::process::ExitStatus>,
+}
+
+/// The agent's program: `crabboxd` itself, or (a daemon embedded in another program, as the
+/// tests embed it) the `crabboxd` beside that program or one folder up (cargo's
+/// `target/<profile>/deps/..`). None: there is none to be found; commands are then started
+/// by the daemon itself.
+pub fn program() -> Option<&'static Path> {
+    static PROGRAM: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    PROGRAM
+        .get_or_init(|| {
+            let me = std::env::current_exe().ok()?;
+            if me.file_name() == Some(OsStr::new("crabboxd")) {
+                return Some("/proc/self/exe".into());
+            }
+            let dir = me.parent()?;
+            [dir.join("crabboxd"), dir.parent()?.join("crabboxd")]
+                .into_iter()
+                .find(|p| p.is_file())
+        })
+        .as_deref()
+}
+
+impl Agent {
+    /// Starts an agent as `spec` says, from `program` ([`program`]).
+    pub fn spawn(program: &Path, spec: &AgentSpec<'_>) -> io::Result<Arc<Agent>> {
+        let (mine, theirs) = StdUnixStream::pair()?;
+        let exe = std::fs::File::open(program)?;
+        let exe_fd = exe.as_raw_fd();
+        let control_fd = theirs.as_raw_fd();
+        let program = format!("/proc/self/fd/{exe_fd}");
+        let (control_arg, exe_arg) = (control_fd.to_string(), exe_fd.to_string());
+        let mut cmd = super::process::jailed_command(
+            spec.jail,
+            spec.cgroup_procs,
+            spec.dir,
+            false,
+            &[
+                OsStr::new(&program),
+                OsStr::new(AGENT_FLAG),
+                OsStr::new(&control_arg),
+                OsStr::new(&exe_arg),
+            ],
+        )?;
+        cmd.env_clear()
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        // The two descriptors go through exec (both are close-on-exec here); the agent
+        // closes the binary's once it runs. Unjailed, the agent is told of the daemon's
+        // end by SIGTERM and ends its commands (jailed, bubblewrap ends them all).
+        let jailed = spec.jail.is_some();
+        // SAFETY: fcntl and prctl are async-signal-safe; nothing is allocated.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in [control_fd, exe_fd] {
+                    if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                if !jailed
+                    && nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGTERM, 0, 0, 0)
+                        != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut process = cmd.spawn()?;
+        drop(theirs);
+        // What the agent (or bubblewrap, setting up the jail) says on stderr: the end of it
+        // goes into the error of a command it could not run.
+        let said: Arc<Mutex<String>> = Arc::default();
+        if let Some(mut stderr) = process.stderr.take() {
+            let said = said.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = stderr.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    tracing::warn!(said = %text.trim_end(), "a sandbox agent");
+                    if let Ok(mut s) = said.lock() {
+                        s.push_str(&text);
+                        if s.len() > 2048 {
+                            let cut = s.len() - 2048;
+                            let cut = (cut..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(0);
+                            s.drain(..cut);
+                        }
+                    }
+                }
+            });
+        }
+        drop(exe);
+        mine.set_nonblocking(true)?;
+        let (read, write) = UnixStream::from_std(mine)?.into_split();
+        let waiters: Arc<Mutex<HashMap<u64, Waiter>>> = Arc::default();
+        let alive = Arc::new(AtomicBool::new(true));
+        let reader = {
+            let (waiters, alive) = (waiters.clone(), alive.clone());
+            tokio::spawn(async move {
+                let why = read_answers(read, &waiters).await;
+                alive.store(false, Ordering::SeqCst);
+                tracing::debug!(error = %why, "a sandbox agent ended");
+                // Everyone still waiting learns that the agent is gone (their senders go).
+                if let Ok(mut map) = waiters.lock() {
+                    map.clear();
+                }
+            })
+        };
+        Ok(Arc::new(Agent {
+            said,
+            stream: write,
+            writing: tokio::sync::Mutex::new(()),
+            waiters,
+            next: AtomicU64::new(1),
+            alive,
+            reader,
+            _process: process,
+        }))
+    }
+
+    /// Is the agent still there to start commands?
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Starts `/bin/sh -c command` with exactly `env`, in `cwd`, on the three descriptors.
+    pub async fn start(
+        self: &Arc<Self>,
+        command: &str,
+        env: Vec<(String, String)>,
+        cwd: &Path,
+        stdio: [BorrowedFd<'_>; 3],
+        tty: bool,
+    ) -> io::Result<AgentChild> {
+        let id = self.next.fetch_add(1, Ordering::SeqCst);
+        let (started_tx, started_rx) = oneshot::channel();
+        let (exited_tx, exited_rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .map_err(|_| io::Error::other("agent state poisoned"))?
+            .insert(id, Waiter::Starting(started_tx, exited_tx));
+        let bytes = frame(&ToAgent::Start {
+            id,
+            command: command.to_string(),
+            env,
+            cwd: cwd.as_os_str().as_bytes().to_vec(),
+            tty,
+        })?;
+        let fds = stdio.map(|fd| fd.as_raw_fd());
+        let sent = self.send(&bytes, &fds).await;
+        let child = AgentChild {
+            agent: self.clone(),
+            id,
+            exited: Some(exited_rx),
+            status: None,
+        };
+        sent?;
+        match started_rx.await {
+            Ok(Ok(())) => Ok(child),
+            Ok(Err(e)) => Err(io::Error::other(e)),
+            Err(_) => Err(self.gone()),
+        }
+    }
+
+    /// Sends one frame, `fds` on its first byte.
+    async fn send(&self, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        if !self.is_alive() {
+            return Err(self.gone());
+        }
+        let _one = self.writing.lock().await;
+        let mut at = 0;
+        let stream: &UnixStream = self.stream.as_ref();
+        while at < bytes.len() {
+            stream.writable().await?;
+            let rest = &bytes[at..];
+            let n = stream.try_io(Interest::WRITABLE, || {
+                let cmsg = [ControlMessage::ScmRights(fds)];
+                sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &[IoSlice::new(rest)],
+                    if at == 0 && !fds.is_empty() {
+                        &cmsg
+                    } else {
+                        &[]
+                    },
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(io::Error::from)
+            });
+            match n {
+                Ok(n) => at += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the agent something that needs no answer; a gone agent is no error here.
+    fn tell(self: &Arc<Self>, message: ToAgent) {
+        let agent = self.clone();
+        if let Ok(bytes) = frame(&message) {
+            tokio::spawn(async move {
+                let _ = agent.send(&bytes, &[]).await;
+            });
+        }
+    }
+}
+
+impl Agent {
+    /// The error for a command the agent is no longer there for, with what it said last.
+    fn gone(&self) -> io::Error {
+        let said = self
+            .said
+            .lock()
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let mut message =
+            "the sandbox's agent has ended (the next command starts a new one)".to_string();
+        if !said.is_empty() {
+            message.push_str(": it said: ");
+            message.push_str(&said);
+        }
+        io::Error::new(io::ErrorKind::BrokenPipe, message)
+    }
+}
+
+/// Reads the agent's answers until it goes; answers why.
+async fn read_answers(
+    stream: tokio::net::unix::OwnedReadHalf,
+    waiters: &Mutex<HashMap<u64, Waiter>>,
+) -> io::Error {
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        // Whole frames first.
+        while buf.len() >= 4 {
+            let len = match frame_len([buf[0], buf[1], buf[2], buf[3]]) {
+                Ok(l) => l,
+                Err(e) => return e,
+            };
+            if buf.len() < 4 + len {
+                break;
+            }
+            let message: io::Result<FromAgent> = unframe(&buf[4..4 + len]);
+            buf.drain(..4 + len);
+            let Ok(mut map) = waiters.lock() else {
+                return io::Error::other("agent state poisoned");
+            };
+            match message {
+                Ok(FromAgent::Started { id }) => {
+                    if let Some(Waiter::Starting(started, exited)) = map.remove(&id) {
+                        let _ = started.send(Ok(()));
+                        map.insert(id, Waiter::Running(exited));
+                    }
+                }
+                Ok(FromAgent::Failed { id, error }) => {
+                    if let Some(Waiter::Starting(started, _)) = map.remove(&id) {
+                        let _ = started.send(Err(error));
+                    }
+                }
+                Ok(FromAgent::Exited { id, status }) => match map.remove(&id) {
+                    Some(Waiter::Running(exited)) | Some(Waiter::Starting(_, exited)) => {
+                        let _ = exited.send(status);
+                    }
+                    None => {}
+                },
+                Err(e) => return e,
+            }
+        }
+        if let Err(e) = stream.readable().await {
+            return e;
+        }
+        match stream.try_read(&mut chunk) {
+            Ok(0) => return io::Error::new(io::ErrorKind::UnexpectedEof, "the agent closed"),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return e,
+        }
+    }
+}
+
+impl AgentChild {
+    /// Waits for the command's leader to end.
+    pub async fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(s) = self.status {
+            return Ok(s);
+        }
+        let Some(rx) = self.exited.as_mut() else {
+            return Err(self.agent.gone());
+        };
+        let raw = rx.await.map_err(|_| self.agent.gone())?;
+        self.exited = None;
+        let status = std::process::ExitStatus::from_raw(raw);
+        self.status = Some(status);
+        Ok(status)
+    }
+
+    /// Sends `signal` to the command's process group (nothing when it is all gone).
+    pub fn signal(&self, signal: Signal) {
+        self.agent.tell(ToAgent::Signal {
+            id: self.id,
+            signal: signal as i32,
+        });
+    }
+}
+
+impl Drop for AgentChild {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.agent.waiters.lock() {
+            map.remove(&self.id);
+        }
+        self.agent.tell(ToAgent::Forget { id: self.id });
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The agent's side
+
+/// When `args` (the process's arguments after the program) ask for the agent, runs it and
+/// never returns; otherwise returns at once. Called first thing in `crabboxd`'s main.
+pub fn run_if_asked() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if args.first().map(|a| a.as_os_str()) != Some(OsStr::new(AGENT_FLAG)) {
+        return;
+    }
+    let fd = |i: usize| -> Option<RawFd> { args.get(i)?.to_str()?.parse().ok() };
+    let (Some(control), Some(exe)) = (fd(1), fd(2)) else {
+        eprintln!("crabboxd {AGENT_FLAG}: expected CONTROL and EXE descriptors");
+        std::process::exit(2);
+    };
+    // SAFETY: both were handed to this process at exec for it alone.
+    drop(unsafe { OwnedFd::from_raw_fd(exe) });
+    let control = unsafe { OwnedFd::from_raw_fd(control) };
+    let code = match serve(control) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("crabboxd {AGENT_FLAG}: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// One command the agent started.
+struct Started {
+    /// Its pid, which is also its process group's (and session's) id.
+    pid: nix::unistd::Pid,
+    exited: bool,
+}
+
+/// The agent's loop: requests from `control`, children's ends from SIGCHLD.
+fn serve(control: OwnedFd) -> io::Result<()> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    // Become the reaper of what the commands leave behind (their orphans).
+    // SAFETY: prctl with constant arguments.
+    unsafe {
+        nix::libc::prctl(nix::libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        mask.add(s);
+    }
+    mask.thread_block().map_err(io::Error::from)?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(io::Error::from)?;
+    let mut children: HashMap<u64, Started> = HashMap::new();
+    let mut inbox: Vec<u8> = Vec::new();
+    let mut fds_in: Vec<OwnedFd> = Vec::new();
+    let result = loop {
+        let mut polled = [
+            PollFd::new(control.as_fd(), PollFlags::POLLIN),
+            PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut polled, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => break Err(io::Error::from(e)),
+        }
+        let control_ready = polled[0].revents().is_some_and(|r| !r.is_empty());
+        let signal_ready = polled[1].revents().is_some_and(|r| !r.is_empty());
+        if signal_ready {
+            let mut stop = false;
+            while let Ok(Some(info)) = signals.read_signal() {
+                if info.ssi_signo != Signal::SIGCHLD as u32 {
+                    stop = true;
+                }
+            }
+            if let Err(e) = reap(&control, &mut children) {
+                break Err(e);
+            }
+            if stop {
+                break Ok(());
+            }
+        }
+        if control_ready {
+            match receive(&control, &mut inbox, &mut fds_in) {
+                Ok(true) => {}
+                Ok(false) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+            while let Some((message, fds)) = next_request(&mut inbox, &mut fds_in)? {
+                handle(&control, message, fds, &mut children)?;
+            }
+        }
+    };
+    // The daemon is done (or gone): nothing the agent started outlives it.
+    for c in children.values() {
+        let _ = nix::sys::signal::killpg(c.pid, Signal::SIGKILL);
+    }
+    result
+}
+
+/// Reads what is there on `control` into `inbox` (descriptors into `fds`); false at its
+/// end.
+fn receive(control: &OwnedFd, inbox: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> io::Result<bool> {
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut space = nix::cmsg_space!([RawFd; 3]);
+    let (n, got) = {
+        let mut iov = [IoSliceMut::new(&mut chunk)];
+        let msg = match recvmsg::<()>(
+            control.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(m) => m,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => return Ok(true),
+            Err(e) => return Err(io::Error::from(e)),
+        };
+        let mut got = Vec::new();
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for c in cmsgs {
+                if let ControlMessageOwned::ScmRights(raw) = c {
+                    // SAFETY: installed in this process for it by the kernel just now.
+                    got.extend(
+                        raw.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+            }
+        }
+        (msg.bytes, got)
+    };
+    if n == 0 {
+        return Ok(false);
+    }
+    inbox.extend_from_slice(&chunk[..n]);
+    fds.extend(got);
+    Ok(true)
+}
+
+/// The next whole request in `inbox`, with the descriptors it carries.
+fn next_request(
+    inbox: &mut Vec<u8>,
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<Option<(ToAgent, Vec<OwnedFd>)>> {
+    if inbox.len() < 4 {
+        return Ok(None);
+    }
+    let len = frame_len([inbox[0], inbox[1], inbox[2], inbox[3]])?;
+    if inbox.len() < 4 + len {
+        return Ok(None);
+    }
+    let message: ToAgent = unframe(&inbox[4..4 + len])?;
+    inbox.drain(..4 + len);
+    let mine = match &message {
+        ToAgent::Start { .. } if fds.len() >= 3 => fds.drain(..3).collect(),
+        _ => Vec::new(),
+    };
+    Ok(Some((message, mine)))
+}
+
+fn answer(control: &OwnedFd, message: &FromAgent) -> io::Result<()> {
+    let bytes = frame(message)?;
+    // Blocking writes: the daemon reads its answers all the time.
+    let mut at = 0;
+    while at < bytes.len() {
+        match nix::unistd::write(control, &bytes[at..]) {
+            Ok(n) => at += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(nix::errno::Errno::EAGAIN) => {
+                let mut p = [nix::poll::PollFd::new(
+                    control.as_fd(),
+                    nix::poll::PollFlags::POLLOUT,
+                )];
+                let _ = nix::poll::poll(&mut p, nix::poll::PollTimeout::NONE);
+            }
+            Err(e) => return Err(io::Error::from(e)),
+        }
+    }
+    Ok(())
+}
+
+fn handle(
+    control: &OwnedFd,
+    message: ToAgent,
+    fds: Vec<OwnedFd>,
+    children: &mut HashMap<u64, Started>,
+) -> io::Result<()> {
+    match message {
+        ToAgent::Start {
+            id,
+            command,
+            env,
+            cwd,
+            tty,
+        } => match start(&command, &env, &cwd, &fds, tty) {
+            Ok(pid) => {
+                children.insert(id, Started { pid, exited: false });
+                answer(control, &FromAgent::Started { id })
+            }
+            Err(e) => answer(
+                control,
+                &FromAgent::Failed {
+                    id,
+                    error: e.to_string(),
+                },
+            ),
+        },
+        ToAgent::Signal { id, signal } => {
+            if let (Some(c), Ok(signal)) = (children.get(&id), Signal::try_from(signal)) {
+                // ESRCH: the group is all gone already.
+                let _ = nix::sys::signal::killpg(c.pid, signal);
+            }
+            Ok(())
+        }
+        ToAgent::Forget { id } => {
+            // A command forgotten before its end is still reaped (reap() tells no one).
+            children.remove(&id);
+            Ok(())
+        }
+    }
+}
+
+/// Reaps every child that has ended, telling the daemon of the commands it waits for.
+fn reap(control: &OwnedFd, children: &mut HashMap<u64, Started>) -> io::Result<()> {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    loop {
+        let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(io::Error::from(e)),
+            Ok(s) => s,
+        };
+        let (pid, raw) = match status {
+            WaitStatus::Exited(pid, code) => (pid, (code & 0xff) << 8),
+            WaitStatus::Signaled(pid, signal, core) => {
+                (pid, signal as i32 | if core { 0x80 } else { 0 })
+            }
+            _ => continue,
+        };
+        if let Some((id, c)) = children.iter_mut().find(|(_, c)| c.pid == pid && !c.exited) {
+            c.exited = true;
+            let id = *id;
+            answer(control, &FromAgent::Exited { id, status: raw })?;
+        }
+    }
+}
+
+/// Forks and execs one command; answers its pid once it runs (a failed exec ends the
+/// child with 127 and a line on its stderr, as a shell does).
+fn start(
+    command: &str,
+    env: &[(String, String)],
+    cwd: &[u8],
+    fds: &[OwnedFd],
+    tty: bool,
+) -> io::Result<nix::unistd::Pid> {
+    let [stdin, stdout, stderr] = fds else {
+        return Err(io::Error::other("a start without its three descriptors"));
+    };
+    let c = |s: &[u8]| CString::new(s).map_err(|_| io::Error::other("a NUL byte in a command"));
+    let program = c(b"/bin/sh")?;
+    let argv = [c(b"sh")?, c(b"-c")?, c(command.as_bytes())?];
+    let envp: Vec<CString> = env
+        .iter()
+        .map(|(k, v)| c(format!("{k}={v}").as_bytes()))
+        .collect::<io::Result<_>>()?;
+    let cwd = c(cwd)?;
+    let cd_failed = format!(
+        "crabbox: cannot enter the working folder {}\n",
+        String::from_utf8_lossy(cwd.as_bytes())
+    );
+    let exec_failed = b"crabbox: cannot start /bin/sh in the sandbox\n";
+    let argv_p: [*const nix::libc::c_char; 4] = [
+        argv[0].as_ptr(),
+        argv[1].as_ptr(),
+        argv[2].as_ptr(),
+        std::ptr::null(),
+    ];
+    let envp_p: Vec<*const nix::libc::c_char> = envp
+        .iter()
+        .map(|v| v.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let (i, o, e) = (stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd());
+    // SAFETY: the agent has one thread; the child only calls async-signal-safe functions
+    // on memory prepared above, then execs or exits.
+    match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
+        nix::unistd::ForkResult::Parent { child } => Ok(child),
+        nix::unistd::ForkResult::Child => unsafe {
+            use nix::libc;
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            // Ignored signals stay ignored across exec: the Rust runtime ignores SIGPIPE.
+            for s in [
+                libc::SIGPIPE,
+                libc::SIGCHLD,
+                libc::SIGTERM,
+                libc::SIGINT,
+                libc::SIGHUP,
+            ] {
+                libc::signal(s, libc::SIG_DFL);
+            }
+            libc::setsid();
+            // Above 2 first, so that the dup2s below cannot overwrite one another.
+            let (i, o, e) = (
+                libc::fcntl(i, libc::F_DUPFD_CLOEXEC, 3),
+                libc::fcntl(o, libc::F_DUPFD_CLOEXEC, 3),
+                libc::fcntl(e, libc::F_DUPFD_CLOEXEC, 3),
+            );
+            if i < 0 || o < 0 || e < 0 {
+                libc::_exit(126);
+            }
+            libc::dup2(i, 0);
+            libc::dup2(o, 1);
+            libc::dup2(e, 2);
+            if tty {
+                libc::ioctl(0, libc::TIOCSCTTY, 0);
+            }
+            if libc::chdir(cwd.as_ptr()) != 0 {
+                libc::write(2, cd_failed.as_ptr().cast(), cd_failed.len());
+                libc::_exit(1);
+            }
+            libc::execve(program.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr());
+            libc::write(2, exec_failed.as_ptr().cast(), exec_failed.len());
+            libc::_exit(127);
+        },
+    }
+}
