@@ -25,6 +25,9 @@ pub struct Clients {
 /// Connects to the daemon at `socket` once (no autostart). The peer must be this user's
 /// own process (SO_PEERCRED): a socket another user put there is refused before anything
 /// (an `--env` value, a repo path) is sent to it.
+/// The HTTP/2 flow-control window the CLI gives the daemon.
+const WINDOW: u32 = 8 * 1024 * 1024;
+
 pub async fn connect_once(socket: &Path) -> Result<Clients, String> {
     if !socket.exists() {
         return Err(format!("no socket at {}", socket.display()));
@@ -32,8 +35,13 @@ pub async fn connect_once(socket: &Path) -> Result<Clients, String> {
     let path = socket.to_path_buf();
     // The URI is only for the authority (`localhost`, as grpc-go and grpcurl send over a
     // Unix socket); the connector below is what connects.
-    let endpoint =
-        Endpoint::from_static("http://localhost").connect_timeout(Duration::from_secs(2));
+    // Windows of 8 MiB: with HTTP/2's 64 KiB default the daemon would wait for this
+    // client's window update after every 64 KiB of a command's output (a round trip
+    // each on a stream that can carry gigabytes).
+    let endpoint = Endpoint::from_static("http://localhost")
+        .connect_timeout(Duration::from_secs(2))
+        .initial_stream_window_size(WINDOW)
+        .initial_connection_window_size(WINDOW);
     let channel = endpoint
         .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();

@@ -253,7 +253,11 @@ pub fn router(api: Arc<Api>, caller: Caller) -> Router {
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid");
+    // Windows of 8 MiB for what clients send (stdin, `cp` into a sandbox): HTTP/2's 64 KiB
+    // default would make them wait for the daemon's window update after every 64 KiB.
     tonic::transport::Server::builder()
+        .initial_stream_window_size(8 * 1024 * 1024)
+        .initial_connection_window_size(8 * 1024 * 1024)
         .layer(tonic::service::InterceptorLayer::new(caller))
         .add_service(health)
         .add_service(reflection_v1)

@@ -375,14 +375,23 @@ pub async fn run(
 
 /// A started command: a child of the daemon, or of the sandbox's agent.
 enum Running {
-    Own(tokio::process::Child),
+    /// The child and its process group (taken at the start: a child that has been waited
+    /// for no longer says its id, and the group's leftovers still need it).
+    Own(tokio::process::Child, Option<i32>),
     Agent(super::agent::AgentChild),
+}
+
+impl Running {
+    fn own(child: tokio::process::Child) -> Running {
+        let pgid = child.id().map(|p| p as i32);
+        Running::Own(child, pgid)
+    }
 }
 
 impl Running {
     async fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
         match self {
-            Running::Own(c) => c.wait().await,
+            Running::Own(c, _) => c.wait().await,
             Running::Agent(c) => c.wait().await,
         }
     }
@@ -390,11 +399,11 @@ impl Running {
     /// `signal` to the command's whole process group (nothing when it is gone).
     fn signal(&self, signal: Signal) {
         match self {
-            Running::Own(c) => {
-                if let Some(pgid) = c.id() {
+            Running::Own(_, pgid) => {
+                if let Some(pgid) = pgid {
                     // ESRCH (the group is gone) is the expected outcome once everything
                     // has exited.
-                    let _ = killpg(Pid::from_raw(pgid as i32), signal);
+                    let _ = killpg(Pid::from_raw(*pgid), signal);
                 }
             }
             Running::Agent(c) => c.signal(signal),
@@ -528,7 +537,7 @@ fn spawn_piped(
             pump(stderr, out, ExecOutput::Stderr)
         );
     });
-    Ok((Running::Own(child), pumps))
+    Ok((Running::own(child), pumps))
 }
 
 /// A stream of the command: its client's own descriptor when handed over, else a pipe.
@@ -566,7 +575,7 @@ fn spawn_on_pty(
     // The terminal's other end is closed here once the command has it, so that reading
     // ends (EIO) when the last process holding it is gone.
     drop(pts);
-    Ok((Running::Own(child), pump_pty(pty, input, out)))
+    Ok((Running::own(child), pump_pty(pty, input, out)))
 }
 
 /// Feeds a terminal from `input` (bytes and window sizes) and reads what it shows to `out`.
@@ -703,8 +712,29 @@ mod tests {
 
     #[tokio::test]
     async fn background_jobs_do_not_hold_the_run() {
-        let (exit, so, _) = collect(spec("sleep 30 & echo done"), CancellationToken::new()).await;
+        // (A group left alive would hold the pipe, and so this, for its 30 s.)
+        let (exit, so, _) = tokio::time::timeout(
+            Duration::from_secs(15),
+            collect(
+                spec("sleep 30 & echo $!; echo done"),
+                CancellationToken::new(),
+            ),
+        )
+        .await
+        .expect("the background job was not ended with the run");
         assert_eq!(exit.code, 0);
-        assert_eq!(String::from_utf8_lossy(&so), "done\n");
+        let so = String::from_utf8_lossy(&so).into_owned();
+        let (pid, rest) = so.split_once('\n').expect("the pid, then done");
+        assert_eq!(rest, "done\n");
+        // The job that held the pipe is gone with the run (its group was killed).
+        let stat = format!("/proc/{}/stat", pid.trim());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z ")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the background job lives on"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
