@@ -501,6 +501,11 @@ pub fn run_if_asked() {
         eprintln!("crabboxd {AGENT_FLAG}: expected CONTROL and EXE descriptors");
         std::process::exit(2);
     };
+    // Executed through a descriptor, the process would be named after its number.
+    // SAFETY: prctl with a NUL-terminated name of at most 16 bytes.
+    unsafe {
+        nix::libc::prctl(nix::libc::PR_SET_NAME, c"crabbox-agent".as_ptr(), 0, 0, 0);
+    }
     // SAFETY: both were handed to this process at exec for it alone.
     drop(unsafe { OwnedFd::from_raw_fd(exe) });
     let control = unsafe { OwnedFd::from_raw_fd(control) };
