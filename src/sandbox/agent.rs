@@ -787,16 +787,9 @@ fn start(
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            // Ignored signals stay ignored across exec: the Rust runtime ignores SIGPIPE.
-            for s in [
-                libc::SIGPIPE,
-                libc::SIGCHLD,
-                libc::SIGTERM,
-                libc::SIGINT,
-                libc::SIGHUP,
-            ] {
-                libc::signal(s, libc::SIG_DFL);
-            }
+            // Ignored signals stay ignored across exec (the Rust runtime ignores SIGPIPE; a
+            // daemon started in the background ignores SIGINT and SIGQUIT).
+            super::process::default_signals();
             libc::setsid();
             // Above 2 first, so that the dup2s below cannot overwrite one another.
             let (i, o, e) = (

@@ -134,6 +134,22 @@ pub fn jail_available() -> bool {
 /// A command that starts as `program args`, in `spec`'s cgroups: the child joins them
 /// between fork and exec (writing `0`, itself, to each `cgroup.procs`: only `open`,
 /// `write` and `close`, which are safe there), so everything it starts is inside.
+/// Every signal back to its default action, as a command must start: an ignored signal
+/// stays ignored across exec, and a daemon started in the background (an asynchronous list
+/// of a shell without job control, as `(crabboxd &)`) ignores SIGINT and SIGQUIT, which the
+/// command's shell then cannot even trap (Ctrl-C on `run -t` would do nothing). Only
+/// async-signal-safe calls: for between fork and exec.
+pub(crate) fn default_signals() {
+    for s in 1..32 {
+        if s != nix::libc::SIGKILL && s != nix::libc::SIGSTOP {
+            // SAFETY: signal() is async-signal-safe; SIG_DFL installs no handler.
+            unsafe {
+                nix::libc::signal(s, nix::libc::SIG_DFL);
+            }
+        }
+    }
+}
+
 fn starting(
     jail: Option<&Jail>,
     cgroup_procs: &[PathBuf],
@@ -141,6 +157,13 @@ fn starting(
 ) -> tokio::process::Command {
     let mut c = tokio::process::Command::new(program[0]);
     c.args(&program[1..]);
+    // SAFETY: only async-signal-safe calls (default_signals).
+    unsafe {
+        c.pre_exec(|| {
+            default_signals();
+            Ok(())
+        });
+    }
     let files: Vec<std::ffi::CString> = cgroup_procs
         .iter()
         .filter_map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok())

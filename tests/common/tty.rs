@@ -174,7 +174,13 @@ pub async fn tty_run_behaves_like_a_terminal(d: &Daemon, repo: &Path, prefix: &[
     assert!(t.is_cooked());
 
     // Ctrl-C is the command's: it gets SIGINT from its terminal, crabbox goes on and passes
-    // the command's own exit code back.
+    // the command's own exit code back. Also when the daemon ignores SIGINT, as one started
+    // in the background does (`(crabboxd &)`): this process holds the daemon (and the sim),
+    // and an ignored signal would pass to the command, whose shell cannot even trap it.
+    // SAFETY: SIG_IGN installs no handler; nothing in these tests relies on SIGINT.
+    unsafe {
+        nix::libc::signal(nix::libc::SIGINT, nix::libc::SIG_IGN);
+    }
     let mut t = Term::sh(
         d,
         repo,
