@@ -1,6 +1,6 @@
 //! The `local` provider, the embedded default: a sandbox is a folder under the state dir
 //! (see [`crate::sandbox`]), commands run through `/bin/sh` in their own process group,
-//! jailed by bubblewrap ([`crate::sandbox::process::Jail::Local`]): a PID namespace of
+//! jailed by bubblewrap ([`crate::sandbox::jail::Jail::Local`]): a PID namespace of
 //! their own, the sandbox folder and its own `/tmp` writable, the user's home and the
 //! daemon's folders hidden, the rest read-only. It is a namespace jail, not a VM.
 //! Config `local.isolation: none` (or `CRABBOX_LOCAL_ISOLATION=none`, read by the daemon)
@@ -512,7 +512,7 @@ impl Provider for LocalProvider {
                  everything you can"
                     .to_string(),
             ),
-            Isolation::Jail { .. } if sandbox::process::jail_available() => (
+            Isolation::Jail { .. } if sandbox::jail::jail_available() => (
                 "local jail".to_string(),
                 true,
                 "bubblewrap: own PID namespace, your home and the daemon's folders hidden, \
@@ -596,7 +596,7 @@ impl LocalProvider {
         &self,
         program: &Path,
         sandbox: &str,
-        jail: Option<&sandbox::process::Jail>,
+        jail: Option<&sandbox::jail::Jail>,
         cgroup_procs: &[PathBuf],
     ) -> std::io::Result<std::sync::Arc<sandbox::agent::Agent>> {
         let fingerprint = format!("{jail:?} {cgroup_procs:?}");
@@ -650,7 +650,7 @@ impl LocalProvider {
         let jail = match &self.isolation {
             Isolation::None => None,
             Isolation::Jail { hide, mounts } => {
-                if !sandbox::process::jail_available() {
+                if !sandbox::jail::jail_available() {
                     return Err(ProviderError::new(
                         ProviderErrorKind::Provisioning,
                         "the local provider runs commands in a bubblewrap jail, and bwrap is not \
@@ -660,7 +660,7 @@ impl LocalProvider {
                     ));
                 }
                 let dir = self.engine.dir(sandbox);
-                Some(sandbox::process::Jail::Local {
+                Some(sandbox::jail::Jail::Local {
                     tmp: dir.join("tmp"),
                     dir,
                     hide: hide.clone(),

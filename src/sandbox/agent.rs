@@ -113,7 +113,7 @@ fn frame_len(header: [u8; 4]) -> io::Result<usize> {
 /// How the agent is to be started: its jail (none: unjailed) and the cgroups it joins
 /// before it starts (its commands inherit them).
 pub struct AgentSpec<'a> {
-    pub jail: Option<&'a super::process::Jail>,
+    pub jail: Option<&'a super::jail::Jail>,
     pub cgroup_procs: &'a [std::path::PathBuf],
     /// The sandbox folder, where the jail starts.
     pub dir: &'a Path,
@@ -194,7 +194,7 @@ impl Agent {
         let control_fd = theirs.as_raw_fd();
         let program = format!("/proc/self/fd/{exe_fd}");
         let (control_arg, exe_arg) = (control_fd.to_string(), exe_fd.to_string());
-        let mut cmd = super::process::jailed_command(
+        let mut cmd = super::jail::jailed_command(
             spec.jail,
             spec.cgroup_procs,
             spec.dir,
@@ -789,7 +789,7 @@ fn start(
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             // Ignored signals stay ignored across exec (the Rust runtime ignores SIGPIPE; a
             // daemon started in the background ignores SIGINT and SIGQUIT).
-            super::process::default_signals();
+            super::jail::default_signals();
             libc::setsid();
             // Above 2 first, so that the dup2s below cannot overwrite one another.
             let (i, o, e) = (

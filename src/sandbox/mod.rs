@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod archive;
 pub mod cgroup;
+pub mod jail;
 pub mod process;
 
 use std::collections::BTreeMap;

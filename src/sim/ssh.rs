@@ -145,7 +145,7 @@ impl Conn {
             cwd: PathBuf::from(format!("/home/{user}")),
             env,
             timeout: None,
-            jail: Some(crate::sandbox::process::Jail::Sim(fs)),
+            jail: Some(crate::sandbox::jail::Jail::Sim(fs)),
             tty,
             direct: Default::default(),
             cgroup_procs: Vec::new(),

@@ -222,7 +222,7 @@ fn spec(
         cwd: PathBuf::from(guest),
         env: c.env(env),
         timeout,
-        jail: Some(crate::sandbox::process::Jail::Sim(c.fs.clone())),
+        jail: Some(crate::sandbox::jail::Jail::Sim(c.fs.clone())),
         tty: None,
         direct: Default::default(),
         cgroup_procs: Vec::new(),
