@@ -255,7 +255,7 @@ async fn block_mode_has_only_loopback_and_an_allow_list_is_refused_locally() {
 async fn without_bubblewrap_local_commands_are_refused_unless_isolation_is_off() {
     // A PATH with git but no bwrap.
     let bin = tempfile::tempdir().expect("tempdir");
-    for tool in ["git", "sh", "bash", "tar", "cat", "ls"] {
+    for tool in ["git", "sh", "bash", "tar", "cat", "ls", "setsid", "sleep"] {
         for dir in ["/usr/bin", "/bin"] {
             let p = Path::new(dir).join(tool);
             if p.exists() {
@@ -325,18 +325,31 @@ async fn without_bubblewrap_local_commands_are_refused_unless_isolation_is_off()
             );
             continue;
         }
+        // (Unjailed, a job that leaves its command's session lives on until the sandbox's
+        // release, which ends everything in the sandbox's cgroup.)
+        let secs = format!("{}", 60_000 + std::process::id() % 10_000);
+        let escapee = format!("setsid sleep {secs} >/dev/null 2>&1 </dev/null & echo ran");
         let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"))
             .current_dir(r.path())
             .env("CRABBOX_SOCKET", &socket)
             .env("CRABBOX_NO_AUTOSTART", "1")
             .env("CRABBOX_CONFIG", "/dev/null")
-            .args(["run", "--", "echo", "ran"])
+            .args(["run", "--", "sh", "-c", &escapee])
             .output()
             .await
             .expect("run");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(code), "{isolation:?}: {err}");
         assert!(err.contains(says), "{isolation:?}: {err}");
+        if code == 0 && crabbox::sandbox::cgroup::available() {
+            let cmdline = format!("sleep\0{secs}\0");
+            eventually(
+                10,
+                "the escaped job ended with the released sandbox",
+                || async { (!host_has(&cmdline)).then_some(()) },
+            )
+            .await;
+        }
         let _ = daemon.start_kill();
     }
 }

@@ -165,10 +165,29 @@ impl Cgroup {
     }
 }
 
+/// Ends every process still in the cgroup at `dir`: what a sandbox leaves at its release
+/// (a jail's init that outlived its bubblewrap, a job that left its command's group).
+fn kill_all(dir: &Path) {
+    // cgroup v2 (5.14+) does it in one write.
+    if std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+        return;
+    }
+    if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // ESRCH: it has just ended.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 impl Drop for Cgroup {
     fn drop(&mut self) {
         for d in &self.dirs {
-            // Empty once the command's processes are gone (they were killed with it).
+            kill_all(d);
+            // Empty once its processes are gone.
             for _ in 0..50 {
                 if std::fs::remove_dir(d).is_ok() || !d.exists() {
                     break;
