@@ -12,14 +12,13 @@
 //! daemon's own user.
 
 use std::collections::HashMap;
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::MsgFlags;
 
 /// How long handed descriptors wait for their Run request.
 pub const KEEP_FOR: Duration = Duration::from_secs(30);
@@ -89,15 +88,9 @@ fn send(
         .flatten()
         .map(|fd| fd.as_raw_fd())
         .collect();
-    sendmsg::<()>(
-        stream.as_raw_fd(),
-        &[IoSlice::new(&message)],
-        &[ControlMessage::ScmRights(&fds)],
-        MsgFlags::empty(),
-        None,
-    )
-    .map(|_| ())
-    .map_err(|e| format!("handing over the descriptors: {e}"))
+    crate::fds::send(stream.as_raw_fd(), &message, &fds, MsgFlags::empty())
+        .map(|_| ())
+        .map_err(|e| format!("handing over the descriptors: {e}"))
 }
 
 /// Daemon side: what clients handed over, by token.
@@ -134,31 +127,8 @@ impl Handed {
     /// and acknowledges it; answers its token.
     pub fn receive(&self, stream: &UnixStream) -> Result<String, String> {
         let mut buf = [0u8; TOKEN_LEN + 1];
-        let mut space = nix::cmsg_space!([RawFd; 2]);
-        let (len, fds) = {
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            let msg = recvmsg::<()>(
-                stream.as_raw_fd(),
-                &mut iov,
-                Some(&mut space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            )
+        let (len, fds) = crate::fds::receive(stream.as_raw_fd(), &mut buf, MsgFlags::empty())
             .map_err(|e| format!("receiving descriptors: {e}"))?;
-            let mut fds: Vec<OwnedFd> = Vec::new();
-            if let Ok(cmsgs) = msg.cmsgs() {
-                for c in cmsgs {
-                    if let ControlMessageOwned::ScmRights(raw) = c {
-                        // SAFETY: the kernel has just installed these descriptors in this
-                        // process for us; nothing else owns them.
-                        fds.extend(
-                            raw.into_iter()
-                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                        );
-                    }
-                }
-            }
-            (msg.bytes, fds)
-        };
         if len != TOKEN_LEN + 1 || !buf[..TOKEN_LEN].iter().all(u8::is_ascii_hexdigit) {
             return Err("a malformed descriptor message".into());
         }
@@ -229,14 +199,7 @@ mod tests {
             .expect("timeout");
         let mut message = format!("{:032x}", 9u128).into_bytes();
         message.push(3);
-        sendmsg::<()>(
-            client.as_raw_fd(),
-            &[IoSlice::new(&message)],
-            &[],
-            MsgFlags::empty(),
-            None,
-        )
-        .expect("send");
+        crate::fds::send(client.as_raw_fd(), &message, &[], MsgFlags::empty()).expect("send");
         let handed = Handed::default();
         let err = handed.receive(&daemon).expect_err("refused");
         assert!(err.contains("said 2 descriptors and carried 0"), "{err}");

@@ -31,6 +31,7 @@ pub mod config;
 pub mod daemon;
 pub mod direct;
 pub mod error;
+pub mod fds;
 pub mod files;
 pub mod ids;
 pub mod lease;

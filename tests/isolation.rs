@@ -23,6 +23,16 @@ fn crabboxd(dir: &Path, cfg: &Path, stderr: std::process::Stdio) -> tokio::proce
         .expect("crabboxd")
 }
 
+/// The daemon for a test of the jail; none (the test has nothing to check) when the jail
+/// is off for this run (`CRABBOX_LOCAL_ISOLATION=none`), said with `why`.
+async fn jailed_daemon(why: &str) -> Option<Daemon> {
+    if std::env::var("CRABBOX_LOCAL_ISOLATION").as_deref() == Ok("none") {
+        eprintln!("CRABBOX_LOCAL_ISOLATION=none: {why}");
+        return None;
+    }
+    Some(Daemon::start().await)
+}
+
 fn host_has(cmdline: &str) -> bool {
     std::fs::read_dir("/proc")
         .into_iter()
@@ -33,11 +43,9 @@ fn host_has(cmdline: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_local_command_is_jailed() {
-    if std::env::var("CRABBOX_LOCAL_ISOLATION").as_deref() == Ok("none") {
-        eprintln!("CRABBOX_LOCAL_ISOLATION=none: the jail is off, nothing to test");
+    let Some(d) = jailed_daemon("the jail is off, nothing to test").await else {
         return;
-    }
-    let d = Daemon::start().await;
+    };
     let r = repo();
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     let run = |script: &str| {
@@ -190,11 +198,9 @@ async fn a_local_command_is_jailed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block_mode_has_only_loopback_and_an_allow_list_is_refused_locally() {
-    if std::env::var("CRABBOX_LOCAL_ISOLATION").as_deref() == Ok("none") {
-        eprintln!("CRABBOX_LOCAL_ISOLATION=none: the jail is off, nothing to test");
+    let Some(d) = jailed_daemon("the jail is off, nothing to test").await else {
         return;
-    }
-    let d = Daemon::start().await;
+    };
     // A server of this machine, on loopback.
     let host = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = host.local_addr().expect("addr").port();
@@ -682,11 +688,9 @@ print(quota)
 /// its command starts lets go of them (the reader sees its end at once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_output_goes_straight_to_the_clients_stdout() {
-    if std::env::var("CRABBOX_LOCAL_ISOLATION").as_deref() == Ok("none") {
-        eprintln!("CRABBOX_LOCAL_ISOLATION=none: output goes through the daemon unjailed");
+    let Some(d) = jailed_daemon("output goes through the daemon unjailed").await else {
         return;
-    }
-    let d = Daemon::start().await;
+    };
     let r = repo();
     d.run(r.path(), &["warmup"]).await.expect(0);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -748,11 +752,9 @@ async fn local_output_goes_straight_to_the_clients_stdout() {
 /// replaced at the next command; `stop` ends it with the sandbox.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandboxs_commands_are_started_by_its_agent() {
-    if std::env::var("CRABBOX_LOCAL_ISOLATION").as_deref() == Ok("none") {
-        eprintln!("CRABBOX_LOCAL_ISOLATION=none: the jail is off, nothing to test");
+    let Some(d) = jailed_daemon("the jail is off, nothing to test").await else {
         return;
-    }
-    let d = Daemon::start().await;
+    };
     let r = repo();
     d.run(r.path(), &["warmup"]).await.expect(0);
     // The agent as the sandbox sees it: its pid and start time (a new one in a new PID

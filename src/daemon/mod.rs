@@ -291,6 +291,10 @@ pub async fn run(
                     _ = every.tick() => {}
                     () = token.cancelled() => break,
                 }
+                // An idle daemon does nothing here.
+                if !store.unflushed() {
+                    continue;
+                }
                 let store = store.clone();
                 if let Ok(Err(e)) = tokio::task::spawn_blocking(move || store.flush()).await {
                     tracing::warn!(error = %e, "could not flush the store");

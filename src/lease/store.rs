@@ -98,6 +98,11 @@ impl Store {
         Ok(tx)
     }
 
+    /// Is a lazy write not yet durable?
+    pub fn unflushed(&self) -> bool {
+        self.unflushed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Makes every lazy write so far durable (one durable commit, nothing else written);
     /// nothing to do when there is none. Answers whether there was.
     pub fn flush(&self) -> Result<bool, Error> {

@@ -113,7 +113,8 @@ pub struct LocalProvider {
 #[derive(Debug, Clone)]
 struct RunningAgent {
     agent: std::sync::Arc<sandbox::agent::Agent>,
-    jail: String,
+    jail: Option<sandbox::jail::Jail>,
+    cgroup_procs: Vec<PathBuf>,
 }
 
 impl LocalProvider {
@@ -599,11 +600,11 @@ impl LocalProvider {
         jail: Option<&sandbox::jail::Jail>,
         cgroup_procs: &[PathBuf],
     ) -> std::io::Result<std::sync::Arc<sandbox::agent::Agent>> {
-        let fingerprint = format!("{jail:?} {cgroup_procs:?}");
         let entry = self.agents.entry(sandbox.to_string());
         if let dashmap::Entry::Occupied(e) = &entry
             && e.get().agent.is_alive()
-            && e.get().jail == fingerprint
+            && e.get().jail.as_ref() == jail
+            && e.get().cgroup_procs == cgroup_procs
         {
             return Ok(e.get().agent.clone());
         }
@@ -618,7 +619,8 @@ impl LocalProvider {
         )?;
         let running = RunningAgent {
             agent: agent.clone(),
-            jail: fingerprint,
+            jail: jail.cloned(),
+            cgroup_procs: cgroup_procs.to_vec(),
         };
         entry.insert(running);
         Ok(agent)
@@ -709,9 +711,10 @@ impl LocalProvider {
                 made
             }
         };
-        // The client's own descriptors, when it handed them over: only into the jail, whose
-        // PID namespace ends every process of the command with it (unjailed, a background
-        // child could hold the client's pipe open after the run).
+        // The client's own descriptors, when it handed them over: only into the jail. Its
+        // processes end there with the command's group (killed as its leader ends) or at
+        // the latest with the sandbox's PID namespace; unjailed, a job that left the group
+        // could hold the client's pipe open as long as it runs on this machine.
         let direct = match (&jail, spec.tty) {
             (Some(_), None) => spec.direct.clone(),
             _ => Default::default(),

@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nix::sys::signal::{SigSet, Signal};
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::MsgFlags;
 use serde::{Deserialize, Serialize};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
@@ -343,20 +343,10 @@ impl Agent {
         while at < bytes.len() {
             stream.writable().await?;
             let rest = &bytes[at..];
+            let attached = if at == 0 { fds } else { &[] };
             let n = stream.try_io(Interest::WRITABLE, || {
-                let cmsg = [ControlMessage::ScmRights(fds)];
-                sendmsg::<()>(
-                    stream.as_raw_fd(),
-                    &[IoSlice::new(rest)],
-                    if at == 0 && !fds.is_empty() {
-                        &cmsg
-                    } else {
-                        &[]
-                    },
-                    MsgFlags::MSG_NOSIGNAL,
-                    None,
-                )
-                .map_err(io::Error::from)
+                crate::fds::send(stream.as_raw_fd(), rest, attached, MsgFlags::MSG_NOSIGNAL)
+                    .map_err(io::Error::from)
             });
             match n {
                 Ok(n) => at += n,
@@ -550,6 +540,7 @@ fn serve(control: OwnedFd) -> io::Result<()> {
     let mut children: HashMap<u64, Started> = HashMap::new();
     let mut inbox: Vec<u8> = Vec::new();
     let mut fds_in: Vec<OwnedFd> = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
     let result = loop {
         let mut polled = [
             PollFd::new(control.as_fd(), PollFlags::POLLIN),
@@ -577,7 +568,7 @@ fn serve(control: OwnedFd) -> io::Result<()> {
             }
         }
         if control_ready {
-            match receive(&control, &mut inbox, &mut fds_in) {
+            match receive(&control, &mut chunk, &mut inbox, &mut fds_in) {
                 Ok(true) => {}
                 Ok(false) => break Ok(()),
                 Err(e) => break Err(e),
@@ -594,36 +585,18 @@ fn serve(control: OwnedFd) -> io::Result<()> {
     result
 }
 
-/// Reads what is there on `control` into `inbox` (descriptors into `fds`); false at its
-/// end.
-fn receive(control: &OwnedFd, inbox: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> io::Result<bool> {
-    let mut chunk = vec![0u8; 64 * 1024];
-    let mut space = nix::cmsg_space!([RawFd; 3]);
-    let (n, got) = {
-        let mut iov = [IoSliceMut::new(&mut chunk)];
-        let msg = match recvmsg::<()>(
-            control.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
-        ) {
-            Ok(m) => m,
-            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => return Ok(true),
-            Err(e) => return Err(io::Error::from(e)),
-        };
-        let mut got = Vec::new();
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let ControlMessageOwned::ScmRights(raw) = c {
-                    // SAFETY: installed in this process for it by the kernel just now.
-                    got.extend(
-                        raw.into_iter()
-                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                    );
-                }
-            }
-        }
-        (msg.bytes, got)
+/// Reads what is there on `control` into `inbox` (descriptors into `fds`), through
+/// `chunk`; false at its end.
+fn receive(
+    control: &OwnedFd,
+    chunk: &mut [u8],
+    inbox: &mut Vec<u8>,
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<bool> {
+    let (n, got) = match crate::fds::receive(control.as_raw_fd(), chunk, MsgFlags::MSG_DONTWAIT) {
+        Ok(r) => r,
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => return Ok(true),
+        Err(e) => return Err(io::Error::from(e)),
     };
     if n == 0 {
         return Ok(false);

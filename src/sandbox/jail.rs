@@ -10,7 +10,7 @@ use std::process::Stdio;
 
 /// A bubblewrap jail for a command: the rest of the system read-only, `/dev` minimal, a
 /// `/proc` of its own, and nothing outliving the daemon.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Jail {
     /// daytona-sim's: `/home` and `/tmp` are this host folder's `home/` and `tmp/`, so
     /// that sandbox paths such as `/home/daytona` are real for the command.

@@ -1,0 +1,47 @@
+//! Descriptors passed over Unix sockets (SCM_RIGHTS): a client's stdout to the daemon
+//! ([`crate::direct`]), a command's stdio to a sandbox's agent ([`crate::sandbox::agent`]).
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+
+/// The most descriptors one message carries here.
+const MAX_FDS: usize = 4;
+
+/// Sends `bytes` on `socket`, `fds` attached to them (none: a plain send); answers how
+/// many bytes went.
+pub fn send(socket: RawFd, bytes: &[u8], fds: &[RawFd], flags: MsgFlags) -> nix::Result<usize> {
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
+    sendmsg::<()>(socket, &[IoSlice::new(bytes)], cmsgs, flags, None)
+}
+
+/// Receives into `buf` from `socket`, with the descriptors that came along (close-on-exec,
+/// owned here); answers the bytes read and the descriptors.
+pub fn receive(
+    socket: RawFd,
+    buf: &mut [u8],
+    flags: MsgFlags,
+) -> nix::Result<(usize, Vec<OwnedFd>)> {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        socket,
+        &mut iov,
+        Some(&mut space),
+        flags | MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            // SAFETY: the kernel has just installed these descriptors in this process for
+            // us; nothing else owns them.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    Ok((msg.bytes, fds))
+}
