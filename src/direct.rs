@@ -155,11 +155,124 @@ impl Handed {
     }
 }
 
+/// A run's output written into a descriptor its client handed over, by the daemon itself
+/// (for a command that runs elsewhere, whose output the daemon receives): from a blocking
+/// task of its own, since a handed pipe or terminal may block on a slow reader, and it is
+/// never made non-blocking (the client and whatever else shares it would see that too).
+/// Bounded: a slow reader makes [`Sink::write`] wait, as a pipe slows a command.
+pub struct Sink {
+    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    writer: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Sink {
+    /// Starts writing into `fd`.
+    pub fn start(fd: Arc<OwnedFd>) -> Sink {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+        let writer = tokio::task::spawn_blocking(move || {
+            use std::os::fd::AsFd;
+            while let Some(bytes) = rx.blocking_recv() {
+                write_all(fd.as_fd(), &bytes)?;
+            }
+            Ok(())
+        });
+        Sink { tx, writer }
+    }
+
+    /// Passes `bytes` on; false once writing has failed (the descriptor's reader has gone:
+    /// a broken pipe), after which nothing more is written.
+    pub async fn write(&self, bytes: Vec<u8>) -> bool {
+        self.tx.send(bytes).await.is_ok()
+    }
+
+    /// Waits until everything passed on is written; answers the write's error, if any.
+    pub async fn finish(self) -> std::io::Result<()> {
+        drop(self.tx);
+        self.writer.await.map_err(std::io::Error::other)?
+    }
+}
+
+/// Writes all of `buf` to `fd`, waiting for room when the descriptor is non-blocking
+/// (someone else's choice for the file it shares) rather than failing with EAGAIN.
+fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> std::io::Result<()> {
+    use nix::errno::Errno;
+    while !buf.is_empty() {
+        match nix::unistd::write(fd, buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => {
+                use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+                let mut polled = [PollFd::new(fd, PollFlags::POLLOUT)];
+                match poll(&mut polled, PollTimeout::NONE) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Read;
     use std::os::fd::AsFd;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sink_writes_everything_in_order_even_into_a_non_blocking_pipe() {
+        let (mut read_end, write_end) = std::io::pipe().expect("pipe");
+        // Non-blocking, as a client's stdout may be: a full pipe answers EAGAIN.
+        let fd = OwnedFd::from(write_end);
+        nix::fcntl::fcntl(
+            &fd,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .expect("O_NONBLOCK");
+        let sink = Sink::start(Arc::new(fd));
+        // A slow reader: 8 MiB against a 64 KiB pipe.
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let mut got = Vec::new();
+            read_end.read_to_end(&mut got).expect("read");
+            got
+        });
+        let mut sent = Vec::new();
+        for i in 0..128u32 {
+            let chunk: Vec<u8> = (0..65536u32).map(|j| (i ^ j) as u8).collect();
+            sent.extend_from_slice(&chunk);
+            assert!(sink.write(chunk).await, "chunk {i} refused");
+        }
+        sink.finish().await.expect("finished without an error");
+        let got = reader.join().expect("reader");
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "the bytes came out of order or changed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sink_whose_reader_has_gone_says_so() {
+        let (read_end, write_end) = std::io::pipe().expect("pipe");
+        drop(read_end);
+        let sink = Sink::start(Arc::new(OwnedFd::from(write_end)));
+        // The first write fails (EPIPE: this process ignores SIGPIPE, as Rust programs do);
+        // the writer then stops taking chunks.
+        let mut refused = false;
+        for _ in 0..100 {
+            if !sink.write(vec![b'x'; 1024]).await {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            refused,
+            "writes into a pipe without a reader kept being taken"
+        );
+        let err = sink.finish().await.expect_err("a broken pipe");
+        assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
+    }
 
     #[test]
     fn descriptors_handed_over_are_taken_once_by_token() {

@@ -632,6 +632,97 @@ async fn killing_the_cli_mid_run_stops_the_remote_command() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_the_daemon_writes_into_the_clients_pipe_is_exact_and_a_closed_pipe_stops_the_command()
+ {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    let lease = w.cb(r.path(), &["warmup", "--json"]).await.expect(0).json();
+    let sandbox = lease["sandbox_id"].as_str().expect("sandbox").to_string();
+    // stdout is a pipe here (not a terminal): the CLI hands it to the daemon, which writes
+    // the command's output into it itself. Binary, large, with stderr apart (without the
+    // bytes 1 and 2, whose runs of three are Daytona's stream markers: its log stream
+    // cannot carry them, a limit of its protocol).
+    let out = w
+        .cb(
+            r.path(),
+            &[
+                "run",
+                "--",
+                "sh",
+                "-c",
+                "head -c 3100000 /dev/urandom | tr -d '\\001\\002' | head -c 3000000 > $HOME/out.bin; \
+                 cat $HOME/out.bin; echo apart >&2",
+            ],
+        )
+        .await
+        .expect(0);
+    let file = std::fs::read(w.sim.engine.dir(&sandbox).join("fs/home/daytona/out.bin"))
+        .expect("the sandbox's file");
+    assert_eq!(file.len(), 3_000_000);
+    assert!(
+        out.0.stdout == file,
+        "stdout differs from the bytes the command wrote"
+    );
+    assert!(out.stderr().contains("apart\n"), "{}", out.stderr());
+    // A reader that goes away (`crabbox run -- yes | head -1`): the command meets what it
+    // would meet writing into that pipe itself, SIGPIPE, and ends; it does not run on.
+    // Both when the daemon writes into the pipe and when the output comes through the CLI
+    // (which a stall watchdog needs).
+    for extra in [&[][..], &["--stall-timeout", "10m"][..]] {
+        let pidfile = w.sim.engine.dir(&sandbox).join("fs/home/daytona/yes.pid");
+        let _ = std::fs::remove_file(&pidfile);
+        let mut child = w
+            .daemon
+            .cli(r.path())
+            .args(["--provider", "daytona", "run"])
+            .args(extra)
+            .args(["--", "sh", "-c", "echo $$ > $HOME/yes.pid; exec yes"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let mut first = [0u8; 2];
+        tokio::io::AsyncReadExt::read_exact(&mut stdout, &mut first)
+            .await
+            .expect("the first line");
+        assert_eq!(&first, b"y\n");
+        drop(stdout);
+        let ended = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{extra:?}: crabbox ran on after its stdout's reader had gone")
+            })
+            .expect("wait");
+        let stderr = String::from_utf8_lossy(&ended.stderr);
+        assert_eq!(
+            ended.status.code(),
+            Some(141),
+            "{extra:?}: stderr: {stderr}"
+        );
+        assert!(stderr.contains("SIGPIPE"), "{extra:?}: {stderr}");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid");
+        eventually(20, "the remote command to be stopped", || async {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                .is_err()
+                .then_some(())
+        })
+        .await;
+    }
+    // The lease goes on (a new session for the next command).
+    let doc = w
+        .cb(r.path(), &["run", "--json", "--", "echo", "again"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(doc["stdout"], "again\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_whose_answer_was_lost_is_recovered_not_resent() {
     let w = world(Duration::from_secs(60)).await;
     let r = repo();

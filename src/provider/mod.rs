@@ -103,9 +103,10 @@ pub struct ExecSpec {
     /// Run on a pseudo-terminal of this size (output then comes back as one stream, as a
     /// terminal shows it; `TERM` is in `env`).
     pub tty: Option<PtySize>,
-    /// The client's own stdout/stderr ([`crate::direct`]): a provider that runs the
-    /// command on this machine may give them to it, and those streams then send nothing
-    /// to `out`; any other ignores them.
+    /// The client's own stdout/stderr ([`crate::direct`]): a provider may give them to
+    /// the command (one that runs on this machine) or write the command's output into them
+    /// itself (one whose output comes to the daemon); those streams then send nothing to
+    /// `out`. A provider may also ignore them.
     pub direct: crate::direct::DirectOutput,
 }
 

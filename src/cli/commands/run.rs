@@ -292,16 +292,21 @@ fn deliver(
     bytes: Vec<u8>,
     captured: &mut Vec<u8>,
     through: &mut dyn Write,
-) {
+) -> std::io::Result<()> {
     if ndjson {
         event(&chunk(kind, &bytes));
     } else if json {
         captured.extend(bytes);
     } else {
-        let _ = through.write_all(&bytes);
-        let _ = through.flush();
+        through.write_all(&bytes)?;
+        through.flush()?;
     }
+    Ok(())
 }
+
+/// The exit of a command whose output's reader went away (`crabbox run -- yes | head -1`):
+/// what the command itself would have met writing into that pipe, SIGPIPE.
+const BROKEN_PIPE_EXIT: i32 = 128 + 13;
 
 /// Output bytes as an event: `text` when they are UTF-8, else `base64` (never lossy).
 fn chunk(kind: &str, bytes: &[u8]) -> serde_json::Value {
@@ -491,14 +496,18 @@ async fn stream_run(
             }
             Some(Event::Stdout(b)) => {
                 capture.keep(false, &b)?;
-                if !capture.quiet_out {
-                    deliver(ndjson, json, "stdout", b, &mut cap_out, &mut out);
+                if !capture.quiet_out
+                    && let Err(e) = deliver(ndjson, json, "stdout", b, &mut cap_out, &mut out)
+                {
+                    return Ok(output_lost(ctx, stream, "stdout", &e));
                 }
             }
             Some(Event::Stderr(b)) => {
                 capture.keep(true, &b)?;
-                if !capture.quiet_err {
-                    deliver(ndjson, json, "stderr", b, &mut cap_err, &mut err);
+                if !capture.quiet_err
+                    && let Err(e) = deliver(ndjson, json, "stderr", b, &mut cap_err, &mut err)
+                {
+                    return Ok(output_lost(ctx, stream, "stderr", &e));
                 }
             }
             Some(Event::Exit(x)) => {
@@ -667,6 +676,23 @@ fn too_wide_to_sync(root: &Path) -> Option<&'static str> {
         Some("a temp folder")
     } else {
         None
+    }
+}
+
+/// This process's `what` could not take the command's output: the command is stopped
+/// (dropping the stream cancels it), as a local command writing there would have been.
+fn output_lost(ctx: &Ctx, stream: impl Sized, what: &str, e: &std::io::Error) -> i32 {
+    drop(stream);
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        ctx.progress(format!(
+            "{what}'s reader has gone (a closed pipe): the command was stopped (SIGPIPE)"
+        ));
+        BROKEN_PIPE_EXIT
+    } else {
+        ctx.progress(format!(
+            "could not write the command's output to {what}: {e}; the command was stopped"
+        ));
+        exit::INTERNAL
     }
 }
 

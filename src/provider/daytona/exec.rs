@@ -83,7 +83,10 @@ impl DaytonaProvider {
                 .exec_in_session(sandbox, &base, &session, spec, &mut input, &out, &cancel)
                 .await;
         }
-        if !matches!(&result, Ok(exit) if !exit.cancelled && !exit.timed_out) {
+        // A command stopped (cancelled, timed out, or its output's reader gone) may still
+        // run in its session: deleting the session ends it.
+        if !matches!(&result, Ok(exit) if !exit.cancelled && !exit.timed_out && exit.signal.is_none())
+        {
             self.drop_session(sandbox, &base).await;
         }
         result
@@ -267,6 +270,7 @@ impl DaytonaProvider {
             tokio::spawn(feed_input(client, url, input))
         });
         let _stop_feeder = feeder.map(AbortOnDrop);
+        let output = Output::new(out, &spec.direct);
         let mut demux = demux::Demux::default();
         let mut trailer = ExitTrailer::new(&nonce);
         let timeout = async {
@@ -282,18 +286,15 @@ impl DaytonaProvider {
             tokio::time::Instant::now() + Duration::from_secs(60),
             Duration::from_secs(60),
         );
-        let (mut cancelled, mut timed_out) = (false, false);
+        let (mut cancelled, mut timed_out, mut broken) = (false, false, false);
+        use tokio_tungstenite::tungstenite::Message;
         loop {
-            tokio::select! {
+            let chunks = tokio::select! {
                 msg = ws.next() => match msg {
-                    Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(b))) => {
-                        for o in trailer.filter(demux.push(&b)) { let _ = out.send(o).await; }
-                    }
-                    Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
-                        for o in trailer.filter(demux.push(t.as_bytes())) { let _ = out.send(o).await; }
-                    }
-                    Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) | None => break,
-                    Some(Ok(_)) => {}
+                    Some(Ok(Message::Binary(b))) => trailer.filter(demux.push(&b)),
+                    Some(Ok(Message::Text(t))) => trailer.filter(demux.push(t.as_bytes())),
+                    Some(Ok(Message::Close(_))) | None => break,
+                    Some(Ok(_)) => continue,
                     Some(Err(err)) => {
                         return Err(e(ProviderErrorKind::Unavailable, format!("the command's log stream broke: {err}")));
                     }
@@ -302,19 +303,37 @@ impl DaytonaProvider {
                 () = &mut timeout => { timed_out = true; break; }
                 _ = activity.tick() => {
                     let _ = self.api(Method::POST, &format!("/sandbox/{sandbox}/last-activity"), None, Idempotent::Yes).await;
+                    continue;
                 }
+            };
+            // Passing the output on waits for a slow reader, as a pipe makes a command
+            // wait; a cancel or the timeout still ends the wait.
+            tokio::select! {
+                ok = output.send(chunks) => if !ok { broken = true; break; },
+                () = cancel.cancelled() => { cancelled = true; break; }
+                () = &mut timeout => { timed_out = true; break; }
             }
         }
-        for o in trailer.filter(demux.finish()) {
-            let _ = out.send(o).await;
+        if !(broken || cancelled || timed_out) {
+            broken = !output.send(trailer.filter(demux.finish())).await
+                || !output.send(trailer.finish()).await;
         }
-        for o in trailer.finish() {
-            let _ = out.send(o).await;
-        }
-        if cancelled || timed_out {
+        // Everything written where the client handed it, before the exit is told.
+        broken |= !output.finish(cancelled || timed_out).await;
+        if cancelled || timed_out || broken {
             let _ = ws.close(None).await;
             // Deleting the session (done by the caller) ends the command.
-            return Ok(stopped(timed_out));
+            return Ok(if broken {
+                // What a command writing into that pipe itself would have met.
+                ExecExit {
+                    code: 128 + nix::sys::signal::Signal::SIGPIPE as i32,
+                    signal: Some("SIGPIPE".into()),
+                    timed_out: false,
+                    cancelled: false,
+                }
+            } else {
+                stopped(timed_out)
+            });
         }
         // The command said its exit code at its end, in the stream.
         if let Some(code) = trailer.code {
@@ -347,6 +366,59 @@ impl DaytonaProvider {
             ProviderErrorKind::Other,
             "the command's log stream ended but Daytona reports no exit code",
         ))
+    }
+}
+
+/// Where a command's output goes: into the descriptors its client handed over
+/// ([`crate::direct`]: the daemon writes there itself, with no trip through the gRPC stream
+/// and the client), else to `out`.
+struct Output<'a> {
+    out: &'a mpsc::Sender<ExecOutput>,
+    stdout: Option<crate::direct::Sink>,
+    stderr: Option<crate::direct::Sink>,
+}
+
+impl<'a> Output<'a> {
+    fn new(out: &'a mpsc::Sender<ExecOutput>, direct: &crate::direct::DirectOutput) -> Self {
+        Output {
+            out,
+            stdout: direct.stdout.clone().map(crate::direct::Sink::start),
+            stderr: direct.stderr.clone().map(crate::direct::Sink::start),
+        }
+    }
+
+    /// Passes `chunks` on; false when a handed descriptor's reader has gone.
+    async fn send(&self, chunks: Vec<ExecOutput>) -> bool {
+        for chunk in chunks {
+            let sink = match &chunk {
+                ExecOutput::Stdout(_) => &self.stdout,
+                ExecOutput::Stderr(_) => &self.stderr,
+            };
+            match (sink, chunk) {
+                (Some(sink), ExecOutput::Stdout(b) | ExecOutput::Stderr(b)) => {
+                    if !sink.write(b).await {
+                        return false;
+                    }
+                }
+                (None, chunk) => {
+                    let _ = self.out.send(chunk).await;
+                }
+            }
+        }
+        true
+    }
+
+    /// Waits for the handed descriptors to take what was written (not when the command
+    /// was stopped: a reader that stopped reading must not hold its end up); false when
+    /// one of them failed.
+    async fn finish(self, stopped: bool) -> bool {
+        let mut ok = true;
+        for sink in [self.stdout, self.stderr].into_iter().flatten() {
+            if !stopped {
+                ok &= sink.finish().await.is_ok();
+            }
+        }
+        ok
     }
 }
 
