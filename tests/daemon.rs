@@ -928,6 +928,23 @@ async fn list_filters_and_pages() {
         .expect(0)
         .json();
     assert_eq!(out.as_array().map(Vec::len), Some(1));
+    // --provider filters, before or after `list`.
+    for args in [
+        &["list", "--json", "--provider", "local"][..],
+        &["--provider", "local", "list", "--json"],
+    ] {
+        let out = d.run(repos[0].path(), args).await.expect(0).json();
+        assert_eq!(out.as_array().map(Vec::len), Some(5), "{args:?}");
+    }
+    let out = d
+        .run(
+            repos[0].path(),
+            &["list", "--json", "--provider", "daytona"],
+        )
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(out.as_array().map(Vec::len), Some(0), "no daytona lease");
     let out = d
         .run(repos[0].path(), &["list", "--label", "team"])
         .await

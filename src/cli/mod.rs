@@ -139,7 +139,7 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Where sandboxes come from [default: config `provider`, else local] [env:
-    /// CRABBOX_PROVIDER].
+    /// CRABBOX_PROVIDER]. With `list`: only leases of this provider.
     #[arg(long, global = true, value_parser = crate::config::PROVIDERS)]
     pub provider: Option<String>,
     /// More progress detail: when each step happened, the config files read, the daemon's
@@ -192,7 +192,8 @@ pub struct DaytonaFlags {
     pub daytona_ssh_access_minutes: Option<u32>,
 }
 
-/// Options that shape a new lease.
+// Options that shape a new lease (a plain comment: a doc comment on a flattened struct
+// would replace the about of every deferred subcommand that flattens it).
 #[derive(Debug, Args, Default, Clone)]
 pub struct LeaseOpts {
     /// The lease's slug (lowercase a-z, 0-9, '-'; at most 41).
@@ -217,6 +218,9 @@ pub struct LeaseOpts {
 }
 
 #[derive(Debug, Subcommand)]
+// Each subcommand's arguments are defined only when it is the one parsed (Command::defer):
+// a CLI start builds one subcommand, not all of them.
+#[command(defer = true)]
 pub enum Command {
     /// Lease a sandbox for this repo and keep it warm.
     Warmup {
@@ -399,8 +403,9 @@ pub struct ListArgs {
     /// Only the lease claimed by this repository folder.
     #[arg(long, value_name = "DIR")]
     pub repo: Option<PathBuf>,
-    /// Only leases of this provider.
-    #[arg(long)]
+    /// Only leases of this provider: `list --provider P`, the global flag's value (set by
+    /// [`parse_args`]; a flag of its own would clash with the global one).
+    #[arg(skip)]
     pub provider: Option<String>,
     /// Only leases with this label (KEY=VALUE, repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
@@ -563,6 +568,7 @@ impl Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum PoolAction {
     /// Each pool: ready and filling sandboxes, handouts, the last failure.
     Status,
@@ -576,6 +582,7 @@ pub enum PoolAction {
 }
 
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum DaemonAction {
     /// Start crabboxd in the background (no-op when running).
     Start,
@@ -644,7 +651,12 @@ pub fn parse_args() -> Cli {
     use clap::Parser;
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     match Cli::try_parse_from(&args) {
-        Ok(cli) => cli,
+        Ok(mut cli) => {
+            if let Command::List(list) = &mut cli.command {
+                list.provider = cli.provider.clone();
+            }
+            cli
+        }
         Err(e) => {
             use clap::error::ErrorKind as K;
             if matches!(
@@ -701,5 +713,19 @@ pub fn parse_args() -> Cli {
             }
             std::process::exit(if runs { exit::CRABBOX } else { exit::USAGE });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap's own checks of every command and argument (unique names and flags, valid
+    /// references), which otherwise run only for the subcommand a test happens to parse:
+    /// subcommands are defined lazily, and a global flag whose name a subcommand also uses
+    /// would be found only when that subcommand is parsed.
+    #[test]
+    fn every_command_definition_passes_claps_checks() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
     }
 }

@@ -674,7 +674,10 @@ fn write_man_pages(dir: &std::path::Path) -> Result<i32, CliError> {
         CliError::new(exit::INTERNAL, format!("writing {}: {e}", what.display()))
     };
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    // Every subcommand's arguments (defined lazily, when one is parsed) and the generated
+    // help and version flags, as `--help` shows them.
+    cmd.build();
     let mut written = 0;
     let mut write = |name: String, page: clap::Command| -> Result<(), CliError> {
         let path = dir.join(format!("{name}.1"));
@@ -688,7 +691,8 @@ fn write_man_pages(dir: &std::path::Path) -> Result<i32, CliError> {
         Ok(())
     };
     write("crabbox".into(), cmd.clone())?;
-    for sub in cmd.get_subcommands() {
+    // (Not `help`, which building added: it is no command of crabbox's own.)
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
         write(format!("crabbox-{}", sub.get_name()), sub.clone())?;
     }
     println!("wrote {written} man pages into {}", dir.display());
