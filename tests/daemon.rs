@@ -547,11 +547,31 @@ async fn leases_and_manifests_survive_a_restart_and_orphans_are_deleted() {
     );
 }
 
+/// Ends, when dropped, the daemon whose lock file (its pid first) is at the path.
+struct StopsDaemon(std::path::PathBuf);
+
+impl Drop for StopsDaemon {
+    fn drop(&mut self) {
+        let pid = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<i32>().ok());
+        if let Some(pid) = pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_starts_and_stops_the_daemon() {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("run/d.sock");
     let state = dir.path().join("state");
+    // The daemon the CLI starts outlives this test unless stopped: a failed assertion
+    // below must not leave it running (it did).
+    let _stops = StopsDaemon(dir.path().join("run/d.lock"));
     let r = repo();
     let cli = |args: &[&str]| {
         let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"));
