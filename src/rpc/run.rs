@@ -179,6 +179,8 @@ impl Run {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut told: Option<(u64, u64, u64, u64)> = None;
         let mut told_at = std::time::Instant::now();
+        let began = std::time::Instant::now();
+        let elapsed_ms = || began.elapsed().as_millis() as u64;
         loop {
             tokio::select! {
                 out = &mut job => {
@@ -186,6 +188,7 @@ impl Run {
                     if let Some((files, deleted, total, _)) = progress.now() {
                         let _ = self.emit(RunEv::SyncProgress(pb::SyncProgress {
                             files, deleted, bytes_total: total, bytes_sent: total, done: true,
+                            elapsed_ms: elapsed_ms(),
                         })).await;
                     }
                     return out;
@@ -199,6 +202,7 @@ impl Run {
                         told_at = std::time::Instant::now();
                         let _ = self.emit(RunEv::SyncProgress(pb::SyncProgress {
                             files, deleted, bytes_total: total, bytes_sent: sent, done: false,
+                            elapsed_ms: elapsed_ms(),
                         })).await;
                     }
                 }

@@ -467,9 +467,10 @@ async fn stream_run(
                         "bytes_total": p.bytes_total,
                         "bytes_sent": p.bytes_sent,
                         "done": p.done,
+                        "elapsed_ms": p.elapsed_ms,
                     }));
                 }
-                let due = upload_lines.due(p.done);
+                let due = upload_lines.due(&p);
                 ctx.progress_update(upload_line(&p), due);
             }
             Some(Event::Sync(s)) => {
@@ -771,28 +772,26 @@ fn upload_line(p: &pb::SyncProgress) -> String {
 }
 
 /// When a long upload is said as plain lines (no terminal): not before it has run
-/// [`Self::QUIET_FOR`], then at most every [`Self::EVERY`], never its end (the sync's
-/// own line follows).
+/// [`Self::QUIET_FOR_MS`], then at most every [`Self::EVERY_MS`], never its end (the
+/// sync's own line follows). Time is the upload's own (`elapsed_ms`, the daemon's clock), not when events reach
+/// this process: a CLI starved of CPU reads them late and all at once.
 #[derive(Default)]
 struct UploadLines {
-    first: Option<std::time::Instant>,
-    last: Option<std::time::Instant>,
+    last_ms: Option<u64>,
 }
 
 impl UploadLines {
-    const QUIET_FOR: std::time::Duration = std::time::Duration::from_secs(2);
-    const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+    const QUIET_FOR_MS: u64 = 2_000;
+    const EVERY_MS: u64 = 5_000;
 
-    fn due(&mut self, finished: bool) -> bool {
-        let now = std::time::Instant::now();
-        let first = *self.first.get_or_insert(now);
-        let due = !finished
-            && now.duration_since(first) >= Self::QUIET_FOR
+    fn due(&mut self, p: &pb::SyncProgress) -> bool {
+        let due = !p.done
+            && p.elapsed_ms >= Self::QUIET_FOR_MS
             && self
-                .last
-                .is_none_or(|l| now.duration_since(l) >= Self::EVERY);
+                .last_ms
+                .is_none_or(|l| p.elapsed_ms.saturating_sub(l) >= Self::EVERY_MS);
         if due {
-            self.last = Some(now);
+            self.last_ms = Some(p.elapsed_ms);
         }
         due
     }
@@ -947,4 +946,45 @@ pub(super) async fn ssh(
             )
         })?;
     Ok(status.code().unwrap_or(exit::SSH))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(elapsed_ms: u64, done: bool) -> pb::SyncProgress {
+        pb::SyncProgress {
+            files: 1,
+            bytes_total: 100,
+            bytes_sent: 50,
+            done,
+            elapsed_ms,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_long_upload_gets_plain_lines_by_its_own_clock_and_a_short_one_none() {
+        // Read all at once (a starved CLI) still tells a 4.7 s upload, by the upload's time.
+        let mut lines = UploadLines::default();
+        let due: Vec<bool> = [0, 250, 1_000, 2_000, 2_250, 3_000, 4_000, 4_700]
+            .iter()
+            .map(|&ms| lines.due(&at(ms, false)))
+            .collect();
+        assert_eq!(
+            due,
+            [false, false, false, true, false, false, false, false],
+            "one line after 2 s, then at most one every 5 s"
+        );
+        assert!(!lines.due(&at(4_800, true)), "never the end");
+        assert!(lines.due(&at(7_000, false)), "5 s after the last one");
+        // A short upload: none.
+        let mut lines = UploadLines::default();
+        assert!(
+            [0, 250, 1_000, 1_900]
+                .iter()
+                .all(|&ms| !lines.due(&at(ms, false)))
+        );
+        assert!(!lines.due(&at(1_950, true)));
+    }
 }
