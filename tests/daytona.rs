@@ -723,6 +723,44 @@ async fn output_the_daemon_writes_into_the_clients_pipe_is_exact_and_a_closed_pi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_the_sandbox_could_not_keep_fails_the_run_rather_than_pass_for_whole() {
+    let w = world(Duration::from_secs(60)).await;
+    let r = repo();
+    w.cb(r.path(), &["warmup"]).await.expect(0);
+    // The sandbox's disk fills up under a chatty command: its log keeps 100 kB of 300.
+    w.faults(json!({"log_limit_bytes": 100_000})).await;
+    for extra in [&[][..], &["--json"][..]] {
+        let out = w
+            .cb(
+                r.path(),
+                &[
+                    &["run"][..],
+                    extra,
+                    &["--", "head", "-c", "300000", "/dev/zero"],
+                ]
+                .concat(),
+            )
+            .await;
+        assert_ne!(out.code(), 0, "{extra:?}: a short log passed for the whole");
+        let said = format!("{}{}", out.stdout(), out.stderr());
+        assert!(
+            said.contains("output may be incomplete") && said.contains("the log is full"),
+            "{extra:?}: {said}"
+        );
+    }
+    // With room again, the same run is whole.
+    w.faults(json!({"log_limit_bytes": 0})).await;
+    let out = w
+        .cb(
+            r.path(),
+            &["run", "--", "head", "-c", "300000", "/dev/zero"],
+        )
+        .await
+        .expect(0);
+    assert_eq!(out.0.stdout.len(), 300_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_whose_answer_was_lost_is_recovered_not_resent() {
     let w = world(Duration::from_secs(60)).await;
     let r = repo();

@@ -148,6 +148,9 @@ pub struct Faults {
     /// Uploads are read at most this fast (bytes per second; 0: as fast as they come), as
     /// over a slow link to a remote Daytona.
     pub upload_bytes_per_sec: u64,
+    /// A command's log keeps at most this many bytes (0: no limit), as a full disk would:
+    /// what comes after is lost, and a follower of the log is told so.
+    pub log_limit_bytes: u64,
 }
 
 /// A runtime fault request: the [`Faults`] fields to change, plus one-shot actions.
@@ -173,6 +176,7 @@ pub struct FaultsUpdate {
     disk_quota: Option<i64>,
     sandbox_quota: Option<i64>,
     upload_bytes_per_sec: Option<u64>,
+    log_limit_bytes: Option<u64>,
     /// Push this sandbox (id or name) into `error`.
     sandbox_error: Option<String>,
     /// The `errorReason` for `sandbox_error`.
@@ -814,6 +818,9 @@ async fn set_faults(
     }
     if let Some(v) = u.upload_bytes_per_sec {
         f.upload_bytes_per_sec = v;
+    }
+    if let Some(v) = u.log_limit_bytes {
+        f.log_limit_bytes = v;
     }
     Ok(axum::Json(f.clone()).into_response())
 }

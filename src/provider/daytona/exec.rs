@@ -293,6 +293,20 @@ impl DaytonaProvider {
                 msg = ws.next() => match msg {
                     Some(Ok(Message::Binary(b))) => trailer.filter(demux.push(&b)),
                     Some(Ok(Message::Text(t))) => trailer.filter(demux.push(t.as_bytes())),
+                    // Daytona closes with 1000 once the command has exited and all of its
+                    // output was sent; any other close means the output is not whole.
+                    Some(Ok(Message::Close(Some(frame))))
+                        if frame.code != tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal =>
+                    {
+                        return Err(e(
+                            ProviderErrorKind::Unavailable,
+                            format!(
+                                "the command's log stream ended abnormally ({}: {}): its output may be incomplete, so its outcome is not reported",
+                                u16::from(frame.code),
+                                frame.reason
+                            ),
+                        ));
+                    }
                     Some(Ok(Message::Close(_))) | None => break,
                     Some(Ok(_)) => continue,
                     Some(Err(err)) => {

@@ -22,6 +22,10 @@ pub(super) struct OutputLog {
     path: PathBuf,
     pieces: Vec<Piece>,
     size: u64,
+    /// Why output was lost, when some was (the first reason): the log is then not the
+    /// command's whole output, and a follower is told so rather than shown a short log
+    /// as if it were complete.
+    lost: Option<String>,
 }
 
 /// Where one piece of output lies in the file.
@@ -61,6 +65,7 @@ impl OutputLog {
             path,
             pieces: Vec::new(),
             size: 0,
+            lost: None,
         })
     }
 
@@ -96,6 +101,7 @@ impl OutputLog {
             path: path.to_path_buf(),
             pieces,
             size: at,
+            lost: None,
         })
     }
 
@@ -126,9 +132,9 @@ impl OutputLog {
                 .write_all(&header)
                 .and_then(|()| (&*self.file).write_all(part));
             if let Err(e) = written {
-                tracing::warn!(path = %self.path.display(), "a command's output was lost: {e}");
                 // A header without its bytes would hide every later piece from `open`.
                 let _ = self.file.set_len(self.size);
+                self.lose(format!("writing the command's log: {e}"));
                 return;
             }
             self.pieces.push(Piece {
@@ -138,6 +144,22 @@ impl OutputLog {
             });
             self.size += (HEADER + part.len()) as u64;
         }
+    }
+
+    /// Output that could not be kept (`reason`): said in the sim's log, and to followers.
+    pub fn lose(&mut self, reason: String) {
+        tracing::warn!(path = %self.path.display(), "a command's output was lost: {reason}");
+        self.lost.get_or_insert(reason);
+    }
+
+    /// Why output was lost, if any was.
+    pub fn lost(&self) -> Option<&str> {
+        self.lost.as_deref()
+    }
+
+    /// The bytes the log holds (pieces and their headers).
+    pub fn size(&self) -> u64 {
+        self.size
     }
 
     /// How many pieces there are.

@@ -419,8 +419,18 @@ pub(super) async fn session_exec(
     let sim2 = sim.clone();
     let sandbox = c.id.clone();
     let output = move |o: ExecOutput| {
+        let limit = sim2.faults.lock().map_or(0, |f| f.log_limit_bytes);
         if let Ok(mut s) = runner.state.lock() {
-            s.log.push(o);
+            let len = match &o {
+                ExecOutput::Stdout(b) | ExecOutput::Stderr(b) => b.len() as u64,
+            };
+            if limit > 0 && s.log.size() + len > limit {
+                s.log.lose(format!(
+                    "the log is full ({limit} bytes: the log_limit_bytes fault)"
+                ));
+            } else {
+                s.log.push(o);
+            }
         }
         runner.changed.notify_waiters();
         if let Ok(mut map) = sim2.sandboxes.lock()
@@ -519,10 +529,11 @@ pub(super) async fn follow_logs(mut socket: WebSocket, cmd: Arc<Cmd>) {
     let mut sent = 0;
     loop {
         let notified = cmd.changed.notified();
-        let (pieces, file, done, total) = match cmd.state.lock() {
+        let (pieces, file, done, total, lost) = match cmd.state.lock() {
             Ok(s) => {
                 let (pieces, file) = s.log.after(sent, FOLLOW_BATCH);
-                (pieces, file, s.exit_code.is_some(), s.log.len())
+                let lost = s.log.lost().map(str::to_string);
+                (pieces, file, s.exit_code.is_some(), s.log.len(), lost)
             }
             Err(_) => return,
         };
@@ -545,10 +556,21 @@ pub(super) async fn follow_logs(mut socket: WebSocket, cmd: Arc<Cmd>) {
             continue;
         }
         if done {
+            // 1000 says the log was all of the command's output; when some could not be
+            // kept, an internal error (1011) with why, so no client takes a short log for
+            // the whole (a close reason holds at most 123 bytes).
+            let (code, reason) = match lost {
+                None => (1000, "command exited".to_string()),
+                Some(why) => (1011, format!("output lost: {why}")),
+            };
+            let mut reason = reason;
+            while reason.len() > 123 {
+                reason.pop();
+            }
             let _ = socket
                 .send(Message::Close(Some(CloseFrame {
-                    code: 1000,
-                    reason: "command exited".into(),
+                    code,
+                    reason: reason.into(),
                 })))
                 .await;
             return;
