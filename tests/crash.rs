@@ -19,6 +19,17 @@ struct ProcDaemon {
     child: Option<tokio::process::Child>,
 }
 
+impl Drop for ProcDaemon {
+    fn drop(&mut self) {
+        // The daemon dies with the test (SIGKILL), holding what it held: its sandboxes'
+        // processes and cgroups go too.
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        common::end_sandboxes_under(&self.state.join("sandboxes"));
+    }
+}
+
 impl ProcDaemon {
     async fn start() -> ProcDaemon {
         let dir = tempfile::tempdir().expect("tempdir");

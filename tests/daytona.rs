@@ -71,6 +71,7 @@ struct World {
 impl Drop for World {
     fn drop(&mut self) {
         self.stop.cancel();
+        common::end_sandboxes_under(self.sim.engine.root());
     }
 }
 

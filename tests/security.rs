@@ -269,6 +269,7 @@ async fn another_user_can_read_nothing_under_the_state_dir_and_cannot_talk_to_th
     );
     let _ = daemon.start_kill();
     let _ = daemon.wait().await;
+    common::end_sandboxes_under(&state.join("sandboxes"));
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {

@@ -1,6 +1,8 @@
 //! daytona-sim in-process, driven with raw HTTP and OpenSSH: what the SDK conformance suite
 //! cannot reach (expired tokens, garbage input, faults, multipart pairing).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,7 @@ struct Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.stop.cancel();
+        common::end_sandboxes_under(self.sim.engine.root());
     }
 }
 

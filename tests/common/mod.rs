@@ -143,6 +143,24 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
+            // The test is over and its daemon ends with it, without releasing what it
+            // holds: whatever its local sandboxes still run ends too (an agent's jail whose
+            // bubblewrap was killed as it started waits forever for its parent's word, and
+            // outlived the test run). Not after `shutdown`, which hands the state on.
+            end_sandboxes_under(&self.state.join("sandboxes"));
+        }
+    }
+}
+
+/// Ends whatever the local sandboxes in `root` still run and removes their cgroups: for a
+/// test whose daemon or sim ends with it, without releasing them (else a cgroup per
+/// sandbox, and now and then a jail's process, outlive the test run).
+pub fn end_sandboxes_under(root: &Path) {
+    if let Ok(dir) = std::fs::read_dir(root) {
+        for entry in dir.flatten() {
+            if let Some(name) = entry.file_name().to_str() {
+                crabbox::sandbox::cgroup::remove_named(name);
+            }
         }
     }
 }
