@@ -824,3 +824,68 @@ async fn a_sandboxs_commands_are_started_by_its_agent() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_agent_first_ends_what_a_gone_jail_left_in_the_sandboxs_cgroup() {
+    let Some(d) = jailed_daemon("the jail is off, nothing to test").await else {
+        return;
+    };
+    let r = repo();
+    d.run(r.path(), &["warmup"]).await.expect(0);
+    // The sandbox's cgroup, as its command sees it (v1 pids, or v2).
+    let seen = d
+        .run(r.path(), &["run", "--", "cat", "/proc/self/cgroup"])
+        .await
+        .expect(0)
+        .stdout();
+    let dir = seen.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let base = match names {
+            "" => "/sys/fs/cgroup".to_string(),
+            n if n.split(',').any(|n| n == "pids") => "/sys/fs/cgroup/pids".to_string(),
+            _ => return None,
+        };
+        path.contains("/crabbox-")
+            .then(|| std::path::PathBuf::from(format!("{base}{path}")))
+    });
+    let Some(dir) = dir else {
+        eprintln!("no cgroup for the sandbox here: nothing to test ({seen})");
+        return;
+    };
+    // What a gone jail leaves (as bubblewrap's pid-1 child of a jail whose bubblewrap was
+    // killed as it started): a process in the sandbox's cgroup, outside any agent.
+    let mut left = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .expect("sleep");
+    std::fs::write(dir.join("cgroup.procs"), left.id().to_string()).expect("into the cgroup");
+    // The agent dies (killed from inside, under a command).
+    let kill_agent = r#"for p in /proc/[0-9]*; do case "$(tr '\0' ' ' < $p/cmdline)" in /proc/self/fd/*--sandbox-agent*) kill -9 ${p#/proc/};; esac; done; sleep 5"#;
+    let killed = d
+        .run(r.path(), &["run", "--", "sh", "-c", kill_agent])
+        .await;
+    assert_eq!(killed.code(), 125, "{}", killed.stderr());
+    assert!(
+        left.try_wait().expect("wait").is_none(),
+        "left alone until a new agent starts"
+    );
+    // The next command's new agent ends it first.
+    d.run(r.path(), &["run", "--", "true"]).await.expect(0);
+    let ended = eventually(10, "the leftover to be ended", || {
+        let status = left.try_wait().expect("wait");
+        async move { status }
+    })
+    .await;
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&ended),
+        Some(9),
+        "killed"
+    );
+    // And the sandbox goes on.
+    let out = d
+        .run(r.path(), &["run", "--", "echo", "fine"])
+        .await
+        .expect(0);
+    assert_eq!(out.stdout(), "fine\n");
+}

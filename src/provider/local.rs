@@ -598,16 +598,33 @@ impl LocalProvider {
         program: &Path,
         sandbox: &str,
         jail: Option<&sandbox::jail::Jail>,
-        cgroup_procs: &[PathBuf],
+        cgroup: Option<&sandbox::cgroup::Cgroup>,
     ) -> std::io::Result<std::sync::Arc<sandbox::agent::Agent>> {
+        let cgroup_procs = cgroup.map(|c| c.procs_files()).unwrap_or_default();
         let entry = self.agents.entry(sandbox.to_string());
-        if let dashmap::Entry::Occupied(e) = &entry
-            && e.get().agent.is_alive()
-            && e.get().jail.as_ref() == jail
-            && e.get().cgroup_procs == cgroup_procs
+        let live = match &entry {
+            dashmap::Entry::Occupied(e) if e.get().agent.is_alive() => {
+                if e.get().jail.as_ref() == jail && e.get().cgroup_procs == cgroup_procs {
+                    return Ok(e.get().agent.clone());
+                }
+                true
+            }
+            _ => false,
+        };
+        // Jailed, with no agent of this daemon alive in the sandbox, whatever its cgroup
+        // still holds is left from a jail that is gone: the commands of an agent that died
+        // (already told as failed), or bubblewrap's pid-1 child of a jail whose bubblewrap
+        // was killed between its clone and its word to go (a daemon killed as it started
+        // the agent), which waits for that word forever. Nothing of the user's outlives a
+        // jail's PID namespace, so all of it goes before the new agent starts. (Unjailed,
+        // a job that left its command's group is the user's own: it is left alone.)
+        if jail.is_some()
+            && !live
+            && let Some(c) = cgroup
         {
-            return Ok(e.get().agent.clone());
+            c.end_processes();
         }
+        let cgroup_procs = &cgroup_procs[..];
         let dir = self.engine.dir(sandbox);
         let agent = sandbox::agent::Agent::spawn(
             program,
@@ -722,7 +739,7 @@ impl LocalProvider {
         let cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
         let agent = match sandbox::agent::program() {
             Some(program) => Some(
-                self.agent(program, sandbox, jail.as_ref(), &cgroup_procs)
+                self.agent(program, sandbox, jail.as_ref(), cgroup.as_deref())
                     .map_err(|e| {
                         ProviderError::new(
                             ProviderErrorKind::Other,

@@ -156,6 +156,13 @@ impl Cgroup {
         self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
     }
 
+    /// Ends every process in it now (the cgroup stays).
+    pub fn end_processes(&self) {
+        for d in &self.dirs {
+            kill_all(d);
+        }
+    }
+
     /// Its processes right now (of the first hierarchy).
     pub fn current_pids(&self) -> Option<u64> {
         let dir = self.dirs.first()?;
