@@ -172,7 +172,7 @@ impl Sink {
         let writer = tokio::task::spawn_blocking(move || {
             use std::os::fd::AsFd;
             while let Some(bytes) = rx.blocking_recv() {
-                write_all(fd.as_fd(), &bytes)?;
+                crate::fds::write_all(fd.as_fd(), &bytes)?;
             }
             Ok(())
         });
@@ -190,29 +190,6 @@ impl Sink {
         drop(self.tx);
         self.writer.await.map_err(std::io::Error::other)?
     }
-}
-
-/// Writes all of `buf` to `fd`, waiting for room when the descriptor is non-blocking
-/// (someone else's choice for the file it shares) rather than failing with EAGAIN.
-fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> std::io::Result<()> {
-    use nix::errno::Errno;
-    while !buf.is_empty() {
-        match nix::unistd::write(fd, buf) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(Errno::EINTR) => {}
-            Err(Errno::EAGAIN) => {
-                use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-                let mut polled = [PollFd::new(fd, PollFlags::POLLOUT)];
-                match poll(&mut polled, PollTimeout::NONE) {
-                    Ok(_) | Err(Errno::EINTR) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

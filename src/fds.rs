@@ -1,8 +1,9 @@
 //! Descriptors passed over Unix sockets (SCM_RIGHTS): a client's stdout to the daemon
-//! ([`crate::direct`]), a command's stdio to a sandbox's agent ([`crate::sandbox::agent`]).
+//! ([`crate::direct`]), a command's stdio to a sandbox's agent ([`crate::sandbox::agent`]);
+//! and blocking writes into a descriptor that may have been made non-blocking.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 
@@ -44,4 +45,28 @@ pub fn receive(
         }
     }
     Ok((msg.bytes, fds))
+}
+
+/// Writes all of `buf` to `fd`, waiting for room when the descriptor is non-blocking
+/// (someone else's choice for a file it shares, or a socket's) rather than failing with
+/// EAGAIN.
+pub fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> std::io::Result<()> {
+    use nix::errno::Errno;
+    while !buf.is_empty() {
+        match nix::unistd::write(fd, buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => {
+                use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+                let mut polled = [PollFd::new(fd, PollFlags::POLLOUT)];
+                match poll(&mut polled, PollTimeout::NONE) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }

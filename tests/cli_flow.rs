@@ -534,12 +534,7 @@ async fn ctrl_c_cancels_the_command_and_releases_a_fresh_lease() {
     let status = child.wait().await.expect("wait");
     assert_eq!(status.code(), Some(130));
     // The remote command is gone and the fresh lease released.
-    eventually(20, "the command to be killed", || async {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
-            .is_err()
-            .then_some(())
-    })
-    .await;
+    common::process_ends(20, "the command to be killed", pid).await;
     eventually(20, "the lease to be released", || async {
         let all = d.run(r.path(), &["list", "--all", "--json"]).await.json();
         (all[0]["state"] == "released").then_some(())

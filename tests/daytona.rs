@@ -617,12 +617,7 @@ async fn killing_the_cli_mid_run_stops_the_remote_command() {
     })
     .await;
     child.kill().await.expect("kill -9 the CLI");
-    eventually(20, "the remote command to be stopped", || async {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
-            .is_err()
-            .then_some(())
-    })
-    .await;
+    common::process_ends(20, "the remote command to be stopped", pid).await;
     // The lease itself stays (it was warmed up, not fresh) and is usable again.
     let doc = w
         .cb(r.path(), &["run", "--json", "--", "echo", "again"])
@@ -707,12 +702,7 @@ async fn output_the_daemon_writes_into_the_clients_pipe_is_exact_and_a_closed_pi
             .trim()
             .parse()
             .expect("pid");
-        eventually(20, "the remote command to be stopped", || async {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
-                .is_err()
-                .then_some(())
-        })
-        .await;
+        common::process_ends(20, "the remote command to be stopped", pid).await;
     }
     // The lease goes on (a new session for the next command).
     let doc = w

@@ -750,6 +750,10 @@ async fn local_output_goes_straight_to_the_clients_stdout() {
 /// A local sandbox's commands are started by its agent, inside its jail: one agent for all
 /// of them; an agent that dies fails the command it was running with a clear error and is
 /// replaced at the next command; `stop` ends it with the sandbox.
+/// A script that prints the sandbox's agent as the sandbox sees it: its pid and start time
+/// (a new one in a new PID namespace may get the same pid).
+const AGENT: &str = r#"for p in /proc/[0-9]*; do case "$(tr '\0' ' ' < $p/cmdline)" in /proc/self/fd/*--sandbox-agent*) echo "${p#/proc/} $(cut -d' ' -f22 $p/stat)";; esac; done"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandboxs_commands_are_started_by_its_agent() {
     let Some(d) = jailed_daemon("the jail is off, nothing to test").await else {
@@ -757,9 +761,7 @@ async fn a_sandboxs_commands_are_started_by_its_agent() {
     };
     let r = repo();
     d.run(r.path(), &["warmup"]).await.expect(0);
-    // The agent as the sandbox sees it: its pid and start time (a new one in a new PID
-    // namespace may get the same pid).
-    let agent = r#"for p in /proc/[0-9]*; do case "$(tr '\0' ' ' < $p/cmdline)" in /proc/self/fd/*--sandbox-agent*) echo "${p#/proc/} $(cut -d' ' -f22 $p/stat)";; esac; done"#;
+    let agent = AGENT;
     let first = d
         .run(r.path(), &["run", "--", "sh", "-c", agent])
         .await
@@ -861,9 +863,9 @@ async fn a_new_agent_first_ends_what_a_gone_jail_left_in_the_sandboxs_cgroup() {
         .expect("sleep");
     std::fs::write(dir.join("cgroup.procs"), left.id().to_string()).expect("into the cgroup");
     // The agent dies (killed from inside, under a command).
-    let kill_agent = r#"for p in /proc/[0-9]*; do case "$(tr '\0' ' ' < $p/cmdline)" in /proc/self/fd/*--sandbox-agent*) kill -9 ${p#/proc/};; esac; done; sleep 5"#;
+    let kill_agent = format!("kill -9 $({AGENT} | cut -d' ' -f1); sleep 5");
     let killed = d
-        .run(r.path(), &["run", "--", "sh", "-c", kill_agent])
+        .run(r.path(), &["run", "--", "sh", "-c", &kill_agent])
         .await;
     assert_eq!(killed.code(), 125, "{}", killed.stderr());
     assert!(

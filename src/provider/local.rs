@@ -599,8 +599,8 @@ impl LocalProvider {
         sandbox: &str,
         jail: Option<&sandbox::jail::Jail>,
         cgroup: Option<&sandbox::cgroup::Cgroup>,
+        cgroup_procs: &[PathBuf],
     ) -> std::io::Result<std::sync::Arc<sandbox::agent::Agent>> {
-        let cgroup_procs = cgroup.map(|c| c.procs_files()).unwrap_or_default();
         let entry = self.agents.entry(sandbox.to_string());
         let live = match &entry {
             dashmap::Entry::Occupied(e) if e.get().agent.is_alive() => {
@@ -624,7 +624,6 @@ impl LocalProvider {
         {
             c.end_processes();
         }
-        let cgroup_procs = &cgroup_procs[..];
         let dir = self.engine.dir(sandbox);
         let agent = sandbox::agent::Agent::spawn(
             program,
@@ -739,13 +738,19 @@ impl LocalProvider {
         let cgroup_procs = cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default();
         let agent = match sandbox::agent::program() {
             Some(program) => Some(
-                self.agent(program, sandbox, jail.as_ref(), cgroup.as_deref())
-                    .map_err(|e| {
-                        ProviderError::new(
-                            ProviderErrorKind::Other,
-                            format!("starting the agent of sandbox {sandbox}: {e}"),
-                        )
-                    })?,
+                self.agent(
+                    program,
+                    sandbox,
+                    jail.as_ref(),
+                    cgroup.as_deref(),
+                    &cgroup_procs,
+                )
+                .map_err(|e| {
+                    ProviderError::new(
+                        ProviderErrorKind::Other,
+                        format!("starting the agent of sandbox {sandbox}: {e}"),
+                    )
+                })?,
             ),
             None => None,
         };

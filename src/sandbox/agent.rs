@@ -630,22 +630,7 @@ fn next_request(
 fn answer(control: &OwnedFd, message: &FromAgent) -> io::Result<()> {
     let bytes = frame(message)?;
     // Blocking writes: the daemon reads its answers all the time.
-    let mut at = 0;
-    while at < bytes.len() {
-        match nix::unistd::write(control, &bytes[at..]) {
-            Ok(n) => at += n,
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(nix::errno::Errno::EAGAIN) => {
-                let mut p = [nix::poll::PollFd::new(
-                    control.as_fd(),
-                    nix::poll::PollFlags::POLLOUT,
-                )];
-                let _ = nix::poll::poll(&mut p, nix::poll::PollTimeout::NONE);
-            }
-            Err(e) => return Err(io::Error::from(e)),
-        }
-    }
-    Ok(())
+    crate::fds::write_all(control.as_fd(), &bytes)
 }
 
 fn handle(

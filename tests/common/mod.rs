@@ -254,3 +254,13 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Waits (at most `secs` seconds) until no process `pid` is left: `what` has ended.
+pub async fn process_ends(secs: u64, what: &str, pid: i32) {
+    eventually(secs, what, || async {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            .is_err()
+            .then_some(())
+    })
+    .await;
+}

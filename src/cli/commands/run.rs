@@ -306,7 +306,7 @@ fn deliver(
 
 /// The exit of a command whose output's reader went away (`crabbox run -- yes | head -1`):
 /// what the command itself would have met writing into that pipe, SIGPIPE.
-const BROKEN_PIPE_EXIT: i32 = 128 + 13;
+const BROKEN_PIPE_EXIT: i32 = 128 + nix::libc::SIGPIPE;
 
 /// Output bytes as an event: `text` when they are UTF-8, else `base64` (never lossy).
 fn chunk(kind: &str, bytes: &[u8]) -> serde_json::Value {
@@ -500,7 +500,7 @@ async fn stream_run(
                 if !capture.quiet_out
                     && let Err(e) = deliver(ndjson, json, "stdout", b, &mut cap_out, &mut out)
                 {
-                    return Ok(output_lost(ctx, stream, "stdout", &e));
+                    return Ok(output_lost(ctx, "stdout", &e));
                 }
             }
             Some(Event::Stderr(b)) => {
@@ -508,7 +508,7 @@ async fn stream_run(
                 if !capture.quiet_err
                     && let Err(e) = deliver(ndjson, json, "stderr", b, &mut cap_err, &mut err)
                 {
-                    return Ok(output_lost(ctx, stream, "stderr", &e));
+                    return Ok(output_lost(ctx, "stderr", &e));
                 }
             }
             Some(Event::Exit(x)) => {
@@ -680,10 +680,10 @@ fn too_wide_to_sync(root: &Path) -> Option<&'static str> {
     }
 }
 
-/// This process's `what` could not take the command's output: the command is stopped
-/// (dropping the stream cancels it), as a local command writing there would have been.
-fn output_lost(ctx: &Ctx, stream: impl Sized, what: &str, e: &std::io::Error) -> i32 {
-    drop(stream);
+/// This process's `what` could not take the command's output: the command is stopped (the
+/// caller returns, and dropping the stream cancels it), as a local command writing there
+/// would have been.
+fn output_lost(ctx: &Ctx, what: &str, e: &std::io::Error) -> i32 {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         ctx.progress(format!(
             "{what}'s reader has gone (a closed pipe): the command was stopped (SIGPIPE)"
@@ -773,8 +773,9 @@ fn upload_line(p: &pb::SyncProgress) -> String {
 
 /// When a long upload is said as plain lines (no terminal): not before it has run
 /// [`Self::QUIET_FOR_MS`], then at most every [`Self::EVERY_MS`], never its end (the
-/// sync's own line follows). Time is the upload's own (`elapsed_ms`, the daemon's clock), not when events reach
-/// this process: a CLI starved of CPU reads them late and all at once.
+/// sync's own line follows). Time is the upload's own (`elapsed_ms`, the daemon's clock),
+/// not when events reach this process: a CLI starved of CPU reads them late and all at
+/// once.
 #[derive(Default)]
 struct UploadLines {
     last_ms: Option<u64>,

@@ -115,12 +115,20 @@ impl OutputLog {
         let _ = std::fs::remove_file(&self.path);
     }
 
-    /// Appends a piece; a piece the disk refuses is dropped (and said in the sim's log).
-    pub fn push(&mut self, o: ExecOutput) {
+    /// Appends a piece, if the log may grow to hold it (`limit` bytes; 0: no limit, as
+    /// the `log_limit_bytes` fault says); a piece past the limit, or one the disk refuses,
+    /// is lost, and the log says so ([`Self::lost`]).
+    pub fn push(&mut self, o: ExecOutput, limit: u64) {
         let (stderr, bytes) = match o {
             ExecOutput::Stdout(b) => (false, b),
             ExecOutput::Stderr(b) => (true, b),
         };
+        if limit > 0 && self.size + bytes.len() as u64 > limit {
+            self.lose(format!(
+                "the log is full ({limit} bytes: the log_limit_bytes fault)"
+            ));
+            return;
+        }
         // Pieces longer than a header can say are split.
         for part in bytes.chunks(u32::MAX as usize) {
             if part.is_empty() {
@@ -147,7 +155,7 @@ impl OutputLog {
     }
 
     /// Output that could not be kept (`reason`): said in the sim's log, and to followers.
-    pub fn lose(&mut self, reason: String) {
+    fn lose(&mut self, reason: String) {
         tracing::warn!(path = %self.path.display(), "a command's output was lost: {reason}");
         self.lost.get_or_insert(reason);
     }
@@ -155,11 +163,6 @@ impl OutputLog {
     /// Why output was lost, if any was.
     pub fn lost(&self) -> Option<&str> {
         self.lost.as_deref()
-    }
-
-    /// The bytes the log holds (pieces and their headers).
-    pub fn size(&self) -> u64 {
-        self.size
     }
 
     /// How many pieces there are.
@@ -213,9 +216,9 @@ mod tests {
     fn a_log_is_read_back_piece_by_piece_and_a_torn_tail_is_dropped() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut log = OutputLog::create(dir.path()).expect("create");
-        log.push(ExecOutput::Stdout(b"out\x01\x02".to_vec()));
-        log.push(ExecOutput::Stderr(b"err".to_vec()));
-        log.push(ExecOutput::Stdout(Vec::new()));
+        log.push(ExecOutput::Stdout(b"out\x01\x02".to_vec()), 0);
+        log.push(ExecOutput::Stderr(b"err".to_vec()), 0);
+        log.push(ExecOutput::Stdout(Vec::new()), 0);
         let path = log.path().to_path_buf();
         drop(log);
         // A crash in the middle of a piece: its header is there, its bytes are not all.
@@ -235,7 +238,7 @@ mod tests {
             ]
         );
         // Appends go after the last whole piece.
-        back.push(ExecOutput::Stderr(b"more".to_vec()));
+        back.push(ExecOutput::Stderr(b"more".to_vec()), 0);
         let again = OutputLog::open(&path).expect("open");
         assert_eq!(again.len(), 3);
         again.remove();

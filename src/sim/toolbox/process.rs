@@ -421,16 +421,7 @@ pub(super) async fn session_exec(
     let output = move |o: ExecOutput| {
         let limit = sim2.faults.lock().map_or(0, |f| f.log_limit_bytes);
         if let Ok(mut s) = runner.state.lock() {
-            let len = match &o {
-                ExecOutput::Stdout(b) | ExecOutput::Stderr(b) => b.len() as u64,
-            };
-            if limit > 0 && s.log.size() + len > limit {
-                s.log.lose(format!(
-                    "the log is full ({limit} bytes: the log_limit_bytes fault)"
-                ));
-            } else {
-                s.log.push(o);
-            }
+            s.log.push(o, limit);
         }
         runner.changed.notify_waiters();
         if let Ok(mut map) = sim2.sandboxes.lock()
@@ -532,8 +523,10 @@ pub(super) async fn follow_logs(mut socket: WebSocket, cmd: Arc<Cmd>) {
         let (pieces, file, done, total, lost) = match cmd.state.lock() {
             Ok(s) => {
                 let (pieces, file) = s.log.after(sent, FOLLOW_BATCH);
-                let lost = s.log.lost().map(str::to_string);
-                (pieces, file, s.exit_code.is_some(), s.log.len(), lost)
+                let done = s.exit_code.is_some();
+                // Asked only at the end, where it decides the close.
+                let lost = done.then(|| s.log.lost().map(str::to_string)).flatten();
+                (pieces, file, done, s.log.len(), lost)
             }
             Err(_) => return,
         };
@@ -623,8 +616,9 @@ pub(super) async fn command_input(
         data.push(b'\n');
     }
     if !cmd.suppress_echo {
+        let limit = sim.faults.lock().map_or(0, |f| f.log_limit_bytes);
         if let Ok(mut s) = cmd.state.lock() {
-            s.log.push(ExecOutput::Stdout(data.clone()));
+            s.log.push(ExecOutput::Stdout(data.clone()), limit);
         }
         cmd.changed.notify_waiters();
     }
