@@ -4,7 +4,9 @@ a 10,000-file, ~50 MB repo, in one run:
 - bytes on the wire per sync (request bodies as the sim counts them) and requests, for an
   unchanged tree, a 1-file change (against that file gzipped alone) and a deletion;
 - the wall time of an unchanged run against a `--no-sync` run of the same lease (the scan);
-- locally: a warm `crabbox run -- true` and `crabbox --version` against `sh -c true`.
+- locally: a warm `crabbox run -- true` and `crabbox --version` against `sh -c true`, and
+  the floor of any client/daemon design on this machine (bench/floor: a dependency-free
+  client asking a server to run `sh -c true`) against the same baseline.
 
 Usage: python3 bench/sync_bench.py [FILES] [RUNS]   (after `cargo build --release`)
 """
@@ -126,6 +128,22 @@ try:
     ver = timed([f"{BIN}/crabbox", "--version"], small, local, RUNS * 3)
     print(f"local: sh -c true {sh:.2f} ms (baseline); crabbox run -- true {run:.2f} ms ({run / sh:.1f}x); "
           f"--no-sync {run_ns:.2f} ms ({run_ns / sh:.1f}x); crabbox --version {ver:.2f} ms ({ver / sh:.1f}x)")
+    # The floor of any client/daemon design on this machine: a dependency-free client asks a
+    # server to run `sh -c true` and exits with its code (two process starts, one round trip,
+    # nothing else). What crabbox costs above it is its own.
+    floor = f"{ROOT}/target/floor/release"
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--manifest-path",
+                    f"{ROOT}/bench/floor/Cargo.toml", "--target-dir", f"{ROOT}/target/floor"],
+                   check=True)
+    procs.append(subprocess.Popen([f"{floor}/floor-server", f"{work}/floor.sock"]))
+    for _ in range(200):
+        if os.path.exists(f"{work}/floor.sock"):
+            break
+        time.sleep(0.01)
+    hello = timed([f"{floor}/floor-client", f"{work}/floor.sock", "true"], small, local, RUNS * 3)
+    print(f"local floor: a minimal client asking a server to run sh -c true {hello:.2f} ms "
+          f"({hello / sh:.1f}x); crabbox run above that floor {run - hello:.2f} ms "
+          f"({(run - hello) / sh:.1f}x sh -c true)")
 finally:
     for p in reversed(procs):
         p.terminate()
