@@ -21,7 +21,9 @@ use crabbox::sim::{self, Faults, SimConfig};
 /// organization's totals: a create, start or resize past one is refused with Daytona's
 /// 403; 0 lifts it), stuck_create (new sandboxes
 /// never leave `creating`), sandbox_error + error_reason (push a sandbox into `error`),
-/// upload_bytes_per_sec (uploads read at most that fast, as over a slow link; 0 lifts it).
+/// upload_bytes_per_sec (uploads read at most that fast, as over a slow link; 0 lifts it),
+/// log_limit_bytes (a command's log keeps at most that much, as a full disk would: its
+/// follow stream closes with 1011 and why, its plain logs answer 500; 0 lifts it).
 /// GET /_sim/faults shows the current faults.
 #[derive(Debug, Parser)]
 #[command(name = "daytona-sim", version, verbatim_doc_comment)]

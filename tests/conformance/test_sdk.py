@@ -435,6 +435,34 @@ def test_one_error_per_status_family(sim, daytona):
         raw(sim, "POST", "/_sim/faults", '{"error_rate": 0.0}')
 
 
+def test_a_log_that_lost_output_is_refused_not_passed_off_as_whole(daytona, sim):
+    sb = create(daytona)
+    try:
+        sb.process.create_session("full")
+        # The sandbox's disk fills up: the command's log keeps 1,000 bytes of 5,000.
+        raw(sim, "POST", "/_sim/faults", '{"log_limit_bytes": 1000}')
+        try:
+            cmd = sb.process.execute_session_command(
+                "full", SessionExecuteRequest(command="head -c 5000 /dev/zero | tr '\\0' a", run_async=True))
+            wait_exit(sb, "full", cmd.cmd_id)
+            assert sb.process.get_session_command("full", cmd.cmd_id).exit_code == 0
+            with pytest.raises(DaytonaError, match="incomplete: the log is full") as e:
+                sb.process.get_session_command_logs("full", cmd.cmd_id)
+            assert e.value.status_code == 500
+            # A synchronous exec answers its logs too: the same refusal.
+            with pytest.raises(DaytonaError, match="incomplete"):
+                sb.process.execute_session_command(
+                    "full", SessionExecuteRequest(command="head -c 5000 /dev/zero | tr '\\0' b"))
+        finally:
+            raw(sim, "POST", "/_sim/faults", '{"log_limit_bytes": 0}')
+        # With room again, a log is whole.
+        whole = sb.process.execute_session_command(
+            "full", SessionExecuteRequest(command="head -c 5000 /dev/zero | tr '\\0' c"))
+        assert whole.exit_code == 0 and whole.stdout == "c" * 5000
+    finally:
+        daytona.delete(sb)
+
+
 def test_a_sandbox_pushed_into_error(daytona, sim):
     sb = create(daytona)
     try:

@@ -104,9 +104,23 @@ impl Cmd {
         v
     }
 
-    fn logs(&self) -> (String, String, String) {
+    /// The whole log, or an error when some of it was lost (a short log would pass for
+    /// the command's whole output, as the follow stream's 1011 close also says).
+    fn logs(&self) -> Result<(String, String, String), ApiError> {
         let (mut all, mut out, mut err) = (Vec::new(), Vec::new(), Vec::new());
-        let pieces = self.state.lock().map(|s| s.log.after(0, usize::MAX)).ok();
+        let pieces = match self.state.lock() {
+            Ok(s) => match s.log.lost() {
+                Some(why) => {
+                    return Err(ApiError::internal(format!(
+                        "the output of command {} is incomplete: {why}. What was kept is not \
+                         the command's whole output; run it again with room for its output",
+                        self.id
+                    )));
+                }
+                None => Some(s.log.after(0, usize::MAX)),
+            },
+            Err(_) => None,
+        };
         if let Some((pieces, file)) = pieces {
             for c in &outlog::read(&file, &pieces) {
                 match c {
@@ -122,7 +136,7 @@ impl Cmd {
             }
         }
         let s = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
-        (s(all), s(out), s(err))
+        Ok((s(all), s(out), s(err)))
     }
 }
 
@@ -467,7 +481,7 @@ pub(super) async fn session_exec(
         return Ok((StatusCode::ACCEPTED, Json(json!({ "cmdId": cmd.id }))).into_response());
     }
     let _ = done.await;
-    let (output, stdout, stderr) = cmd.logs();
+    let (output, stdout, stderr) = cmd.logs()?;
     let code = cmd.state.lock().ok().and_then(|s| s.exit_code);
     Ok(Json(json!({ "cmdId": cmd.id, "exitCode": code, "output": output, "stdout": stdout, "stderr": stderr })).into_response())
 }
@@ -507,7 +521,7 @@ pub(super) async fn command_logs(
         })?;
         return Ok(ws.on_upgrade(move |socket| follow_logs(socket, cmd)));
     }
-    let (output, stdout, stderr) = cmd.logs();
+    let (output, stdout, stderr) = cmd.logs()?;
     Ok(Json(json!({ "output": output, "stdout": stdout, "stderr": stderr })).into_response())
 }
 
