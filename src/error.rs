@@ -29,6 +29,9 @@ pub mod exit {
     pub const TIMED_OUT: i32 = 124;
     /// Interrupted by Ctrl-C (128 + SIGINT), as shells report it.
     pub const INTERRUPTED: i32 = 130;
+    /// The output's reader went away (`crabbox run -- yes | head -1`): what the command
+    /// itself would have met writing into that pipe, SIGPIPE (128 + 13), as shells report it.
+    pub const BROKEN_PIPE: i32 = 141;
     /// `run`/`ssh`: crabbox itself failed (the kind is in the error line and in JSON), as
     /// docker reports its own failures; 126 (cannot execute) and 127 (not found) come
     /// from the sandbox's shell, 124 is `--timeout`, 130 an interrupt.
@@ -328,6 +331,12 @@ pub fn status_kind(status: &tonic::Status) -> ErrorKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signal_exits_are_128_plus_the_signal_as_shells_report_them() {
+        assert_eq!(exit::INTERRUPTED, 128 + nix::libc::SIGINT);
+        assert_eq!(exit::BROKEN_PIPE, 128 + nix::libc::SIGPIPE);
+    }
 
     #[test]
     fn kinds_survive_the_wire() {

@@ -304,10 +304,6 @@ fn deliver(
     Ok(())
 }
 
-/// The exit of a command whose output's reader went away (`crabbox run -- yes | head -1`):
-/// what the command itself would have met writing into that pipe, SIGPIPE.
-const BROKEN_PIPE_EXIT: i32 = 128 + nix::libc::SIGPIPE;
-
 /// Output bytes as an event: `text` when they are UTF-8, else `base64` (never lossy).
 fn chunk(kind: &str, bytes: &[u8]) -> serde_json::Value {
     match std::str::from_utf8(bytes) {
@@ -688,7 +684,7 @@ fn output_lost(ctx: &Ctx, what: &str, e: &std::io::Error) -> i32 {
         ctx.progress(format!(
             "{what}'s reader has gone (a closed pipe): the command was stopped (SIGPIPE)"
         ));
-        BROKEN_PIPE_EXIT
+        exit::BROKEN_PIPE
     } else {
         ctx.progress(format!(
             "could not write the command's output to {what}: {e}; the command was stopped"

@@ -340,7 +340,7 @@ impl DaytonaProvider {
             return Ok(if broken {
                 // What a command writing into that pipe itself would have met.
                 ExecExit {
-                    code: 128 + nix::sys::signal::Signal::SIGPIPE as i32,
+                    code: crate::error::exit::BROKEN_PIPE,
                     signal: Some("SIGPIPE".into()),
                     timed_out: false,
                     cancelled: false,
