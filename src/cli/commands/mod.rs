@@ -559,7 +559,7 @@ async fn follow(
         if state_name(&l) != last_state {
             last_state = state_name(&l);
             if !matches!(last_state, "ready") {
-                ctx.progress(format!("{} {}: {}", l.slug, last_state, ev.message));
+                ctx.progress(state_line(&l.slug, last_state, &ev.message));
             }
         }
         last = l;
@@ -568,6 +568,16 @@ async fn follow(
         t.finish().await;
     }
     Ok(last)
+}
+
+/// "swift-crab creating: waiting for the image", or "swift-crab releasing" when the
+/// event's message only repeats the state.
+fn state_line(slug: &str, state: &str, message: &str) -> String {
+    if message.is_empty() || message == state {
+        format!("{slug} {state}")
+    } else {
+        format!("{slug} {state}: {message}")
+    }
 }
 
 fn settled_exit(l: &pb::Lease) -> Result<(), CliError> {
@@ -1032,4 +1042,25 @@ async fn claims(ctx: &Ctx) -> Result<i32, CliError> {
         print!("{}", output::table(&rows));
     }
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::state_line;
+
+    #[test]
+    fn a_state_line_says_the_message_only_when_it_adds_something() {
+        assert_eq!(
+            state_line("swift-crab", "releasing", "releasing"),
+            "swift-crab releasing"
+        );
+        assert_eq!(
+            state_line("swift-crab", "released", ""),
+            "swift-crab released"
+        );
+        assert_eq!(
+            state_line("swift-crab", "failed", "provisioning failed"),
+            "swift-crab failed: provisioning failed"
+        );
+    }
 }
