@@ -331,7 +331,7 @@ pub enum Command {
         #[arg(long, conflicts_with = "lease")]
         all: bool,
         /// At most this many [default: 20].
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_limit::<u32>)]
         limit: Option<u32>,
     },
     /// Show one lease.
@@ -411,7 +411,7 @@ pub struct ListArgs {
     #[arg(long, value_name = "KEY=VALUE")]
     pub label: Vec<String>,
     /// At most this many (oldest first).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_limit::<usize>)]
     pub limit: Option<usize>,
     /// Every lease of the team (team mode), from every machine.
     #[arg(long, conflicts_with_all = ["state", "repo", "provider", "label"])]
@@ -645,6 +645,17 @@ pub fn report(e: &CliError, runs_users_command: bool, json: bool) -> i32 {
     code
 }
 
+/// A `--limit`: a whole number of at least 1 (0 would show nothing, or everything,
+/// depending on the command; neither is what someone asking for a limit means).
+fn parse_limit<N: TryFrom<u64>>(s: &str) -> Result<N, String> {
+    let wrong = || format!("\"{s}\" is not a count: write a whole number of at least 1, like 20");
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err("0 would show nothing: write a whole number of at least 1, like 20".into()),
+        Ok(n) => N::try_from(n).map_err(|_| format!("{n} is too large")),
+        Err(_) => Err(wrong()),
+    }
+}
+
 /// Parses the arguments; a mistake is said as clap says it (with a hint for a command
 /// given to `run` without `--`), and ends the process: 2, or 125 for `run`/`ssh`.
 pub fn parse_args() -> Cli {
@@ -719,6 +730,20 @@ pub fn parse_args() -> Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_limit_is_a_count_of_at_least_one() {
+        assert_eq!(parse_limit::<usize>("20"), Ok(20));
+        assert_eq!(parse_limit::<u32>("1"), Ok(1));
+        for bad in ["0", "-1", "1.5", "", "ten"] {
+            let e = parse_limit::<usize>(bad).expect_err(bad);
+            assert!(e.contains("at least 1, like 20"), "{bad}: {e}");
+        }
+        assert_eq!(
+            parse_limit::<u32>("5000000000"),
+            Err("5000000000 is too large".into())
+        );
+    }
 
     /// clap's own checks of every command and argument (unique names and flags, valid
     /// references), which otherwise run only for the subcommand a test happens to parse:
