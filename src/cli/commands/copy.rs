@@ -321,9 +321,10 @@ async fn download(
         let bytes = unpacker.bytes;
         let staged = unpacker.finish().await?;
         plan.commit(staged.path())?;
+        let names: Vec<&str> = header.entries.iter().map(|e| e.name.as_str()).collect();
         ctx.progress(format!(
             "copied {} from {} ({})",
-            header.entries.len(),
+            copied_what(&names),
             header
                 .lease
                 .as_ref()
@@ -429,8 +430,14 @@ async fn upload(
     // Everything is checked before the first byte goes.
     let mut names = Vec::new();
     for p in locals {
-        std::fs::symlink_metadata(p)
-            .map_err(|e| CliError::new(exit::NOT_FOUND, format!("{}: {e}", p.display())))?;
+        std::fs::symlink_metadata(p).map_err(|e| {
+            let why = if e.kind() == std::io::ErrorKind::NotFound {
+                format!("no such file or folder here: {}", p.display())
+            } else {
+                format!("cannot read {}: {e}", p.display())
+            };
+            CliError::new(exit::NOT_FOUND, why)
+        })?;
         names.push(entry_name(p)?);
     }
     let single = (locals.len() == 1 && names[0] != ".").then(|| names[0].clone());
@@ -480,14 +487,32 @@ async fn upload(
             "lease": result.lease.as_ref().map(super::output::lease_json),
         }));
     } else {
+        let names: Vec<String> = locals.iter().map(|p| p.display().to_string()).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
         ctx.progress(format!(
             "copied {} into {} ({})",
-            locals.len(),
+            copied_what(&names),
             result.dest,
             bytesize::ByteSize::b(result.bytes)
         ));
     }
     Ok(exit::OK)
+}
+
+/// What a copy copied, for its line: the names of one or two, else how many.
+fn copied_what(names: &[&str]) -> String {
+    let name = |n: &str| {
+        if n == "." {
+            "a folder's contents".to_string()
+        } else {
+            n.to_string()
+        }
+    };
+    match names {
+        [one] => name(one),
+        [a, b] => format!("{} and {}", name(a), name(b)),
+        _ => format!("{} files and folders", names.len()),
+    }
 }
 
 /// The name a local source has in the archive: its last component (`.` for a folder's
@@ -544,6 +569,14 @@ fn pack(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_line_names_one_or_two_and_counts_more() {
+        assert_eq!(copied_what(&["a.txt"]), "a.txt");
+        assert_eq!(copied_what(&["a", "dir"]), "a and dir");
+        assert_eq!(copied_what(&["."]), "a folder's contents");
+        assert_eq!(copied_what(&["a", "b", "c"]), "3 files and folders");
+    }
 
     #[test]
     fn sides_are_told_apart_as_docker_cp_does() {
