@@ -10,6 +10,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// A lease's lifetime and idle timeout when nothing sets them (SPEC: ttl 90m, idle 30m).
+pub const DEFAULT_TTL: Duration = Duration::from_secs(90 * 60);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// The deletion guard's default: a sync that would delete more than this share (percent)
+/// of a lease's files stops and asks for `--force-sync-delete`.
+pub const DELETE_GUARD_DEFAULT: u32 = 50;
+
 /// A configuration problem; the message names the file or variable and what to write.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

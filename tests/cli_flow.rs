@@ -2089,6 +2089,28 @@ async fn config_shows_each_value_and_where_it_came_from() {
     assert_eq!(row("daytona.apiKey")["value"], "*** (set)");
     assert_eq!(row("sync.git")["value"], "true");
     assert_eq!(row("provider")["origin"], "default");
+    // Unset values that have a default show the value a lease gets.
+    assert_eq!(row("sync.delete_guard")["value"], "50%");
+    assert_eq!(row("sync.delete_guard")["origin"], "default");
+    assert_eq!(row("run.stall_timeout")["value"], "none");
+    let defaults = d
+        .run(r.path(), &["--json", "config"])
+        .await
+        .expect(0)
+        .json();
+    let default_of = |k: &str| {
+        defaults
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["key"] == k)
+            .map(|r| (r["value"].clone(), r["origin"].clone()))
+    };
+    assert_eq!(default_of("ttl"), Some(("1h30m".into(), "default".into())));
+    assert_eq!(
+        default_of("idle_timeout"),
+        Some(("30m".into(), "default".into()))
+    );
     let text = d
         .run_env(r.path(), &[("CRABBOX_CONFIG", cfg.as_ref())], &["config"])
         .await

@@ -50,8 +50,8 @@ pub struct LeaseDefaults {
 impl Default for LeaseDefaults {
     fn default() -> Self {
         LeaseDefaults {
-            ttl: Duration::from_secs(90 * 60),
-            idle: Duration::from_secs(30 * 60),
+            ttl: crate::config::DEFAULT_TTL,
+            idle: crate::config::DEFAULT_IDLE_TIMEOUT,
         }
     }
 }

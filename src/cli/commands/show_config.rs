@@ -82,10 +82,16 @@ pub(super) fn show(ctx: &Ctx, cli: &Flags) -> Result<i32, CliError> {
             Some("CRABBOX_PROVIDER"),
             flag(cli.provider, "--provider"),
         ),
-        ("ttl", dur(s.ttl), Some("CRABBOX_TTL"), None),
+        // Unset, a lease gets the daemon's built-in defaults (SPEC: 90m, idle 30m).
+        (
+            "ttl",
+            dur(s.ttl.or(Some(crate::config::DEFAULT_TTL))),
+            Some("CRABBOX_TTL"),
+            None,
+        ),
         (
             "idle_timeout",
-            dur(s.idle_timeout),
+            dur(s.idle_timeout.or(Some(crate::config::DEFAULT_IDLE_TIMEOUT))),
             Some("CRABBOX_IDLE_TIMEOUT"),
             None,
         ),
@@ -110,12 +116,22 @@ pub(super) fn show(ctx: &Ctx, cli: &Flags) -> Result<i32, CliError> {
         ),
         (
             "sync.delete_guard",
-            s.sync.delete_guard.map(|p| format!("{p}%")),
+            Some(format!(
+                "{}%",
+                s.sync
+                    .delete_guard
+                    .unwrap_or(crate::config::DELETE_GUARD_DEFAULT)
+            )),
             None,
             None,
         ),
         ("sync.git", Some(s.sync.git.to_string()), None, None),
-        ("run.stall_timeout", dur(s.stall_timeout), None, None),
+        (
+            "run.stall_timeout",
+            Some(dur(s.stall_timeout).unwrap_or_else(|| "none".into())),
+            None,
+            None,
+        ),
         (
             "daytona.snapshot",
             d.snapshot.clone(),

@@ -65,9 +65,6 @@ impl SyncProgress {
     }
 }
 
-/// The deletion guard's default: half of a lease's files.
-pub const DELETE_GUARD_DEFAULT: u32 = 50;
-
 /// The deletion guard: refuses deleting `deleted` of the `held` files a lease holds when
 /// that is more than the `guard` share (and the lease holds enough files to tell).
 pub fn check_deletions(guard: Option<f64>, held: usize, deleted: u64) -> Result<(), Error> {
