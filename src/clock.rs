@@ -30,11 +30,22 @@ pub fn rfc3339_millis(ms: u64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// `5400` -> `1h30m`, for messages.
+/// `5400` -> `1h30m`, `2_678_400` -> `31d`, for messages: days at most (humantime's
+/// months and years are 30.44 and 365.25 days, so 31 days read `1month13h26m24s`), written
+/// the way `--ttl` takes them back.
 pub fn human_secs(secs: u64) -> String {
-    humantime::format_duration(Duration::from_secs(secs))
-        .to_string()
-        .replace(' ', "")
+    let parts = [
+        (secs / 86_400, "d"),
+        (secs / 3_600 % 24, "h"),
+        (secs / 60 % 60, "m"),
+        (secs % 60, "s"),
+    ];
+    let out: String = parts
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, unit)| format!("{n}{unit}"))
+        .collect();
+    if out.is_empty() { "0s".into() } else { out }
 }
 
 #[cfg(test)]
@@ -45,6 +56,16 @@ mod tests {
     fn human_durations() {
         assert_eq!(human_secs(5400), "1h30m");
         assert_eq!(human_secs(90), "1m30s");
+        assert_eq!(human_secs(0), "0s");
+        assert_eq!(human_secs(31 * 86_400), "31d");
+        assert_eq!(human_secs(30 * 86_400 + 3_600 + 1), "30d1h1s");
+        // What it writes, --ttl reads back.
+        for secs in [59, 5400, 31 * 86_400, 90_061] {
+            assert_eq!(
+                humantime::parse_duration(&human_secs(secs)).ok(),
+                Some(Duration::from_secs(secs))
+            );
+        }
     }
 
     #[test]

@@ -754,8 +754,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     if d > MAX_DURATION {
         return Err(format!(
-            "invalid duration {s:?}: at most {} (365 days)",
-            humantime::format_duration(MAX_DURATION)
+            "invalid duration {s:?}: at most {}",
+            crate::clock::human_secs(MAX_DURATION.as_secs())
         ));
     }
     Ok(d)

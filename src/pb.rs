@@ -9,6 +9,11 @@ tonic::include_proto!("crabbox.v1");
 /// The encoded descriptors, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("crabbox_descriptor");
 
+/// Response metadata of a `Warmup` that reused a lease: one value per note for people
+/// ("lease swift-crab now has: ttl 2h (was 1h30m)", "--slug applies to new leases"),
+/// UTF-8 in binary metadata (any label value fits).
+pub const NOTE_METADATA: &str = "crabbox-note-bin";
+
 /// A wire timestamp for Unix milliseconds.
 pub fn timestamp(ms: u64) -> prost_types::Timestamp {
     prost_types::Timestamp {

@@ -770,7 +770,24 @@ async fn a_broken_config_and_odd_environments_get_clear_answers() {
         .0;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
-    // The local jail takes the network mode itself: nothing to say.
+    // The repo's lease exists already and was made without it: said, not dropped.
+    assert!(
+        err.contains("keeps the sandbox it was made with")
+            && err.contains("network_block_all=true"),
+        "{err}"
+    );
+    // A new lease gets it, and the local jail takes the network mode itself: nothing to say.
+    d.run(r.path(), &["stop"]).await.expect(0);
+    let out = d
+        .run_env(
+            r.path(),
+            &[("CRABBOX_CONFIG", env_cfg.as_ref())],
+            &["warmup"],
+        )
+        .await
+        .0;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(!err.contains("note:"), "{err}");
 
     // --env NAME whose value is not UTF-8 says so.
@@ -913,6 +930,39 @@ async fn settings_for_a_reused_lease_apply_to_it_and_are_said() {
         .json();
     assert_eq!(again["id"], id.as_str());
     assert_eq!(again["labels"]["tier"], "2");
+    // ... and says so, as a run does.
+    let out = d.run(r.path(), &["warmup", "--ttl", "2h"]).await.expect(0);
+    assert!(
+        out.stderr().contains("now has: ttl 2h (was 1h30m)"),
+        "{}",
+        out.stderr()
+    );
+    // What cannot apply to a lease that exists is said, not dropped.
+    let out = d
+        .run(r.path(), &["warmup", "--slug", "other-name"])
+        .await
+        .expect(0);
+    assert!(
+        out.stderr()
+            .contains("keeps its name; --slug other-name applies to new leases"),
+        "{}",
+        out.stderr()
+    );
+    // A reused lease gets no more than a new one may have: refused, and the lease keeps
+    // its ttl.
+    let out = d.run(r.path(), &["warmup", "--ttl", "31d"]).await;
+    assert_eq!(out.code(), 2, "{}", out.stderr());
+    assert!(
+        out.stderr().contains("longer than the 30d"),
+        "{}",
+        out.stderr()
+    );
+    let st = d
+        .run(r.path(), &["status", &id, "--json"])
+        .await
+        .expect(0)
+        .json();
+    assert_eq!(st["crabbox_labels"]["ttl_secs"], "7200");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1887,6 +1937,11 @@ async fn forty_wrong_invocations_get_helpful_answers() {
         (&["resume", "nope"], 4, "nope"),
         (&["list", "--state", "sleepy"], 2, "unknown lease state"),
         (&["list", "--label", "team"], 2, "KEY=VALUE"),
+        (
+            &["--daytona-snapshot", "s", "warmup"],
+            2,
+            "add --provider daytona",
+        ),
         (&["list", "--limit", "lots"], 2, "at least 1, like 20"),
         (&["list", "--limit", "0"], 2, "0 would show nothing"),
         (&["list", "--limit", "-1"], 2, "at least 1, like 20"),

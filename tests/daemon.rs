@@ -735,7 +735,7 @@ async fn oversized_input_gets_a_bounded_clear_answer() {
         .expect_err("absurd ttl");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(
-        e.message().contains("longer than the 30days"),
+        e.message().contains("longer than the 30d"),
         "{}",
         e.message()
     );

@@ -40,6 +40,25 @@ use index::LeaseIndex;
 /// The longest ttl or idle timeout a lease may have: 30 days.
 pub const MAX_LEASE_SECS: u64 = 30 * 24 * 3600;
 
+/// Refuses a ttl or idle timeout past [`MAX_LEASE_SECS`], for a new lease and for one a
+/// request reuses alike.
+pub fn check_lifetimes(spec: &AcquireSpec) -> Result<(), Error> {
+    for (what, secs) in [
+        ("ttl", spec.ttl_secs),
+        ("idle timeout", spec.idle_timeout_secs),
+    ] {
+        if secs > MAX_LEASE_SECS {
+            return Err(Error::InvalidArgument(format!(
+                "a {what} of {} is longer than the {} a lease may live; choose a shorter one \
+                 (for example --ttl 8h)",
+                crate::clock::human_secs(secs),
+                crate::clock::human_secs(MAX_LEASE_SECS)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Lease defaults (SPEC: ttl 90m, idle 30m).
 #[derive(Debug, Clone, Copy)]
 pub struct LeaseDefaults {
@@ -467,19 +486,7 @@ impl RegistryState {
         };
         let provider = self.provider(&provider_name)?;
         provider.check_ready()?;
-        for (what, secs) in [
-            ("ttl", spec.ttl_secs),
-            ("idle timeout", spec.idle_timeout_secs),
-        ] {
-            if secs > MAX_LEASE_SECS {
-                return Err(Error::InvalidArgument(format!(
-                    "a {what} of {} is longer than the {} a lease may live; choose a shorter one \
-                     (for example --ttl 8h)",
-                    crate::clock::human_secs(secs),
-                    crate::clock::human_secs(MAX_LEASE_SECS)
-                )));
-            }
-        }
+        check_lifetimes(&spec)?;
         for (k, v) in &spec.labels {
             validate_label(k, v)?;
         }

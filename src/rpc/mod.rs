@@ -91,6 +91,7 @@ pub async fn amend(
     lease: &LeaseHandle,
     spec: &AcquireSpec,
 ) -> Result<(LeaseRecord, Vec<String>), Error> {
+    crate::registry::check_lifetimes(spec)?;
     for (k, v) in &spec.labels {
         crate::registry::validate_label(k, v)?;
     }
@@ -154,6 +155,30 @@ pub async fn amend(
             "note: lease {} is on the {} provider; --provider {} applies to new leases (stop \
              this one to get one there)",
             after.slug, after.provider, spec.provider
+        ));
+    }
+    if let Some(slug) = spec.slug.as_deref().filter(|s| *s != after.slug) {
+        said.push(format!(
+            "note: lease {} keeps its name; --slug {slug} applies to new leases (stop this one \
+             to get one named {slug})",
+            after.slug
+        ));
+    }
+    let other: Vec<String> = spec
+        .provider_options
+        .iter()
+        .filter(|(k, v)| after.provider_options.get(*k) != Some(*v))
+        .map(|(k, v)| match after.provider_options.get(k) {
+            Some(was) => format!("{k}={v} (it has {was})"),
+            None => format!("{k}={v}"),
+        })
+        .collect();
+    if !other.is_empty() {
+        said.push(format!(
+            "note: lease {} keeps the sandbox it was made with; the provider options asked \
+             here ({}) apply to new leases (stop this one to get one with them)",
+            after.slug,
+            other.join(", ")
         ));
     }
     Ok((after, said))
@@ -281,13 +306,21 @@ impl LeaseService for LeaseSvc {
         let wait = Duration::from_secs(req.wait_for_slot_secs);
         let spec = acquire_spec(req, keep, &repo_root);
         let acquired = acquire_waiting(&self.0, spec.clone(), wait, |_| async {}).await?;
-        let record = if acquired.fresh {
-            acquired.lease.record()
+        let (record, notes) = if acquired.fresh {
+            (acquired.lease.record(), Vec::new())
         } else {
-            // The repo's lease, reused: what this warmup asks of it applies to it.
-            amend(&acquired.lease, &spec).await?.0
+            // The repo's lease, reused: what this warmup asks of it applies to it, and what
+            // cannot (a slug, another provider) is said.
+            amend(&acquired.lease, &spec).await?
         };
-        Ok(Response::new(lease_pb(&record)))
+        let mut answer = Response::new(lease_pb(&record));
+        for note in notes {
+            answer.metadata_mut().append_bin(
+                pb::NOTE_METADATA,
+                tonic::metadata::MetadataValue::from_bytes(note.as_bytes()),
+            );
+        }
+        Ok(answer)
     }
 
     async fn get(&self, req: Request<pb::LeaseRef>) -> Result<Response<pb::Lease>, Status> {

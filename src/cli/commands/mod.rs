@@ -301,6 +301,23 @@ pub async fn dispatch(cli: Cli) -> Result<i32, CliError> {
              default)",
         ));
     }
+    // A lease-making command on another provider would drop them without a word (`config`
+    // still shows what they set).
+    if needs_config && settings.provider != "daytona" {
+        for (flag, given) in [
+            ("--daytona-snapshot", f.daytona_snapshot.is_some()),
+            ("--daytona-target", f.daytona_target.is_some()),
+            ("--daytona-user", f.daytona_user.is_some()),
+        ] {
+            if given {
+                return Err(CliError::usage(format!(
+                    "{flag} chooses a Daytona sandbox, but this command uses the {} provider: \
+                     add --provider daytona, or drop {flag}",
+                    settings.provider
+                )));
+            }
+        }
+    }
     apply_daytona_flags(&mut settings, &cli.daytona);
     for (flag, value) in [("--class", &cli.class), ("--type", &cli.machine_type)] {
         if value.is_some() {
@@ -607,7 +624,15 @@ async fn warmup(ctx: &Ctx, opts: &LeaseOpts, keep: bool, reclaim: bool) -> Resul
         ));
     }
     let mut c = ctx.clients().await?;
-    let lease = c.leases.warmup(req).await?.into_inner();
+    let answer = c.leases.warmup(req).await?;
+    let notes: Vec<String> = answer
+        .metadata()
+        .get_all_bin(pb::NOTE_METADATA)
+        .iter()
+        .filter_map(|v| v.to_bytes().ok())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .collect();
+    let lease = answer.into_inner();
     let reused = state_name(&lease) != "pending";
     if reused {
         ctx.progress(format!(
@@ -615,6 +640,9 @@ async fn warmup(ctx: &Ctx, opts: &LeaseOpts, keep: bool, reclaim: bool) -> Resul
             lease.slug,
             ctx.repo()
         ));
+    }
+    for note in notes {
+        ctx.progress(note);
     }
     let json = ctx.json;
     let last = follow(ctx, &mut c, &lease, |l| {
