@@ -1942,6 +1942,11 @@ async fn forty_wrong_invocations_get_helpful_answers() {
             2,
             "add --provider daytona",
         ),
+        (
+            &["run", "--no-sync", "--force-sync-delete", "--", "true"],
+            125,
+            "cannot be used with",
+        ),
         (&["list", "--limit", "lots"], 2, "at least 1, like 20"),
         (&["list", "--limit", "0"], 2, "0 would show nothing"),
         (&["list", "--limit", "-1"], 2, "at least 1, like 20"),

@@ -433,7 +433,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub keep_on_failure: bool,
     /// Run without syncing the checkout.
-    #[arg(long, conflicts_with_all = ["sync_only", "full_resync"])]
+    #[arg(long, conflicts_with_all = ["sync_only", "full_resync", "force_sync_large", "force_sync_delete"])]
     pub no_sync: bool,
     /// Sync, run nothing.
     #[arg(long)]
