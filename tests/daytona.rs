@@ -403,6 +403,33 @@ async fn the_whole_flow_on_daytona_with_no_secret_in_any_output() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The gateway's key went to crabbox's own known_hosts, not to the user's (which
+    // OpenSSH finds through the passwd entry, whatever HOME says).
+    // (Looked up with ssh-keygen -F: Debian's ssh_config hashes the names.)
+    let port = words[words.iter().position(|w| w == "-p").expect("-p") + 1].clone();
+    let gateway = format!("[127.0.0.1]:{port}");
+    let knows = |file: &Path| {
+        file.exists()
+            && std::process::Command::new("ssh-keygen")
+                .arg("-F")
+                .arg(&gateway)
+                .arg("-f")
+                .arg(file)
+                .output()
+                .expect("ssh-keygen")
+                .status
+                .success()
+    };
+    assert!(
+        knows(&w.daemon.state.join("known_hosts")),
+        "{gateway} is not in crabbox's known_hosts"
+    );
+    if let Ok(Some(me)) = nix::unistd::User::from_uid(nix::unistd::getuid()) {
+        assert!(
+            !knows(&me.dir.join(".ssh/known_hosts")),
+            "{gateway} was added to the user's known_hosts"
+        );
+    }
     // While `crabbox ssh` runs, the token is in no process's argv (other local users can
     // read every /proc/PID/cmdline).
     let mut running = w

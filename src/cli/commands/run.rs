@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::json;
 use tokio_stream::StreamExt;
@@ -802,6 +802,27 @@ pub(super) fn human_bytes(b: u64) -> String {
     }
 }
 
+/// crabbox's own known_hosts for sandbox gateways, in the state dir (made, private, when
+/// missing).
+fn known_hosts_file() -> Result<PathBuf, CliError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = crate::config::state_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| {
+            CliError::new(
+                exit::SSH,
+                format!(
+                    "cannot create the state dir {} for ssh's known hosts: {e}",
+                    dir.display()
+                ),
+            )
+        })?;
+    Ok(dir.join("known_hosts"))
+}
+
 pub(super) async fn ssh(
     ctx: &Ctx,
     id: Option<String>,
@@ -857,10 +878,16 @@ pub(super) async fn ssh(
         args.extend(["-p".to_string(), access.port.to_string()]);
     }
     // A sandbox's gateway is new to this machine: trust it on first use (as `ssh` asks a
-    // person to), and refuse it if its key ever changes.
+    // person to), and refuse it if its key ever changes. Its key is kept in crabbox's own
+    // known_hosts (in the state dir), not in the user's: gateways come and go with
+    // providers (a daytona-sim on a new port each time, with a new key) and would pile up
+    // there, and a port reused with another key would be refused for good.
+    let known_hosts = known_hosts_file()?;
     args.extend([
         "-o".to_string(),
         "StrictHostKeyChecking=accept-new".to_string(),
+        "-o".to_string(),
+        format!("UserKnownHostsFile={}", known_hosts.display()),
     ]);
     // A shell wants a terminal; a command gets one when this side has one.
     if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
@@ -876,7 +903,10 @@ pub(super) async fn ssh(
     let target = |secret: bool| format!("{}@{}", user(secret), access.host);
     if print {
         let mut words = vec!["ssh".to_string()];
-        words.extend(args.iter().cloned());
+        words.extend(
+            args.iter()
+                .map(|a| shlex::try_quote(a).map_or_else(|_| a.clone(), |q| q.into_owned())),
+        );
         words.push(target(show_secret));
         words.push(shlex::try_quote(&remote).unwrap_or_default().into_owned());
         if ctx.json {
@@ -907,8 +937,11 @@ pub(super) async fn ssh(
         .map_err(|e| CliError::new(exit::SSH, format!("creating a private ssh config: {e}")))?;
     let config = private.path().join("config");
     let mut text = format!(
-        "Host crabbox-lease\n  HostName {}\n  Port {}\n  User {}\n  StrictHostKeyChecking accept-new\n",
-        access.host, access.port, access.user
+        "Host crabbox-lease\n  HostName {}\n  Port {}\n  User {}\n  StrictHostKeyChecking accept-new\n  UserKnownHostsFile \"{}\"\n",
+        access.host,
+        access.port,
+        access.user,
+        known_hosts.display()
     );
     if let Some(home) = std::env::var_os("HOME") {
         let user_config = Path::new(&home).join(".ssh/config");
