@@ -1978,6 +1978,20 @@ async fn forty_wrong_invocations_get_helpful_answers() {
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n---\n"));
+    // A word that is not UTF-8: refused, naming it (clap alone says not which).
+    let out = d
+        .cli(r.path())
+        .args(["run", "--", "echo"])
+        .arg(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"caf\xe9"))
+        .output()
+        .await
+        .expect("crabbox");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("argument 4 (\"caf\u{fffd}\") is not UTF-8"),
+        "{err}"
+    );
     // The daemon answered all of them and still does.
     d.run(r.path(), &["list"]).await.expect(0);
 }

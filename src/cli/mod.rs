@@ -702,6 +702,21 @@ pub fn parse_args() -> Cli {
             } else {
                 let _ = e.print();
             }
+            if e.kind() == K::InvalidUtf8
+                && let Some((n, bad)) = args
+                    .iter()
+                    .enumerate()
+                    .skip(1)
+                    .find(|(_, a)| a.to_str().is_none())
+            {
+                // clap does not say which one.
+                eprintln!(
+                    "hint: argument {n} ({:?}) is not UTF-8 text, and crabbox sends a command's \
+                     words and environment as text: write it in UTF-8, or put the bytes in a \
+                     file the command reads",
+                    bad.to_string_lossy()
+                );
+            }
             if runs
                 && e.kind() == K::UnknownArgument
                 && !words.iter().any(|w| w == "--")
