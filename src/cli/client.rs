@@ -136,20 +136,26 @@ fn daemon_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("crabboxd"))
 }
 
-/// Starts `crabboxd` detached (own process group, log in the state dir) and waits until it
-/// answers.
-pub async fn start_daemon(socket: &Path) -> Result<Clients, CliError> {
-    let state_dir = crate::config::state_dir();
+/// The state dir, made (private) when missing; `code` is the exit when it cannot be.
+pub fn state_dir_made(code: i32) -> Result<PathBuf, CliError> {
+    let dir = crate::config::state_dir();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(&state_dir)
+        .create(&dir)
         .map_err(|e| {
             CliError::new(
-                exit::INTERNAL,
-                format!("cannot create the state dir {}: {e}", state_dir.display()),
+                code,
+                format!("cannot create the state dir {}: {e}", dir.display()),
             )
         })?;
+    Ok(dir)
+}
+
+/// Starts `crabboxd` detached (own process group, log in the state dir) and waits until it
+/// answers.
+pub async fn start_daemon(socket: &Path) -> Result<Clients, CliError> {
+    let state_dir = state_dir_made(exit::INTERNAL)?;
     let log_path = state_dir.join("crabboxd.log");
     let log = std::fs::OpenOptions::new()
         .mode(0o600)

@@ -648,11 +648,12 @@ pub fn report(e: &CliError, runs_users_command: bool, json: bool) -> i32 {
 /// A `--limit`: a whole number of at least 1 (0 would show nothing, or everything,
 /// depending on the command; neither is what someone asking for a limit means).
 fn parse_limit<N: TryFrom<u64>>(s: &str) -> Result<N, String> {
-    let wrong = || format!("\"{s}\" is not a count: write a whole number of at least 1, like 20");
     match s.trim().parse::<u64>() {
         Ok(0) => Err("0 would show nothing: write a whole number of at least 1, like 20".into()),
         Ok(n) => N::try_from(n).map_err(|_| format!("{n} is too large")),
-        Err(_) => Err(wrong()),
+        Err(_) => Err(format!(
+            "\"{s}\" is not a count: write a whole number of at least 1, like 20"
+        )),
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::json;
 use tokio_stream::StreamExt;
@@ -802,27 +802,6 @@ pub(super) fn human_bytes(b: u64) -> String {
     }
 }
 
-/// crabbox's own known_hosts for sandbox gateways, in the state dir (made, private, when
-/// missing).
-fn known_hosts_file() -> Result<PathBuf, CliError> {
-    use std::os::unix::fs::DirBuilderExt;
-    let dir = crate::config::state_dir();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| {
-            CliError::new(
-                exit::SSH,
-                format!(
-                    "cannot create the state dir {} for ssh's known hosts: {e}",
-                    dir.display()
-                ),
-            )
-        })?;
-    Ok(dir.join("known_hosts"))
-}
-
 pub(super) async fn ssh(
     ctx: &Ctx,
     id: Option<String>,
@@ -882,7 +861,7 @@ pub(super) async fn ssh(
     // known_hosts (in the state dir), not in the user's: gateways come and go with
     // providers (a daytona-sim on a new port each time, with a new key) and would pile up
     // there, and a port reused with another key would be refused for good.
-    let known_hosts = known_hosts_file()?;
+    let known_hosts = crate::cli::client::state_dir_made(exit::SSH)?.join("known_hosts");
     args.extend([
         "-o".to_string(),
         "StrictHostKeyChecking=accept-new".to_string(),
