@@ -47,6 +47,41 @@ pub fn receive(
     Ok((msg.bytes, fds))
 }
 
+/// Writes all of `buf` to the socket `fd` as [`write_all`] does, `attached` sent with its
+/// first byte.
+pub fn write_all_with(
+    fd: BorrowedFd<'_>,
+    buf: &[u8],
+    attached: BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    use nix::errno::Errno;
+    use std::os::fd::AsRawFd;
+    loop {
+        match send(
+            fd.as_raw_fd(),
+            buf,
+            &[attached.as_raw_fd()],
+            MsgFlags::MSG_NOSIGNAL,
+        ) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => return write_all(fd, &buf[n..]),
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => wait_writable(fd)?,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn wait_writable(fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    use nix::errno::Errno;
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut polled = [PollFd::new(fd, PollFlags::POLLOUT)];
+    match poll(&mut polled, PollTimeout::NONE) {
+        Ok(_) | Err(Errno::EINTR) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Writes all of `buf` to `fd`, waiting for room when the descriptor is non-blocking
 /// (someone else's choice for a file it shares, or a socket's) rather than failing with
 /// EAGAIN.
@@ -57,14 +92,7 @@ pub fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> std::io::Result<()> {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => buf = &buf[n..],
             Err(Errno::EINTR) => {}
-            Err(Errno::EAGAIN) => {
-                use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-                let mut polled = [PollFd::new(fd, PollFlags::POLLOUT)];
-                match poll(&mut polled, PollTimeout::NONE) {
-                    Ok(_) | Err(Errno::EINTR) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
+            Err(Errno::EAGAIN) => wait_writable(fd)?,
             Err(e) => return Err(e.into()),
         }
     }

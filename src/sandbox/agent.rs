@@ -44,15 +44,18 @@ const MAX_FRAME: usize = 16 * 1024 * 1024;
 /// The daemon's word to the agent.
 #[derive(Debug, Serialize, Deserialize)]
 enum ToAgent {
-    /// Run `/bin/sh -c command` in `cwd` with exactly `env`; three descriptors (stdin,
-    /// stdout, stderr) come with it. With `tty`, stdin is a terminal that becomes the
-    /// command's controlling terminal.
+    /// Run `/bin/sh -c command` in `cwd` with exactly `env`. Without `terminal`, three
+    /// descriptors (stdin, stdout, stderr) come with it. With `terminal` (rows, columns),
+    /// none: the agent opens a new terminal of that size from the sandbox's own
+    /// `/dev/ptmx`, makes it the command's controlling terminal and stdio, and hands its
+    /// other end back with `Started`. (Opened there, the terminal is one of the sandbox's:
+    /// in a jail, whose `/dev/pts` is a devpts of its own, `ttyname` finds it.)
     Start {
         id: u64,
         command: String,
         env: Vec<(String, String)>,
         cwd: Vec<u8>,
-        tty: bool,
+        terminal: Option<(u16, u16)>,
     },
     /// Send `signal` to the command's process group.
     Signal { id: u64, signal: i32 },
@@ -63,8 +66,10 @@ enum ToAgent {
 /// The agent's word to the daemon.
 #[derive(Debug, Serialize, Deserialize)]
 enum FromAgent {
+    /// With `terminal`, the terminal's other end (its master) comes with it.
     Started {
         id: u64,
+        terminal: bool,
     },
     Failed {
         id: u64,
@@ -135,8 +140,12 @@ pub struct Agent {
 }
 
 enum Waiter {
-    /// Waiting for `Started`/`Failed`.
-    Starting(oneshot::Sender<Result<(), String>>, oneshot::Sender<i32>),
+    /// Waiting for `Started` (with the terminal's master, for a command on one) or
+    /// `Failed`.
+    Starting(
+        oneshot::Sender<Result<Option<OwnedFd>, String>>,
+        oneshot::Sender<i32>,
+    ),
     /// Started; waiting for `Exited`.
     Running(oneshot::Sender<i32>),
 }
@@ -300,8 +309,53 @@ impl Agent {
         env: Vec<(String, String)>,
         cwd: &Path,
         stdio: [BorrowedFd<'_>; 3],
-        tty: bool,
     ) -> io::Result<AgentChild> {
+        let fds = stdio.map(|fd| fd.as_raw_fd());
+        let (child, _) = self.begin(command, env, cwd, None, &fds).await?;
+        Ok(child)
+    }
+
+    /// Starts `/bin/sh -c command` as [`Agent::start`] does, on a new terminal of `rows` x
+    /// `cols` that the agent opens inside the sandbox; answers the terminal's master too
+    /// (non-blocking), through which the command is read, typed to and resized.
+    pub async fn start_on_terminal(
+        self: &Arc<Self>,
+        command: &str,
+        env: Vec<(String, String)>,
+        cwd: &Path,
+        (rows, cols): (u16, u16),
+    ) -> io::Result<(AgentChild, OwnedFd)> {
+        let (child, master) = self
+            .begin(command, env, cwd, Some((rows, cols)), &[])
+            .await?;
+        let master = master.ok_or_else(|| {
+            io::Error::other(
+                "the sandbox's agent started a command on a terminal without its terminal",
+            )
+        })?;
+        if !nix::unistd::isatty(&master).unwrap_or(false) {
+            return Err(io::Error::other(
+                "the sandbox's agent handed back something that is not a terminal",
+            ));
+        }
+        let flags = nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_GETFL)?;
+        nix::fcntl::fcntl(
+            &master,
+            nix::fcntl::FcntlArg::F_SETFL(
+                nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK,
+            ),
+        )?;
+        Ok((child, master))
+    }
+
+    async fn begin(
+        self: &Arc<Self>,
+        command: &str,
+        env: Vec<(String, String)>,
+        cwd: &Path,
+        terminal: Option<(u16, u16)>,
+        fds: &[RawFd],
+    ) -> io::Result<(AgentChild, Option<OwnedFd>)> {
         let id = self.next.fetch_add(1, Ordering::SeqCst);
         let (started_tx, started_rx) = oneshot::channel();
         let (exited_tx, exited_rx) = oneshot::channel();
@@ -314,10 +368,9 @@ impl Agent {
             command: command.to_string(),
             env,
             cwd: cwd.as_os_str().as_bytes().to_vec(),
-            tty,
+            terminal,
         })?;
-        let fds = stdio.map(|fd| fd.as_raw_fd());
-        let sent = self.send(&bytes, &fds).await;
+        let sent = self.send(&bytes, fds).await;
         let child = AgentChild {
             agent: self.clone(),
             id,
@@ -326,7 +379,7 @@ impl Agent {
         };
         sent?;
         match started_rx.await {
-            Ok(Ok(())) => Ok(child),
+            Ok(Ok(master)) => Ok((child, master)),
             Ok(Err(e)) => Err(io::Error::other(e)),
             Err(_) => Err(self.gone()),
         }
@@ -393,6 +446,8 @@ async fn read_answers(
 ) -> io::Error {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 64 * 1024];
+    // Terminals handed back, in the order of the `Started` answers they came with.
+    let mut terminals: std::collections::VecDeque<OwnedFd> = Default::default();
     loop {
         // Whole frames first.
         while buf.len() >= 4 {
@@ -409,9 +464,22 @@ async fn read_answers(
                 return io::Error::other("agent state poisoned");
             };
             match message {
-                Ok(FromAgent::Started { id }) => {
+                Ok(FromAgent::Started { id, terminal }) => {
+                    let master = if terminal {
+                        match terminals.pop_front() {
+                            Some(fd) => Some(fd),
+                            None => {
+                                return io::Error::new(
+                                    io::ErrorKind::InvalidData,
+                                    "a command started on a terminal came without it",
+                                );
+                            }
+                        }
+                    } else {
+                        None
+                    };
                     if let Some(Waiter::Starting(started, exited)) = map.remove(&id) {
-                        let _ = started.send(Ok(()));
+                        let _ = started.send(Ok(master));
                         map.insert(id, Waiter::Running(exited));
                     }
                 }
@@ -432,9 +500,19 @@ async fn read_answers(
         if let Err(e) = stream.readable().await {
             return e;
         }
-        match stream.try_read(&mut chunk) {
-            Ok(0) => return io::Error::new(io::ErrorKind::UnexpectedEof, "the agent closed"),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        let socket: &UnixStream = stream.as_ref();
+        let got = socket.try_io(Interest::READABLE, || {
+            crate::fds::receive(socket.as_raw_fd(), &mut chunk, MsgFlags::MSG_DONTWAIT)
+                .map_err(io::Error::from)
+        });
+        match got {
+            Ok((0, _)) => {
+                return io::Error::new(io::ErrorKind::UnexpectedEof, "the agent closed");
+            }
+            Ok((n, fds)) => {
+                buf.extend_from_slice(&chunk[..n]);
+                terminals.extend(fds);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return e,
         }
@@ -621,16 +699,24 @@ fn next_request(
     let message: ToAgent = unframe(&inbox[4..4 + len])?;
     inbox.drain(..4 + len);
     let mine = match &message {
-        ToAgent::Start { .. } if fds.len() >= 3 => fds.drain(..3).collect(),
+        ToAgent::Start { terminal: None, .. } if fds.len() >= 3 => fds.drain(..3).collect(),
         _ => Vec::new(),
     };
     Ok(Some((message, mine)))
 }
 
 fn answer(control: &OwnedFd, message: &FromAgent) -> io::Result<()> {
+    answer_with(control, message, None)
+}
+
+/// Answers `message`, `fd` attached to its first byte.
+fn answer_with(control: &OwnedFd, message: &FromAgent, fd: Option<&OwnedFd>) -> io::Result<()> {
     let bytes = frame(message)?;
     // Blocking writes: the daemon reads its answers all the time.
-    crate::fds::write_all(control.as_fd(), &bytes)
+    match fd {
+        None => crate::fds::write_all(control.as_fd(), &bytes),
+        Some(fd) => crate::fds::write_all_with(control.as_fd(), &bytes, fd.as_fd()),
+    }
 }
 
 fn handle(
@@ -645,11 +731,16 @@ fn handle(
             command,
             env,
             cwd,
-            tty,
-        } => match start(&command, &env, &cwd, &fds, tty) {
-            Ok(pid) => {
+            terminal,
+        } => match start_with(&command, &env, &cwd, fds, terminal) {
+            Ok((pid, master)) => {
                 children.insert(id, Started { pid, exited: false });
-                answer(control, &FromAgent::Started { id })
+                let terminal = master.is_some();
+                answer_with(
+                    control,
+                    &FromAgent::Started { id, terminal },
+                    master.as_ref(),
+                )
             }
             Err(e) => answer(
                 control,
@@ -697,6 +788,58 @@ fn reap(control: &OwnedFd, children: &mut HashMap<u64, Started>) -> io::Result<(
             answer(control, &FromAgent::Exited { id, status: raw })?;
         }
     }
+}
+
+/// Starts one command on `fds`, or on a new terminal of the `terminal` size opened here;
+/// answers its pid and the terminal's master.
+fn start_with(
+    command: &str,
+    env: &[(String, String)],
+    cwd: &[u8],
+    fds: Vec<OwnedFd>,
+    terminal: Option<(u16, u16)>,
+) -> io::Result<(nix::unistd::Pid, Option<OwnedFd>)> {
+    let Some((rows, cols)) = terminal else {
+        return Ok((start(command, env, cwd, &fds, false)?, None));
+    };
+    let (master, terminal) = open_terminal(rows, cols)?;
+    let pid = start(
+        command,
+        env,
+        cwd,
+        &[terminal.try_clone()?, terminal.try_clone()?, terminal],
+        true,
+    )?;
+    // The command's end is closed here once it has it, so that reading the master ends
+    // (EIO) when the last process holding the terminal is gone.
+    Ok((pid, Some(master)))
+}
+
+/// A new terminal from this sandbox's `/dev/ptmx`, `rows` x `cols`: (master, terminal).
+fn open_terminal(rows: u16, cols: u16) -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::fcntl::OFlag;
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .map_err(|e| io::Error::other(format!("opening a terminal (/dev/ptmx): {e}")))?;
+    nix::pty::grantpt(&master).map_err(io::Error::from)?;
+    nix::pty::unlockpt(&master).map_err(io::Error::from)?;
+    let name = nix::pty::ptsname_r(&master).map_err(io::Error::from)?;
+    let terminal: OwnedFd = nix::fcntl::open(
+        name.as_str(),
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| io::Error::other(format!("opening the terminal {name}: {e}")))?;
+    let size = nix::libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which lives across the call.
+    if unsafe { nix::libc::ioctl(master.as_raw_fd(), nix::libc::TIOCSWINSZ, &size) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((master.into(), terminal))
 }
 
 /// Forks and execs one command; answers its pid once it runs (a failed exec ends the

@@ -234,14 +234,14 @@ async fn by_agent(
     use tokio::net::unix::pipe;
     let env = environment(spec);
     if let Some(size) = tty {
-        let (pty, pts) = pty_process::open().map_err(io::Error::other)?;
-        pty.resize(pty_process::Size::new(size.rows, size.cols))
-            .map_err(io::Error::other)?;
-        let fd = pts.as_fd();
-        let child = agent
-            .start(&spec.command, env, &spec.cwd, [fd, fd, fd], true)
+        // The agent opens the terminal inside the sandbox (one opened here would be of this
+        // machine's devpts, which a jail does not show: `tty` would say "not a tty").
+        let (child, master) = agent
+            .start_on_terminal(&spec.command, env, &spec.cwd, (size.rows, size.cols))
             .await?;
-        drop(pts);
+        // SAFETY: `start_on_terminal` answers a terminal's master, non-blocking, that
+        // nothing else here holds.
+        let pty = unsafe { pty_process::Pty::from_fd(master) }.map_err(io::Error::other)?;
         let pumps = pump_pty(pty, input, out);
         return Ok((Running::Agent(child), pumps));
     }
@@ -279,7 +279,6 @@ async fn by_agent(
                 stdout_theirs.as_fd(),
                 stderr_theirs.as_fd(),
             ],
-            false,
         )
         .await?;
     drop((stdin_theirs, stdout_theirs, stderr_theirs));

@@ -134,12 +134,15 @@ pub async fn tty_run_behaves_like_a_terminal(d: &Daemon, repo: &Path, prefix: &[
         d,
         repo,
         prefix,
-        "test -t 0 && test -t 1 && test -t 2 && echo is-a-tty; stty size; echo term=$TERM; exit 3",
+        "test -t 0 && test -t 1 && test -t 2 && echo is-a-tty; stty size; echo term=$TERM; echo \"tty=$(tty)\"; exit 3",
         (30, 100),
     );
     assert_eq!(t.exit_code().await, 3, "{}", t.screen());
     let screen = t.screen();
     assert!(screen.contains("is-a-tty"), "{screen}");
+    // The terminal has a name where the command runs (ttyname: `tty`, a password prompt),
+    // not only the answers of isatty and TIOCGWINSZ.
+    assert!(screen.contains("tty=/dev/"), "{screen}");
     assert!(screen.contains("30 100"), "{screen}");
     assert!(screen.contains("term=xterm-crabbox-test"), "{screen}");
     assert!(t.is_cooked(), "the terminal is cooked again after the run");
