@@ -4,7 +4,8 @@ a 10,000-file, ~50 MB repo, in one run:
 - bytes on the wire per sync (request bodies as the sim counts them) and requests, for an
   unchanged tree, a 1-file change (against that file gzipped alone) and a deletion;
 - the wall time of an unchanged run against a `--no-sync` run of the same lease (the scan);
-- locally: a warm `crabbox run -- true` and `crabbox --version` against `sh -c true`, and
+- locally: a warm `crabbox run -- true` and `crabbox --version` against `sh -c true` (taken
+  in turns, one of each per round), and
   the floor of any client/daemon design on this machine (bench/floor: a dependency-free
   client asking a server to run `sh -c true`) against the same baseline.
 
@@ -122,12 +123,6 @@ try:
     subprocess.run(["git", "-C", small, "add", "."], check=True)
     subprocess.run([f"{BIN}/crabbox", "warmup"], cwd=small, env=local, capture_output=True, check=True)
     subprocess.run([f"{BIN}/crabbox", "run", "--", "true"], cwd=small, env=local, capture_output=True, check=True)
-    sh = timed(["sh", "-c", "true"], small, local, RUNS * 3)
-    run = timed([f"{BIN}/crabbox", "run", "--", "true"], small, local, RUNS * 3)
-    run_ns = timed([f"{BIN}/crabbox", "run", "--no-sync", "--", "true"], small, local, RUNS * 3)
-    ver = timed([f"{BIN}/crabbox", "--version"], small, local, RUNS * 3)
-    print(f"local: sh -c true {sh:.2f} ms (baseline); crabbox run -- true {run:.2f} ms ({run / sh:.1f}x); "
-          f"--no-sync {run_ns:.2f} ms ({run_ns / sh:.1f}x); crabbox --version {ver:.2f} ms ({ver / sh:.1f}x)")
     # The floor of any client/daemon design on this machine: a dependency-free client asks a
     # server to run `sh -c true` and exits with its code (two process starts, one round trip,
     # nothing else). What crabbox costs above it is its own.
@@ -140,10 +135,28 @@ try:
         if os.path.exists(f"{work}/floor.sock"):
             break
         time.sleep(0.01)
-    hello = timed([f"{floor}/floor-client", f"{work}/floor.sock", "true"], small, local, RUNS * 3)
+    # Interleaved, one of each per round: a machine's drift (another process, frequency,
+    # a noisy neighbour) then weighs on the baseline as on everything measured against it.
+    local_cmds = {
+        "sh": ["sh", "-c", "true"],
+        "run": [f"{BIN}/crabbox", "run", "--", "true"],
+        "run_ns": [f"{BIN}/crabbox", "run", "--no-sync", "--", "true"],
+        "ver": [f"{BIN}/crabbox", "--version"],
+        "floor": [f"{floor}/floor-client", f"{work}/floor.sock", "true"],
+    }
+    samples = {k: [] for k in local_cmds}
+    for _ in range(RUNS * 6):
+        for k, cmd in local_cmds.items():
+            t = time.perf_counter()
+            subprocess.run(cmd, cwd=small, env=local, capture_output=True, check=True)
+            samples[k].append((time.perf_counter() - t) * 1000)
+    sh, run, run_ns, ver, hello = (med(samples[k]) for k in local_cmds)
+    print(f"local (interleaved, medians of {RUNS * 6}): sh -c true {sh:.2f} ms (baseline); "
+          f"crabbox run -- true {run:.2f} ms ({run / sh:.2f}x); --no-sync {run_ns:.2f} ms "
+          f"({run_ns / sh:.2f}x); crabbox --version {ver:.2f} ms ({ver / sh:.2f}x)")
     print(f"local floor: a minimal client asking a server to run sh -c true {hello:.2f} ms "
-          f"({hello / sh:.1f}x); crabbox run above that floor {run - hello:.2f} ms "
-          f"({(run - hello) / sh:.1f}x sh -c true)")
+          f"({hello / sh:.2f}x); crabbox run above that floor {run - hello:.2f} ms "
+          f"({(run - hello) / sh:.2f}x sh -c true)")
 finally:
     for p in reversed(procs):
         p.terminate()

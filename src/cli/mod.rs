@@ -444,7 +444,7 @@ pub struct RunArgs {
     /// Sync past the size limit (150,000 files or 20 GiB).
     #[arg(long)]
     pub force_sync_large: bool,
-    /// Sync even when it deletes more than sync.delete_guard (50%) of the lease's files
+    /// Sync even when it deletes more than sync.delete_guard (by default 50%) of the lease's files
     /// (usually a wrong folder or branch, so it is refused without this).
     #[arg(long)]
     pub force_sync_delete: bool,
@@ -758,6 +758,42 @@ mod tests {
         assert_eq!(
             parse_limit::<u32>("5000000000"),
             Err("5000000000 is too large".into())
+        );
+    }
+
+    /// The figures the run options' help writes out are the ones the daemon applies.
+    #[test]
+    fn the_sync_guards_help_names_their_real_defaults() {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        cmd.build();
+        let run = cmd.find_subcommand("run").expect("run");
+        let help = |flag: &str| {
+            run.get_arguments()
+                .find(|a| a.get_long() == Some(flag))
+                .and_then(|a| a.get_help())
+                .map(|h| h.to_string())
+                .unwrap_or_default()
+        };
+        let guard = format!("by default {}%", crate::config::DELETE_GUARD_DEFAULT);
+        assert!(
+            help("force-sync-delete").contains(&guard),
+            "{}",
+            help("force-sync-delete")
+        );
+        let limits = crate::sync::SyncLimits::default();
+        // (written with a thousands comma, as the help does)
+        let files = limits.max_files;
+        assert!((1_000..1_000_000).contains(&files));
+        let large = format!(
+            "{},{:03} files or {} GiB",
+            files / 1000,
+            files % 1000,
+            limits.max_bytes >> 30
+        );
+        assert!(
+            help("force-sync-large").contains(&large),
+            "{large}: {}",
+            help("force-sync-large")
         );
     }
 
