@@ -11,8 +11,10 @@
 //! through a descriptor (`/proc/self/fd/EXE`), so it needs no path inside the jail. It
 //! talks to the daemon over a Unix stream socket (descriptor CONTROL) in frames: a u32
 //! length (little-endian) and a JSON message; a `Start` carries the command's stdin, stdout
-//! and stderr as SCM_RIGHTS on its first byte. Each command runs as the leader of a session
-//! (and process group) of its own, with the terminal it was given as its controlling one;
+//! and stderr as SCM_RIGHTS on its first byte, or asks for a terminal, which the agent opens
+//! inside the sandbox and hands back (its master) on the first byte of its `Started`. Each
+//! command runs as the leader of a session (and process group) of its own, with its
+//! terminal, if any, as its controlling one;
 //! `Signal` reaches its whole group. The agent ends when the daemon closes the socket or
 //! goes away (SIGTERM through its parent-death signal), ending every group it started
 //! first; in a jail its PID namespace ends everything else with it.
