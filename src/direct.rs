@@ -25,6 +25,12 @@ pub const KEEP_FOR: Duration = Duration::from_secs(30);
 
 const TOKEN_LEN: usize = 32;
 
+/// A client's message: its token and a byte saying which streams follow.
+const MESSAGE_LEN: usize = TOKEN_LEN + 1;
+
+/// How long the daemon waits for a connected client's message.
+const RECEIVE_WITHIN: Duration = Duration::from_secs(2);
+
 /// The descriptor socket beside the daemon's socket.
 pub fn socket_path(socket: &Path) -> PathBuf {
     let mut name = socket.as_os_str().to_owned();
@@ -123,16 +129,14 @@ impl Handed {
         }
     }
 
-    /// Takes one client's message on `stream` (blocking; the stream has a read timeout)
-    /// and acknowledges it; answers its token.
-    pub fn receive(&self, stream: &UnixStream) -> Result<String, String> {
-        let mut buf = [0u8; TOKEN_LEN + 1];
-        let (len, fds) = crate::fds::receive(stream.as_raw_fd(), &mut buf, MsgFlags::empty())
-            .map_err(|e| format!("receiving descriptors: {e}"))?;
-        if len != TOKEN_LEN + 1 || !buf[..TOKEN_LEN].iter().all(u8::is_ascii_hexdigit) {
+    /// Keeps what one client's message hands over: `bytes` (the token and which streams
+    /// follow) with the descriptors `fds` that came with them; answers the token. The
+    /// caller acknowledges it (`k`) once this succeeds.
+    pub fn accept(&self, bytes: &[u8], fds: Vec<OwnedFd>) -> Result<String, String> {
+        if bytes.len() != MESSAGE_LEN || !bytes[..TOKEN_LEN].iter().all(u8::is_ascii_hexdigit) {
             return Err("a malformed descriptor message".into());
         }
-        let mask = buf[TOKEN_LEN];
+        let mask = bytes[TOKEN_LEN];
         let wanted = usize::from(mask & 1 != 0) + usize::from(mask & 2 != 0);
         if wanted == 0 || fds.len() != wanted {
             return Err(format!(
@@ -145,11 +149,45 @@ impl Handed {
             stdout: if mask & 1 != 0 { fds.next() } else { None },
             stderr: if mask & 2 != 0 { fds.next() } else { None },
         };
-        let token = String::from_utf8_lossy(&buf[..TOKEN_LEN]).into_owned();
+        let token = String::from_utf8_lossy(&bytes[..TOKEN_LEN]).into_owned();
         self.put(token.clone(), out);
-        use std::io::Write;
-        (&*stream)
+        Ok(token)
+    }
+
+    /// Takes one client's message on `stream` within [`RECEIVE_WITHIN`] and acknowledges
+    /// it; answers its token. (On the runtime's own socket: no thread is given to a client
+    /// that connects and says nothing.)
+    pub async fn receive(&self, stream: &mut tokio::net::UnixStream) -> Result<String, String> {
+        self.receive_within(stream, RECEIVE_WITHIN).await
+    }
+
+    async fn receive_within(
+        &self,
+        stream: &mut tokio::net::UnixStream,
+        within: Duration,
+    ) -> Result<String, String> {
+        use tokio::io::{AsyncWriteExt, Interest};
+        let mut buf = [0u8; MESSAGE_LEN + 1];
+        let read = async {
+            loop {
+                stream.readable().await?;
+                match stream.try_io(Interest::READABLE, || {
+                    crate::fds::receive(stream.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT)
+                        .map_err(std::io::Error::from)
+                }) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    got => return got,
+                }
+            }
+        };
+        let (len, fds) = tokio::time::timeout(within, read)
+            .await
+            .map_err(|_| "no descriptor message in time".to_string())?
+            .map_err(|e| format!("receiving descriptors: {e}"))?;
+        let token = self.accept(&buf[..len], fds)?;
+        stream
             .write_all(b"k")
+            .await
             .map_err(|e| format!("acknowledging descriptors: {e}"))?;
         Ok(token)
     }
@@ -251,21 +289,23 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
     }
 
-    #[test]
-    fn descriptors_handed_over_are_taken_once_by_token() {
+    /// The daemon's end of a socket pair, on the runtime.
+    fn daemon_end(s: UnixStream) -> tokio::net::UnixStream {
+        s.set_nonblocking(true).expect("non-blocking");
+        tokio::net::UnixStream::from_std(s).expect("tokio")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn descriptors_handed_over_are_taken_once_by_token() {
         let (client, daemon) = UnixStream::pair().expect("pair");
-        daemon
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .expect("timeout");
+        let mut daemon = daemon_end(daemon);
         let handed = Arc::new(Handed::default());
-        let h = handed.clone();
-        let receiver = std::thread::spawn(move || h.receive(&daemon));
         let (mut read_end, write_end) = std::io::pipe().expect("pipe");
         // The client side of `hand_over`, on the pair instead of a named socket.
         let token = format!("{:032x}", 7u128);
         send(&client, &token, Some(write_end.as_fd()), None).expect("send");
         drop(write_end);
-        assert_eq!(receiver.join().expect("join").expect("received"), token);
+        assert_eq!(handed.receive(&mut daemon).await.expect("received"), token);
         let mut ack = [0u8; 1];
         (&client).read_exact(&mut ack).expect("ack");
         assert_eq!(&ack, b"k");
@@ -281,17 +321,34 @@ mod tests {
         assert!(handed.take("").is_none());
     }
 
-    #[test]
-    fn a_message_that_does_not_match_its_descriptors_is_refused() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_that_does_not_match_its_descriptors_is_refused() {
         let (client, daemon) = UnixStream::pair().expect("pair");
-        daemon
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .expect("timeout");
+        let mut daemon = daemon_end(daemon);
         let mut message = format!("{:032x}", 9u128).into_bytes();
         message.push(3);
         crate::fds::send(client.as_raw_fd(), &message, &[], MsgFlags::empty()).expect("send");
         let handed = Handed::default();
-        let err = handed.receive(&daemon).expect_err("refused");
+        let err = handed.receive(&mut daemon).await.expect_err("refused");
         assert!(err.contains("said 2 descriptors and carried 0"), "{err}");
+        // Nothing acknowledged.
+        client.set_nonblocking(true).expect("non-blocking");
+        let mut ack = [0u8; 1];
+        assert!(
+            (&client)
+                .read(&mut ack)
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_says_nothing_is_let_go() {
+        let (_client, daemon) = UnixStream::pair().expect("pair");
+        let mut daemon = daemon_end(daemon);
+        let err = Handed::default()
+            .receive_within(&mut daemon, Duration::from_millis(50))
+            .await
+            .expect_err("timed out");
+        assert!(err.contains("in time"), "{err}");
     }
 }

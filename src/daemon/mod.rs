@@ -418,38 +418,26 @@ fn serve_handed(
                 c = listener.accept() => c,
                 () = token.cancelled() => break,
             };
-            let Ok((stream, _)) = conn else { continue };
+            let Ok((mut stream, _)) = conn else { continue };
             if !stream.peer_cred().is_ok_and(|p| p.uid() == me) {
                 tracing::warn!("refused descriptors from another user");
                 continue;
             }
             let handed = handed.clone();
             tokio::spawn(async move {
-                let h = handed.clone();
-                let received = tokio::task::spawn_blocking(move || {
-                    let s = stream.into_std().map_err(|e| e.to_string())?;
-                    s.set_nonblocking(false).map_err(|e| e.to_string())?;
-                    s.set_read_timeout(Some(Duration::from_secs(2)))
-                        .map_err(|e| e.to_string())?;
-                    let token = h.receive(&s)?;
-                    s.set_nonblocking(true).map_err(|e| e.to_string())?;
-                    Ok::<_, String>((token, s))
-                })
-                .await;
-                let (token, s) = match received {
-                    Ok(Ok(got)) => got,
-                    Ok(Err(why)) => {
+                let token = match handed.receive(&mut stream).await {
+                    Ok(token) => token,
+                    Err(why) => {
                         tracing::debug!(%why, "descriptors not taken");
                         return;
                     }
-                    Err(_) => return,
                 };
                 // The client keeps this open while it lives: once it closes, what its run
                 // did not take is dropped (a pipe's reader must see its end).
-                if let Ok(mut s) = tokio::net::UnixStream::from_std(s) {
+                {
                     use tokio::io::AsyncReadExt;
                     let mut byte = [0u8; 1];
-                    let _ = s.read(&mut byte).await;
+                    let _ = stream.read(&mut byte).await;
                 }
                 handed.forget(&token);
             });

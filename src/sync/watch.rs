@@ -12,7 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -35,7 +35,9 @@ struct State {
 /// A watch on one checkout (a git work tree).
 pub struct TreeWatch {
     _watcher: notify::RecommendedWatcher,
-    state: Arc<(Mutex<State>, Condvar)>,
+    state: Arc<Mutex<State>>,
+    /// Told whenever a sentinel's event has been read.
+    arrived: Arc<tokio::sync::Notify>,
     /// The folder sentinels are written in (`.git`).
     git: PathBuf,
 }
@@ -55,13 +57,16 @@ impl TreeWatch {
         if !git.is_dir() {
             return Err(format!("{} is not a git work tree's root", root.display()));
         }
-        let state: Arc<(Mutex<State>, Condvar)> = Arc::default();
+        let state: Arc<Mutex<State>> = Arc::default();
+        let arrived: Arc<tokio::sync::Notify> = Arc::default();
         let root_buf = root.to_path_buf();
         let handler_state = state.clone();
+        let handler_arrived = arrived.clone();
         let git_dir = git.clone();
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            let (lock, cv) = &*handler_state;
-            let Ok(mut st) = lock.lock() else { return };
+            let Ok(mut st) = handler_state.lock() else {
+                return;
+            };
             match res {
                 Ok(event) => {
                     if event.need_rescan() {
@@ -83,7 +88,7 @@ impl TreeWatch {
                                 .and_then(|n| n.parse::<u64>().ok())
                         {
                             st.sentinel = st.sentinel.max(n);
-                            cv.notify_all();
+                            handler_arrived.notify_waiters();
                             continue;
                         }
                         note(&mut st, &root_buf, p);
@@ -97,22 +102,23 @@ impl TreeWatch {
             .watch(root, RecursiveMode::Recursive)
             .map_err(|e| format!("cannot watch {}: {e}", root.display()))?;
         // Nothing is known until a first scan: the caller scans, then takes from here on.
-        if let Ok(mut st) = state.0.lock() {
+        if let Ok(mut st) = state.lock() {
             st.unknown = true;
         }
         Ok(TreeWatch {
             _watcher: watcher,
             state,
+            arrived,
             git,
         })
     }
 
     /// What changed since the last call; `None` when unknown (the caller must scan).
-    /// Waits until every event queued before the call has been read.
-    pub fn take(&self) -> Option<BTreeSet<String>> {
-        let (lock, cv) = &*self.state;
+    /// Waits until every event queued before the call has been read (without a thread of
+    /// its own: the sentinel's file is a few microseconds of the caller's).
+    pub async fn take(&self) -> Option<BTreeSet<String>> {
         let n = {
-            let mut st = lock.lock().ok()?;
+            let mut st = self.state.lock().ok()?;
             st.written += 1;
             st.written
         };
@@ -121,11 +127,23 @@ impl TreeWatch {
             self.forget();
             return None;
         }
-        let st = lock.lock().ok()?;
-        let waited = cv.wait_timeout_while(st, SENTINEL_WAIT, |s| s.sentinel < n);
+        let arrived = async {
+            loop {
+                // Listening before looking, so that a sentinel read in between is not
+                // missed.
+                let told = self.arrived.notified();
+                tokio::pin!(told);
+                told.as_mut().enable();
+                if self.state.lock().map_or(true, |s| s.sentinel >= n) {
+                    return;
+                }
+                told.await;
+            }
+        };
+        let timed_out = tokio::time::timeout(SENTINEL_WAIT, arrived).await.is_err();
         let _ = std::fs::remove_file(&path);
-        let (mut st, timeout) = waited.ok()?;
-        let unknown = timeout.timed_out() || st.unknown;
+        let mut st = self.state.lock().ok()?;
+        let unknown = timed_out || st.unknown;
         st.unknown = false;
         let changed = std::mem::take(&mut st.changed);
         (!unknown).then_some(changed)
@@ -134,7 +152,7 @@ impl TreeWatch {
     /// Whatever was noted is dropped and the next answer is "unknown" (a collect failed
     /// after a take: what it took must not be lost).
     pub fn forget(&self) {
-        if let Ok(mut st) = self.state.0.lock() {
+        if let Ok(mut st) = self.state.lock() {
             st.changed.clear();
             st.unknown = true;
         }
@@ -199,31 +217,35 @@ mod tests {
         assert!(ok, "git {args:?}");
     }
 
-    #[test]
-    fn it_says_what_changed_and_unknown_when_it_cannot_know() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn it_says_what_changed_and_unknown_when_it_cannot_know() {
         let dir = tempfile::tempdir().expect("tempdir");
         let r = dir.path();
         git(r, &["init", "-q"]);
         std::fs::write(r.join("a.txt"), "a").expect("write");
         let w = TreeWatch::start(r).expect("watch");
-        assert_eq!(w.take(), None, "nothing is known before a first scan");
-        assert_eq!(w.take(), Some(BTreeSet::new()), "nothing changed since");
+        assert_eq!(w.take().await, None, "nothing is known before a first scan");
+        assert_eq!(
+            w.take().await,
+            Some(BTreeSet::new()),
+            "nothing changed since"
+        );
         // A file saved just before the take is never missed.
         std::fs::write(r.join("a.txt"), "b").expect("write");
         std::fs::create_dir(r.join("d")).expect("mkdir");
         std::fs::write(r.join("d/x"), "x").expect("write");
-        let got = w.take().expect("known");
+        let got = w.take().await.expect("known");
         assert!(got.contains("a.txt") && got.contains("d"), "{got:?}");
         // An ignore file or git's index: unknown.
         std::fs::write(r.join(".gitignore"), "*.log\n").expect("write");
-        assert_eq!(w.take(), None);
+        assert_eq!(w.take().await, None);
         git(r, &["add", "a.txt"]);
-        assert_eq!(w.take(), None, "the index changed");
-        assert_eq!(w.take(), Some(BTreeSet::new()));
+        assert_eq!(w.take().await, None, "the index changed");
+        assert_eq!(w.take().await, Some(BTreeSet::new()));
         // A forgotten take: unknown next.
         std::fs::write(r.join("a.txt"), "c").expect("write");
         w.forget();
-        assert_eq!(w.take(), None);
+        assert_eq!(w.take().await, None);
     }
 }
 
@@ -308,41 +330,42 @@ impl Checkouts {
         let checkout = self.checkout(root).await;
         let mut last = checkout.last.clone().lock_owned().await;
         let root = root.to_path_buf();
+        let key = format!(
+            "{:?}|{:?}|{:?}|{}|{}",
+            rules.exclude, rules.include, rules.never, rules.force_large, rules.git
+        );
+        let changed = match &checkout.watch {
+            Some(w) => w.take().await,
+            None => None,
+        };
+        // Nothing changed: what the checkout's record says, shared (no thread, no disk).
+        if let (Some(changed), Some(l)) = (&changed, last.as_ref().filter(|l| l.rules == key))
+            && changed.is_empty()
+        {
+            let warnings =
+                super::manifest::size_guard(l.manifest.files.len() as u64, l.total_bytes, &rules)
+                    .map_err(crate::error::Error::from)?;
+            return Ok(Collect {
+                manifest: l.manifest.clone(),
+                total_bytes: l.total_bytes,
+                warnings,
+                generation: l.generation,
+            });
+        }
         tokio::task::spawn_blocking(move || {
-            let key = format!(
-                "{:?}|{:?}|{:?}|{}|{}",
-                rules.exclude, rules.include, rules.never, rules.force_large, rules.git
-            );
-            let changed = checkout.watch.as_ref().and_then(TreeWatch::take);
             let same_rules = last.as_ref().filter(|l| l.rules == key);
             let result = (|| {
-                if let (Some(changed), Some(l)) = (&changed, same_rules) {
-                    if changed.is_empty() {
-                        let warnings = super::manifest::size_guard(
-                            l.manifest.files.len() as u64,
-                            l.total_bytes,
-                            &rules,
-                        )?;
-                        return Ok(Err(Collect {
-                            manifest: l.manifest.clone(),
-                            total_bytes: l.total_bytes,
-                            warnings,
-                            generation: l.generation,
-                        }));
-                    }
-                    if let Some(c) =
+                if let (Some(changed), Some(l)) = (&changed, same_rules)
+                    && let Some(c) =
                         super::manifest::collect_changes(&root, &rules, &l.manifest, changed)?
-                    {
-                        return Ok(Ok(c));
-                    }
+                {
+                    return Ok(c);
                 }
                 let cache = cache().or_else(|| last.as_ref().map(|l| (*l.manifest).clone()));
-                super::manifest::collect(&root, &rules, cache.as_ref()).map(Ok)
+                super::manifest::collect(&root, &rules, cache.as_ref())
             })();
             match result {
-                // Nothing changed: what the checkout's record says, shared.
-                Ok(Err(same)) => Ok(same),
-                Ok(Ok(collected)) => {
+                Ok(collected) => {
                     // The same as before (a scan of an unchanged tree): the same generation.
                     let generation = match last.as_ref() {
                         Some(l) if l.rules == key && *l.manifest == collected.manifest => {
