@@ -115,13 +115,28 @@ impl Term {
             .contains(LocalFlags::ICANON | LocalFlags::ECHO)
     }
 
-    /// Waits for the CLI to exit (at most 60 s); its exit code.
+    /// Waits for the CLI to exit (at most 60 s), and for the screen to show all it wrote;
+    /// its exit code.
     pub async fn exit_code(&mut self) -> i32 {
         let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
             .await
             .unwrap_or_else(|_| panic!("crabbox did not exit; screen:\n{}", self.screen()))
             .expect("wait");
+        self.settle().await;
         status.code().unwrap_or(-1)
+    }
+
+    /// Waits until the screen's reader has read everything written to the terminal so
+    /// far: a mark written now comes after it, and is taken off the screen again.
+    async fn settle(&self) {
+        const MARK: &str = "<<screen-settled>>";
+        nix::unistd::write(self.pts.as_fd(), MARK.as_bytes()).expect("write the mark");
+        self.wait_for(MARK).await;
+        let mut screen = self.screen.lock().expect("screen");
+        let text = screen.clone();
+        if let Some(at) = text.windows(MARK.len()).position(|w| w == MARK.as_bytes()) {
+            screen.drain(at..at + MARK.len());
+        }
     }
 }
 
@@ -138,14 +153,13 @@ pub async fn tty_run_behaves_like_a_terminal(d: &Daemon, repo: &Path, prefix: &[
         (30, 100),
     );
     assert_eq!(t.exit_code().await, 3, "{}", t.screen());
-    // (What crabbox printed last may still be on its way from this test's terminal to the
-    // screen's reader when crabbox has exited: waited for, not looked for at once.)
-    t.wait_for("is-a-tty").await;
-    t.wait_for("30 100").await;
-    t.wait_for("term=xterm-crabbox-test").await;
+    let screen = t.screen();
+    assert!(screen.contains("is-a-tty"), "{screen}");
+    assert!(screen.contains("30 100"), "{screen}");
+    assert!(screen.contains("term=xterm-crabbox-test"), "{screen}");
     // The terminal has a name where the command runs (ttyname: `tty`, a password prompt),
     // not only the answers of isatty and TIOCGWINSZ.
-    t.wait_for("tty=/dev/").await;
+    assert!(screen.contains("tty=/dev/"), "{screen}");
     assert!(t.is_cooked(), "the terminal is cooked again after the run");
 
     // Raw here while it runs (the command's terminal echoes and edits), typed lines arrive,

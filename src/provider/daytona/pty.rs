@@ -222,6 +222,8 @@ impl DaytonaProvider {
                     }
                     None => break,
                     Some(Ok(_)) => {}
+                    // The exit was told: a connection dropped after it loses nothing.
+                    Some(Err(_)) if exit_code.is_some() => break,
                     Some(Err(err)) => {
                         return Err(e(ProviderErrorKind::Unavailable, format!("the terminal's stream broke: {err}")));
                     }

@@ -269,6 +269,32 @@ async fn run_to_end(
     Ok((exit, all, out, err))
 }
 
+/// Ends a WebSocket as the protocol asks (RFC 6455 7.1.1): the close frame (none: a plain
+/// close), then what the client still sends is read until its own close frame (at most
+/// [`CLOSE_WAIT`]), so that the connection is not dropped with the client's bytes unread:
+/// the kernel then resets it, and a client may lose what was sent before the reset (the
+/// exit, the close frame) to a "connection reset" error.
+async fn close_socket(
+    socket: &mut axum::extract::ws::WebSocket,
+    frame: Option<axum::extract::ws::CloseFrame>,
+) {
+    use axum::extract::ws::Message;
+    if socket.send(Message::Close(frame)).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// How long a closing WebSocket waits for the client's close frame.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn query(raw: &Option<String>) -> Vec<(String, String)> {
     raw.as_deref()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())

@@ -574,12 +574,14 @@ pub(super) async fn follow_logs(mut socket: WebSocket, cmd: Arc<Cmd>) {
             while reason.len() > 123 {
                 reason.pop();
             }
-            let _ = socket
-                .send(Message::Close(Some(CloseFrame {
+            super::close_socket(
+                &mut socket,
+                Some(CloseFrame {
                     code,
                     reason: reason.into(),
-                })))
-                .await;
+                }),
+            )
+            .await;
             return;
         }
         tokio::select! {

@@ -378,7 +378,7 @@ async fn refuse(mut socket: WebSocket, message: &str) {
         "error": format!("Failed to connect to PTY session: {message}"),
     });
     let _ = socket.send(Message::Text(msg.to_string().into())).await;
-    let _ = socket.send(Message::Close(None)).await;
+    super::close_socket(&mut socket, None).await;
 }
 
 /// One attached client: output to it, its frames to the shell, the exit at the end.
@@ -422,10 +422,10 @@ async fn attach(
                 }
                 // A client too slow for the terminal is dropped, as on Daytona.
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    let _ = socket.send(Message::Close(Some(CloseFrame {
+                    super::close_socket(&mut socket, Some(CloseFrame {
                         code: 1008,
                         reason: "slow consumer".into(),
-                    }))).await;
+                    })).await;
                     return;
                 }
                 Err(broadcast::error::RecvError::Closed) => {}
@@ -459,12 +459,14 @@ async fn attach(
     if let Some(r) = &reason {
         data["exitReason"] = json!(r);
     }
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
+    super::close_socket(
+        &mut socket,
+        Some(CloseFrame {
             code: if code == 0 { 1000 } else { 1011 },
             reason: data.to_string().into(),
-        })))
-        .await;
+        }),
+    )
+    .await;
 }
 
 async fn send_input(session: &PtySession, data: Vec<u8>) {
