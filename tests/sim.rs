@@ -280,7 +280,12 @@ async fn garbage_gets_daytona_errors_and_never_a_panic() {
     assert_eq!(resp.status().as_u16(), 401);
     r.call(M::POST, &format!("/api/sandbox/{id}/stop"), None)
         .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // (Stopped after the sim's stop delay: waited for, not slept on.)
+    common::eventually(30, "the sandbox stops", || async {
+        let (_, sb) = r.call(M::GET, &format!("/api/sandbox/{id}"), None).await;
+        (sb["state"] == "stopped").then_some(())
+    })
+    .await;
     let (status, body) = r
         .call(
             M::POST,
