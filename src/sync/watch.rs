@@ -127,6 +127,15 @@ impl TreeWatch {
             self.forget();
             return None;
         }
+        // Removed however this ends, also when the caller gives up waiting (a run whose
+        // client left): nothing of ours stays in the user's `.git`.
+        struct Sentinel(PathBuf);
+        impl Drop for Sentinel {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let sentinel = Sentinel(path);
         let arrived = async {
             loop {
                 // Listening before looking, so that a sentinel read in between is not
@@ -141,7 +150,7 @@ impl TreeWatch {
             }
         };
         let timed_out = tokio::time::timeout(SENTINEL_WAIT, arrived).await.is_err();
-        let _ = std::fs::remove_file(&path);
+        drop(sentinel);
         let mut st = self.state.lock().ok()?;
         let unknown = timed_out || st.unknown;
         st.unknown = false;
@@ -242,6 +251,17 @@ mod tests {
         git(r, &["add", "a.txt"]);
         assert_eq!(w.take().await, None, "the index changed");
         assert_eq!(w.take().await, Some(BTreeSet::new()));
+        // A take given up half-way (its caller dropped) leaves nothing in `.git`.
+        // (Given up at its first wait, which is nearly always before its event is read.)
+        for _ in 0..5 {
+            let _ = tokio::time::timeout(Duration::ZERO, w.take()).await;
+        }
+        let left: Vec<_> = std::fs::read_dir(r.join(".git"))
+            .expect("read .git")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(SENTINEL_PREFIX))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
         // A forgotten take: unknown next.
         std::fs::write(r.join("a.txt"), "c").expect("write");
         w.forget();
