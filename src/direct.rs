@@ -166,21 +166,9 @@ impl Handed {
         stream: &mut tokio::net::UnixStream,
         within: Duration,
     ) -> Result<String, String> {
-        use tokio::io::{AsyncWriteExt, Interest};
+        use tokio::io::AsyncWriteExt;
         let mut buf = [0u8; MESSAGE_LEN + 1];
-        let read = async {
-            loop {
-                stream.readable().await?;
-                match stream.try_io(Interest::READABLE, || {
-                    crate::fds::receive(stream.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT)
-                        .map_err(std::io::Error::from)
-                }) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                    got => return got,
-                }
-            }
-        };
-        let (len, fds) = tokio::time::timeout(within, read)
+        let (len, fds) = tokio::time::timeout(within, crate::fds::receive_from(stream, &mut buf))
             .await
             .map_err(|_| "no descriptor message in time".to_string())?
             .map_err(|e| format!("receiving descriptors: {e}"))?;

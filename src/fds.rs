@@ -47,29 +47,62 @@ pub fn receive(
     Ok((msg.bytes, fds))
 }
 
-/// Writes all of `buf` to the socket `fd` as [`write_all`] does, `attached` sent with its
-/// first byte.
+/// Waits until `socket` has something to read, then receives it as [`receive`] does
+/// (the socket is the runtime's, non-blocking).
+pub async fn receive_from(
+    socket: &tokio::net::UnixStream,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+    use std::os::fd::AsRawFd;
+    loop {
+        socket.readable().await?;
+        match socket.try_io(tokio::io::Interest::READABLE, || {
+            receive(socket.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT).map_err(std::io::Error::from)
+        }) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            got => return got,
+        }
+    }
+}
+
+/// Writes all of `buf` to `fd`, waiting for room when the descriptor is non-blocking
+/// (someone else's choice for a file it shares, or a socket's) rather than failing with
+/// EAGAIN.
+pub fn write_all(fd: BorrowedFd<'_>, buf: &[u8]) -> std::io::Result<()> {
+    write_all_with(fd, buf, None)
+}
+
+/// [`write_all`], with `attached` (a descriptor) sent on the first byte: `fd` is then a
+/// Unix socket.
 pub fn write_all_with(
     fd: BorrowedFd<'_>,
-    buf: &[u8],
-    attached: BorrowedFd<'_>,
+    mut buf: &[u8],
+    mut attached: Option<BorrowedFd<'_>>,
 ) -> std::io::Result<()> {
     use nix::errno::Errno;
     use std::os::fd::AsRawFd;
-    loop {
-        match send(
-            fd.as_raw_fd(),
-            buf,
-            &[attached.as_raw_fd()],
-            MsgFlags::MSG_NOSIGNAL,
-        ) {
+    while !buf.is_empty() {
+        let wrote = match attached {
+            Some(a) => send(
+                fd.as_raw_fd(),
+                buf,
+                &[a.as_raw_fd()],
+                MsgFlags::MSG_NOSIGNAL,
+            ),
+            None => nix::unistd::write(fd, buf),
+        };
+        match wrote {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => return write_all(fd, &buf[n..]),
+            Ok(n) => {
+                buf = &buf[n..];
+                attached = None;
+            }
             Err(Errno::EINTR) => {}
             Err(Errno::EAGAIN) => wait_writable(fd)?,
             Err(e) => return Err(e.into()),
         }
     }
+    Ok(())
 }
 
 fn wait_writable(fd: BorrowedFd<'_>) -> std::io::Result<()> {
@@ -80,21 +113,4 @@ fn wait_writable(fd: BorrowedFd<'_>) -> std::io::Result<()> {
         Ok(_) | Err(Errno::EINTR) => Ok(()),
         Err(e) => Err(e.into()),
     }
-}
-
-/// Writes all of `buf` to `fd`, waiting for room when the descriptor is non-blocking
-/// (someone else's choice for a file it shares, or a socket's) rather than failing with
-/// EAGAIN.
-pub fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> std::io::Result<()> {
-    use nix::errno::Errno;
-    while !buf.is_empty() {
-        match nix::unistd::write(fd, buf) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(Errno::EINTR) => {}
-            Err(Errno::EAGAIN) => wait_writable(fd)?,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
 }

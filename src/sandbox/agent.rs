@@ -499,15 +499,7 @@ async fn read_answers(
                 Err(e) => return e,
             }
         }
-        if let Err(e) = stream.readable().await {
-            return e;
-        }
-        let socket: &UnixStream = stream.as_ref();
-        let got = socket.try_io(Interest::READABLE, || {
-            crate::fds::receive(socket.as_raw_fd(), &mut chunk, MsgFlags::MSG_DONTWAIT)
-                .map_err(io::Error::from)
-        });
-        match got {
+        match crate::fds::receive_from(stream.as_ref(), &mut chunk).await {
             Ok((0, _)) => {
                 return io::Error::new(io::ErrorKind::UnexpectedEof, "the agent closed");
             }
@@ -515,7 +507,6 @@ async fn read_answers(
                 buf.extend_from_slice(&chunk[..n]);
                 terminals.extend(fds);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return e,
         }
     }
@@ -715,10 +706,7 @@ fn answer(control: &OwnedFd, message: &FromAgent) -> io::Result<()> {
 fn answer_with(control: &OwnedFd, message: &FromAgent, fd: Option<&OwnedFd>) -> io::Result<()> {
     let bytes = frame(message)?;
     // Blocking writes: the daemon reads its answers all the time.
-    match fd {
-        None => crate::fds::write_all(control.as_fd(), &bytes),
-        Some(fd) => crate::fds::write_all_with(control.as_fd(), &bytes, fd.as_fd()),
-    }
+    crate::fds::write_all_with(control.as_fd(), &bytes, fd.map(AsFd::as_fd))
 }
 
 fn handle(

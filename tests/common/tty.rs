@@ -133,8 +133,10 @@ impl Term {
         nix::unistd::write(self.pts.as_fd(), MARK.as_bytes()).expect("write the mark");
         self.wait_for(MARK).await;
         let mut screen = self.screen.lock().expect("screen");
-        let text = screen.clone();
-        if let Some(at) = text.windows(MARK.len()).position(|w| w == MARK.as_bytes()) {
+        if let Some(at) = screen
+            .windows(MARK.len())
+            .position(|w| w == MARK.as_bytes())
+        {
             screen.drain(at..at + MARK.len());
         }
     }
