@@ -540,3 +540,47 @@ async fn the_help_texts_curl_example_works_as_printed() {
         .expect("sent");
     assert_eq!(bad.status(), reqwest::StatusCode::BAD_REQUEST);
 }
+
+/// A WebSocket the sim ends while the client's frames are still unread (here: a refused
+/// PTY attach, which reads nothing before it closes) ends with the closing handshake, not a
+/// reset: the sim reads what the client sent until the client's close frame. Dropped with
+/// those bytes unread, the kernel would reset the connection, and a client could lose the
+/// frames sent before the reset (under load, crabbox's terminal client lost the exit so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_the_sim_ends_closes_cleanly_with_client_bytes_unread() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+    let r = start(|_| {}).await;
+    let id = r.started_sandbox().await;
+    let url = format!(
+        "{}/toolbox/{id}/process/pty/no-such-session/connect",
+        r.url.replacen("http://", "ws://", 1)
+    );
+    let mut request = url.into_client_request().expect("request");
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {KEY}").parse().expect("header"),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("connect");
+    // Bytes in flight that the refusing side never asks for, then time for it to be done.
+    ws.send(Message::Text("typed ahead".into()))
+        .await
+        .expect("send");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Err(_) => panic!("the socket neither closed nor ended; seen {seen:?}"),
+            Ok(None) => break,
+            Ok(Some(Ok(m))) => seen.push(m),
+            Ok(Some(Err(e))) => panic!("the socket ended with {e} after {seen:?}"),
+        }
+    }
+    assert!(
+        matches!(&seen[..], [Message::Text(t), Message::Close(_)]
+            if t.contains("Failed to connect to PTY session")),
+        "{seen:?}"
+    );
+}
