@@ -104,17 +104,19 @@ impl LeaseIndex {
     }
 
     /// The leases with an actor that `keep` accepts, oldest first (by creation time, then
-    /// id), after `after` and at most `limit` of them (records copied for those only), and
-    /// whether more follow.
-    pub fn page(
+    /// id), after `after` and at most `limit` of them, each made into what `make` makes of
+    /// it in place (nothing is copied for the others, nor a record for the page's); and,
+    /// when more follow, the (created ms, id) of the page's last.
+    pub fn page<T>(
         &self,
         keep: impl Fn(&LeaseRecord) -> bool,
         after: Option<(u64, &str)>,
         limit: usize,
-    ) -> (Vec<LeaseRecord>, bool) {
+        make: impl Fn(&LeaseRecord) -> T,
+    ) -> (Vec<T>, Option<(u64, String)>) {
         use std::ops::Bound;
         let Ok(order) = self.order.lock() else {
-            return (Vec::new(), false);
+            return (Vec::new(), None);
         };
         let start = match after {
             Some((ms, id)) => Bound::Excluded((ms, id.to_string())),
@@ -123,6 +125,7 @@ impl LeaseIndex {
         // In order from the page's start, until one past the page (the handles' shard
         // locks are taken under this one; nothing takes them the other way round).
         let mut page = Vec::new();
+        let mut last = None;
         for (_, id) in order.range((start, Bound::Unbounded)) {
             let Some(h) = self.by_id.get(id) else {
                 continue;
@@ -130,12 +133,13 @@ impl LeaseIndex {
             let r = h.state.borrow();
             if keep(&r) {
                 if page.len() == limit {
-                    return (page, true);
+                    return (page, last);
                 }
-                page.push(r.clone());
+                page.push(make(&r));
+                last = Some((r.created_at_ms, r.id.clone()));
             }
         }
-        (page, false)
+        (page, None)
     }
 
     /// How many leases with an actor are in each state, in O(1): kept as they move.

@@ -335,7 +335,13 @@ impl LeaseService for LeaseSvc {
         let req = req.into_inner();
         let filter = wire::ListFilter::from_request(&req)?;
         let index = &self.0.registry.index;
-        let (page, next_page_token) = if req.all {
+        let basic = req.view == pb::LeaseView::Basic as i32;
+        let make = if basic {
+            wire::lease_pb_basic
+        } else {
+            lease_pb
+        };
+        let (leases, next_page_token) = if req.all {
             let mut all = self.0.store.all_leases().map_err(Status::from)?;
             // The live view is fresher than the store for leases with an actor.
             for r in all.iter_mut() {
@@ -345,13 +351,14 @@ impl LeaseService for LeaseSvc {
             }
             all.retain(|r| filter.matches(r));
             all.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
-            filter.page(all)
+            let (page, token) = filter.page(all);
+            (page.iter().map(make).collect(), token)
         } else {
-            // Live leases only, read in place: only the page's records are copied. Pooled
-            // sandboxes are nobody's lease yet: shown by --all, --state pooled and
-            // `crabbox pool status`.
+            // Live leases only, read in place: each of the page's leases is made into its
+            // answer there, nothing else is copied. Pooled sandboxes are nobody's lease
+            // yet: shown by --all, --state pooled and `crabbox pool status`.
             let pooled = filter.names(LeaseState::Pooled);
-            let (page, more) = index.page(
+            let (page, last) = index.page(
                 |r| {
                     r.state != LeaseState::Released
                         && (r.state != LeaseState::Pooled || pooled)
@@ -359,22 +366,12 @@ impl LeaseService for LeaseSvc {
                 },
                 filter.after(),
                 filter.page_size(),
+                make,
             );
-            let token = wire::ListFilter::next_token(&page, more);
-            (page, token)
+            (page, wire::ListFilter::token_after(last))
         };
-        let basic = req.view == pb::LeaseView::Basic as i32;
         Ok(Response::new(pb::ListResponse {
-            leases: page
-                .iter()
-                .map(|r| {
-                    if basic {
-                        wire::lease_pb_basic(r)
-                    } else {
-                        lease_pb(r)
-                    }
-                })
-                .collect(),
+            leases,
             next_page_token,
         }))
     }
@@ -775,7 +772,7 @@ impl DaemonService for DaemonSvc {
                 echo(&name)
             )))
         })?;
-        let options = req.provider_options.into_iter().collect();
+        let options = req.provider_options;
         let checks = provider
             .doctor(&options)
             .await

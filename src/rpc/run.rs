@@ -491,7 +491,7 @@ impl Run {
                 words
             }
         };
-        let mut env: BTreeMap<String, String> = self.req.env.clone().into_iter().collect();
+        let mut env: BTreeMap<String, String> = self.req.env.clone();
         env.insert("CRABBOX".into(), "1".into());
         env.insert("CRABBOX_LEASE_ID".into(), record.id.clone());
         let tty = self.req.tty.as_ref().map(clamp_size);

@@ -25,7 +25,7 @@ pub fn state_pb(s: LeaseState) -> pb::LeaseState {
 /// A lease as the wire shows it.
 pub fn lease_pb(r: &LeaseRecord) -> pb::Lease {
     pb::Lease {
-        labels: r.labels().into_iter().collect(),
+        labels: r.labels(),
         ..lease_pb_basic(r)
     }
 }
@@ -45,11 +45,7 @@ pub fn lease_pb_basic(r: &LeaseRecord) -> pb::Lease {
         last_touched_at: Some(timestamp(r.last_touched_ms)),
         keep: r.keep,
         labels: Default::default(),
-        user_labels: r
-            .user_labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        user_labels: r.user_labels.clone(),
         reason: r.reason.clone().unwrap_or_default(),
         ttl_secs: r.ttl_secs,
         idle_timeout_secs: r.idle_timeout_secs,
@@ -71,9 +67,9 @@ pub fn acquire_spec(req: pb::WarmupRequest, keep: bool, repo_root: &str) -> Acqu
         ttl_secs: req.ttl_secs,
         idle_timeout_secs: req.idle_timeout_secs,
         keep,
-        labels: req.labels.into_iter().collect(),
+        labels: req.labels,
         repo_root: (!repo_root.is_empty()).then(|| repo_root.to_string()),
-        provider_options: req.provider_options.into_iter().collect(),
+        provider_options: req.provider_options,
         fresh_run: None,
         slot_ticket: None,
     }
@@ -167,12 +163,10 @@ impl ListFilter {
         self.after.as_ref().map(|(ms, id)| (*ms, id.as_str()))
     }
 
-    /// The token of the page after `page`, when `more` follow.
-    pub fn next_token(page: &[LeaseRecord], more: bool) -> String {
-        match (more, page.last()) {
-            (true, Some(r)) => format!("{}.{}", r.created_at_ms, r.id),
-            _ => String::new(),
-        }
+    /// The token of the page after the one whose last lease was `last` (none: no more).
+    pub fn token_after(last: Option<(u64, String)>) -> String {
+        last.map(|(ms, id)| format!("{ms}.{id}"))
+            .unwrap_or_default()
     }
 
     pub fn matches(&self, r: &LeaseRecord) -> bool {
@@ -197,10 +191,7 @@ impl ListFilter {
             return (sorted, String::new());
         }
         sorted.truncate(self.page_size);
-        let token = sorted
-            .last()
-            .map(|r| format!("{}.{}", r.created_at_ms, r.id))
-            .unwrap_or_default();
-        (sorted, token)
+        let last = sorted.last().map(|r| (r.created_at_ms, r.id.clone()));
+        (sorted, Self::token_after(last))
     }
 }

@@ -1,6 +1,6 @@
 //! One function per subcommand.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde_json::json;
@@ -460,8 +460,8 @@ fn apply_daytona_flags(s: &mut Settings, f: &super::DaytonaFlags) {
 }
 
 /// `k=v` labels, config labels first.
-fn labels(ctx: &Ctx, opts: &LeaseOpts) -> Result<HashMap<String, String>, CliError> {
-    let mut out: HashMap<String, String> = ctx.settings.labels.clone().into_iter().collect();
+fn labels(ctx: &Ctx, opts: &LeaseOpts) -> Result<BTreeMap<String, String>, CliError> {
+    let mut out: BTreeMap<String, String> = ctx.settings.labels.clone().into_iter().collect();
     if let Some(env) = &ctx.settings.environment {
         out.extend(env.labels.clone());
     }
@@ -501,8 +501,8 @@ fn warmup_request(
 }
 
 /// The non-secret provider options the daemon needs per lease.
-fn provider_options(ctx: &Ctx) -> Result<HashMap<String, String>, CliError> {
-    let mut o = HashMap::new();
+fn provider_options(ctx: &Ctx) -> Result<BTreeMap<String, String>, CliError> {
+    let mut o = BTreeMap::new();
     if ctx.settings.provider == "daytona" {
         let d = &ctx.settings.daytona;
         for (k, v) in [
@@ -888,7 +888,7 @@ async fn list(ctx: &Ctx, args: ListArgs) -> Result<i32, CliError> {
         output::team_leases(ctx.json, &r.team, &leases);
         return Ok(exit::OK);
     }
-    let mut labels = std::collections::HashMap::new();
+    let mut labels = std::collections::BTreeMap::new();
     for l in &args.label {
         let (k, v) = l.split_once('=').ok_or_else(|| {
             CliError::usage(format!(

@@ -1,6 +1,6 @@
 //! `run` and `ssh`: the commands that run something in a lease.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -12,8 +12,8 @@ use crate::cli::output::{lease_json, print_json, state_name};
 use crate::cli::{CliError, OutputFormat, RunArgs, exit};
 use crate::pb;
 
-pub(super) fn env_pairs(names: &[String]) -> Result<HashMap<String, String>, CliError> {
-    let mut env = HashMap::new();
+pub(super) fn env_pairs(names: &[String]) -> Result<BTreeMap<String, String>, CliError> {
+    let mut env = BTreeMap::new();
     for n in names {
         match n.split_once('=') {
             Some((k, v)) => {
