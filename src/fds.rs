@@ -114,3 +114,67 @@ fn wait_writable(fd: BorrowedFd<'_>) -> std::io::Result<()> {
         Err(e) => Err(e.into()),
     }
 }
+
+/// Makes every descriptor from 3 up close-on-exec, so that nothing this process inherited
+/// (a shell's stray pipe, the descriptors a daemon's starter had open) or was handed goes
+/// on into the programs it starts: a sandbox command that holds a pipe open keeps its
+/// reader from ever seeing the end (a CI step that never finishes), and one that holds the
+/// agent's control socket could speak for the agent. This process's own use of them is
+/// unchanged. One `close_range` (Linux 5.11); on an older kernel each open descriptor (as
+/// `/proc/self/fd` lists them). Answers how many the fallback marked (0 with close_range).
+pub fn close_on_exec_from_3() -> std::io::Result<usize> {
+    use nix::libc;
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on open descriptors.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc == 0 {
+        return Ok(0);
+    }
+    let mut marked = 0;
+    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_GETFD/F_SETFD on a descriptor number; one that closed in between
+        // (the directory's own) fails harmlessly.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) == 0 {
+                marked += 1;
+            }
+        }
+    }
+    Ok(marked)
+}
+
+#[cfg(test)]
+mod cloexec_tests {
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn inherited_descriptors_become_close_on_exec() {
+        let (r, w) = nix::unistd::pipe().expect("pipe");
+        for fd in [r.as_raw_fd(), w.as_raw_fd()] {
+            // SAFETY: clearing FD_CLOEXEC on a pipe this test owns.
+            assert_eq!(unsafe { nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) }, 0);
+        }
+        super::close_on_exec_from_3().expect("marked");
+        for fd in [r.as_raw_fd(), w.as_raw_fd()] {
+            // SAFETY: reading the flags of a descriptor this test owns.
+            let flags = unsafe { nix::libc::fcntl(fd, nix::libc::F_GETFD) };
+            assert_eq!(
+                flags & nix::libc::FD_CLOEXEC,
+                nix::libc::FD_CLOEXEC,
+                "fd {fd}"
+            );
+        }
+    }
+}

@@ -891,3 +891,62 @@ async fn a_new_agent_first_ends_what_a_gone_jail_left_in_the_sandboxs_cgroup() {
         .expect(0);
     assert_eq!(out.stdout(), "fine\n");
 }
+
+/// A sandbox command gets its stdin, stdout and stderr and no other descriptor: not one the
+/// daemon was started with (here a pipe, as a shell or a CI runner may leave open; held by
+/// a command, its reader would never see the end), nor the agent's control socket (with
+/// which a command could speak for the agent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_holds_no_descriptor_of_the_daemon_or_its_agent() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("d.sock");
+    let (_read, write) = nix::unistd::pipe().expect("pipe");
+    let stray = write.as_raw_fd();
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"));
+    c.arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("CRABBOX_CONFIG", "/dev/null")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    // SAFETY: fcntl is async-signal-safe; the daemon inherits the pipe as a shell's child
+    // inherits what the shell left open.
+    unsafe {
+        c.pre_exec(move || {
+            if nix::libc::fcntl(stray, nix::libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut daemon = c.spawn().expect("crabboxd");
+    drop(write);
+    eventually(10, "the daemon's socket", || async {
+        socket.exists().then_some(())
+    })
+    .await;
+    let r = repo();
+    // `; true`: the shell forks ls (rather than becoming it), so ls lists the shell's.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"))
+        .current_dir(r.path())
+        .env("CRABBOX_SOCKET", &socket)
+        .env("CRABBOX_NO_AUTOSTART", "1")
+        .env("CRABBOX_CONFIG", "/dev/null")
+        .args(["run", "-q", "--", "sh", "-c", "ls /proc/$$/fd; true"])
+        .output()
+        .await
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n1\n2\n", "{err}");
+    if let Some(pid) = daemon.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), daemon.wait()).await;
+}

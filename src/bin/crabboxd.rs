@@ -49,6 +49,15 @@ fn main() -> anyhow::Result<()> {
     // A local sandbox's agent is this binary too, started by the daemon in the jail: it
     // runs before anything else (one thread, no runtime).
     crabbox::sandbox::agent::run_if_asked();
+    // What this daemon inherited beyond stdio (a shell's or a CI runner's open pipes, a
+    // socket-activation listener) stays its own: the sandboxes' jails and commands it
+    // starts never hold them (a pipe held open there would never end for its reader).
+    if let Err(e) = crabbox::fds::close_on_exec_from_3() {
+        eprintln!(
+            "crabboxd: warning: cannot mark inherited descriptors close-on-exec ({e}): \
+             sandbox commands may hold what this daemon was started with"
+        );
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

@@ -110,6 +110,10 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // Sandbox commands get their own descriptors, never what the sim was started with.
+    if let Err(e) = crabbox::fds::close_on_exec_from_3() {
+        tracing::warn!(error = %e, "cannot mark inherited descriptors close-on-exec");
+    }
     let mut config = SimConfig::new(args.state_dir.clone());
     config.api_keys = args.api_keys;
     config.jwt = args.jwt;

@@ -570,6 +570,12 @@ pub fn run_if_asked() {
     // SAFETY: both were handed to this process at exec for it alone.
     drop(unsafe { OwnedFd::from_raw_fd(exe) });
     let control = unsafe { OwnedFd::from_raw_fd(control) };
+    // The commands get their three descriptors and nothing else: not the control socket
+    // (which came through exec), nor whatever the daemon's own starter left open.
+    if let Err(e) = crate::fds::close_on_exec_from_3() {
+        eprintln!("crabboxd {AGENT_FLAG}: cannot keep descriptors from the commands: {e}");
+        std::process::exit(1);
+    }
     let code = match serve(control) {
         Ok(()) => 0,
         Err(e) => {
