@@ -3,7 +3,8 @@ a 10,000-file, ~50 MB repo, in one run:
 
 - bytes on the wire per sync (request bodies as the sim counts them) and requests, for an
   unchanged tree, a 1-file change (against that file gzipped alone) and a deletion;
-- the wall time of an unchanged run against a `--no-sync` run of the same lease (the scan);
+- the wall time of an unchanged run against a `--no-sync` run of the same lease (the scan;
+  taken in turns);
 - locally: a warm `crabbox run -- true` and `crabbox --version` against `sh -c true` (taken
   in turns, one of each per round), and
   the floor of any client/daemon design on this machine (bench/floor: a dependency-free
@@ -44,13 +45,16 @@ def daemon(name, extra):
     return env
 
 
-def timed(cmd, cwd, env, runs=RUNS):
-    out = []
+def timed(cmds, cwd, env, runs=RUNS):
+    """Medians of `cmds` taken in turns, one of each per round: a drift of the machine (the
+    page cache writing back a large first sync, another process) weighs on all alike."""
+    out = [[] for _ in cmds]
     for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, check=True)
-        out.append((time.perf_counter() - t) * 1000)
-    return med(out)
+        for i, cmd in enumerate(cmds):
+            t = time.perf_counter()
+            subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, check=True)
+            out[i].append((time.perf_counter() - t) * 1000)
+    return [med(o) for o in out]
 
 
 try:
@@ -109,10 +113,11 @@ try:
     doc, n, body, sync_bytes = sent(cb + ["--", "true"], repo, env)
     print(f"1-file deletion: {sync_bytes:8d} B of sync, {n} requests in all")
 
-    synced = timed([f"{BIN}/crabbox", "run", "--", "true"], repo, env)
-    nosync = timed([f"{BIN}/crabbox", "run", "--no-sync", "--", "true"], repo, env)
-    print(f"unchanged run {synced:.1f} ms vs --no-sync run {nosync:.1f} ms (baseline): "
-          f"ratio {synced / nosync:.2f}x")
+    synced, nosync = timed([[f"{BIN}/crabbox", "run", "--", "true"],
+                            [f"{BIN}/crabbox", "run", "--no-sync", "--", "true"]], repo, env,
+                           RUNS * 2)
+    print(f"unchanged run {synced:.1f} ms vs --no-sync run {nosync:.1f} ms (baseline), in "
+          f"turns, medians of {RUNS * 2}: ratio {synced / nosync:.2f}x")
 
     local = daemon("local", {})
     small = f"{work}/small"
