@@ -134,7 +134,10 @@ pub async fn run(
     let _open = out.clone();
     let (mut child, pumps) = match (&spec.agent, spec.tty) {
         (Some(agent), tty) => by_agent(agent, spec, tty, input, out).await?,
-        (None, Some(size)) => spawn_on_pty(spec, size, input, out)?,
+        (None, Some(size)) => match terminal_agent(spec) {
+            Some(agent) => by_agent(&agent?, spec, Some(size), input, out).await?,
+            None => spawn_on_pty(spec, size, input, out)?,
+        },
         (None, None) => spawn_piped(spec, input, out)?,
     };
 
@@ -219,6 +222,25 @@ impl Running {
             Running::Agent(c) => c.signal(signal),
         }
     }
+}
+
+/// For a jailed command on a terminal without a sandbox agent (daytona-sim's): an agent of
+/// its own, started in the command's jail for this command alone, so that the terminal is
+/// opened inside the jail and has a name there (`/dev/pts/N`, as on Daytona; one opened
+/// here is of this machine's devpts, which the jail does not show). It ends with the
+/// command (the command's child holds it). None without a jail or an agent program: the
+/// terminal is then opened here.
+fn terminal_agent(spec: &ProcessSpec) -> Option<io::Result<std::sync::Arc<super::agent::Agent>>> {
+    let jail = spec.jail.as_ref()?;
+    let program = super::agent::program()?;
+    Some(super::agent::Agent::spawn(
+        program,
+        &super::agent::AgentSpec {
+            jail: Some(jail),
+            cgroup_procs: &spec.cgroup_procs,
+            dir: &spec.cwd,
+        },
+    ))
 }
 
 /// The command started by the sandbox's agent: on pipes made here (stdout and stderr
