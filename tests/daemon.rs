@@ -1034,11 +1034,7 @@ async fn socket_activation_and_readiness_work_as_systemd_does_them() {
     })
     .await;
     let r = repo();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"))
-        .current_dir(r.path())
-        .env("CRABBOX_SOCKET", &socket)
-        .env("CRABBOX_NO_AUTOSTART", "1")
-        .env("CRABBOX_CONFIG", "/dev/null")
+    let out = common::cli_at(&socket, r.path())
         .args(["run", "--", "echo", "activated"])
         .output()
         .await
@@ -1105,13 +1101,8 @@ async fn the_log_file_rotates_and_logs_follows_it_without_losing_a_line() {
     eventually(10, "the socket", || async { socket.exists().then_some(()) }).await;
     let r = repo();
     let cli = |args: &[&str]| {
-        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"));
-        c.current_dir(r.path())
-            .env("CRABBOX_SOCKET", &socket)
-            .env("CRABBOX_STATE_DIR", &state)
-            .env("CRABBOX_NO_AUTOSTART", "1")
-            .env("CRABBOX_CONFIG", "/dev/null")
-            .args(args);
+        let mut c = common::cli_at(&socket, r.path());
+        c.env("CRABBOX_STATE_DIR", &state).args(args);
         c
     };
     let mut follow = cli(&["daemon", "logs", "-f"])

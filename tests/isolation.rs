@@ -10,17 +10,27 @@ use common::{Daemon, eventually, repo};
 
 /// A crabboxd process with its socket (`d.sock`) and state in `dir`, reading `cfg`.
 fn crabboxd(dir: &Path, cfg: &Path, stderr: std::process::Stdio) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"))
-        .arg("--socket")
+    crabboxd_command(dir, cfg, stderr)
+        .spawn()
+        .expect("crabboxd")
+}
+
+/// [`crabboxd`]'s command, not started yet.
+fn crabboxd_command(
+    dir: &Path,
+    cfg: &Path,
+    stderr: std::process::Stdio,
+) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"));
+    c.arg("--socket")
         .arg(dir.join("d.sock"))
         .arg("--state-dir")
         .arg(dir.join("state"))
         .env("CRABBOX_CONFIG", cfg)
         .stdout(std::process::Stdio::null())
         .stderr(stderr)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("crabboxd")
+        .kill_on_drop(true);
+    c
 }
 
 /// The daemon for a test of the jail; none (the test has nothing to check) when the jail
@@ -335,11 +345,7 @@ async fn without_bubblewrap_local_commands_are_refused_unless_isolation_is_off()
         // release, which ends everything in the sandbox's cgroup.)
         let secs = format!("{}", 60_000 + std::process::id() % 10_000);
         let escapee = format!("setsid sleep {secs} >/dev/null 2>&1 </dev/null & echo ran");
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"))
-            .current_dir(r.path())
-            .env("CRABBOX_SOCKET", &socket)
-            .env("CRABBOX_NO_AUTOSTART", "1")
-            .env("CRABBOX_CONFIG", "/dev/null")
+        let out = common::cli_at(&socket, r.path())
             .args(["run", "--", "sh", "-c", &escapee])
             .output()
             .await
@@ -382,11 +388,7 @@ async fn config_local_shows_mounts_and_can_turn_the_jail_off() {
         let r = r.path().to_path_buf();
         async move {
             eventually(10, "the daemon", || async { socket.exists().then_some(()) }).await;
-            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"))
-                .current_dir(&r)
-                .env("CRABBOX_SOCKET", &socket)
-                .env("CRABBOX_NO_AUTOSTART", "1")
-                .env("CRABBOX_CONFIG", "/dev/null")
+            let out = common::cli_at(&socket, &r)
                 .args(["run", "--", "sh", "-c", &script])
                 .output()
                 .await
@@ -463,12 +465,8 @@ async fn a_fork_bomb_hits_the_process_limit_and_dies_with_its_timeout() {
     eventually(10, "the daemon", || async { socket.exists().then_some(()) }).await;
     let r = repo();
     let cli = |args: &[&str]| {
-        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"));
-        c.current_dir(r.path())
-            .env("CRABBOX_SOCKET", &socket)
-            .env("CRABBOX_NO_AUTOSTART", "1")
-            .env("CRABBOX_CONFIG", "/dev/null")
-            .args(args);
+        let mut c = common::cli_at(&socket, r.path());
+        c.args(args);
         c
     };
     // The limit is there, in a cgroup of the command's own.
@@ -903,15 +901,11 @@ async fn a_command_holds_no_descriptor_of_the_daemon_or_its_agent() {
     let socket = dir.path().join("d.sock");
     let (_read, write) = nix::unistd::pipe().expect("pipe");
     let stray = write.as_raw_fd();
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabboxd"));
-    c.arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .env("CRABBOX_CONFIG", "/dev/null")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true);
+    let mut c = crabboxd_command(
+        dir.path(),
+        Path::new("/dev/null"),
+        std::process::Stdio::null(),
+    );
     // SAFETY: fcntl is async-signal-safe; the daemon inherits the pipe as a shell's child
     // inherits what the shell left open.
     unsafe {
@@ -930,11 +924,7 @@ async fn a_command_holds_no_descriptor_of_the_daemon_or_its_agent() {
     .await;
     let r = repo();
     // `; true`: the shell forks ls (rather than becoming it), so ls lists the shell's.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"))
-        .current_dir(r.path())
-        .env("CRABBOX_SOCKET", &socket)
-        .env("CRABBOX_NO_AUTOSTART", "1")
-        .env("CRABBOX_CONFIG", "/dev/null")
+    let out = common::cli_at(&socket, r.path())
         .args(["run", "-q", "--", "sh", "-c", "ls /proc/$$/fd; true"])
         .output()
         .await

@@ -20,6 +20,17 @@ use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// The `crabbox` binary in `cwd`, pointed at a daemon process listening on `socket` (one a
+/// test started itself), never autostarting one, reading no config.
+pub fn cli_at(socket: &Path, cwd: &Path) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_crabbox"));
+    c.current_dir(cwd)
+        .env("CRABBOX_SOCKET", socket)
+        .env("CRABBOX_NO_AUTOSTART", "1")
+        .env("CRABBOX_CONFIG", "/dev/null");
+    c
+}
+
 /// A daemon running inside the test process.
 pub struct Daemon {
     pub dir: TempDir,
