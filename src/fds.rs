@@ -121,8 +121,8 @@ fn wait_writable(fd: BorrowedFd<'_>) -> std::io::Result<()> {
 /// reader from ever seeing the end (a CI step that never finishes), and one that holds the
 /// agent's control socket could speak for the agent. This process's own use of them is
 /// unchanged. One `close_range` (Linux 5.11); on an older kernel each open descriptor (as
-/// `/proc/self/fd` lists them). Answers how many the fallback marked (0 with close_range).
-pub fn close_on_exec_from_3() -> std::io::Result<usize> {
+/// `/proc/self/fd` lists them).
+pub fn close_on_exec_from_3() -> std::io::Result<()> {
     use nix::libc;
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on open descriptors.
     let rc = unsafe {
@@ -134,9 +134,8 @@ pub fn close_on_exec_from_3() -> std::io::Result<usize> {
         )
     };
     if rc == 0 {
-        return Ok(0);
+        return Ok(());
     }
-    let mut marked = 0;
     let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
@@ -147,12 +146,12 @@ pub fn close_on_exec_from_3() -> std::io::Result<usize> {
         // (the directory's own) fails harmlessly.
         unsafe {
             let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags >= 0 && libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) == 0 {
-                marked += 1;
+            if flags >= 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
             }
         }
     }
-    Ok(marked)
+    Ok(())
 }
 
 #[cfg(test)]
