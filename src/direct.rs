@@ -67,7 +67,13 @@ pub fn hand_over(
     stream
         .set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
-    let token = format!("{:032x}", rand::random::<u128>());
+    // Straight from the kernel: `rand::random` would first seed a ChaCha generator, whose
+    // CPU feature probe (CPUID, a trap into the hypervisor on a VM) costs a short-lived
+    // CLI more than the bytes.
+    let mut bytes = [0u8; 16];
+    rand::TryRngCore::try_fill_bytes(&mut rand::rngs::OsRng, &mut bytes)
+        .map_err(|e| format!("no random token from the kernel: {e}"))?;
+    let token = format!("{:032x}", u128::from_le_bytes(bytes));
     send(&stream, &token, stdout, stderr)?;
     let mut ack = [0u8; 1];
     use std::io::Read;

@@ -2492,3 +2492,45 @@ async fn a_port_served_in_the_lease_is_reachable() {
     d.run(r.path(), &["warmup"]).await.expect(0);
     common::copy::a_port_served_in_the_lease_is_reachable(&d, r.path(), &[], false).await;
 }
+
+/// Whether the ELF executable at `path` asks for a dynamic loader (has a PT_INTERP
+/// program header).
+fn asks_for_a_loader(path: &str) -> bool {
+    let elf = std::fs::read(path).expect("reading the binary");
+    assert_eq!(&elf[..4], b"\x7fELF", "{path} is not an ELF file");
+    let u16_at = |at: usize| u16::from_le_bytes([elf[at], elf[at + 1]]) as usize;
+    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().expect("8 bytes")) as usize;
+    let (size, count) = (u16_at(0x36), u16_at(0x38));
+    (0..count).any(|i| {
+        let at = phoff + i * size;
+        u32::from_le_bytes(elf[at..at + 4].try_into().expect("4 bytes")) == 3 // PT_INTERP
+    })
+}
+
+/// The CLI starts for every command, so it is linked statically (scripts/rustc-wrapper)
+/// wherever the machine has a static libc; the daemon is linked as usual.
+#[test]
+fn the_cli_is_linked_statically_where_the_machine_can() {
+    let libc = std::process::Command::new("cc")
+        .arg("-print-file-name=libc.a")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let cli = env!("CARGO_BIN_EXE_crabbox");
+    let can = cfg!(target_os = "linux")
+        && std::env::var_os("RUSTC_WRAPPER").is_none()
+        && libc.starts_with('/')
+        && Path::new(&libc).is_file();
+    assert_eq!(
+        asks_for_a_loader(cli),
+        !can,
+        "crabbox static: expected {can} (libc.a: {libc:?})"
+    );
+    assert!(asks_for_a_loader(env!("CARGO_BIN_EXE_crabboxd")));
+    let out = std::process::Command::new(cli)
+        .arg("--version")
+        .output()
+        .expect("crabbox --version");
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("crabbox "));
+}
