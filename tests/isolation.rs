@@ -743,6 +743,35 @@ async fn local_output_goes_straight_to_the_clients_stdout() {
     .await
     .expect("the CLI's output ends with it");
     assert_ne!(o.code(), 0);
+    // A background job of a command that wrote straight to the client ends with the
+    // command: holding the client's stdout, it would keep its reader (here the test's
+    // pipe) waiting for an end until it exits itself. Several times: the daemon tells the
+    // agent "kill the group", then "forget the command", from tasks of their own.
+    for i in 0..5 {
+        let secs = format!("{}", 90_000 + i * 1_000 + std::process::id() % 1_000);
+        let o = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            d.run(
+                r.path(),
+                &[
+                    "run",
+                    "--",
+                    "sh",
+                    "-c",
+                    &format!("sleep {secs} & echo started"),
+                ],
+            ),
+        )
+        .await
+        .expect("the client's stdout ends with the command, not with its background job")
+        .expect(0);
+        assert_eq!(o.stdout(), "started\n");
+        let cmdline = format!("sleep\0{secs}\0");
+        eventually(10, "no sleep left on this machine", || async {
+            (!host_has(&cmdline)).then_some(())
+        })
+        .await;
+    }
 }
 
 /// A local sandbox's commands are started by its agent, inside its jail: one agent for all
