@@ -127,15 +127,11 @@ impl TreeWatch {
             self.forget();
             return None;
         }
-        // Removed however this ends, also when the caller gives up waiting (a run whose
-        // client left): nothing of ours stays in the user's `.git`.
-        struct Sentinel(PathBuf);
-        impl Drop for Sentinel {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_file(&self.0);
-            }
-        }
-        let sentinel = Sentinel(path);
+        // Removed at once: its creation is queued already, and either of its two events
+        // says "read up to here". Both are then most often read in one wake-up of the
+        // watcher's thread, and nothing of ours stays in the user's `.git`, whatever
+        // happens next.
+        let _ = std::fs::remove_file(&path);
         let arrived = async {
             loop {
                 // Listening before looking, so that a sentinel read in between is not
@@ -150,7 +146,6 @@ impl TreeWatch {
             }
         };
         let timed_out = tokio::time::timeout(SENTINEL_WAIT, arrived).await.is_err();
-        drop(sentinel);
         let mut st = self.state.lock().ok()?;
         let unknown = timed_out || st.unknown;
         st.unknown = false;
@@ -251,8 +246,9 @@ mod tests {
         git(r, &["add", "a.txt"]);
         assert_eq!(w.take().await, None, "the index changed");
         assert_eq!(w.take().await, Some(BTreeSet::new()));
-        // A take given up half-way (its caller dropped) leaves nothing in `.git`.
-        // (Given up at its first wait, which is nearly always before its event is read.)
+        // A take given up half-way (its caller dropped at its first wait, nearly always
+        // before its event is read) leaves nothing in `.git`, and the next take still
+        // waits for its own sentinel.
         for _ in 0..5 {
             let _ = tokio::time::timeout(Duration::ZERO, w.take()).await;
         }
@@ -262,6 +258,9 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with(SENTINEL_PREFIX))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+        std::fs::write(r.join("a.txt"), "after").expect("write");
+        let got = w.take().await.expect("known");
+        assert!(got.contains("a.txt"), "{got:?}");
         // A forgotten take: unknown next.
         std::fs::write(r.join("a.txt"), "c").expect("write");
         w.forget();
