@@ -67,13 +67,7 @@ pub fn hand_over(
     stream
         .set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
-    // Straight from the kernel: `rand::random` would first seed a ChaCha generator, whose
-    // CPU feature probe (CPUID, a trap into the hypervisor on a VM) costs a short-lived
-    // CLI more than the bytes.
-    let mut bytes = [0u8; 16];
-    rand::TryRngCore::try_fill_bytes(&mut rand::rngs::OsRng, &mut bytes)
-        .map_err(|e| format!("no random token from the kernel: {e}"))?;
-    let token = format!("{:032x}", u128::from_le_bytes(bytes));
+    let token = format!("{:032x}", u128::from_le_bytes(random_bytes()?));
     send(&stream, &token, stdout, stderr)?;
     let mut ack = [0u8; 1];
     use std::io::Read;
@@ -84,6 +78,29 @@ pub fn hand_over(
             "waiting for the daemon to take the descriptors: {e}"
         )),
     }
+}
+
+/// 16 bytes straight from the kernel (one getrandom(2)): `rand::random` would first seed
+/// a ChaCha generator, whose CPU feature probe (CPUID, a trap into the hypervisor on a VM)
+/// costs a short-lived CLI more than the bytes, and `rand`'s OsRng, in the statically
+/// linked CLI, cannot find glibc's getrandom and reads /dev/random and /dev/urandom.
+fn random_bytes() -> Result<[u8; 16], String> {
+    let mut bytes = [0u8; 16];
+    let mut at = 0;
+    while at < bytes.len() {
+        let rest = &mut bytes[at..];
+        // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`.
+        let n = unsafe { nix::libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("no random token from the kernel (getrandom): {e}"));
+        }
+        at += n as usize;
+    }
+    Ok(bytes)
 }
 
 /// The client's message on `stream`: `token`, which streams follow, and their descriptors.
@@ -229,6 +246,13 @@ mod tests {
     use super::*;
     use std::io::Read;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn tokens_are_random() {
+        let (a, b) = (random_bytes().expect("a"), random_bytes().expect("b"));
+        assert_ne!(a, b);
+        assert_ne!(a, [0u8; 16]);
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_sink_writes_everything_in_order_even_into_a_non_blocking_pipe() {
