@@ -26,6 +26,10 @@ use crate::registry::{Registry, RegistryCtx};
 use crate::rpc::{self, Api, Caller};
 pub use socket::{BoundSocket, bind_unix, from_systemd};
 
+/// How often the daemon looks for checkouts to stop watching
+/// ([`crate::sync::watch::IDLE_WATCH`]).
+const PRUNE_CHECKOUTS_EVERY: Duration = Duration::from_secs(60);
+
 /// How a daemon runs.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -302,6 +306,38 @@ pub async fn run(
             }
         })
     };
+    // Checkouts no lease claims and no run used for a while stop being watched.
+    let pruner = {
+        let api = api.clone();
+        let token = token.clone();
+        let seeded: std::collections::HashSet<PathBuf> =
+            config.pools.iter().flat_map(|p| p.repos.clone()).collect();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(PRUNE_CHECKOUTS_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    () = token.cancelled() => break,
+                }
+                let (api, seeded) = (api.clone(), seeded.clone());
+                let pruned = tokio::task::spawn_blocking(move || {
+                    api.checkouts
+                        .prune(Instant::now(), crate::sync::watch::IDLE_WATCH, |root| {
+                            seeded.contains(root)
+                                || root
+                                    .to_str()
+                                    .is_some_and(|r| api.registry.index.claimed_by(r).is_some())
+                        })
+                })
+                .await
+                .unwrap_or(0);
+                if pruned > 0 {
+                    tracing::debug!(pruned, "stopped watching checkouts left idle");
+                }
+            }
+        })
+    };
     if let Some(listener) = &config.metrics {
         let listener = listener
             .try_clone()
@@ -383,6 +419,7 @@ pub async fn run(
     // Every lease is persisted at each move; stop the actors (they hold the store).
     registry.stop(registry_join, Duration::from_secs(2)).await;
     let _ = flusher.await;
+    let _ = pruner.await;
     if let Err(e) = api.store.flush() {
         tracing::warn!(error = %e, "could not flush the store at shutdown");
     }

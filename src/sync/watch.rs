@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use notify::{RecursiveMode, Watcher};
 
@@ -266,6 +266,31 @@ mod tests {
         w.forget();
         assert_eq!(w.take().await, None);
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkout_left_idle_is_no_longer_watched_unless_in_use() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = dir.path();
+        git(r, &["init", "-q"]);
+        std::fs::write(r.join("a.txt"), "a").expect("write");
+        let rules = crate::sync::SyncRules::default();
+        let c = Checkouts::default();
+        let first = c.collect(r, rules.clone(), || None).await.expect("collect");
+        assert_eq!(c.count(), 1);
+        let now = Instant::now();
+        assert_eq!(c.prune(now, IDLE_WATCH, |_| false), 0, "just used");
+        let later = now + IDLE_WATCH;
+        assert_eq!(c.prune(later, IDLE_WATCH, |p| p == r), 0, "claimed");
+        assert_eq!(c.prune(later, IDLE_WATCH, |_| false), 1, "idle");
+        assert_eq!(c.count(), 0);
+        // Used again: watched again, and what it finds is right (a scan, a new record).
+        std::fs::write(r.join("b.txt"), "b").expect("write");
+        let again = c.collect(r, rules.clone(), || None).await.expect("collect");
+        assert_eq!(c.count(), 1);
+        assert_eq!(first.manifest.files.len() + 1, again.manifest.files.len());
+        let unchanged = c.collect(r, rules, || None).await.expect("collect");
+        assert_eq!(unchanged.generation, again.generation);
+    }
 }
 
 /// The checkouts this daemon syncs, each watched (when it can be) with what its last
@@ -290,7 +315,14 @@ struct Checkout {
     last: Arc<tokio::sync::Mutex<Option<Last>>>,
     /// The generation each lease was last synced with, by this daemon.
     synced: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// When a collect last used it ([`Checkouts::prune`]).
+    used: std::sync::Mutex<Instant>,
 }
+
+/// How long a checkout that no live lease claims stays watched after its last collect: a
+/// fresh run soon after another still finds it watched; one left for longer holds no
+/// inotify watches and reads none of its events (a local build's churn in it).
+pub const IDLE_WATCH: Duration = Duration::from_secs(15 * 60);
 
 /// A collect ([`super::Collected`], its manifest shared with the checkout's record), and
 /// the generation of what it found ([`Checkouts::in_sync`]).
@@ -331,6 +363,7 @@ impl Checkouts {
                     watch,
                     last: Arc::default(),
                     synced: Default::default(),
+                    used: std::sync::Mutex::new(Instant::now()),
                 })
             })
             .clone()
@@ -347,6 +380,9 @@ impl Checkouts {
         cache: impl FnOnce() -> Option<super::Manifest> + Send + 'static,
     ) -> Result<Collect, crate::error::Error> {
         let checkout = self.checkout(root).await;
+        if let Ok(mut used) = checkout.used.lock() {
+            *used = Instant::now();
+        }
         let mut last = checkout.last.clone().lock_owned().await;
         let root = root.to_path_buf();
         let key = format!(
@@ -418,6 +454,36 @@ impl Checkouts {
         })
         .await
         .map_err(|e| crate::error::Error::Internal(format!("sync task: {e}")))?
+    }
+
+    /// Stops watching, and forgets, the checkouts no collect used for `idle` before `now`,
+    /// unless `in_use` keeps them (a live lease claims them, a pool seeds them); answers how
+    /// many. The next collect of one watches it again, after a scan. Blocking: a watch
+    /// ends its thread as it goes.
+    pub fn prune(&self, now: Instant, idle: Duration, in_use: impl Fn(&Path) -> bool) -> usize {
+        let stale = |root: &Path, c: &Checkout| {
+            !in_use(root)
+                && c.used
+                    .lock()
+                    .is_ok_and(|u| now.saturating_duration_since(*u) >= idle)
+        };
+        let roots: Vec<PathBuf> = self
+            .map
+            .iter()
+            .filter(|e| stale(e.key(), e.value()))
+            .map(|e| e.key().clone())
+            .collect();
+        // Removed one at a time and dropped outside the map's lock (a collect that holds
+        // the checkout keeps it until it is done).
+        roots
+            .into_iter()
+            .filter_map(|root| self.map.remove_if(&root, |root, c| stale(root, c)))
+            .count()
+    }
+
+    /// How many checkouts are watched (or known, when they cannot be).
+    pub fn count(&self) -> usize {
+        self.map.len()
     }
 
     /// Does `lease` hold exactly the checkout's `generation` (it was synced with it by this
