@@ -30,6 +30,10 @@ struct State {
     sentinel: u64,
     /// The last sentinel written.
     written: u64,
+    /// Folders git ignores whole (root-relative, each ending in `/`, sorted, none inside
+    /// another), as of the last scan: what happens in them (a build's churn in `target/`)
+    /// changes nothing that syncs, so it is not noted.
+    ignored: Vec<String>,
 }
 
 /// A watch on one checkout (a git work tree).
@@ -153,6 +157,42 @@ impl TreeWatch {
         (!unknown).then_some(changed)
     }
 
+    /// Learns from git which folders it ignores whole (after a scan: the ignore rules are
+    /// what they were when it began, or an ignore file's change has made the next answer
+    /// "unknown" again). Blocking (one `git ls-files`); when git cannot say, nothing is
+    /// taken as ignored.
+    pub fn learn_ignored(&self, root: &Path) {
+        let dirs = std::process::Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args([
+                "ls-files",
+                "-z",
+                "--others",
+                "--ignored",
+                "--exclude-standard",
+                "--directory",
+            ])
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| {
+                let mut dirs: Vec<String> = o
+                    .stdout
+                    .split(|b| *b == 0)
+                    .filter(|p| p.ends_with(b"/"))
+                    .filter_map(|p| std::str::from_utf8(p).ok().map(str::to_string))
+                    .collect();
+                dirs.sort();
+                dirs
+            })
+            .unwrap_or_default();
+        if let Ok(mut st) = self.state.lock() {
+            st.ignored = dirs;
+        }
+    }
+
     /// Whatever was noted is dropped and the next answer is "unknown" (a collect failed
     /// after a take: what it took must not be lost).
     pub fn forget(&self) {
@@ -190,6 +230,10 @@ fn note(st: &mut State, root: &Path, path: &Path) {
         st.unknown = true;
         return;
     }
+    if in_ignored(&st.ignored, rel) {
+        // (A `.gitignore` in there too: git reads none below a folder it ignores.)
+        return;
+    }
     let name = rel.rsplit('/').next().unwrap_or(rel);
     if name == ".gitignore" || name == ".crabboxignore" {
         st.unknown = true;
@@ -206,9 +250,38 @@ fn note(st: &mut State, root: &Path, path: &Path) {
     }
 }
 
+/// Is `rel` inside one of `ignored` (sorted folders ending in `/`, none inside another)?
+/// The only candidate is the greatest one not after it.
+fn in_ignored(ignored: &[String], rel: &str) -> bool {
+    let at = ignored.partition_point(|d| d.as_str() <= rel);
+    at > 0 && rel.starts_with(ignored[at - 1].as_str())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_inside_ignored_folders_are_found() {
+        let ignored: Vec<String> = ["a/b/", "node_modules/", "target/"]
+            .map(String::from)
+            .to_vec();
+        for (rel, inside) in [
+            ("target/debug/x", true),
+            ("target", false),
+            ("targets/x", false),
+            ("a/b/c", true),
+            ("a/bz", false),
+            ("a/b", false),
+            ("a/c/b/x", false),
+            ("node_modules/.bin/y", true),
+            ("src/lib.rs", false),
+            ("", false),
+        ] {
+            assert_eq!(in_ignored(&ignored, rel), inside, "{rel}");
+        }
+        assert!(!in_ignored(&[], "target/x"));
+    }
 
     fn git(r: &Path, args: &[&str]) {
         let ok = std::process::Command::new("git")
@@ -265,6 +338,39 @@ mod tests {
         std::fs::write(r.join("a.txt"), "c").expect("write");
         w.forget();
         assert_eq!(w.take().await, None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_build_in_an_ignored_folder_changes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = dir.path();
+        git(r, &["init", "-q"]);
+        std::fs::write(r.join(".gitignore"), "target/\n").expect("write");
+        std::fs::write(r.join("a.txt"), "a").expect("write");
+        std::fs::create_dir(r.join("target")).expect("mkdir");
+        let w = TreeWatch::start(r).expect("watch");
+        assert_eq!(w.take().await, None, "nothing is known before a first scan");
+        w.learn_ignored(r);
+        // More files than are ever listed one by one, a `.gitignore` of the build's own,
+        // and one real change beside them.
+        for i in 0..(MAX_CHANGES + 500) {
+            std::fs::write(r.join(format!("target/o{i}")), "o").expect("write");
+        }
+        std::fs::write(r.join("target/.gitignore"), "*\n").expect("write");
+        std::fs::write(r.join("a.txt"), "b").expect("write");
+        let got = w
+            .take()
+            .await
+            .expect("known: the build's churn is not counted");
+        assert_eq!(got, BTreeSet::from(["a.txt".to_string()]));
+        // Not ignored any more: unknown, and what git then says is learnt again.
+        std::fs::write(r.join(".gitignore"), "").expect("write");
+        std::fs::remove_file(r.join("target/.gitignore")).expect("rm");
+        assert_eq!(w.take().await, None);
+        w.learn_ignored(r);
+        std::fs::write(r.join("target/o1"), "p").expect("write");
+        let got = w.take().await.expect("known");
+        assert!(got.contains("target/o1"), "{got:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,7 +523,11 @@ impl Checkouts {
                     return Ok(c);
                 }
                 let cache = cache().or_else(|| last.as_ref().map(|l| (*l.manifest).clone()));
-                super::manifest::collect(&root, &rules, cache.as_ref())
+                let scanned = super::manifest::collect(&root, &rules, cache.as_ref());
+                if let (Ok(_), Some(w)) = (&scanned, &checkout.watch) {
+                    w.learn_ignored(&root);
+                }
+                scanned
             })();
             match result {
                 Ok(collected) => {
