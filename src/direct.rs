@@ -86,21 +86,19 @@ pub fn hand_over(
 /// linked CLI, cannot find glibc's getrandom and reads /dev/random and /dev/urandom.
 fn random_bytes() -> Result<[u8; 16], String> {
     let mut bytes = [0u8; 16];
-    let mut at = 0;
-    while at < bytes.len() {
-        let rest = &mut bytes[at..];
-        // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`.
-        let n = unsafe { nix::libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(format!("no random token from the kernel (getrandom): {e}"));
-        }
-        at += n as usize;
+    // SAFETY: the kernel writes at most `bytes.len()` bytes into `bytes`. (Up to 256 bytes
+    // come whole once the kernel's pool is ready, which it is long before a user runs.)
+    let n = unsafe { nix::libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    match usize::try_from(n) {
+        Ok(got) if got == bytes.len() => Ok(bytes),
+        Ok(got) => Err(format!(
+            "the kernel gave {got} random bytes of 16 (getrandom)"
+        )),
+        Err(_) => Err(format!(
+            "no random token from the kernel (getrandom): {}",
+            std::io::Error::last_os_error()
+        )),
     }
-    Ok(bytes)
 }
 
 /// The client's message on `stream`: `token`, which streams follow, and their descriptors.

@@ -30,6 +30,30 @@ pub use socket::{BoundSocket, bind_unix, from_systemd};
 /// ([`crate::sync::watch::IDLE_WATCH`]).
 const PRUNE_CHECKOUTS_EVERY: Duration = Duration::from_secs(60);
 
+/// The pace of the daemon's periodic work (the sweep, the store's flusher, the checkouts'
+/// pruner, team heartbeats): a tick every `period`, a late one not made up for with a
+/// burst, until the daemon stops.
+pub(crate) struct Ticker {
+    interval: tokio::time::Interval,
+    token: CancellationToken,
+}
+
+impl Ticker {
+    pub(crate) fn new(period: Duration, token: CancellationToken) -> Ticker {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ticker { interval, token }
+    }
+
+    /// Waits for the next tick; false once the daemon is stopping.
+    pub(crate) async fn tick(&mut self) -> bool {
+        tokio::select! {
+            _ = self.interval.tick() => true,
+            () = self.token.cancelled() => false,
+        }
+    }
+}
+
 /// How a daemon runs.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -250,16 +274,10 @@ pub async fn run(
     // The sweep ticker: expiry, retries, reconcile, orphans.
     let ticker = {
         let registry = registry.clone();
-        let token = token.clone();
-        let every = config.sweep_interval;
+        let mut every = Ticker::new(config.sweep_interval, token.clone());
         tokio::spawn(async move {
-            let mut interval = tokio::time::interval(every);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = interval.tick() => registry.sweep(),
-                    () = token.cancelled() => break,
-                }
+            while every.tick().await {
+                registry.sweep();
             }
         })
     };
@@ -286,15 +304,9 @@ pub async fn run(
     // Lazy writes (a run's phase, last use, history) become durable within a moment.
     let flusher = {
         let store = api.store.clone();
-        let token = token.clone();
+        let mut every = Ticker::new(crate::lease::store::LAZY_FLUSH_EVERY, token.clone());
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(crate::lease::store::LAZY_FLUSH_EVERY);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = every.tick() => {}
-                    () = token.cancelled() => break,
-                }
+            while every.tick().await {
                 // An idle daemon does nothing here.
                 if !store.unflushed() {
                     continue;
@@ -309,17 +321,11 @@ pub async fn run(
     // Checkouts no lease claims and no run used for a while stop being watched.
     let pruner = {
         let api = api.clone();
-        let token = token.clone();
+        let mut every = Ticker::new(PRUNE_CHECKOUTS_EVERY, token.clone());
         let seeded: std::collections::HashSet<PathBuf> =
             config.pools.iter().flat_map(|p| p.repos.clone()).collect();
         tokio::spawn(async move {
-            let mut every = tokio::time::interval(PRUNE_CHECKOUTS_EVERY);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = every.tick() => {}
-                    () = token.cancelled() => break,
-                }
+            while every.tick().await {
                 let (api, seeded) = (api.clone(), seeded.clone());
                 let pruned = tokio::task::spawn_blocking(move || {
                     api.checkouts

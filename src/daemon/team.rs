@@ -79,13 +79,8 @@ pub fn spawn(team: Arc<Team>, registry: Registry, providers: Providers, token: C
         let every = team.settings.heartbeat;
         // A daemon silent for three heartbeats is gone as far as the reaper is concerned.
         let stale = every * 3;
-        let mut interval = tokio::time::interval(every);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = interval.tick() => {}
-                () = token.cancelled() => return,
-            }
+        let mut ticker = super::Ticker::new(every, token);
+        while ticker.tick().await {
             if let Err(e) = team.heartbeat().await {
                 tracing::debug!(error = %e, "team heartbeat failed; existing leases go on");
                 continue;

@@ -161,7 +161,10 @@ impl TreeWatch {
     /// what they were when it began, or an ignore file's change has made the next answer
     /// "unknown" again). Blocking (one `git ls-files`); when git cannot say, nothing is
     /// taken as ignored.
-    pub fn learn_ignored(&self, root: &Path) {
+    pub fn learn_ignored(&self) {
+        let Some(root) = self.git.parent() else {
+            return;
+        };
         let dirs = std::process::Command::new("git")
             .arg("-C")
             .arg(root)
@@ -294,12 +297,18 @@ mod tests {
         assert!(ok, "git {args:?}");
     }
 
+    /// A new git work tree holding `a.txt`.
+    fn work_tree() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        git(dir.path(), &["init", "-q"]);
+        std::fs::write(dir.path().join("a.txt"), "a").expect("write");
+        dir
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn it_says_what_changed_and_unknown_when_it_cannot_know() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = work_tree();
         let r = dir.path();
-        git(r, &["init", "-q"]);
-        std::fs::write(r.join("a.txt"), "a").expect("write");
         let w = TreeWatch::start(r).expect("watch");
         assert_eq!(w.take().await, None, "nothing is known before a first scan");
         assert_eq!(
@@ -342,15 +351,13 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_build_in_an_ignored_folder_changes_nothing() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = work_tree();
         let r = dir.path();
-        git(r, &["init", "-q"]);
         std::fs::write(r.join(".gitignore"), "target/\n").expect("write");
-        std::fs::write(r.join("a.txt"), "a").expect("write");
         std::fs::create_dir(r.join("target")).expect("mkdir");
         let w = TreeWatch::start(r).expect("watch");
         assert_eq!(w.take().await, None, "nothing is known before a first scan");
-        w.learn_ignored(r);
+        w.learn_ignored();
         // More files than are ever listed one by one, a `.gitignore` of the build's own,
         // and one real change beside them.
         for i in 0..(MAX_CHANGES + 500) {
@@ -367,7 +374,7 @@ mod tests {
         std::fs::write(r.join(".gitignore"), "").expect("write");
         std::fs::remove_file(r.join("target/.gitignore")).expect("rm");
         assert_eq!(w.take().await, None);
-        w.learn_ignored(r);
+        w.learn_ignored();
         std::fs::write(r.join("target/o1"), "p").expect("write");
         let got = w.take().await.expect("known");
         assert!(got.contains("target/o1"), "{got:?}");
@@ -375,10 +382,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_checkout_left_idle_is_no_longer_watched_unless_in_use() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = work_tree();
         let r = dir.path();
-        git(r, &["init", "-q"]);
-        std::fs::write(r.join("a.txt"), "a").expect("write");
         let rules = crate::sync::SyncRules::default();
         let c = Checkouts::default();
         let first = c.collect(r, rules.clone(), || None).await.expect("collect");
@@ -525,7 +530,7 @@ impl Checkouts {
                 let cache = cache().or_else(|| last.as_ref().map(|l| (*l.manifest).clone()));
                 let scanned = super::manifest::collect(&root, &rules, cache.as_ref());
                 if let (Ok(_), Some(w)) = (&scanned, &checkout.watch) {
-                    w.learn_ignored(&root);
+                    w.learn_ignored();
                 }
                 scanned
             })();
@@ -592,7 +597,8 @@ impl Checkouts {
     }
 
     /// How many checkouts are watched (or known, when they cannot be).
-    pub fn count(&self) -> usize {
+    #[cfg(test)]
+    fn count(&self) -> usize {
         self.map.len()
     }
 
