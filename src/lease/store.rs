@@ -2,7 +2,9 @@
 //! the daemon's identity. Every write is one committed transaction, so a crash leaves either
 //! the old or the new record, never half of one.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Mutex;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -37,8 +39,42 @@ pub struct RunRecord {
 /// The store. Cheap to share behind an `Arc`; redb serializes writers itself.
 pub struct Store {
     db: Database,
-    /// A lazy write is not yet on disk (see [`Store::flush`]).
-    unflushed: std::sync::atomic::AtomicBool,
+    /// Lazy writes not yet in the database (see [`Durability::Lazy`]).
+    pending: Mutex<Pending>,
+}
+
+/// What lazy writes left for the next commit: the newest record of each lease (with the
+/// number of the write that put it), and runs. An entry stays until a commit holds it, so
+/// that a read during that commit still finds it.
+#[derive(Default, Clone)]
+struct Pending {
+    writes: u64,
+    leases: HashMap<String, (u64, LeaseRecord)>,
+    /// By their key in [`RUNS`].
+    runs: BTreeMap<String, RunRecord>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.leases.is_empty() && self.runs.is_empty()
+    }
+
+    /// Forgets what `committed` (a copy of this, taken before a commit that succeeded)
+    /// held, but not what was written since.
+    fn committed(&mut self, committed: &Pending) {
+        for (id, (write, _)) in &committed.leases {
+            if self.leases.get(id).is_some_and(|(now, _)| now == write) {
+                self.leases.remove(id);
+            }
+        }
+        for key in committed.runs.keys() {
+            self.runs.remove(key);
+        }
+    }
+}
+
+fn run_key(run: &RunRecord) -> String {
+    format!("{}/{:016}", run.lease_id, run.started_ms)
 }
 
 /// How a write reaches the disk.
@@ -47,10 +83,11 @@ pub enum Durability {
     /// On disk when the write returns: what a lost daemon must find (a lease, its
     /// sandbox, its release).
     Now,
-    /// Written without waiting for the disk: bookkeeping (a lease's phase and last use, run
-    /// history) that a crash of the daemon may lose. A later durable write or
-    /// [`Store::flush`] (the daemon's flusher, within [`LAZY_FLUSH_EVERY`]) makes it
-    /// durable; until then a crash brings the store back to its last durable write.
+    /// Kept in memory (every read of the store sees it at once) and committed with the
+    /// next durable write or [`Store::flush`] (the daemon's flusher, within
+    /// [`LAZY_FLUSH_EVERY`]), off the path of the run that made it: bookkeeping (a lease's
+    /// phase and last use, run history) that a crash of the daemon may lose, which then
+    /// brings the store back to its last durable write.
     Lazy,
 }
 
@@ -81,44 +118,63 @@ impl Store {
         tx.commit().map_err(err)?;
         Ok(Store {
             db,
-            unflushed: std::sync::atomic::AtomicBool::new(false),
+            pending: Mutex::default(),
         })
     }
 
-    /// A write transaction of `durability`.
-    fn write(&self, durability: Durability) -> Result<redb::WriteTransaction, Error> {
-        use std::sync::atomic::Ordering;
-        let mut tx = self.db.begin_write().map_err(err)?;
-        // (A durable write makes the lazy ones before it durable too; the flag is left to
-        // the flusher, whose commit then costs one empty write.)
-        if durability == Durability::Lazy {
-            tx.set_durability(redb::Durability::None).map_err(err)?;
-            self.unflushed.store(true, Ordering::SeqCst);
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // A panic under this lock leaves whole entries (each is one insert).
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// One durable transaction: the lazy writes so far, then what `write` adds (so a
+    /// record written durably is never overwritten by an older lazy one). When it fails,
+    /// the lazy writes stay for the next one.
+    fn durably<T>(
+        &self,
+        write: impl FnOnce(&redb::WriteTransaction) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let tx = self.db.begin_write().map_err(err)?;
+        let taken = self.pending().clone();
+        let out = Self::put_pending(&tx, &taken)
+            .and_then(|()| write(&tx))
+            .and_then(|out| tx.commit().map_err(err).map(|()| out))?;
+        self.pending().committed(&taken);
+        Ok(out)
+    }
+
+    fn put_pending(tx: &redb::WriteTransaction, pending: &Pending) -> Result<(), Error> {
+        if !pending.leases.is_empty() {
+            let mut t = tx.open_table(LEASES).map_err(err)?;
+            for (id, (_, lease)) in &pending.leases {
+                let bytes = serde_json::to_vec(lease).map_err(err)?;
+                t.insert(id.as_str(), bytes.as_slice()).map_err(err)?;
+            }
         }
-        Ok(tx)
+        if !pending.runs.is_empty() {
+            let mut t = tx.open_table(RUNS).map_err(err)?;
+            for (key, run) in &pending.runs {
+                let bytes = serde_json::to_vec(run).map_err(err)?;
+                t.insert(key.as_str(), bytes.as_slice()).map_err(err)?;
+            }
+        }
+        Ok(())
     }
 
     /// Is a lazy write not yet durable?
     pub fn unflushed(&self) -> bool {
-        self.unflushed.load(std::sync::atomic::Ordering::SeqCst)
+        !self.pending().is_empty()
     }
 
-    /// Makes every lazy write so far durable (one durable commit, nothing else written);
-    /// nothing to do when there is none. Answers whether there was.
+    /// Makes every lazy write so far durable (one durable commit); nothing to do when there
+    /// is none. Answers whether there was.
     pub fn flush(&self) -> Result<bool, Error> {
-        use std::sync::atomic::Ordering;
-        if !self.unflushed.swap(false, Ordering::SeqCst) {
+        if !self.unflushed() {
             return Ok(false);
         }
-        let done = self
-            .db
-            .begin_write()
-            .map_err(err)
-            .and_then(|tx| tx.commit().map_err(err));
-        if done.is_err() {
-            self.unflushed.store(true, Ordering::SeqCst);
-        }
-        done.map(|()| true)
+        self.durably(|_| Ok(())).map(|()| true)
     }
 
     /// Opens the store at `path`; a store that cannot be used (an empty file, a file redb
@@ -229,8 +285,7 @@ impl Store {
     }
 
     fn set_daemon_id(&self, id: &str) -> Result<(), Error> {
-        let tx = self.write(Durability::Now)?;
-        {
+        self.durably(|tx| {
             let mut t = tx.open_table(META).map_err(err)?;
             let current = t
                 .get("daemon_id")
@@ -242,30 +297,27 @@ impl Store {
                 }
                 t.insert("daemon_id", id).map_err(err)?;
             }
-        }
-        tx.commit().map_err(err)
+            Ok(())
+        })
     }
 
     /// This daemon's id, made on first use and kept for good (sandbox `owner` label).
     pub fn daemon_id(&self) -> Result<String, Error> {
-        let tx = self.write(Durability::Now)?;
-        let id = {
+        self.durably(|tx| {
             let mut t = tx.open_table(META).map_err(err)?;
             let existing = t
                 .get("daemon_id")
                 .map_err(err)?
                 .map(|v| v.value().to_string());
-            match existing {
+            Ok(match existing {
                 Some(id) => id,
                 None => {
                     let id = crate::ids::new_daemon_id();
                     t.insert("daemon_id", id.as_str()).map_err(err)?;
                     id
                 }
-            }
-        };
-        tx.commit().map_err(err)?;
-        Ok(id)
+            })
+        })
     }
 
     pub fn put_lease(&self, lease: &LeaseRecord) -> Result<(), Error> {
@@ -273,19 +325,32 @@ impl Store {
     }
 
     pub fn put_lease_with(&self, lease: &LeaseRecord, durability: Durability) -> Result<(), Error> {
+        if durability == Durability::Lazy {
+            let mut pending = self.pending();
+            pending.writes += 1;
+            let write = pending.writes;
+            pending
+                .leases
+                .insert(lease.id.clone(), (write, lease.clone()));
+            return Ok(());
+        }
         let started = std::time::Instant::now();
         let bytes = serde_json::to_vec(lease).map_err(err)?;
-        let tx = self.write(durability)?;
-        tx.open_table(LEASES)
-            .map_err(err)?
-            .insert(lease.id.as_str(), bytes.as_slice())
-            .map_err(err)?;
-        let done = tx.commit().map_err(err);
+        let done = self.durably(|tx| {
+            tx.open_table(LEASES)
+                .map_err(err)?
+                .insert(lease.id.as_str(), bytes.as_slice())
+                .map_err(err)
+                .map(drop)
+        });
         crate::metrics::store_write(started.elapsed());
         done
     }
 
     pub fn get_lease(&self, id: &str) -> Result<Option<LeaseRecord>, Error> {
+        if let Some((_, lease)) = self.pending().leases.get(id) {
+            return Ok(Some(lease.clone()));
+        }
         let tx = self.db.begin_read().map_err(err)?;
         let t = tx.open_table(LEASES).map_err(err)?;
         match t.get(id).map_err(err)? {
@@ -309,18 +374,31 @@ impl Store {
                 }
             }
         }
+        let pending = self.pending();
+        for r in &mut out {
+            if let Some((_, newer)) = pending.leases.get(&r.id) {
+                *r = newer.clone();
+            }
+        }
+        for (id, (_, lease)) in &pending.leases {
+            if !out.iter().any(|r| &r.id == id) {
+                out.push(lease.clone());
+            }
+        }
+        drop(pending);
         out.sort_by_key(|r| r.created_at_ms);
         Ok(out)
     }
 
     pub fn put_manifest(&self, lease_id: &str, m: &Manifest) -> Result<(), Error> {
         let bytes = serde_json::to_vec(m).map_err(err)?;
-        let tx = self.write(Durability::Now)?;
-        tx.open_table(MANIFESTS)
-            .map_err(err)?
-            .insert(lease_id, bytes.as_slice())
-            .map_err(err)?;
-        tx.commit().map_err(err)
+        self.durably(|tx| {
+            tx.open_table(MANIFESTS)
+                .map_err(err)?
+                .insert(lease_id, bytes.as_slice())
+                .map_err(err)
+                .map(drop)
+        })
     }
 
     pub fn get_manifest(&self, lease_id: &str) -> Result<Option<Manifest>, Error> {
@@ -333,24 +411,19 @@ impl Store {
     }
 
     pub fn delete_manifest(&self, lease_id: &str) -> Result<(), Error> {
-        let tx = self.write(Durability::Now)?;
-        tx.open_table(MANIFESTS)
-            .map_err(err)?
-            .remove(lease_id)
-            .map_err(err)?;
-        tx.commit().map_err(err)
+        self.durably(|tx| {
+            tx.open_table(MANIFESTS)
+                .map_err(err)?
+                .remove(lease_id)
+                .map_err(err)
+                .map(drop)
+        })
     }
 
     /// Keeps a finished run (lazily: history, see [`Durability::Lazy`]).
     pub fn add_run(&self, run: &RunRecord) -> Result<(), Error> {
-        let key = format!("{}/{:016}", run.lease_id, run.started_ms);
-        let bytes = serde_json::to_vec(run).map_err(err)?;
-        let tx = self.write(Durability::Lazy)?;
-        tx.open_table(RUNS)
-            .map_err(err)?
-            .insert(key.as_str(), bytes.as_slice())
-            .map_err(err)?;
-        tx.commit().map_err(err)
+        self.pending().runs.insert(run_key(run), run.clone());
+        Ok(())
     }
 
     /// The newest `limit` runs of every lease, newest first.
@@ -364,6 +437,11 @@ impl Store {
                 out.push(r);
             }
         }
+        // (A run both committed and still pending, during a commit, is counted once.)
+        let pending = self.pending();
+        out.retain(|r| !pending.runs.contains_key(&run_key(r)));
+        out.extend(pending.runs.values().cloned());
+        drop(pending);
         out.sort_by_key(|r| std::cmp::Reverse(r.started_ms));
         out.truncate(limit);
         Ok(out)
@@ -375,14 +453,27 @@ impl Store {
         let t = tx.open_table(RUNS).map_err(err)?;
         let start = format!("{lease_id}/");
         let end = format!("{lease_id}0");
-        let mut out = Vec::new();
+        let mut out = BTreeMap::new();
         for row in t.range(start.as_str()..end.as_str()).map_err(err)? {
-            let (_, v) = row.map_err(err)?;
+            let (k, v) = row.map_err(err)?;
             if let Ok(r) = serde_json::from_slice(v.value()) {
-                out.push(r);
+                out.insert(k.value().to_string(), r);
             }
         }
-        Ok(out)
+        let pending = self.pending();
+        for (k, r) in pending.runs.range(start..end) {
+            out.insert(k.clone(), r.clone());
+        }
+        Ok(out.into_values().collect())
+    }
+}
+
+impl Drop for Store {
+    /// A store closed in order keeps its lazy writes (only a crash loses them).
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::warn!(error = %e, "could not write the store's last lazy writes");
+        }
     }
 }
 
@@ -468,6 +559,71 @@ mod tests {
         let flushed = after_crash("crash2.redb");
         assert_eq!(flushed.get_lease(&ready.id).expect("get"), Some(running));
         assert_eq!(flushed.runs(&ready.id).expect("runs").len(), 1);
+    }
+
+    #[test]
+    fn a_durable_write_carries_the_lazy_ones_before_it_and_is_never_overwritten_by_them() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("db.redb");
+        let after_crash = |name: &str| {
+            let copy = tmp.path().join(name);
+            std::fs::copy(&path, &copy).expect("copy");
+            Store::open(&copy).expect("reopen the copy")
+        };
+        let s = Store::open(&path).expect("open");
+        let a = LeaseRecord::sample(LeaseState::Ready);
+        let mut b = LeaseRecord::sample(LeaseState::Ready);
+        b.id = "cbx_bbbbbbbbbbbb".into();
+        b.created_at_ms = a.created_at_ms + 1;
+        s.put_lease(&a).expect("a");
+        s.put_lease(&b).expect("b");
+        let run = |lease: &LeaseRecord, started_ms| RunRecord {
+            lease_id: lease.id.clone(),
+            started_ms,
+            ended_ms: started_ms + 1,
+            command: format!("run {started_ms}"),
+            exit_code: 0,
+            files_uploaded: 0,
+            artifacts: Vec::new(),
+            missing_artifacts: Vec::new(),
+        };
+        s.add_run(&run(&a, 10)).expect("run");
+        s.flush().expect("flush");
+        // Lazily: a running, a second run of a; then b released durably.
+        let mut running = a.clone();
+        running.state = LeaseState::Running;
+        s.put_lease_with(&running, Durability::Lazy).expect("lazy");
+        s.add_run(&run(&a, 20)).expect("run");
+        let starts = |runs: Vec<RunRecord>| runs.iter().map(|r| r.started_ms).collect::<Vec<_>>();
+        assert_eq!(starts(s.runs(&a.id).expect("runs")), [10, 20]);
+        assert_eq!(starts(s.recent_runs(5).expect("recent")), [20, 10]);
+        let all = s.all_leases().expect("all");
+        assert_eq!(
+            all.iter().map(|l| l.state).collect::<Vec<_>>(),
+            [LeaseState::Running, LeaseState::Ready]
+        );
+        let mut released = b.clone();
+        released.state = LeaseState::Released;
+        s.put_lease(&released).expect("durable");
+        assert!(!s.unflushed(), "the durable write took the lazy ones");
+        let crashed = after_crash("crash.redb");
+        assert_eq!(crashed.get_lease(&a.id).expect("a"), Some(running.clone()));
+        assert_eq!(crashed.get_lease(&b.id).expect("b"), Some(released.clone()));
+        assert_eq!(starts(crashed.runs(&a.id).expect("runs")), [10, 20]);
+        // A lazy write then a durable one of the same lease: the durable one stays, in the
+        // store and after the next flush.
+        let mut lazily = released.clone();
+        lazily.user_labels.insert("older".into(), "yes".into());
+        s.put_lease_with(&lazily, Durability::Lazy).expect("lazy");
+        let mut durably = released.clone();
+        durably.user_labels.insert("newer".into(), "yes".into());
+        s.put_lease(&durably).expect("durable");
+        assert_eq!(s.get_lease(&b.id).expect("b"), Some(durably.clone()));
+        assert!(!s.flush().expect("nothing left"));
+        assert_eq!(
+            after_crash("crash2.redb").get_lease(&b.id).expect("b"),
+            Some(durably)
+        );
     }
 
     #[test]
