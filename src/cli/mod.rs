@@ -660,9 +660,12 @@ fn parse_limit<N: TryFrom<u64>>(s: &str) -> Result<N, String> {
 /// Parses the arguments; a mistake is said as clap says it (with a hint for a command
 /// given to `run` without `--`), and ends the process: 2, or 125 for `run`/`ssh`.
 pub fn parse_args() -> Cli {
-    use clap::Parser;
+    use clap::FromArgMatches;
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    match Cli::try_parse_from(&args) {
+    let parsed = command_for(&args)
+        .try_get_matches_from(&args)
+        .and_then(|m| Cli::from_arg_matches(&m));
+    match parsed {
         Ok(mut cli) => {
             if let Command::List(list) = &mut cli.command {
                 list.provider = cli.provider.clone();
@@ -743,9 +746,186 @@ pub fn parse_args() -> Cli {
     }
 }
 
+/// The command `args` are parsed with: the whole tree, or, when they name a subcommand
+/// before any other word, the top level with that one subcommand. (Before it parses,
+/// clap copies each of the 15 global flags into every subcommand: 450 copies, a quarter
+/// of a millisecond of every start; with one subcommand, 15.) What is parsed, its errors
+/// and its help are the same either way (tested).
+fn command_for(args: &[std::ffi::OsString]) -> clap::Command {
+    let full = <Cli as clap::CommandFactory>::command();
+    let Some(sub) = named_subcommand(&full, args).and_then(|n| full.find_subcommand(n).cloned())
+    else {
+        return full;
+    };
+    // The top level's own settings, as `#[command(...)]` on [`Cli`] and its subcommand
+    // field make them (a test compares the two trees).
+    let mut top = clap::Command::new("crabbox")
+        .version(env!("CARGO_PKG_VERSION"))
+        .propagate_version(true)
+        .subcommand_required(full.is_subcommand_required_set())
+        .arg_required_else_help(full.is_arg_required_else_help_set());
+    if let Some(a) = full.get_about() {
+        top = top.about(a.clone());
+    }
+    top.args(full.get_arguments().cloned())
+        .groups(full.get_groups().cloned())
+        .subcommand(sub)
+}
+
+/// The subcommand `args` name (a name or an alias) when it comes first, after global
+/// flags and their values only; None when that is not certain (a flag this does not know,
+/// one whose value is optional, `--`), and the whole tree is then used.
+fn named_subcommand<'a>(full: &clap::Command, args: &'a [std::ffi::OsString]) -> Option<&'a str> {
+    let flag = |long: Option<&str>, short: Option<char>| {
+        full.get_arguments().find(|a| {
+            long.is_some_and(|l| {
+                a.get_long() == Some(l) || a.get_all_aliases().is_some_and(|al| al.contains(&l))
+            }) || short.is_some_and(|c| {
+                a.get_short() == Some(c)
+                    || a.get_all_short_aliases().is_some_and(|al| al.contains(&c))
+            })
+        })
+    };
+    // Answers whether the flag takes the next word as its value; None: not certain.
+    let takes_value = |a: &clap::Arg| -> Option<bool> {
+        if !a.get_action().takes_values() {
+            return Some(false);
+        }
+        match a.get_num_args() {
+            Some(r) if r.min_values() == 0 => None,
+            _ => Some(true),
+        }
+    };
+    let mut words = args.iter().skip(1);
+    while let Some(word) = words.next() {
+        let word = word.to_str()?;
+        if word == "--" || word == "-" {
+            return None;
+        }
+        if let Some(long) = word.strip_prefix("--") {
+            let (name, attached) = match long.split_once('=') {
+                Some((n, _)) => (n, true),
+                None => (long, false),
+            };
+            if takes_value(flag(Some(name), None)?)? && !attached {
+                words.next()?;
+            }
+            continue;
+        }
+        if let Some(shorts) = word.strip_prefix('-') {
+            let mut chars = shorts.chars();
+            while let Some(c) = chars.next() {
+                if takes_value(flag(None, Some(c))?)? {
+                    // `-ojson`, `-o=json`, or `-o json`.
+                    if chars.as_str().is_empty() {
+                        words.next()?;
+                    }
+                    break;
+                }
+            }
+            continue;
+        }
+        return full
+            .get_subcommands()
+            .any(|s| s.get_name() == word || s.get_all_aliases().any(|a| a == word))
+            .then_some(word);
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The narrowed tree parses, fails and helps as the whole one does.
+    #[test]
+    fn a_command_parsed_against_its_subcommand_alone_is_parsed_as_against_all() {
+        use clap::{CommandFactory, FromArgMatches};
+        let outcome = |cmd: clap::Command, argv: &[&str]| match cmd
+            .try_get_matches_from(argv)
+            .and_then(|m| Cli::from_arg_matches(&m))
+        {
+            Ok(cli) => format!("{cli:?}"),
+            Err(e) => format!("{:?}: {}", e.kind(), e.render()),
+        };
+        let full = Cli::command();
+        let mut cases: Vec<Vec<String>> = Vec::new();
+        for sub in full.get_subcommands() {
+            let name = sub.get_name().to_string();
+            for rest in [
+                vec!["--help"],
+                vec!["-h"],
+                vec!["--version"],
+                vec!["--bogus"],
+                vec!["--json"],
+                vec!["-o", "yaml"],
+                vec!["extra", "words"],
+                vec!["--", "sh", "-c", "true"],
+                vec!["--daytona-snapshot", "s", "--quiet"],
+            ] {
+                let mut argv = vec!["crabbox".to_string(), name.clone()];
+                argv.extend(rest.iter().map(|w| w.to_string()));
+                cases.push(argv);
+            }
+            for before in [
+                vec!["--json"],
+                vec!["-o", "json"],
+                vec!["-ojson"],
+                vec!["-vq"],
+                vec!["--socket", "/s"],
+                vec!["--socket=/s"],
+            ] {
+                let mut argv = vec!["crabbox".to_string()];
+                argv.extend(before.iter().map(|w| w.to_string()));
+                argv.push(name.clone());
+                cases.push(argv);
+            }
+            for alias in sub.get_all_aliases() {
+                cases.push(vec!["crabbox".into(), alias.to_string()]);
+            }
+        }
+        for argv in cases {
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let os: Vec<std::ffi::OsString> = argv.iter().map(Into::into).collect();
+            let narrowed = command_for(&os);
+            assert_eq!(narrowed.get_subcommands().count(), 1, "{argv:?} names one");
+            assert_eq!(
+                outcome(narrowed, &argv),
+                outcome(Cli::command(), &argv),
+                "{argv:?}"
+            );
+        }
+        // Not certain: the whole tree.
+        for argv in [
+            vec!["crabbox"],
+            vec!["crabbox", "bogus"],
+            vec!["crabbox", "help", "run"],
+            vec!["crabbox", "--bogus", "run"],
+            vec!["crabbox", "--help"],
+            vec!["crabbox", "-V"],
+            vec!["crabbox", "--socket", "run", "list"],
+            vec!["crabbox", "--", "run"],
+        ] {
+            let os: Vec<std::ffi::OsString> = argv.iter().map(Into::into).collect();
+            let cmd = command_for(&os);
+            if argv == ["crabbox", "--socket", "run", "list"] {
+                // The socket's value is not the subcommand.
+                assert_eq!(
+                    cmd.get_subcommands()
+                        .map(|s| s.get_name())
+                        .collect::<Vec<_>>(),
+                    ["list"]
+                );
+            } else {
+                assert!(cmd.get_subcommands().count() > 1, "{argv:?}");
+            }
+            assert_eq!(
+                outcome(cmd, &argv),
+                outcome(Cli::command(), &argv),
+                "{argv:?}"
+            );
+        }
+    }
 
     #[test]
     fn a_limit_is_a_count_of_at_least_one() {
