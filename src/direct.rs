@@ -5,11 +5,13 @@
 //!
 //! The exchange: one message from the client, a token (32 hex characters) and a byte
 //! saying which streams follow (1 stdout, 2 stderr), with the descriptors attached; one
-//! byte back (`k`) once the daemon holds them. The Run request then names the token and
-//! takes them (the run drops them when it ends, so a pipe's reader sees its end). The
-//! client keeps the connection open while it lives: when it closes before its Run took
-//! them, the daemon drops them (and in any case after [`KEEP_FOR`]). Only from the
-//! daemon's own user.
+//! byte back (`k`) once the daemon holds them, which the client does not wait for: its
+//! Run request, on the gRPC connection, may arrive first, and the run then waits for the
+//! descriptors (up to [`RECEIVE_WITHIN`]; without them its output comes through the
+//! daemon, as always). The run takes them by the token and drops them when it ends, so a
+//! pipe's reader sees its end. The client keeps the connection open while it lives: when
+//! it closes before its Run took them, the daemon drops them (and in any case after
+//! [`KEEP_FOR`]). Only from the daemon's own user.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -28,8 +30,9 @@ const TOKEN_LEN: usize = 32;
 /// A client's message: its token and a byte saying which streams follow.
 const MESSAGE_LEN: usize = TOKEN_LEN + 1;
 
-/// How long the daemon waits for a connected client's message.
-const RECEIVE_WITHIN: Duration = Duration::from_secs(2);
+/// How long the daemon waits for a connected client's message, and a run for the
+/// descriptors its request names.
+pub const RECEIVE_WITHIN: Duration = Duration::from_secs(2);
 
 /// The descriptor socket beside the daemon's socket.
 pub fn socket_path(socket: &Path) -> PathBuf {
@@ -53,7 +56,8 @@ impl DirectOutput {
 
 /// Client side: hands `stdout`/`stderr` (either may be absent) to the daemon listening at
 /// `fds_socket`; answers the token to put in the Run request and the connection to keep
-/// open until the run has ended, or why it could not.
+/// open until the run has ended, or why it could not. (Without waiting for the daemon's
+/// acknowledgement: a round trip of two processes' wake-ups on every run.)
 pub fn hand_over(
     fds_socket: &Path,
     stdout: Option<BorrowedFd<'_>>,
@@ -64,20 +68,9 @@ pub fn hand_over(
     }
     let stream = UnixStream::connect(fds_socket)
         .map_err(|e| format!("connecting to {}: {e}", fds_socket.display()))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(|e| e.to_string())?;
     let token = format!("{:032x}", u128::from_le_bytes(random_bytes()?));
     send(&stream, &token, stdout, stderr)?;
-    let mut ack = [0u8; 1];
-    use std::io::Read;
-    match (&stream).read(&mut ack) {
-        Ok(1) if ack[0] == b'k' => Ok((token, stream)),
-        Ok(_) => Err("the daemon did not take the descriptors".into()),
-        Err(e) => Err(format!(
-            "waiting for the daemon to take the descriptors: {e}"
-        )),
-    }
+    Ok((token, stream))
 }
 
 /// 16 bytes straight from the kernel (one getrandom(2)): `rand::random` would first seed
@@ -124,6 +117,8 @@ fn send(
 #[derive(Default)]
 pub struct Handed {
     map: Mutex<HashMap<String, (Instant, DirectOutput)>>,
+    /// Told whenever something is handed over.
+    arrived: tokio::sync::Notify,
 }
 
 impl Handed {
@@ -134,6 +129,27 @@ impl Handed {
         }
         let mut map = self.map.lock().ok()?;
         map.remove(token).map(|(_, d)| d)
+    }
+
+    /// Takes what was handed under `token`, waiting up to `within` for it to arrive: its
+    /// client sends it before its Run request, but on another connection.
+    pub async fn take_within(&self, token: &str, within: Duration) -> Option<DirectOutput> {
+        if token.is_empty() {
+            return None;
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            // Listening before looking, so that an arrival in between is not missed.
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if let Some(out) = self.take(token) {
+                return Some(out);
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return self.take(token);
+            }
+        }
     }
 
     /// Drops what was handed under `token`, if no run took it (its client has gone).
@@ -148,6 +164,7 @@ impl Handed {
             map.retain(|_, (at, _)| at.elapsed() < KEEP_FOR);
             map.insert(token, (Instant::now(), out));
         }
+        self.arrived.notify_waiters();
     }
 
     /// Keeps what one client's message hands over: `bytes` (the token and which streams
@@ -335,6 +352,33 @@ mod tests {
         assert_eq!(got, "through the handed pipe");
         assert!(handed.take(&token).is_none(), "taken once");
         assert!(handed.take("").is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_waits_for_descriptors_that_arrive_after_its_request() {
+        let (client, daemon) = UnixStream::pair().expect("pair");
+        let mut daemon = daemon_end(daemon);
+        let handed = Arc::new(Handed::default());
+        let token = format!("{:032x}", 11u128);
+        let waiting = {
+            let (handed, token) = (handed.clone(), token.clone());
+            tokio::spawn(async move { handed.take_within(&token, Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (_read_end, write_end) = std::io::pipe().expect("pipe");
+        send(&client, &token, Some(write_end.as_fd()), None).expect("send");
+        assert_eq!(handed.receive(&mut daemon).await.expect("received"), token);
+        let got = waiting.await.expect("joined").expect("taken once it came");
+        assert!(got.stdout.is_some());
+        // Never handed: given up on after the wait.
+        let started = std::time::Instant::now();
+        assert!(
+            handed
+                .take_within(&format!("{:032x}", 12u128), Duration::from_millis(100))
+                .await
+                .is_none()
+        );
+        assert!(started.elapsed() >= Duration::from_millis(100));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

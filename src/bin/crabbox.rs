@@ -12,7 +12,14 @@ fn main() {
         .enable_all()
         .build()
     {
-        Ok(rt) => rt.block_on(crabbox::cli::main(cli)),
+        Ok(rt) => {
+            let code = rt.block_on(crabbox::cli::main(cli));
+            // Not dropped: the process ends next, and a runtime's shutdown (its tasks,
+            // connections and drivers, one by one) would only delay the exit code; nor
+            // does the exit wait for a thread still blocked reading stdin.
+            std::mem::forget(rt);
+            code
+        }
         Err(e) => {
             eprintln!("crabbox: error: cannot start the async runtime: {e}");
             crabbox::error::exit::INTERNAL

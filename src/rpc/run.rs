@@ -58,7 +58,11 @@ pub async fn run(
     tx: EventTx,
     stdin: Option<mpsc::Receiver<Input>>,
 ) {
-    let direct = api.handed.take(&req.direct_output).unwrap_or_default();
+    let direct = api
+        .handed
+        .take_within(&req.direct_output, crate::direct::RECEIVE_WITHIN)
+        .await
+        .unwrap_or_default();
     let mut run = Run {
         api,
         tx: tx.clone(),
