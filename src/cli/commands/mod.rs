@@ -47,13 +47,13 @@ impl Ctx {
         } else if let Some(s) = &self.spinner {
             s.step(msg.as_ref());
         } else if self.verbose {
-            eprintln!(
-                "crabbox: [{:>7.3}s] {}",
+            say(&format!(
+                "crabbox: [{:>7.3}s] {}\n",
                 self.started.elapsed().as_secs_f64(),
                 msg.as_ref()
-            );
+            ));
         } else {
-            eprintln!("crabbox: {}", msg.as_ref());
+            say(&format!("crabbox: {}\n", msg.as_ref()));
         }
     }
 
@@ -141,6 +141,15 @@ impl Ctx {
             .map(|p| p.display().to_string())
             .unwrap_or_default()
     }
+}
+
+/// Writes one whole line to stderr in one write (`eprintln!` writes each of its pieces
+/// separately to the unbuffered stderr: three writes, and three wake-ups of whoever reads
+/// a pipe there, for every progress line). A stderr that cannot be written is no reason
+/// to stop.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 /// A `-v` trace being printed ([`Ctx::trace`]); stopped when dropped.
