@@ -5,7 +5,8 @@
 //! A [`Relay`] layer sees every event of crabbox's own code (debug and up) that names a
 //! lease, in its fields or in a span around it (`lease = ...`), formats it once as a log
 //! line, keeps the last [`RECENT`] of each lease (a CLI that subscribes a moment after
-//! the lease was made still sees its create), and sends it to the lease's subscribers.
+//! the lease was made still sees its create, and only what came after it started: not
+//! the steps of the lease's earlier runs), and sends it to the lease's subscribers.
 //! Lines are the daemon log's lines: they never hold a secret.
 
 use std::collections::{HashMap, VecDeque};
@@ -32,6 +33,8 @@ pub struct Line {
     /// Marked `progress = true`: a step a person waits on (an image build's output),
     /// shown even without `-v`.
     pub progress: bool,
+    /// When it was logged (unix milliseconds).
+    pub at_ms: u64,
 }
 
 #[derive(Default)]
@@ -59,15 +62,20 @@ fn with_board<T>(f: impl FnOnce(&mut Board) -> T) -> T {
     f(&mut b)
 }
 
-/// The lines of `lease` so far, and a channel of the next ones (until the receiver is
-/// dropped). A subscriber that does not keep up loses lines rather than slowing the
-/// daemon.
-pub fn subscribe(lease: &str) -> (Vec<Line>, mpsc::Receiver<Line>) {
+/// The lines of `lease` logged since `since_ms` (unix milliseconds; 0: all those kept),
+/// and a channel of the next ones (until the receiver is dropped). A subscriber that does
+/// not keep up loses lines rather than slowing the daemon.
+pub fn subscribe(lease: &str, since_ms: u64) -> (Vec<Line>, mpsc::Receiver<Line>) {
     let (tx, rx) = mpsc::channel(256);
     let recent = with_board(|b| {
         let lines = b.lines(lease);
         lines.subscribers.push(tx);
-        lines.recent.iter().cloned().collect()
+        lines
+            .recent
+            .iter()
+            .filter(|l| l.at_ms >= since_ms)
+            .cloned()
+            .collect()
     });
     (recent, rx)
 }
@@ -160,6 +168,7 @@ where
             Line {
                 text,
                 progress: v.progress,
+                at_ms: crate::clock::now_ms(),
             },
         );
     }
@@ -215,7 +224,7 @@ mod tests {
         let subscriber = tracing_subscriber::registry().with(Relay);
         let _guard = tracing::subscriber::set_default(subscriber);
         tracing::debug!(lease = "cbx_early", status = 200, "created");
-        let (recent, mut rx) = subscribe("cbx_early");
+        let (recent, mut rx) = subscribe("cbx_early", 0);
         assert_eq!(recent.len(), 1, "{recent:?}");
         assert!(
             recent[0].text.contains("created") && recent[0].text.contains("status=200"),
@@ -252,12 +261,20 @@ mod tests {
         for i in 0..RECENT + 10 {
             tracing::debug!(lease = "cbx_many", i, "line");
         }
-        let (recent, _rx) = subscribe("cbx_many");
+        let (recent, _rx) = subscribe("cbx_many", 0);
         assert_eq!(recent.len(), RECENT);
         assert!(
             recent[RECENT - 1]
                 .text
                 .contains(&format!("i={}", RECENT + 9))
         );
+        // A subscriber that started after them (a later run's -v) is not told them again.
+        let later = crate::clock::now_ms() + 1;
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let (recent, _rx) = subscribe("cbx_many", later);
+        assert!(recent.is_empty(), "{recent:?}");
+        tracing::debug!(lease = "cbx_many", "after");
+        let (recent, _rx) = subscribe("cbx_many", later);
+        assert_eq!(recent.len(), 1, "{recent:?}");
     }
 }

@@ -1744,6 +1744,26 @@ async fn verbose_shows_the_daemons_provider_calls_retries_and_waits() {
         out.stderr()
     );
     assert!(!out.stderr().contains("daytona call"), "{}", out.stderr());
+    // On a warm lease, -v tells this run's steps, not those of its warmup and earlier runs.
+    let warm = repo();
+    w.cb(warm.path(), &["warmup"]).await.expect(0);
+    w.cb(warm.path(), &["run", "--", "true"]).await.expect(0);
+    let out = w
+        .cb(warm.path(), &["-v", "run", "--", "echo", "again"])
+        .await
+        .expect(0);
+    let err = out.stderr();
+    assert!(
+        !err.contains("route=POST /api/sandbox"),
+        "the warmup's create is not this run's:\n{err}"
+    );
+    assert_eq!(
+        err.lines()
+            .filter(|l| l.contains("] daemon: ") && l.contains("running state=running"))
+            .count(),
+        1,
+        "one run's own steps:\n{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -488,10 +488,11 @@ impl LeaseService for LeaseSvc {
 
     async fn trace(
         &self,
-        req: Request<pb::LeaseRef>,
+        req: Request<pb::TraceRequest>,
     ) -> Result<Response<Self::TraceStream>, Status> {
-        let id = self.0.resolve(&req.into_inner().name)?.record().id;
-        let (recent, mut lines) = crate::relay::subscribe(&id);
+        let req = req.into_inner();
+        let id = self.0.resolve(&req.name)?.record().id;
+        let (recent, mut lines) = crate::relay::subscribe(&id, req.since_unix_ms);
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             let wire = |l: crate::relay::Line| {

@@ -85,8 +85,17 @@ impl Ctx {
         let started = self.started;
         let spinner = self.spinner.clone();
         let name = lease.id.clone();
+        // What the daemon did for the lease since this command began: not its earlier runs.
+        let since_unix_ms = crate::clock::now_ms()
+            .saturating_sub(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
         Some(Trace(tokio::spawn(async move {
-            let Ok(stream) = leases.trace(pb::LeaseRef { name }).await else {
+            let Ok(stream) = leases
+                .trace(pb::TraceRequest {
+                    name,
+                    since_unix_ms,
+                })
+                .await
+            else {
                 return;
             };
             let mut lines = stream.into_inner();
