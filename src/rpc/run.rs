@@ -72,6 +72,7 @@ pub async fn run(
         fresh: false,
         stdin,
         timings: Vec::new(),
+        held: Default::default(),
     };
     let outcome = tokio::select! {
         r = run.go() => Some(r),
@@ -109,15 +110,13 @@ pub async fn run(
                     ms: released.elapsed().as_millis() as u64,
                 });
             }
-            let _ = tx
-                .send(Ok(pb::RunEvent {
-                    event: Some(RunEv::Exit(exit)),
-                }))
-                .await;
+            let _ = run.emit(RunEv::Exit(exit)).await;
         }
         Some(Err(e)) => {
-            // An error is told at once; a fresh lease's release goes on in the daemon (a
-            // lease that failed may take its provider a while to delete).
+            // An error is told at once (after the lines held for it); a fresh lease's
+            // release goes on in the daemon (a lease that failed may take its provider a
+            // while to delete).
+            let _ = run.flush_held().await;
             let _ = tx.send(Err(Status::from(e))).await;
             run.end_fresh(keep, false).await;
         }
@@ -144,6 +143,9 @@ struct Run {
     stdin: Option<mpsc::Receiver<Input>>,
     /// Where the time went, phase by phase.
     timings: Vec<pb::PhaseTiming>,
+    /// Events the client needs no sooner than the next one (a ready lease's line, a
+    /// sync's result): held and sent with it ([`Run::hold`]).
+    held: std::sync::Mutex<Vec<RunEv>>,
 }
 
 /// Sends `Finish` to the lease when a phase ends, however it ends (error, client gone).
@@ -156,11 +158,42 @@ impl Drop for PhaseGuard {
 }
 
 impl Run {
+    /// Sends `event`, after any held ones.
     async fn emit(&self, event: RunEv) -> Result<(), Gone> {
+        self.flush_held().await?;
+        self.send(event).await
+    }
+
+    async fn send(&self, event: RunEv) -> Result<(), Gone> {
         self.tx
             .send(Ok(pb::RunEvent { event: Some(event) }))
             .await
             .map_err(|_| Gone)
+    }
+
+    /// Keeps `event` for the next one sent, so that they reach the client together: on a
+    /// warm run the lease, sync and start lines are then one message of the daemon and
+    /// one wake-up of the CLI, not three. Only for events whose next one comes soon (a
+    /// step that may take long says so with a phase or progress, which sends them).
+    fn hold(&self, event: RunEv) {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(event);
+    }
+
+    /// Sends the held events.
+    async fn flush_held(&self) -> Result<(), Gone> {
+        let held = std::mem::take(
+            &mut *self
+                .held
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for event in held {
+            self.send(event).await?;
+        }
+        Ok(())
     }
 
     /// Records that `phase` took since `since`.
@@ -368,7 +401,13 @@ impl Run {
         }
         self.lease = Some(handle.clone());
         tracing::Span::current().record("lease", handle.record().id.as_str());
-        let _ = self.emit(RunEv::Lease(lease_pb(&handle.record()))).await;
+        let record = handle.record();
+        if record.state == LeaseState::Ready {
+            // What comes next is quick (the sync's answer, or its progress).
+            self.hold(RunEv::Lease(lease_pb(&record)));
+        } else {
+            let _ = self.emit(RunEv::Lease(lease_pb(&record))).await;
+        }
         if let Some(caveat) = self
             .api
             .providers
@@ -423,7 +462,7 @@ impl Run {
                     files_total: manifest.files.len() as u64,
                     ..Default::default()
                 };
-                let _ = self.emit(RunEv::Sync(sync_pb(&report, warnings))).await;
+                self.hold(RunEv::Sync(sync_pb(&report, warnings)));
             } else {
                 let target = handle
                     .ask(|reply| LeaseMsg::Begin {
@@ -463,7 +502,7 @@ impl Run {
                     });
                 }
                 files_uploaded = report.files_uploaded;
-                let _ = self.emit(RunEv::Sync(sync_pb(&report, warnings))).await;
+                self.hold(RunEv::Sync(sync_pb(&report, warnings)));
             }
         }
         if self.req.sync_only {
