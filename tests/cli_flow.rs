@@ -837,6 +837,17 @@ async fn runs_start_where_you_are_and_never_sync_too_much() {
         .await
         .crabbox_failed("usage");
     assert!(out.stderr().contains("workdir"), "{}", out.stderr());
+    // A file where the folder would be: the caller's mistake, said so.
+    let out = d
+        .run(r.path(), &["run", "--workdir", "README", "--", "true"])
+        .await
+        .crabbox_failed("usage");
+    assert!(
+        out.stderr().contains("is not a folder in the sandbox")
+            && out.stderr().contains("--workdir"),
+        "{}",
+        out.stderr()
+    );
 
     // Outside git, the daemon's own state dir and socket folder are never synced.
     let out = d

@@ -660,10 +660,24 @@ impl LocalProvider {
         }
         let cwd = self.inside(sandbox, &spec.cwd)?;
         std::fs::create_dir_all(&cwd).map_err(|e| {
-            ProviderError::new(
-                ProviderErrorKind::Other,
-                format!("creating {}: {e}", cwd.display()),
-            )
+            // A file where the working folder (or one above it) would be: the caller's.
+            if e.kind() == std::io::ErrorKind::AlreadyExists
+                || e.kind() == std::io::ErrorKind::NotADirectory
+            {
+                ProviderError::new(
+                    ProviderErrorKind::Invalid,
+                    format!(
+                        "the working folder {} is not a folder in the sandbox (a file is in \
+                         its way): pick a folder with --workdir",
+                        spec.cwd
+                    ),
+                )
+            } else {
+                ProviderError::new(
+                    ProviderErrorKind::Other,
+                    format!("creating {}: {e}", cwd.display()),
+                )
+            }
         })?;
         let jail = match &self.isolation {
             Isolation::None => None,
