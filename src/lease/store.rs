@@ -374,17 +374,19 @@ impl Store {
                 }
             }
         }
+        // Each lazy write replaces its stored record (one look-up each: 10,000 leases).
         let pending = self.pending();
+        let mut newer: HashMap<&str, &LeaseRecord> = pending
+            .leases
+            .iter()
+            .map(|(id, (_, lease))| (id.as_str(), lease))
+            .collect();
         for r in &mut out {
-            if let Some((_, newer)) = pending.leases.get(&r.id) {
-                *r = newer.clone();
+            if let Some(lease) = newer.remove(r.id.as_str()) {
+                *r = lease.clone();
             }
         }
-        for (id, (_, lease)) in &pending.leases {
-            if !out.iter().any(|r| &r.id == id) {
-                out.push(lease.clone());
-            }
-        }
+        out.extend(newer.into_values().cloned());
         drop(pending);
         out.sort_by_key(|r| r.created_at_ms);
         Ok(out)
@@ -518,33 +520,40 @@ mod tests {
         assert!(s.get_manifest(&lease.id).expect("m").is_none());
     }
 
+    /// What a kill -9 of the store at `path` leaves is what its file holds: a copy of it
+    /// (`name`, beside it), reopened.
+    fn after_crash(path: &Path, name: &str) -> Store {
+        let copy = path.with_file_name(name);
+        std::fs::copy(path, &copy).expect("copy");
+        Store::open(&copy).expect("reopen the copy")
+    }
+
+    /// A finished run of `lease` that started at `started_ms`.
+    fn run_of(lease: &LeaseRecord, started_ms: u64) -> RunRecord {
+        RunRecord {
+            lease_id: lease.id.clone(),
+            started_ms,
+            ended_ms: started_ms + 1,
+            command: format!("run {started_ms}"),
+            exit_code: 0,
+            files_uploaded: 0,
+            artifacts: Vec::new(),
+            missing_artifacts: Vec::new(),
+        }
+    }
+
     #[test]
     fn a_crash_loses_only_lazy_writes_and_a_flush_keeps_them() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let path = tmp.path().join("db.redb");
-        // What a kill -9 leaves is what the file holds: a copy of it, reopened.
-        let after_crash = |name: &str| {
-            let copy = tmp.path().join(name);
-            std::fs::copy(&path, &copy).expect("copy");
-            Store::open(&copy).expect("reopen the copy")
-        };
+        let after_crash = |name: &str| after_crash(&path, name);
         let s = Store::open(&path).expect("open");
         let ready = LeaseRecord::sample(LeaseState::Ready);
         s.put_lease(&ready).expect("durable");
         let mut running = ready.clone();
         running.state = LeaseState::Running;
         s.put_lease_with(&running, Durability::Lazy).expect("lazy");
-        let run = RunRecord {
-            lease_id: ready.id.clone(),
-            started_ms: 5,
-            ended_ms: 6,
-            command: "true".into(),
-            exit_code: 0,
-            files_uploaded: 0,
-            artifacts: Vec::new(),
-            missing_artifacts: Vec::new(),
-        };
-        s.add_run(&run).expect("run");
+        s.add_run(&run_of(&ready, 5)).expect("run");
         // The live store sees its lazy writes at once.
         assert_eq!(s.get_lease(&ready.id).expect("get"), Some(running.clone()));
         let crashed = after_crash("crash1.redb");
@@ -565,11 +574,7 @@ mod tests {
     fn a_durable_write_carries_the_lazy_ones_before_it_and_is_never_overwritten_by_them() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let path = tmp.path().join("db.redb");
-        let after_crash = |name: &str| {
-            let copy = tmp.path().join(name);
-            std::fs::copy(&path, &copy).expect("copy");
-            Store::open(&copy).expect("reopen the copy")
-        };
+        let after_crash = |name: &str| after_crash(&path, name);
         let s = Store::open(&path).expect("open");
         let a = LeaseRecord::sample(LeaseState::Ready);
         let mut b = LeaseRecord::sample(LeaseState::Ready);
@@ -577,23 +582,13 @@ mod tests {
         b.created_at_ms = a.created_at_ms + 1;
         s.put_lease(&a).expect("a");
         s.put_lease(&b).expect("b");
-        let run = |lease: &LeaseRecord, started_ms| RunRecord {
-            lease_id: lease.id.clone(),
-            started_ms,
-            ended_ms: started_ms + 1,
-            command: format!("run {started_ms}"),
-            exit_code: 0,
-            files_uploaded: 0,
-            artifacts: Vec::new(),
-            missing_artifacts: Vec::new(),
-        };
-        s.add_run(&run(&a, 10)).expect("run");
+        s.add_run(&run_of(&a, 10)).expect("run");
         s.flush().expect("flush");
         // Lazily: a running, a second run of a; then b released durably.
         let mut running = a.clone();
         running.state = LeaseState::Running;
         s.put_lease_with(&running, Durability::Lazy).expect("lazy");
-        s.add_run(&run(&a, 20)).expect("run");
+        s.add_run(&run_of(&a, 20)).expect("run");
         let starts = |runs: Vec<RunRecord>| runs.iter().map(|r| r.started_ms).collect::<Vec<_>>();
         assert_eq!(starts(s.runs(&a.id).expect("runs")), [10, 20]);
         assert_eq!(starts(s.recent_runs(5).expect("recent")), [20, 10]);

@@ -185,13 +185,13 @@ impl Inner {
                     self.state.unknown = true;
                     continue;
                 }
-                let Some(dir) = self.dirs.get(&event.wd).cloned() else {
-                    continue;
-                };
                 if event.mask.contains(E::IGNORED) {
                     self.dirs.remove(&event.wd);
                     continue;
                 }
+                let Some(dir) = self.dirs.get(&event.wd) else {
+                    continue;
+                };
                 let Some(name) = event.name else {
                     // The folder itself: the checkout deleted or moved away, for good;
                     // another folder's end is told by its parent's event.
@@ -204,6 +204,7 @@ impl Inner {
                     self.state.unknown = true;
                     continue;
                 };
+                // (One string per event, the path itself: a build's burst of them is read here.)
                 let rel = if dir.is_empty() {
                     name.to_string()
                 } else {
