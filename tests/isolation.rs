@@ -745,8 +745,8 @@ async fn local_output_goes_straight_to_the_clients_stdout() {
     assert_ne!(o.code(), 0);
     // A background job of a command that wrote straight to the client ends with the
     // command: holding the client's stdout, it would keep its reader (here the test's
-    // pipe) waiting for an end until it exits itself. Several times: the daemon tells the
-    // agent "kill the group", then "forget the command", from tasks of their own.
+    // pipe) waiting for an end until it exits itself. Several times: the agent kills the
+    // group when the leader ends, before it tells the daemon of the exit.
     for i in 0..5 {
         let secs = format!("{}", 90_000 + i * 1_000 + std::process::id() % 1_000);
         let o = tokio::time::timeout(

@@ -59,6 +59,11 @@ enum ToAgent {
         env: Vec<(String, String)>,
         cwd: Vec<u8>,
         terminal: Option<(u16, u16)>,
+        /// When the leader ends, the agent kills what is left of its process group before
+        /// it says `Exited`, and forgets the command (no `Forget` follows): for a command
+        /// whose output went straight to a client, which a background job must not hold.
+        #[serde(default)]
+        end_group: bool,
     },
     /// Send `signal` to the command's process group.
     Signal { id: u64, signal: i32 },
@@ -175,6 +180,9 @@ pub struct AgentChild {
     id: u64,
     exited: Option<oneshot::Receiver<i32>>,
     status: Option<std::process::ExitStatus>,
+    /// Started with `end_group`: once it has exited, the agent has ended its group and
+    /// forgotten it (nothing more to tell it).
+    end_group: bool,
 }
 
 /// The agent's program: `crabboxd` itself, or (a daemon embedded in another program, as the
@@ -306,15 +314,20 @@ impl Agent {
     }
 
     /// Starts `/bin/sh -c command` with exactly `env`, in `cwd`, on the three descriptors.
+    /// With `end_group`, the agent kills what is left of the command's process group the
+    /// moment its leader ends, before the exit is told (one message fewer on the way to
+    /// the exit, and no window in which the exit is known and a background job still
+    /// holds the descriptors).
     pub async fn start(
         self: &Arc<Self>,
         command: &str,
         env: Vec<(String, String)>,
         cwd: &Path,
         stdio: [BorrowedFd<'_>; 3],
+        end_group: bool,
     ) -> io::Result<AgentChild> {
         let fds = stdio.map(|fd| fd.as_raw_fd());
-        let (child, _) = self.begin(command, env, cwd, None, &fds).await?;
+        let (child, _) = self.begin(command, env, cwd, None, &fds, end_group).await?;
         Ok(child)
     }
 
@@ -329,7 +342,7 @@ impl Agent {
         (rows, cols): (u16, u16),
     ) -> io::Result<(AgentChild, OwnedFd)> {
         let (child, master) = self
-            .begin(command, env, cwd, Some((rows, cols)), &[])
+            .begin(command, env, cwd, Some((rows, cols)), &[], false)
             .await?;
         let master = master.ok_or_else(|| {
             io::Error::other(
@@ -358,6 +371,7 @@ impl Agent {
         cwd: &Path,
         terminal: Option<(u16, u16)>,
         fds: &[RawFd],
+        end_group: bool,
     ) -> io::Result<(AgentChild, Option<OwnedFd>)> {
         let id = self.next.fetch_add(1, Ordering::SeqCst);
         let (started_tx, started_rx) = oneshot::channel();
@@ -372,6 +386,7 @@ impl Agent {
             env,
             cwd: cwd.as_os_str().as_bytes().to_vec(),
             terminal,
+            end_group,
         })?;
         let sent = self.send(&bytes, fds).await;
         let child = AgentChild {
@@ -379,6 +394,7 @@ impl Agent {
             id,
             exited: Some(exited_rx),
             status: None,
+            end_group,
         };
         sent?;
         match started_rx.await {
@@ -544,7 +560,10 @@ impl Drop for AgentChild {
         if let Ok(mut map) = self.agent.waiters.lock() {
             map.remove(&self.id);
         }
-        self.agent.tell(ToAgent::Forget { id: self.id });
+        // One started with `end_group` and seen to exit is forgotten by the agent already.
+        if !(self.end_group && self.status.is_some()) {
+            self.agent.tell(ToAgent::Forget { id: self.id });
+        }
     }
 }
 
@@ -592,6 +611,8 @@ struct Started {
     /// Its pid, which is also its process group's (and session's) id.
     pid: nix::unistd::Pid,
     exited: bool,
+    /// Kill what is left of the group when the leader ends, and forget it then.
+    end_group: bool,
 }
 
 /// The agent's loop: requests from `control`, children's ends from SIGCHLD.
@@ -729,9 +750,17 @@ fn handle(
             env,
             cwd,
             terminal,
+            end_group,
         } => match start_with(&command, &env, &cwd, fds, terminal) {
             Ok((pid, master)) => {
-                children.insert(id, Started { pid, exited: false });
+                children.insert(
+                    id,
+                    Started {
+                        pid,
+                        exited: false,
+                        end_group,
+                    },
+                );
                 let terminal = master.is_some();
                 answer_with(
                     control,
@@ -781,7 +810,13 @@ fn reap(control: &OwnedFd, children: &mut HashMap<u64, Started>) -> io::Result<(
         };
         if let Some((id, c)) = children.iter_mut().find(|(_, c)| c.pid == pid && !c.exited) {
             c.exited = true;
-            let id = *id;
+            let (id, end_group) = (*id, c.end_group);
+            if end_group {
+                // Before the exit is told: whoever learns of it finds the group gone (its
+                // leftovers are this subreaper's to reap, later).
+                let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+                children.remove(&id);
+            }
             answer(control, &FromAgent::Exited { id, status: raw })?;
         }
     }

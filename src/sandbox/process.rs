@@ -154,10 +154,8 @@ pub async fn run(
     };
 
     // A command whose output went straight to its client (no pipe here to watch) ends
-    // with its leader: a background job would otherwise hold the client's pipe open.
-    if spec.agent.is_some() && !spec.direct.is_empty() {
-        child.signal(Signal::SIGKILL);
-    }
+    // with its leader: a background job would otherwise hold the client's pipe open. The
+    // agent did that itself when the leader ended (`end_group`, see by_agent).
     // The command has exited; its output may still be in the pipes. Background processes
     // that keep the pipes open would hold us forever: give them a moment, then end them.
     let mut pumps = pumps;
@@ -301,6 +299,7 @@ async fn by_agent(
                 stdout_theirs.as_fd(),
                 stderr_theirs.as_fd(),
             ],
+            !spec.direct.is_empty(),
         )
         .await?;
     drop((stdin_theirs, stdout_theirs, stderr_theirs));
