@@ -48,7 +48,11 @@ pub async fn connect_once(socket: &Path) -> Result<Clients, String> {
             async move {
                 let stream = tokio::net::UnixStream::connect(&path).await?;
                 check_peer(&stream, &path)?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                // What h2 writes in one turn goes out in one write (one wake-up of the
+                // daemon instead of one per frame batch).
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    super::coalesce::Coalesced::new(stream),
+                ))
             }
         }))
         .await

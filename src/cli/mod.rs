@@ -6,6 +6,7 @@
 //! - [`client`]: connecting, autostart, and status -> exit code.
 
 pub mod client;
+mod coalesce;
 pub mod commands;
 pub mod output;
 pub mod spinner;
