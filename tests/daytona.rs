@@ -1266,10 +1266,26 @@ async fn a_command_runs_in_its_folder_or_not_at_all() {
                 "ran",
             ],
         )
-        .await;
-    assert_ne!(out.code(), 0);
+        .await
+        .crabbox_failed("usage");
     assert!(!out.stdout().contains("ran"), "{}", out.stdout());
-    // The same on a terminal.
+    // A file where the folder would be (the synced README): the caller's mistake, said so.
+    let out = w
+        .cb(
+            r.path(),
+            &["run", "--workdir", "README", "--", "echo", "ran"],
+        )
+        .await
+        .crabbox_failed("usage");
+    assert!(!out.stdout().contains("ran"), "{}", out.stdout());
+    assert!(
+        out.stderr().contains("the working folder")
+            && out.stderr().contains("README cannot be made or entered")
+            && out.stderr().contains("--workdir"),
+        "{}",
+        out.stderr()
+    );
+    // The same on a terminal (where the shell's own words are on the screen).
     let mut t = common::tty::Term::spawn(
         &w.daemon,
         r.path(),

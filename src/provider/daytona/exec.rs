@@ -349,6 +349,17 @@ impl DaytonaProvider {
                 stopped(timed_out)
             });
         }
+        // The script could not get into the working folder: the command never ran.
+        if trailer.workdir_failed {
+            return Err(e(
+                ProviderErrorKind::Invalid,
+                format!(
+                    "the working folder {} cannot be made or entered in the sandbox (a file is \
+                     in its way, or it is not writable there): pick a folder with --workdir",
+                    spec.cwd
+                ),
+            ));
+        }
         // The command said its exit code at its end, in the stream.
         if let Some(code) = trailer.code {
             return Ok(ExecExit {
@@ -475,7 +486,7 @@ for l in sys.stdin.buffer:
 /// empty or (with `stdin`) fed by the decoder through a FIFO; then the exit code, in the
 /// output stream, behind a marker with this run's `nonce` (see [`ExitTrailer`]).
 pub(super) fn session_script(spec: &ExecSpec, stdin: bool, nonce: &str) -> String {
-    let mut script = format!("( {}", prelude(spec));
+    let mut script = format!("( {}", prelude(spec, Some(nonce)));
     if !stdin {
         // A session keeps its commands' stdin open (for its input endpoint): without this a
         // command that reads stdin would wait forever. It reads an empty stdin instead, as
@@ -503,10 +514,17 @@ pub(super) fn session_script(spec: &ExecSpec, stdin: bool, nonce: &str) -> Strin
 
 /// The start of a command's script (a session's or a terminal's): into its working
 /// folder, made when missing (as the local provider does) or nothing else runs; then its
-/// environment.
-pub(super) fn prelude(spec: &ExecSpec) -> String {
+/// environment. With a session's `nonce`, a folder that cannot be made or entered is said
+/// in the output first (`\x1ecrabbox-exit-NONCE:workdir\x1e`, see [`ExitTrailer`]): the
+/// caller's mistake, told as such, not the exit 1 of a command that never ran.
+pub(super) fn prelude(spec: &ExecSpec, nonce: Option<&str>) -> String {
     let dir = quote(&spec.cwd);
-    let mut s = format!("mkdir -p {dir} && cd {dir} || exit 1; ");
+    let mut s = match nonce {
+        Some(nonce) => format!(
+            "mkdir -p -- {dir} && cd -- {dir} || {{ printf '\\036crabbox-exit-{nonce}:{WORKDIR_FAILED}\\036'; exit 1; }}; "
+        ),
+        None => format!("mkdir -p -- {dir} && cd -- {dir} || exit 1; "),
+    };
     for (k, v) in &spec.env {
         s.push_str(&format!("export {k}={}; ", quote(v)));
     }
@@ -521,7 +539,13 @@ pub(super) struct ExitTrailer {
     marker: Vec<u8>,
     held: Vec<u8>,
     pub code: Option<i32>,
+    /// The script said its working folder could not be made or entered (the command did
+    /// not run).
+    pub workdir_failed: bool,
 }
+
+/// What the marker carries in place of an exit code when the working folder failed.
+const WORKDIR_FAILED: &str = "workdir";
 
 impl ExitTrailer {
     pub fn new(nonce: &str) -> ExitTrailer {
@@ -529,6 +553,7 @@ impl ExitTrailer {
             marker: format!("\x1ecrabbox-exit-{nonce}:").into_bytes(),
             held: Vec::new(),
             code: None,
+            workdir_failed: false,
         }
     }
 
@@ -560,24 +585,31 @@ impl ExitTrailer {
             return bytes;
         }
         self.held.extend_from_slice(&bytes);
-        if let Some(at) = find(&self.held, &self.marker) {
+        let mut shown = Vec::new();
+        while let Some(at) = find(&self.held, &self.marker) {
             let rest = &self.held[at + self.marker.len()..];
-            if let Some(end) = rest.iter().position(|&b| b == 0x1e) {
-                if let Some(code) = std::str::from_utf8(&rest[..end])
-                    .ok()
-                    .and_then(|s| s.parse::<i32>().ok())
-                {
-                    self.code = Some(code);
-                    let shown = self.held[..at].to_vec();
-                    self.held.clear();
-                    return shown;
-                }
-                // Not ours after all: pass it on.
-                return std::mem::take(&mut self.held);
+            let Some(end) = rest.iter().position(|&b| b == 0x1e) else {
+                // The marker's end has not come yet.
+                shown.extend_from_slice(&self.held[..at]);
+                self.held.drain(..at);
+                return shown;
+            };
+            let value = std::str::from_utf8(&rest[..end]).ok();
+            if value == Some(WORKDIR_FAILED) {
+                // The exit code's own marker follows.
+                self.workdir_failed = true;
+                shown.extend_from_slice(&self.held[..at]);
+                self.held.drain(..at + self.marker.len() + end + 1);
+                continue;
             }
-            // The marker's end has not come yet.
-            let shown = self.held[..at].to_vec();
-            self.held.drain(..at);
+            if let Some(code) = value.and_then(|s| s.parse::<i32>().ok()) {
+                self.code = Some(code);
+                shown.extend_from_slice(&self.held[..at]);
+                self.held.clear();
+                return shown;
+            }
+            // Not ours after all: pass it on.
+            shown.append(&mut self.held);
             return shown;
         }
         // Hold back only a tail that could start the marker.
@@ -586,7 +618,7 @@ impl ExitTrailer {
             .find(|&n| self.held.ends_with(&self.marker[..n]))
             .unwrap_or(0);
         let cut = self.held.len() - keep;
-        let shown = self.held[..cut].to_vec();
+        shown.extend_from_slice(&self.held[..cut]);
         self.held.drain(..cut);
         shown
     }
@@ -704,6 +736,32 @@ mod tests {
         );
         shown_code(&mut t, b"\x1ecrabbox-exit-ab12:0\x1e");
         assert_eq!(t.code, Some(0));
+    }
+
+    #[test]
+    fn a_working_folder_that_failed_is_told_before_the_exit_code() {
+        // In one chunk, with output before it.
+        let mut t = ExitTrailer::new("ab12");
+        let shown = out(t.filter(vec![ExecOutput::Stdout(
+            b"x\x1ecrabbox-exit-ab12:workdir\x1e\x1ecrabbox-exit-ab12:1\x1e\n".to_vec(),
+        )]));
+        assert_eq!(shown, b"x");
+        assert!(t.workdir_failed);
+        assert_eq!(t.code, Some(1));
+        // Split anywhere: the same.
+        let all = b"\x1ecrabbox-exit-ab12:workdir\x1e\x1ecrabbox-exit-ab12:1\x1e";
+        for cut in 1..all.len() {
+            let mut t = ExitTrailer::new("ab12");
+            let mut shown = out(t.filter(vec![ExecOutput::Stdout(all[..cut].to_vec())]));
+            shown.extend(out(t.filter(vec![ExecOutput::Stdout(all[cut..].to_vec())])));
+            shown.extend(out(t.finish()));
+            assert!(shown.is_empty(), "cut at {cut}: {shown:?}");
+            assert!(t.workdir_failed && t.code == Some(1), "cut at {cut}");
+        }
+        // An exit code alone is not a failed folder.
+        let mut t = ExitTrailer::new("ab12");
+        shown_code(&mut t, b"\x1ecrabbox-exit-ab12:1\x1e");
+        assert!(!t.workdir_failed);
     }
 
     fn shown_code(t: &mut ExitTrailer, bytes: &[u8]) {

@@ -55,7 +55,7 @@ impl DaytonaProvider {
         let nonce = format!("{:016x}", rand::random::<u64>());
         let mut script = format!(
             "printf '\\036crabbox-{nonce}\\036'; {}",
-            super::exec::prelude(spec)
+            super::exec::prelude(spec, None)
         );
         script.push_str(&format!("{{ {}\n}}", spec.command));
         let mut envs: BTreeMap<String, String> = BTreeMap::new();
