@@ -690,11 +690,12 @@ fn hash_entry(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::fs;
 
-    fn git(root: &Path, args: &[&str]) {
+    /// `git -C root args...`, which must succeed (the sync module's tests share it).
+    pub(in crate::sync) fn git(root: &Path, args: &[&str]) {
         let ok = Command::new("git")
             .arg("-C")
             .arg(root)

@@ -385,6 +385,7 @@ fn in_ignored(ignored: &[String], rel: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sync::manifest::tests::git;
 
     #[test]
     fn paths_inside_ignored_folders_are_found() {
@@ -406,17 +407,6 @@ mod tests {
             assert_eq!(in_ignored(&ignored, rel), inside, "{rel}");
         }
         assert!(!in_ignored(&[], "target/x"));
-    }
-
-    fn git(r: &Path, args: &[&str]) {
-        let ok = std::process::Command::new("git")
-            .arg("-C")
-            .arg(r)
-            .args(args)
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        assert!(ok, "git {args:?}");
     }
 
     /// A new git work tree holding `a.txt`.
