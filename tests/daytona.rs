@@ -1557,9 +1557,20 @@ async fn a_pool_past_the_accounts_quota_keeps_what_fits_and_says_so() {
     .await;
     let err = p["last_error"].as_str().unwrap_or("");
     assert!(
-        err.contains("Total CPU limit exceeded") && err.contains("the account's quota"),
+        err.contains("Total CPU limit exceeded")
+            && err.contains("the account's quota: the pool keeps the 2 that fit"),
         "{p}"
     );
+    // And it stays so, backing off: the two that fit beside the refused one do not end
+    // the run of failures (they were made with it), sweep after sweep (every 100 ms here).
+    let until = tokio::time::Instant::now() + Duration::from_millis(800);
+    while tokio::time::Instant::now() < until {
+        let p = pool_status(&w, r.path(), "big").await;
+        assert!(
+            p["failures"].as_u64() >= Some(1) && p["ready"] == 2,
+            "the failures were forgotten while the pool is still at its quota: {p}"
+        );
+    }
     // What is ready still serves a fresh run.
     let doc = w
         .cb(r.path(), &["run", "--json", "--", "true"])

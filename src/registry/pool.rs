@@ -34,6 +34,9 @@ pub struct PoolHealth {
     pub last_error: Option<String>,
     /// No fill before this (Unix ms), after failures.
     pub retry_at_ms: u64,
+    /// When the last failure was counted (Unix ms): only a pooled sandbox made after it
+    /// ends the run of failures (the ones that fit beside it, made with it, do not).
+    pub failed_at_ms: u64,
     /// Sandboxes taken from the pool since the daemon started.
     pub taken: u64,
     /// Drained: not filled again until `pool fill` (or a daemon restart).
@@ -113,14 +116,17 @@ impl RegistryState {
             let r = h.record();
             let Some(pool) = r.pool.clone() else { continue };
             if r.state == LeaseState::Failed {
-                let ready = self.pool_count(&pool).ready;
+                // Those made with it that fit: ready, or still being made.
+                let counts = self.pool_count(&pool);
+                let kept = counts.ready + counts.filling;
                 let health = self.pool_health.entry(pool.clone()).or_default();
                 health.failures = health.failures.saturating_add(1);
+                health.failed_at_ms = now;
                 health.last_error = r.reason.as_deref().map(|why| {
                     let lower = why.to_ascii_lowercase();
                     if lower.contains("limit exceeded") || lower.contains("quota") {
                         format!(
-                            "{why} (the account's quota: the pool keeps the {ready} that fit; \
+                            "{why} (the account's quota: the pool keeps the {kept} that fit; \
                              raise the quota or lower the pool's size)"
                         )
                     } else {
@@ -137,6 +143,7 @@ impl RegistryState {
             } else if r.state == LeaseState::Pooled
                 && let Some(health) = self.pool_health.get_mut(&pool)
                 && health.failures > 0
+                && r.created_at_ms > health.failed_at_ms
             {
                 health.failures = 0;
                 health.retry_at_ms = 0;
@@ -203,6 +210,7 @@ impl RegistryState {
                 if let Err(e) = self.create_pooled(myself, &pool).await {
                     let health = self.pool_health.entry(pool.name.clone()).or_default();
                     health.failures = health.failures.saturating_add(1);
+                    health.failed_at_ms = now;
                     health.last_error = Some(e.to_string());
                     health.retry_at_ms = now + fill_backoff(health.failures).as_millis() as u64;
                     tracing::warn!(pool = %pool.name, error = %e, "could not fill the pool");
