@@ -67,18 +67,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Coalesced<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if data.len() >= DIRECT || self.buf.len() + data.len() > 4 * DIRECT {
-            ready!(self.poll_drain(cx))?;
-            if data.len() >= DIRECT {
-                return Pin::new(&mut self.inner).poll_write(cx, data);
-            }
-        }
-        self.buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
+        self.poll_write_vectored(cx, &[io::IoSlice::new(data)])
     }
 
     fn poll_write_vectored(
