@@ -807,6 +807,53 @@ async fn a_broken_config_and_odd_environments_get_clear_answers() {
     );
 }
 
+/// The CLI has its own C main (no std start-up): started with stdin and stdout closed, the
+/// descriptors it opens (its runtime's, the daemon's socket) must not take their places.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cli_started_with_its_stdio_closed_still_runs_as_with_dev_null() {
+    let d = Daemon::start().await;
+    let r = repo();
+    // What `d.cli` sets (the daemon's socket, no config, no autostart), for a `sh` that
+    // starts crabbox with some of its descriptors closed.
+    let cli = d.cli(r.path());
+    let env: Vec<_> = cli
+        .as_std()
+        .get_envs()
+        .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
+        .collect();
+    for (closed, wanted_out) in [("<&-", "out\n"), (">&-", ""), ("<&- >&-", "")] {
+        let script = format!(
+            "exec \"$0\" run -- sh -c 'echo out; e=$?; cat; echo \"echo=$e cat=$?\" >&2; exit 3' \
+             {closed}"
+        );
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script, env!("CARGO_BIN_EXE_crabbox")])
+            .envs(env.iter().cloned())
+            .current_dir(r.path())
+            .output()
+            .expect("ran");
+        let err = String::from_utf8_lossy(&out.stderr);
+        // echo wrote, cat read an empty stdin (both /dev/null when closed); the exit code
+        // is the command's own.
+        assert_eq!(out.status.code(), Some(3), "{closed}: {err}");
+        assert!(err.contains("echo=0 cat=0"), "{closed}: {err}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            wanted_out,
+            "{closed}: {err}"
+        );
+    }
+    let out = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "exec \"$0\" --version >&-",
+            env!("CARGO_BIN_EXE_crabbox"),
+        ])
+        .output()
+        .expect("ran");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_start_where_you_are_and_never_sync_too_much() {
     let d = Daemon::start().await;
