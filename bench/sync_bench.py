@@ -149,14 +149,17 @@ try:
         "ver": [f"{BIN}/crabbox", "--version"],
         "floor": [f"{floor}/floor-client", f"{work}/floor.sock", "true"],
     }
+    # Many rounds (each a few ms): on a VM the baseline itself moves by 10-15% from one
+    # minute to the next, and a median of 90 moved with it by up to 0.2x.
+    rounds = RUNS * 20
     samples = {k: [] for k in local_cmds}
-    for _ in range(RUNS * 6):
+    for _ in range(rounds):
         for k, cmd in local_cmds.items():
             t = time.perf_counter()
             subprocess.run(cmd, cwd=small, env=local, capture_output=True, check=True)
             samples[k].append((time.perf_counter() - t) * 1000)
     sh, run, run_ns, ver, hello = (med(samples[k]) for k in local_cmds)
-    print(f"local (interleaved, medians of {RUNS * 6}): sh -c true {sh:.2f} ms (baseline); "
+    print(f"local (interleaved, medians of {rounds}): sh -c true {sh:.2f} ms (baseline); "
           f"crabbox run -- true {run:.2f} ms ({run / sh:.2f}x); --no-sync {run_ns:.2f} ms "
           f"({run_ns / sh:.2f}x); crabbox --version {ver:.2f} ms ({ver / sh:.2f}x)")
     print(f"local floor: a minimal client asking a server to run sh -c true {hello:.2f} ms "
