@@ -290,6 +290,11 @@ pub async fn run(
         daemon_id: daemon_id.clone(),
         socket: socket.path.clone(),
         state_dir: config.state_dir.clone(),
+        never_sync: [Some(config.state_dir.as_path()), socket.path.parent()]
+            .into_iter()
+            .flatten()
+            .filter_map(|p| std::fs::canonicalize(p).ok())
+            .collect(),
         started: Instant::now(),
         shutdown: token.clone(),
         checkouts: Default::default(),

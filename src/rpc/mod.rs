@@ -47,6 +47,9 @@ pub struct Api {
     pub daemon_id: String,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
+    /// The daemon's own folders (its state, its socket's), canonical: never part of a
+    /// sync, even under a sync root. Resolved once (they are the daemon's for its life).
+    pub never_sync: Vec<PathBuf>,
     pub started: Instant,
     /// Cancelled at shutdown: streams end.
     pub shutdown: CancellationToken,

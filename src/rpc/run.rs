@@ -929,11 +929,7 @@ pub fn sync_rules(api: &Api, opts: &pb::SyncOptions) -> SyncRules {
         force_large: opts.force_large,
         git: opts.git,
         limits: Default::default(),
-        never: [Some(api.state_dir.as_path()), api.socket.parent()]
-            .into_iter()
-            .flatten()
-            .filter_map(|p| std::fs::canonicalize(p).ok())
-            .collect(),
+        never: api.never_sync.clone(),
     }
 }
 
