@@ -115,7 +115,7 @@ impl Capture {
         code: i32,
         argv: &[String],
         env_names: &[String],
-        timings: &serde_json::Value,
+        timings: impl FnOnce() -> serde_json::Value,
     ) -> Result<Option<PathBuf>, CliError> {
         for (path, f) in self.stdout.iter_mut().chain(self.stderr.iter_mut()) {
             f.flush().map_err(|e| {
@@ -147,7 +147,7 @@ impl Capture {
             "command": argv,
             "exit_code": code,
             "env_names": env_names,
-            "timings": timings,
+            "timings": timings(),
             "stdout_bytes_dropped": self.tail_out.dropped,
             "stderr_bytes_dropped": self.tail_err.dropped,
             "kept_bytes_per_stream": TAIL_BYTES,

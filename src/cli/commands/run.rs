@@ -562,20 +562,20 @@ async fn stream_run(
                     })
                 });
                 let total_ms = begun.elapsed().as_millis() as u64;
-                let timings: Vec<serde_json::Value> = x
-                    .timings
-                    .iter()
-                    .map(|t| json!({"phase": t.phase, "ms": t.ms}))
-                    .chain([json!({"phase": "total", "ms": total_ms})])
-                    .collect();
+                // Made only for what shows it (--json, ndjson, a failure's report).
+                let timings = || -> serde_json::Value {
+                    x.timings
+                        .iter()
+                        .map(|t| json!({"phase": t.phase, "ms": t.ms}))
+                        .chain([json!({"phase": "total", "ms": total_ms})])
+                        .collect()
+                };
                 let env_names: Vec<String> = args
                     .env
                     .iter()
                     .map(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k).to_string())
                     .collect();
-                if let Some(dir) =
-                    capture.finish(x.code, &args.command, &env_names, &json!(timings))?
-                {
+                if let Some(dir) = capture.finish(x.code, &args.command, &env_names, timings)? {
                     ctx.progress(format!(
                         "the command failed (exit {}): its output's last part, the command and \
                          its timings are kept in {}",
@@ -597,7 +597,7 @@ async fn stream_run(
                 if ndjson {
                     event(&json!({
                         "event": "exit",
-                        "timings": timings,
+                        "timings": timings(),
                         "exit_code": x.code,
                         "signal": if x.signal.is_empty() { None } else { Some(&x.signal) },
                         "timed_out": x.timed_out,
@@ -608,7 +608,7 @@ async fn stream_run(
                     }));
                 } else if json {
                     print_json(&json!({
-                        "timings": timings,
+                        "timings": timings(),
                         "lease": lease_seen.as_ref().map(lease_json),
                         "exit_code": x.code,
                         "signal": if x.signal.is_empty() { None } else { Some(&x.signal) },
