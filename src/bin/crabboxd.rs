@@ -66,10 +66,11 @@ fn main() -> anyhow::Result<()> {
 /// Why one: a run's path through the daemon is a chain of short tasks (the request, the
 /// lease actor, the agent's answers, the client's stream), and with a worker per core a
 /// task woken on one tends to wake another worker to take it: 16 context switches per warm
-/// local run on two cores, a third of the daemon's CPU time in switching (perf), ~0.3 ms
-/// of a run that takes ~3.5 ms (interleaved A/B). The daemon's heavy work is off the async
-/// worker anyway: scans, archives and file copies run on tokio's blocking threads, a
-/// durable store commit in `block_in_place`, a sandbox's command in its own process.
+/// local run on two cores (10 with one), a third of the daemon's CPU time in switching
+/// (perf), 0.1-0.4 ms of a run that takes ~3.5 ms (interleaved A/B). The daemon's heavy
+/// work is off the async worker anyway: scans, archives and file copies run on tokio's
+/// blocking threads, a sandbox's command in its own process, a durable store commit in
+/// `block_in_place` (see `Store::durably` for the one that waits).
 fn daemon_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {

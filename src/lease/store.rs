@@ -169,10 +169,15 @@ impl Store {
             self.pending().committed(&taken);
             Ok(out)
         };
-        match self.committing.try_lock() {
-            Ok(_alone) => off_worker(commit),
-            Err(_) => commit(),
-        }
+        let alone = match self.committing.try_lock() {
+            Ok(guard) => guard,
+            // (A panic during an earlier commit poisoned the lock; it guards no data.)
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return commit(),
+        };
+        let out = off_worker(commit);
+        drop(alone);
+        out
     }
 
     fn put_pending(tx: &redb::WriteTransaction, pending: &Pending) -> Result<(), Error> {

@@ -114,7 +114,7 @@ impl Capture {
         &mut self,
         code: i32,
         argv: &[String],
-        env_names: &[String],
+        env: &[String],
         timings: impl FnOnce() -> serde_json::Value,
     ) -> Result<Option<PathBuf>, CliError> {
         for (path, f) in self.stdout.iter_mut().chain(self.stderr.iter_mut()) {
@@ -146,7 +146,11 @@ impl Capture {
         let doc = serde_json::json!({
             "command": argv,
             "exit_code": code,
-            "env_names": env_names,
+            // Names only: a value may be a secret.
+            "env_names": env
+                .iter()
+                .map(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k))
+                .collect::<Vec<_>>(),
             "timings": timings(),
             "stdout_bytes_dropped": self.tail_out.dropped,
             "stderr_bytes_dropped": self.tail_err.dropped,

@@ -570,12 +570,7 @@ async fn stream_run(
                         .chain([json!({"phase": "total", "ms": total_ms})])
                         .collect()
                 };
-                let env_names: Vec<String> = args
-                    .env
-                    .iter()
-                    .map(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k).to_string())
-                    .collect();
-                if let Some(dir) = capture.finish(x.code, &args.command, &env_names, timings)? {
+                if let Some(dir) = capture.finish(x.code, &args.command, &args.env, timings)? {
                     ctx.progress(format!(
                         "the command failed (exit {}): its output's last part, the command and \
                          its timings are kept in {}",
